@@ -1,0 +1,41 @@
+# Every target that runs code depends on the virtual environment; the first run creates it.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+TORCH  := torch==2.13.0
+
+.PHONY: venv demo test test-e2e lint crds bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# The CPU build of torch first: an unpinned torch pulled in later would be a multi-GB CUDA build.
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e '.[ml,dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	AUTOGLM_AUDIT_URL=sqlite:///.autoglm/demo-audit.db $(BIN)/python examples/demo.py
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -m "not e2e" -q
+
+test-e2e: $(STAMP)
+	$(BIN)/python -m pytest -m e2e -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy -p autoglm_api -p autoglm_operator -p autoglm_pipelines -p autoglm_inference -p autoglm_feedback
+
+crds: $(STAMP)
+	$(BIN)/autoglm crds -o crds/autoglm.io_autoglmmodels.yaml -o charts/autoglm/crds/autoglm.io_autoglmmodels.yaml
+
+bench: $(STAMP)
+	$(BIN)/python bench/ledger.py
+
+clean:
+	rm -rf $(VENV) .autoglm .pytest_cache .mypy_cache .ruff_cache

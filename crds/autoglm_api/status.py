@@ -1,0 +1,79 @@
+"""``AutoGLMModel.status``: what the operator observed and decided. Written only by the operator."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from autoglm_api.base import ApiModel
+
+Phase = Literal["Pending", "Compressing", "Validating", "RollingOut", "Serving", "Retraining", "Degraded", "Failed"]
+ConditionStatus = Literal["True", "False", "Unknown"]
+CAMEL_CASE_PATTERN = r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
+RevisionId = Annotated[str, Field(max_length=128)]
+
+
+class Condition(ApiModel):
+    """A standard Kubernetes condition (the shape of metav1.Condition)."""
+
+    type: Annotated[str, Field(pattern=CAMEL_CASE_PATTERN, max_length=316)] = Field(
+        description="Condition type in CamelCase, e.g. Ready, Validated, CanaryHealthy."
+    )
+    status: ConditionStatus = Field(description="True, False or Unknown.")
+    reason: Annotated[str, Field(pattern=CAMEL_CASE_PATTERN, min_length=1, max_length=1024)] = Field(
+        description="Why the condition last changed, a CamelCase word."
+    )
+    message: Annotated[str, Field(max_length=32768)] = Field(default="", description="Details for a person.")
+    last_transition_time: datetime = Field(description="When status last changed.")
+    observed_generation: int | None = Field(
+        default=None, ge=0, description="metadata.generation the condition was computed from."
+    )
+
+
+class Revisions(ApiModel):
+    """Content-addressed revisions: the one serving and the one being rolled out."""
+
+    stable: RevisionId | None = Field(default=None, description="Revision serving all traffic.")
+    candidate: RevisionId | None = Field(default=None, description="Revision under validation or canary.")
+
+
+class CanaryStatus(ApiModel):
+    """Where the canary stands."""
+
+    step: int | None = Field(default=None, ge=0, description="Index of the current canary step.")
+    weight: int = Field(default=0, ge=0, le=100, description="Percent of traffic on the candidate.")
+
+
+class TargetStatus(ApiModel):
+    """What one target serves."""
+
+    name: Annotated[str, Field(max_length=63)] = Field(description="Target name.")
+    revision: RevisionId | None = Field(default=None, description="Revision serving on this target.")
+    url: Annotated[str, Field(max_length=2048)] | None = Field(default=None, description="Inference URL.")
+    ready: bool = Field(default=False, description="Whether the target serves traffic.")
+    replicas: int = Field(default=0, ge=0, description="Ready replicas.")
+
+
+class Decision(ApiModel):
+    """The newest autonomous decision; the audit ledger holds all of them."""
+
+    kind: Annotated[str, Field(max_length=64)] = Field(description="Decision kind, e.g. Promoted, RolledBack.")
+    time: datetime = Field(description="When it was taken.")
+    audit_id: Annotated[str, Field(max_length=64)] = Field(description="Audit ledger record id.")
+    reason: Annotated[str, Field(max_length=32768)] = Field(default="", description="Why, with the figures.")
+
+
+class AutoGLMModelStatus(ApiModel):
+    """The observed state of one served model."""
+
+    phase: Phase = Field(default="Pending", description="Lifecycle phase.")
+    observed_generation: int | None = Field(
+        default=None, ge=0, description="metadata.generation the status reflects."
+    )
+    revisions: Revisions = Field(default=Revisions(), description="Stable and candidate revisions.")
+    canary: CanaryStatus = Field(default=CanaryStatus(), description="Canary progress.")
+    conditions: list[Condition] = Field(default=[], max_length=32, description="Standard conditions.")
+    targets: list[TargetStatus] = Field(default=[], max_length=16, description="Per-target serving state.")
+    last_decision: Decision | None = Field(default=None, description="The newest autonomous decision.")

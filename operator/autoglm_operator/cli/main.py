@@ -1,0 +1,21 @@
+"""The ``autoglm`` console script: one click group, one module per subcommand group."""
+
+from __future__ import annotations
+
+import click
+
+from autoglm_operator.cli.crds import crds_command
+from autoglm_operator.cli.validate import validate_command
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="autoglm", prog_name="autoglm")
+def cli() -> None:
+    """AutoGLM: compress, validate, roll out and keep improving GLM-family models.
+
+    Every command works on one machine without a cluster; the operator runs the same code in one.
+    """
+
+
+cli.add_command(validate_command)
+cli.add_command(crds_command)
