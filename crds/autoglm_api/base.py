@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Self
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, StringConstraints, WithJsonSchema, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    StringConstraints,
+    WithJsonSchema,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
 
@@ -97,7 +104,9 @@ class ApiModel(BaseModel):
                 failures.append({"fieldPath": rule.field_path or "", "message": message, "rule": rule.rule})
         if failures:
             raise PydanticCustomError(
-                CEL_ERROR_TYPE, "{detail}", {"detail": "; ".join(f["message"] for f in failures), "failures": failures}
+                CEL_ERROR_TYPE,
+                "{detail}",
+                {"detail": "; ".join(f["message"] for f in failures), "failures": failures},
             )
         return self
 

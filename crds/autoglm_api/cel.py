@@ -11,19 +11,22 @@ Rules must stay within standard CEL plus those two functions.
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import celpy
 from celpy import celtypes
+from celpy.adapter import json_to_cel
+from celpy.evaluation import CELEvalError
 
 Reason = Literal["FieldValueInvalid", "FieldValueForbidden", "FieldValueRequired", "FieldValueDuplicate"]
 
 
 def _is_sorted(values: celtypes.ListType) -> celtypes.BoolType:
-    items = list(values)
-    return celtypes.BoolType(all(a <= b for a, b in zip(items, items[1:], strict=False)))
+    items: list[Any] = list(values)
+    return celtypes.BoolType(all(a <= b for a, b in itertools.pairwise(items)))
 
 
 def _join(values: celtypes.ListType, separator: celtypes.StringType | None = None) -> celtypes.StringType:
@@ -65,10 +68,10 @@ class CelRule:
 
         An evaluation error (a missing key, a type mismatch) fails the rule, as in the API server.
         """
-        activation = {"self": celpy.json_to_cel(dict(obj))}
+        activation = {"self": json_to_cel(dict(obj))}
         try:
             result = _program(self.rule).evaluate(activation)
-        except celpy.CELEvalError as exc:
+        except CELEvalError as exc:
             return f"{self.message} (rule could not be evaluated: {exc.args[0]})"
         if not isinstance(result, celtypes.BoolType):
             raise TypeError(f"CEL rule {self.rule!r} returned {type(result).__name__}, not bool")
@@ -77,7 +80,7 @@ class CelRule:
         if self.message_expression:
             try:
                 message = _program(self.message_expression).evaluate(activation)
-            except celpy.CELEvalError:
+            except CELEvalError:
                 return self.message
             # cel-python yields a plain str for string concatenations, StringType otherwise.
             if isinstance(message, str):

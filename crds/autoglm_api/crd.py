@@ -61,9 +61,13 @@ def _structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
         node["enum"] = [node.pop("const")]
     if node.get("default", ...) is None:
         del node["default"]
-    if isinstance(node.get("exclusiveMinimum"), int | float) and not isinstance(node["exclusiveMinimum"], bool):
+    if isinstance(node.get("exclusiveMinimum"), int | float) and not isinstance(
+        node["exclusiveMinimum"], bool
+    ):
         node["minimum"], node["exclusiveMinimum"] = node["exclusiveMinimum"], True
-    if isinstance(node.get("exclusiveMaximum"), int | float) and not isinstance(node["exclusiveMaximum"], bool):
+    if isinstance(node.get("exclusiveMaximum"), int | float) and not isinstance(
+        node["exclusiveMaximum"], bool
+    ):
         node["maximum"], node["exclusiveMaximum"] = node["exclusiveMaximum"], True
     if "properties" in node:
         node["properties"] = {k: _structural(v, defs) for k, v in node["properties"].items()}

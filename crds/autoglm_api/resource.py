@@ -19,7 +19,9 @@ class ObjectMeta(ApiModel):
     """The parts of Kubernetes ObjectMeta a manifest may carry (server-set fields are accepted too)."""
 
     name: Annotated[str, Field(max_length=253)] | None = Field(default=None, description="Object name.")
-    generate_name: Annotated[str, Field(max_length=253)] | None = Field(default=None, description="Name prefix.")
+    generate_name: Annotated[str, Field(max_length=253)] | None = Field(
+        default=None, description="Name prefix."
+    )
     namespace: Annotated[str, Field(max_length=63)] | None = Field(default=None, description="Namespace.")
     labels: dict[str, str] | None = Field(default=None, description="Labels.")
     annotations: dict[str, str] | None = Field(default=None, description="Annotations.")
@@ -54,11 +56,15 @@ class AutoGLMModel(ApiModel):
         ),
     )
 
-    api_version: Literal["autoglm.io/v1alpha1"] = Field(default=API_VERSION, description="autoglm.io/v1alpha1.")
-    kind: Literal["AutoGLMModel"] = Field(default=KIND, description="AutoGLMModel.")
+    api_version: Literal["autoglm.io/v1alpha1"] = Field(
+        default="autoglm.io/v1alpha1", description=f"{API_VERSION}."
+    )
+    kind: Literal["AutoGLMModel"] = Field(default="AutoGLMModel", description=f"{KIND}.")
     metadata: ObjectMeta = Field(description="Standard object metadata.")
     spec: AutoGLMModelSpec = Field(description="Desired state.")
-    status: AutoGLMModelStatus | None = Field(default=None, description="Observed state, written by the operator.")
+    status: AutoGLMModelStatus | None = Field(
+        default=None, description="Observed state, written by the operator."
+    )
 
     @property
     def namespaced_name(self) -> str:

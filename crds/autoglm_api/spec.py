@@ -47,10 +47,12 @@ class Source(ApiModel):
         "Absent: inferred from the URI.",
     )
     revision: Annotated[str, Field(min_length=1, max_length=128)] | None = Field(
-        default=None, description="Revision to pin (a Hugging Face commit or tag). Absent: whatever the URI holds."
+        default=None,
+        description="Revision to pin (a Hugging Face commit or tag). Absent: whatever the URI holds.",
     )
     sha256: Sha256 | None = Field(
-        default=None, description="Expected SHA-256 of the fetched file; the fetch step refuses anything else."
+        default=None,
+        description="Expected SHA-256 of the fetched file; the fetch step refuses anything else.",
     )
 
 
@@ -74,7 +76,8 @@ class Quantization(ApiModel):
         "smoothquant-w8a8 (int8 weights and activations after activation-aware scale migration).",
     )
     group_size: Literal[32, 64, 128, 256] | None = Field(
-        default=None, description="Group size of int4-weight-only; absent means 128. Only with int4-weight-only."
+        default=None,
+        description="Group size of int4-weight-only; absent means 128. Only with int4-weight-only.",
     )
     skip_modules: list[ModuleName] = Field(
         default=[],
@@ -109,7 +112,10 @@ class Pruning(ApiModel):
         "shrinking the matrices) | semi-structured-2of4 (2:4 sparsity masks).",
     )
     sparsity: float = Field(
-        default=0.0, ge=0.0, le=0.9, description="Fraction of weights removed, in [0, 0.9]; 0 iff method is none."
+        default=0.0,
+        ge=0.0,
+        le=0.9,
+        description="Fraction of weights removed, in [0, 0.9]; 0 iff method is none.",
     )
 
 
@@ -134,7 +140,10 @@ class Distillation(ApiModel):
 
     enabled: bool = Field(default=False, description="Distil the compressed student from the source model.")
     student_layers: int | None = Field(
-        default=None, ge=1, le=1024, description="Decoder layers kept in the student. Absent: as many as the teacher."
+        default=None,
+        ge=1,
+        le=1024,
+        description="Decoder layers kept in the student. Absent: as many as the teacher.",
     )
     temperature: Temperature = Field(default=Temperature(), description="Temperature schedule.")
     steps: int = Field(default=500, ge=1, le=1_000_000, description="Optimizer steps.")
@@ -143,7 +152,9 @@ class Distillation(ApiModel):
 class Search(ApiModel):
     """Accuracy-budget search over compression settings (Optuna TPE)."""
 
-    enabled: bool = Field(default=False, description="Search for the smallest, fastest configuration in budget.")
+    enabled: bool = Field(
+        default=False, description="Search for the smallest, fastest configuration in budget."
+    )
     max_trials: int = Field(default=20, ge=1, le=1000, description="Trials at most.")
     tolerable_loss: float = Field(
         default=0.01, gt=0.0, le=0.5, description="Largest relative quality loss accepted, in (0, 0.5]."
@@ -162,7 +173,9 @@ class Compression(ApiModel):
 class Calibration(ApiModel):
     """Data run through the model to collect activation statistics (ranges, SmoothQuant scales)."""
 
-    dataset: Uri = Field(default=DEFAULT_DATASET, description="Text dataset URI (same schemes as source.uri).")
+    dataset: Uri = Field(
+        default=DEFAULT_DATASET, description="Text dataset URI (same schemes as source.uri)."
+    )
     samples: int = Field(default=128, ge=1, le=100_000, description="Sequences to run.")
     sequence_length: int = Field(default=512, ge=8, le=131_072, description="Tokens per sequence.")
 
@@ -174,7 +187,10 @@ class Gates(ApiModel):
         default=0.02, description="Largest relative quality loss versus the baseline, in [0, 1]."
     )
     max_p95_latency_ms: float = Field(
-        default=500.0, gt=0.0, le=3_600_000.0, description="Largest p95 per-token decode latency, milliseconds."
+        default=500.0,
+        gt=0.0,
+        le=3_600_000.0,
+        description="Largest p95 per-token decode latency, milliseconds.",
     )
     min_size_reduction: float = Field(
         default=2.0, ge=1.0, le=1000.0, description="Smallest baseline/candidate weight-bytes ratio."
@@ -187,7 +203,9 @@ class Validation(ApiModel):
     dataset: Uri = Field(default=DEFAULT_DATASET, description="Evaluation dataset URI.")
     metric: Literal["perplexity", "accuracy"] = Field(default="perplexity", description="Quality metric.")
     max_tokens: int = Field(default=8192, ge=64, le=10_000_000, description="Evaluation tokens at most.")
-    sequence_length: int = Field(default=512, ge=8, le=131_072, description="Sliding-window length in tokens.")
+    sequence_length: int = Field(
+        default=512, ge=8, le=131_072, description="Sliding-window length in tokens."
+    )
     gates: Gates = Field(default=Gates(), description="Quality, latency and size gates.")
 
 
@@ -211,7 +229,9 @@ class Replicas(ApiModel):
 class Resources(ApiModel):
     """Resources each replica requests (and is limited to)."""
 
-    gpu: int = Field(default=0, ge=0, le=16, description="NVIDIA GPUs per replica; cloud-gpu targets need >= 1.")
+    gpu: int = Field(
+        default=0, ge=0, le=16, description="NVIDIA GPUs per replica; cloud-gpu targets need >= 1."
+    )
     cpu: Quantity | None = Field(default=None, description="CPU per replica, e.g. 4 or 500m. Absent: 1.")
     memory: Quantity | None = Field(default=None, description="Memory per replica, e.g. 16Gi. Absent: 2Gi.")
 
@@ -249,14 +269,17 @@ class Target(ApiModel):
         default="cloud-cpu", description="cloud-gpu (GPU nodes) | cloud-cpu | kubeedge (KubeEdge edge nodes)."
     )
     precision: Precision | None = Field(
-        default=None, description="fp32 | fp16 | bf16 | int8 | int4. Absent: serve the published artifact as is."
+        default=None,
+        description="fp32 | fp16 | bf16 | int8 | int4. Absent: serve the published artifact as is.",
     )
     replicas: Replicas = Field(default=Replicas(), description="Replica bounds.")
     resources: Resources = Field(default=Resources(), description="Per-replica resources.")
     node_selector: dict[Annotated[str, Field(max_length=317)], Annotated[str, Field(max_length=63)]] = Field(
         default={}, max_length=32, description="Node labels the replicas must run on."
     )
-    tolerations: list[Toleration] = Field(default=[], max_length=16, description="Taints the replicas tolerate.")
+    tolerations: list[Toleration] = Field(
+        default=[], max_length=16, description="Taints the replicas tolerate."
+    )
 
 
 class CanaryStep(ApiModel):
@@ -273,7 +296,9 @@ class Analysis(ApiModel):
     """Metric gates checked every interval during a canary; failing them rolls back."""
 
     interval: Duration = Field(default="1m", description="How often the metrics are checked.")
-    failure_limit: int = Field(default=2, ge=0, le=100, description="Failed checks tolerated before rolling back.")
+    failure_limit: int = Field(
+        default=2, ge=0, le=100, description="Failed checks tolerated before rolling back."
+    )
     min_requests: int = Field(default=50, ge=0, le=10_000_000, description="Requests needed before judging.")
     max_error_rate: Rate = Field(default=0.01, description="Largest share of failed requests, in [0, 1].")
     max_p95_latency_ms: float = Field(
@@ -326,10 +351,13 @@ class Rollout(ApiModel):
     )
 
     strategy: Literal["canary", "immediate"] = Field(
-        default="canary", description="canary (step the weight up, gated by analysis) | immediate (swap at once)."
+        default="canary",
+        description="canary (step the weight up, gated by analysis) | immediate (swap at once).",
     )
     steps: list[CanaryStep] = Field(
-        default=[], max_length=20, description="Canary steps; weights strictly increasing, the last exactly 100."
+        default=[],
+        max_length=20,
+        description="Canary steps; weights strictly increasing, the last exactly 100.",
     )
     analysis: Analysis = Field(default=Analysis(), description="Metric gates during the canary.")
 
@@ -364,7 +392,8 @@ class PromptOptimization(ApiModel):
 
     enabled: bool = Field(default=False, description="Choose the system prompt online from feedback.")
     algorithm: Literal["thompson", "ucb", "reinforce"] = Field(
-        default="thompson", description="thompson (Thompson sampling) | ucb (UCB1) | reinforce (policy gradient)."
+        default="thompson",
+        description="thompson (Thompson sampling) | ucb (UCB1) | reinforce (policy gradient).",
     )
     variants: list[PromptVariant] = Field(
         default=[], max_length=32, description="Candidate system prompts; at least 2 when enabled."
@@ -375,7 +404,9 @@ class Retraining(ApiModel):
     """When feedback or drift triggers a retraining revision (rolled out as a canary)."""
 
     enabled: bool = Field(default=False, description="Trigger retraining revisions automatically.")
-    feedback_score_below: Rate = Field(default=0.5, description="Retrain when the mean feedback score falls below.")
+    feedback_score_below: Rate = Field(
+        default=0.5, description="Retrain when the mean feedback score falls below."
+    )
     drift_above: Rate = Field(default=0.2, description="Retrain when input drift rises above, in [0, 1].")
     min_feedback: int = Field(default=200, ge=1, le=100_000_000, description="Feedback records needed first.")
 
@@ -408,6 +439,7 @@ class AutoGLMModelSpec(ApiModel):
     validation: Validation = Field(default=Validation(), description="Validation data, metric and gates.")
     targets: list[Target] = Field(min_length=1, max_length=16, description="Where the model is served.")
     rollout: Rollout = Field(
-        default=Rollout(steps=list(DEFAULT_CANARY_STEPS)), description="How new revisions replace the stable one."
+        default=Rollout(steps=list(DEFAULT_CANARY_STEPS)),
+        description="How new revisions replace the stable one.",
     )
     feedback: Feedback = Field(default=Feedback(), description="Feedback-driven improvement loops.")

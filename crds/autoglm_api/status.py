@@ -9,7 +9,9 @@ from pydantic import Field
 
 from autoglm_api.base import ApiModel
 
-Phase = Literal["Pending", "Compressing", "Validating", "RollingOut", "Serving", "Retraining", "Degraded", "Failed"]
+Phase = Literal[
+    "Pending", "Compressing", "Validating", "RollingOut", "Serving", "Retraining", "Degraded", "Failed"
+]
 ConditionStatus = Literal["True", "False", "Unknown"]
 CAMEL_CASE_PATTERN = r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
 RevisionId = Annotated[str, Field(max_length=128)]
@@ -59,7 +61,9 @@ class TargetStatus(ApiModel):
 class Decision(ApiModel):
     """The newest autonomous decision; the audit ledger holds all of them."""
 
-    kind: Annotated[str, Field(max_length=64)] = Field(description="Decision kind, e.g. Promoted, RolledBack.")
+    kind: Annotated[str, Field(max_length=64)] = Field(
+        description="Decision kind, e.g. Promoted, RolledBack."
+    )
     time: datetime = Field(description="When it was taken.")
     audit_id: Annotated[str, Field(max_length=64)] = Field(description="Audit ledger record id.")
     reason: Annotated[str, Field(max_length=32768)] = Field(default="", description="Why, with the figures.")

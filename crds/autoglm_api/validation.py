@@ -24,7 +24,7 @@ from autoglm_api.crd import openapi_schema
 from autoglm_api.resource import AutoGLMModel, ObjectMeta
 
 
-class ManifestUnreadable(Exception):
+class UnreadableManifestError(Exception):
     """The text is not YAML (or repeats a key, which kubectl refuses too)."""
 
 
@@ -64,10 +64,13 @@ class _StrictLoader(yaml.SafeLoader):
 def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
     seen: set[Any] = set()
     for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+        key = loader.construct_object(key_node, deep=deep)
         if key in seen:
             raise yaml.constructor.ConstructorError(
-                "while constructing a mapping", node.start_mark, f"found duplicate key {key!r}", key_node.start_mark
+                "while constructing a mapping",
+                node.start_mark,
+                f"found duplicate key {key!r}",
+                key_node.start_mark,
             )
         seen.add(key)
     return loader.construct_mapping(node, deep=deep)
@@ -79,9 +82,9 @@ _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _c
 def load_documents(text: str) -> list[Any]:
     """Parse a YAML stream; empty documents (``---`` alone) are dropped."""
     try:
-        return [d for d in yaml.load_all(text, Loader=_StrictLoader) if d is not None]  # noqa: S506 (safe loader)
+        return [d for d in yaml.load_all(text, Loader=_StrictLoader) if d is not None]
     except yaml.YAMLError as exc:
-        raise ManifestUnreadable(f"not valid YAML: {' '.join(str(exc).split())}") from exc
+        raise UnreadableManifestError(f"not valid YAML: {' '.join(str(exc).split())}") from exc
 
 
 def _prune_nulls(value: Any) -> Any:
@@ -97,7 +100,9 @@ def validate_document(doc: Any, index: int = 0) -> DocumentResult:
     """Validate one parsed document. Documents of other API groups are skipped, not judged."""
     result = DocumentResult(index=index)
     if not isinstance(doc, Mapping):
-        result.problems.append(Problem("", f"a manifest must be a YAML mapping (an object), got {_describe(doc)}"))
+        result.problems.append(
+            Problem("", f"a manifest must be a YAML mapping (an object), got {_describe(doc)}")
+        )
         return result
     api_version = doc.get("apiVersion")
     if isinstance(api_version, str) and not api_version.startswith(f"{GROUP}/"):
@@ -121,7 +126,7 @@ def validate_document(doc: Any, index: int = 0) -> DocumentResult:
 
 
 def validate_text(text: str) -> list[DocumentResult]:
-    """Validate every document of a YAML stream. Raises ManifestUnreadable when it is not YAML."""
+    """Validate every document of a YAML stream. Raises UnreadableManifestError when it is not YAML."""
     return [validate_document(doc, i) for i, doc in enumerate(load_documents(text))]
 
 
@@ -143,9 +148,7 @@ def format_path(loc: Sequence[int | str]) -> str:
     """``('spec', 'targets', 0, 'nodeSelector', 'a/b')`` -> ``spec.targets[0].nodeSelector[a/b]``."""
     out = ""
     for part, node in zip(loc, _schema_walk(loc), strict=False):
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif node is not None and "additionalProperties" in node and "properties" not in node:
+        if isinstance(part, int) or (node is not None and "additionalProperties" in node and "properties" not in node):
             out += f"[{part}]"
         else:
             out += f".{part}" if out else str(part)
@@ -204,10 +207,10 @@ def _message(err: ErrorDetails, loc: tuple[int | str, ...]) -> str:
     if kind == "missing":
         return "required field is missing"
     if kind == "extra_forbidden":
-        allowed = _allowed_fields(loc[:-1])
-        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        fields = _allowed_fields(loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), fields, n=1)
         hint = f'; did you mean "{close[0]}"?' if close else ""
-        return f"unknown field{hint} Allowed fields: {', '.join(allowed)}" if allowed else "unknown field"
+        return f"unknown field{hint} Allowed fields: {', '.join(fields)}" if fields else "unknown field"
     if kind == "literal_error":
         enum = (_schema_at(loc) or {}).get("enum") or []
         expected = str(ctx.get("expected", "")).replace("'", '"').replace(" or ", ", ")

@@ -55,8 +55,6 @@ def _without_nulls(value: Any) -> Any:
     return value
 
 
-
-
 def test_round_trip_is_stable() -> None:
     model = AutoGLMModel.model_validate(_without_nulls(load_example("cloud-and-edge.yaml")))
     again = AutoGLMModel.model_validate(model.to_json())
@@ -65,12 +63,16 @@ def test_round_trip_is_stable() -> None:
 
 def test_snake_case_names_are_unknown_fields() -> None:
     with pytest.raises(ValidationError, match="extra"):
-        AutoGLMModelSpec.model_validate({"source": {"uri": "file:///m"}, "targets": [{"name": "a"}], "roll_out": {}})
+        AutoGLMModelSpec.model_validate(
+            {"source": {"uri": "file:///m"}, "targets": [{"name": "a"}], "roll_out": {}}
+        )
 
 
 def test_rules_also_hold_when_models_are_built_in_python() -> None:
     with pytest.raises(ValidationError, match="target names must be unique"):
-        AutoGLMModelSpec.model_validate({"source": {"uri": "file:///m"}, "targets": [{"name": "a"}, {"name": "a"}]})
+        AutoGLMModelSpec.model_validate(
+            {"source": {"uri": "file:///m"}, "targets": [{"name": "a"}, {"name": "a"}]}
+        )
 
 
 def test_integer_yaml_value_for_a_number_field_is_a_number_for_cel(minimal: dict[str, Any]) -> None:
@@ -102,10 +104,14 @@ def test_set_condition_moves_transition_time_only_on_status_change() -> None:
     conditions, changed = set_condition([], READY, "False", "PipelineRunning", "compressing", now=t0)
     assert changed
     assert conditions[0].last_transition_time == t0
-    same, changed = set_condition(conditions, READY, "False", "PipelineRunning", "compressing", now=t0 + timedelta(1))
+    same, changed = set_condition(
+        conditions, READY, "False", "PipelineRunning", "compressing", now=t0 + timedelta(1)
+    )
     assert not changed
     assert same == conditions
-    reworded, changed = set_condition(conditions, READY, "False", "PipelineRunning", "calibrating", now=t0 + timedelta(1))
+    reworded, changed = set_condition(
+        conditions, READY, "False", "PipelineRunning", "calibrating", now=t0 + timedelta(1)
+    )
     assert changed
     assert reworded[0].last_transition_time == t0
     flipped, changed = set_condition(reworded, READY, "True", "Promoted", "serving", now=t0 + timedelta(2))

@@ -38,7 +38,9 @@ def test_every_problem_is_one_line_with_file_and_path(tmp_path: Path) -> None:
     lines = out.strip().splitlines()
     assert f"{path}: spec.rollout.steps: step weights must be strictly increasing, got [10, 5, 100]" in lines
     assert any(line.startswith(f"{path}: spec.targets[0].pool: must be one of") for line in lines)
-    assert any(line.startswith(f"{path}: spec.compression.pruning.sparsity: must be less than") for line in lines)
+    assert any(
+        line.startswith(f"{path}: spec.compression.pruning.sparsity: must be less than") for line in lines
+    )
     assert any(line.startswith(f"{path}: spec.unknownField: unknown field") for line in lines)
     assert len(lines) == 4
 
@@ -81,7 +83,9 @@ def test_binary_file_is_unreadable(tmp_path: Path) -> None:
     assert "not UTF-8 text" in err
 
 
-@pytest.mark.parametrize(("text", "fragment"), [("- a\n- b\n", "must be a YAML mapping"), ("42\n", "got number 42")])
+@pytest.mark.parametrize(
+    ("text", "fragment"), [("- a\n- b\n", "must be a YAML mapping"), ("42\n", "got number 42")]
+)
 def test_non_mapping_documents_are_invalid(text: str, fragment: str) -> None:
     code, out, _ = run("-", stdin=text)
     assert code == 1

@@ -59,7 +59,9 @@ def test_every_property_is_described_for_kubectl_explain() -> None:
 def test_lists_and_rule_strings_are_bounded_for_cel_cost_estimation() -> None:
     for path, node in _nodes(_schema()):
         if node.get("type") == "array":
-            assert "maxItems" in node, f"{path} needs maxItems, or the API server's CEL cost estimate rejects the CRD"
+            assert "maxItems" in node, (
+                f"{path} needs maxItems, or the API server's CEL cost estimate rejects the CRD"
+            )
 
 
 def test_rules_compile_and_are_where_the_issue_wants_them() -> None:
@@ -114,7 +116,13 @@ def test_crd_metadata_names_columns_and_status_subresource() -> None:
     version = crd["spec"]["versions"][0]
     assert version["name"] == "v1alpha1"
     assert version["subresources"] == {"status": {}}
-    assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Phase", "Stable", "Candidate", "Canary", "Age"]
+    assert [c["name"] for c in version["additionalPrinterColumns"]] == [
+        "Phase",
+        "Stable",
+        "Candidate",
+        "Canary",
+        "Age",
+    ]
 
 
 def test_rendered_yaml_parses_back_to_the_same_object() -> None:

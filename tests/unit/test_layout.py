@@ -23,7 +23,9 @@ def test_stdlib_operator_is_not_shadowed(repo_root: Path, cwd_on_path: bool) -> 
     code = "import operator, autoglm_operator; assert operator.itemgetter(1)([0, 7]) == 7; print(operator.__file__)"
     if cwd_on_path:
         code = f"import sys; sys.path.insert(0, {str(repo_root)!r}); " + code
-    out = subprocess.run([sys.executable, "-c", code], cwd=repo_root, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=repo_root, capture_output=True, text=True, check=True
+    )
     assert "site-packages" not in out.stdout
     assert str(repo_root) not in out.stdout
 

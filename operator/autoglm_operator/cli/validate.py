@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 import yaml
 
-from autoglm_api.validation import DocumentResult, ManifestUnreadable, validate_text
+from autoglm_api.validation import DocumentResult, UnreadableManifestError, validate_text
 
 EXIT_VALID, EXIT_INVALID, EXIT_UNREADABLE = 0, 1, 2
 
@@ -20,9 +20,9 @@ def _read(source: str) -> str:
     try:
         return Path(source).read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise ManifestUnreadable(f"not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+        raise UnreadableManifestError(f"not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     except OSError as exc:
-        raise ManifestUnreadable(f"cannot read: {exc.strerror or exc}") from exc
+        raise UnreadableManifestError(f"cannot read: {exc.strerror or exc}") from exc
 
 
 @click.command("validate")
@@ -48,7 +48,7 @@ def validate_command(files: tuple[str, ...], output: str | None, quiet: bool) ->
         label = "<stdin>" if source == "-" else source
         try:
             results = validate_text(_read(source))
-        except ManifestUnreadable as exc:
+        except UnreadableManifestError as exc:
             click.echo(f"{label}: {exc}", err=True)
             status = max(status, EXIT_UNREADABLE)
             continue
