@@ -63,16 +63,17 @@ class CelRule:
             out["reason"] = self.reason
         return out
 
-    def check(self, obj: Mapping[str, Any]) -> str | None:
+    def check(self, obj: Mapping[str, Any], *, errors_fail: bool = True) -> str | None:
         """Evaluate against ``obj``; return the failure message, or None when the rule holds.
 
-        An evaluation error (a missing key, a type mismatch) fails the rule, as in the API server.
+        An evaluation error (a missing key, a type mismatch) fails the rule, as in the API server,
+        unless ``errors_fail`` is False (used when other errors already explain the missing data).
         """
         activation = {"self": json_to_cel(dict(obj))}
         try:
             result = _program(self.rule).evaluate(activation)
         except CELEvalError as exc:
-            return f"{self.message} (rule could not be evaluated: {exc.args[0]})"
+            return f"{self.message} (rule could not be evaluated: {exc.args[0]})" if errors_fail else None
         if not isinstance(result, celtypes.BoolType):
             raise TypeError(f"CEL rule {self.rule!r} returned {type(result).__name__}, not bool")
         if bool(result):

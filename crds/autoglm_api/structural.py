@@ -45,7 +45,9 @@ def _typed(value: Any, schema: Mapping[str, Any]) -> Any:
     return value
 
 
-def check_rules(value: Any, schema: Mapping[str, Any], path: str = "") -> list[tuple[str, str]]:
+def check_rules(
+    value: Any, schema: Mapping[str, Any], path: str = "", *, errors_fail: bool = True
+) -> list[tuple[str, str]]:
     """Evaluate every ``x-kubernetes-validations`` rule; return ``(field path, message)`` failures."""
     failures: list[tuple[str, str]] = []
     if isinstance(value, Mapping):
@@ -57,15 +59,15 @@ def check_rules(value: Any, schema: Mapping[str, Any], path: str = "") -> list[t
                 field_path=raw.get("fieldPath"),
                 message_expression=raw.get("messageExpression"),
             )
-            message = rule.check(typed)
+            message = rule.check(typed, errors_fail=errors_fail)
             if message is not None:
                 failures.append((_join(path, rule.field_path or ""), message))
         for name, prop in (schema.get("properties") or {}).items():
             if name in value:
-                failures += check_rules(value[name], prop, _join(path, "." + name))
+                failures += check_rules(value[name], prop, _join(path, "." + name), errors_fail=errors_fail)
     elif isinstance(value, list) and isinstance(schema.get("items"), Mapping):
         for i, item in enumerate(value):
-            failures += check_rules(item, schema["items"], f"{path}[{i}]")
+            failures += check_rules(item, schema["items"], f"{path}[{i}]", errors_fail=errors_fail)
     return failures
 
 

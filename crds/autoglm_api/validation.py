@@ -22,6 +22,7 @@ from pydantic_core import ErrorDetails
 from autoglm_api.base import API_VERSION, CEL_ERROR_TYPE, GROUP, KIND, PATTERN_HINTS
 from autoglm_api.crd import openapi_schema
 from autoglm_api.resource import AutoGLMModel, ObjectMeta
+from autoglm_api.structural import apply_defaults, check_rules
 
 
 class UnreadableManifestError(Exception):
@@ -119,10 +120,29 @@ def validate_document(doc: Any, index: int = 0) -> DocumentResult:
         model = AutoGLMModel.model_validate_json(json.dumps(body, default=str), strict=True, by_name=False)
     except ValidationError as exc:
         result.problems.extend(problems_from_error(exc))
+        if not any(_is_type_error(e) for e in exc.errors(include_url=False)):
+            result.problems.extend(_rules_beside_value_errors(body, result.problems))
         return result
     if not result.problems:
         result.model = model
     return result
+
+
+def _is_type_error(err: ErrorDetails) -> bool:
+    return err["type"].endswith(("_type", "_parsing")) or err["type"] == "int_from_float"
+
+
+def _rules_beside_value_errors(body: Mapping[str, Any], reported: list[Problem]) -> list[Problem]:
+    """CEL failures that pydantic skipped because a child field had a value error.
+
+    pydantic runs an object's rules only when all its fields are valid; the API server runs them
+    unless there is a type error. So, with value errors only, the CRD's rules are also evaluated
+    on the defaulted document, and what they find beyond the reported problems is added.
+    """
+    schema = openapi_schema()
+    seen = {(p.path, p.message) for p in reported}
+    found = check_rules(apply_defaults(body, schema), schema, errors_fail=False)
+    return [Problem(path, message) for path, message in found if (path, message) not in seen]
 
 
 def validate_text(text: str) -> list[DocumentResult]:
@@ -148,7 +168,9 @@ def format_path(loc: Sequence[int | str]) -> str:
     """``('spec', 'targets', 0, 'nodeSelector', 'a/b')`` -> ``spec.targets[0].nodeSelector[a/b]``."""
     out = ""
     for part, node in zip(loc, _schema_walk(loc), strict=False):
-        if isinstance(part, int) or (node is not None and "additionalProperties" in node and "properties" not in node):
+        if isinstance(part, int) or (
+            node is not None and "additionalProperties" in node and "properties" not in node
+        ):
             out += f"[{part}]"
         else:
             out += f".{part}" if out else str(part)

@@ -42,7 +42,25 @@ def test_every_problem_is_one_line_with_file_and_path(tmp_path: Path) -> None:
         line.startswith(f"{path}: spec.compression.pruning.sparsity: must be less than") for line in lines
     )
     assert any(line.startswith(f"{path}: spec.unknownField: unknown field") for line in lines)
-    assert len(lines) == 4
+    # method none with sparsity 2: the bound and the CEL rule both fail, as on the API server
+    assert (
+        f"{path}: spec.compression.pruning.sparsity: sparsity must be 0 when method is none, got 2.0" in lines
+    )
+    assert len(lines) == 5
+
+
+def test_rules_still_run_beside_value_errors_but_not_beside_type_errors() -> None:
+    doc = yaml.safe_load(VALID)
+    doc["spec"]["rollout"]["steps"] = [{"weight": 10}, {"weight": 5}, {"weight": 100}]
+    doc["spec"]["rollout"]["analysis"]["maxErrorRate"] = 1.5  # a value error in a sibling object
+    code, out, _ = run("-", stdin=yaml.safe_dump(doc))
+    assert code == 1
+    assert "spec.rollout.steps: step weights must be strictly increasing, got [10, 5, 100]" in out
+    assert "spec.rollout.analysis.maxErrorRate: must be less than or equal to 1.0, got 1.5" in out
+    doc["spec"]["rollout"]["analysis"]["maxErrorRate"] = "high"  # a type error blocks CEL, as on the server
+    code, out, _ = run("-", stdin=yaml.safe_dump(doc))
+    assert "strictly increasing" not in out
+    assert 'maxErrorRate: must be a number, got string "high"' in out
 
 
 def test_multi_document_stream_from_stdin_numbers_documents() -> None:
