@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from autoglm_operator.cli.audit import audit_group
 from autoglm_operator.cli.crds import crds_command
 from autoglm_operator.cli.validate import validate_command
 
@@ -19,3 +20,4 @@ def cli() -> None:
 
 cli.add_command(validate_command)
 cli.add_command(crds_command)
+cli.add_command(audit_group)
