@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# The CPU build of torch first: an unpinned torch pulled in later would be a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e '.[ml,dev]'
+	$(BIN)/python -m pip install -q -e '.[ml,dev,postgres]'
 	touch $(STAMP)
 
 venv: $(STAMP)
