@@ -412,7 +412,7 @@ class VerifyResult:
     def describe(self) -> str:
         """One line for a person: the record count, or which record is bad and why."""
         if self.ok:
-            return f"audit chain intact: {self.checked} records"
+            return f"audit chain intact: {self.checked} record{'' if self.checked == 1 else 's'}"
         if self.bad_seq is None:
             return f"audit chain broken: {self.reason}"
         record_id = self.bad_id if self.bad_id is not None else "unknown, the record is missing"

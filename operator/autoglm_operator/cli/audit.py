@@ -317,7 +317,11 @@ def _print_table(records: list[AuditRecord]) -> None:
         cells = (str(r.seq), r.time.strftime("%Y-%m-%d %H:%M:%S"), model, r.actor, r.decision, r.reason)
         # Text cells: a reason containing [brackets] must not be read as rich markup.
         table.add_row(*(Text(c) for c in cells))
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:
+        # Piped or redirected: no terminal width to fit, so keep rows on one line where possible.
+        console = Console(width=200)
+    console.print(table)
 
 
 @audit_group.command("verify")
