@@ -88,12 +88,12 @@ def load_documents(text: str) -> list[Any]:
         raise UnreadableManifestError(f"not valid YAML: {' '.join(str(exc).split())}") from exc
 
 
-def _prune_nulls(value: Any) -> Any:
-    # The API server drops null values of non-nullable fields before validation and defaulting.
+def prune_nulls(value: Any) -> Any:
+    """Drop null values, as the API server does for non-nullable fields before defaulting."""
     if isinstance(value, Mapping):
-        return {k: _prune_nulls(v) for k, v in value.items() if v is not None}
+        return {k: prune_nulls(v) for k, v in value.items() if v is not None}
     if isinstance(value, list):
-        return [_prune_nulls(v) for v in value]
+        return [prune_nulls(v) for v in value]
     return value
 
 
@@ -112,7 +112,7 @@ def validate_document(doc: Any, index: int = 0) -> DocumentResult:
     if api_version == API_VERSION and doc.get("kind") not in (KIND, None):
         result.problems.append(Problem("kind", f'must be "{KIND}", got {_describe(doc.get("kind"))}'))
         return result
-    body = _prune_nulls({k: v for k, v in doc.items() if k != "status"})  # status is the operator's
+    body = prune_nulls({k: v for k, v in doc.items() if k != "status"})  # status is the operator's
     for required in ("apiVersion", "kind"):
         if required not in body:
             result.problems.append(Problem(required, "required field is missing"))

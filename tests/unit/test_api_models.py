@@ -14,7 +14,7 @@ from autoglm_api.conditions import READY, set_condition
 from autoglm_api.crd import openapi_schema
 from autoglm_api.spec import AutoGLMModelSpec
 from autoglm_api.structural import apply_defaults, check_rules
-from autoglm_api.validation import validate_document
+from autoglm_api.validation import prune_nulls, validate_document
 from tests.conftest import load_example
 
 
@@ -40,23 +40,15 @@ def test_examples_are_valid(name: str) -> None:
 def test_crd_structural_defaulting_equals_model_defaults(name: str | None, minimal: dict[str, Any]) -> None:
     """The API server, defaulting from the CRD, stores exactly what the models produce."""
     raw = load_example(name) if name else minimal
-    raw["spec"] = _without_nulls(raw["spec"])
+    raw["spec"] = prune_nulls(raw["spec"])
     model = AutoGLMModel.model_validate(raw)
     schema = openapi_schema()["properties"]["spec"]
     assert apply_defaults(raw["spec"], schema) == model.to_json()["spec"]
     assert check_rules(apply_defaults(raw, openapi_schema()), openapi_schema()) == []
 
 
-def _without_nulls(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
-    if isinstance(value, list):
-        return [_without_nulls(v) for v in value]
-    return value
-
-
 def test_round_trip_is_stable() -> None:
-    model = AutoGLMModel.model_validate(_without_nulls(load_example("cloud-and-edge.yaml")))
+    model = AutoGLMModel.model_validate(prune_nulls(load_example("cloud-and-edge.yaml")))
     again = AutoGLMModel.model_validate(model.to_json())
     assert again == model
 
