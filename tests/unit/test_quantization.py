@@ -1,0 +1,108 @@
+"""Quantized modules: numerics against float, the kernel path against the portable path, save and reload."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from autoglm_pipelines.loading import load_causal_lm
+from autoglm_pipelines.quantization import (
+    Int4WeightOnlyLinear,
+    Int8WeightOnlyLinear,
+    load_quantized_weights,
+    quantize_int4_groupwise,
+    quantize_int8_per_row,
+    quantize_model,
+    save_quantized,
+    weight_bytes,
+)
+from tests.support.tiny_models import tiny_glm
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_glm(tmp_path_factory.mktemp("tiny") / "glm")
+
+
+def test_int8_per_row_round_trip_error_is_within_half_a_step() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(32, 64)
+    q, scale = quantize_int8_per_row(w)
+    assert q.dtype == torch.int8
+    assert ((q.float() * scale[:, None] - w).abs() <= scale[:, None] / 2 + 1e-6).all()
+
+
+def test_int4_groupwise_uses_sixteen_levels_and_small_error() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(16, 64)
+    q, sz = quantize_int4_groupwise(w, 32)
+    assert int(q.max()) <= 15
+    scale = sz[..., 0].t().repeat_interleave(32, dim=1)
+    zero = sz[..., 1].t().repeat_interleave(32, dim=1)
+    assert ((q.float() - 8) * scale + zero - w).abs().max() <= scale.max()
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_cpu_kernel_agrees_with_portable_dequantized_path(kind: str) -> None:
+    torch.manual_seed(0)
+    w, x = torch.randn(64, 128), torch.randn(3, 5, 128)
+    module = (
+        Int8WeightOnlyLinear.from_float(w, None, torch.bfloat16)
+        if kind == "int8"
+        else Int4WeightOnlyLinear.from_float(w, None, torch.bfloat16, 32)
+    )
+    kernel = module(x.bfloat16()).float()  # bf16 on CPU: the fused ATen kernel
+    portable = torch.nn.functional.linear(x, module.dequantized())
+    assert kernel.shape == (3, 5, 64)
+    assert torch.allclose(kernel, portable, rtol=0.05, atol=0.2)
+
+
+@pytest.mark.parametrize(
+    ("method", "max_bytes_ratio"), [("bf16", 0.51), ("int8-weight-only", 0.3), ("int4-weight-only", 0.22)]
+)
+def test_quantized_model_is_smaller_close_to_float_and_reloads_exactly(
+    tiny: Path, tmp_path: Path, method: str, max_bytes_ratio: float
+) -> None:
+    lm = load_causal_lm(tiny, None, cache_dir=tmp_path)
+    ids = lm.tokenizer("To be, or not to be, that is the question", return_tensors="pt").input_ids
+    with torch.no_grad():
+        reference = lm.model(ids).logits.float()
+    model = copy.deepcopy(lm.model)
+    plan = quantize_model(model, method, group_size=32)
+    with torch.no_grad():
+        out = model(ids).logits.float()
+    assert weight_bytes(model) <= max_bytes_ratio * weight_bytes(lm.model)
+    assert torch.allclose(out, reference, atol=0.15), (out - reference).abs().max()
+    # top-1 next-token predictions mostly agree with the float model
+    assert (out.argmax(-1) == reference.argmax(-1)).float().mean() >= 0.8
+
+    save_quantized(model, plan, tmp_path / "q")
+    fresh = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny)).eval()
+    assert load_quantized_weights(fresh, tmp_path / "q").modules == plan.modules
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits.float(), out)
+
+
+def test_tied_embedding_is_quantized_once_and_shared(tiny: Path, tmp_path: Path) -> None:
+    model = load_causal_lm(tiny, None, cache_dir=tmp_path).model
+    plan = quantize_model(model, "int8-weight-only")
+    assert plan.tied
+    assert model.get_output_embeddings().weight_int8 is model.get_input_embeddings().weight_int8
+
+
+def test_skip_modules_keeps_them_in_float(tiny: Path, tmp_path: Path) -> None:
+    model = load_causal_lm(tiny, None, cache_dir=tmp_path).model
+    plan = quantize_model(model, "int8-weight-only", skip_modules=["down_proj", "lm_head"])
+    assert all("down_proj" not in name for name in plan.modules)
+    assert "lm_head" in plan.skipped
+    assert isinstance(model.get_submodule("model.layers.0.mlp.down_proj"), torch.nn.Linear)
+
+
+def test_unknown_method_is_refused(tiny: Path, tmp_path: Path) -> None:
+    model = load_causal_lm(tiny, None, cache_dir=tmp_path).model
+    with pytest.raises(ValueError, match="not implemented yet"):
+        quantize_model(model, "smoothquant-w8a8")
