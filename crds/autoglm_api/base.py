@@ -33,6 +33,7 @@ URI_SCHEMES = ("hf", "s3", "gs", "pvc", "file", "pkg", "http", "https")
 URI_PATTERN = rf"^({'|'.join(URI_SCHEMES)})://[^\s]+$"
 DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"
 DNS_LABEL_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+DNS_1123_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"
 SHA256_PATTERN = r"^[a-f0-9]{64}$"
 
@@ -41,6 +42,7 @@ PATTERN_HINTS: dict[str, str] = {
     URI_PATTERN: f"a URI with one of the schemes {', '.join(s + '://' for s in URI_SCHEMES)}",
     DURATION_PATTERN: "a duration such as 30s, 5m, 1h or 1h30m",
     DNS_LABEL_PATTERN: "a DNS-1035 label: lowercase letters, digits and '-', starting with a letter",
+    DNS_1123_LABEL_PATTERN: "a DNS-1123 label: lowercase letters, digits and '-'",
     QUANTITY_PATTERN: "a Kubernetes quantity such as 500m, 4, 16Gi",
     SHA256_PATTERN: "a SHA-256 digest: 64 lowercase hex characters",
 }
@@ -52,9 +54,11 @@ Sha256 = Annotated[str, StringConstraints(pattern=SHA256_PATTERN)]
 
 
 def _quantity_to_str(value: Any) -> Any:
-    # Kubernetes quantities are int-or-string: `cpu: 4` and `cpu: "4"` mean the same.
-    if isinstance(value, int | float) and not isinstance(value, bool):
+    # Kubernetes quantities are int-or-string: `cpu: 4` and `cpu: "4"` mean the same; 0.5 is neither.
+    if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
+    if isinstance(value, float):
+        raise ValueError(f'must be an integer or a quantity string such as "500m", got {value}')
     return value
 
 

@@ -34,8 +34,17 @@ def _join(values: celtypes.ListType, separator: celtypes.StringType | None = Non
     return celtypes.StringType(sep.join(str(v) for v in values))
 
 
-# Kubernetes CEL library functions that cel-python does not ship.
-KUBERNETES_FUNCTIONS: dict[str, Any] = {"isSorted": _is_sorted, "join": _join}
+def _string(value: Any) -> celtypes.StringType:
+    # cel-go converts doubles with strconv's shortest 'g' form: string(2.0) is "2", not "2.0".
+    if isinstance(value, celtypes.DoubleType):
+        return celtypes.StringType(repr(float(value)).removesuffix(".0"))
+    if isinstance(value, celtypes.BoolType):
+        return celtypes.StringType("true" if value else "false")
+    return celtypes.StringType(value)
+
+
+# Kubernetes CEL library functions that cel-python does not ship, and cel-go's string(double).
+KUBERNETES_FUNCTIONS: dict[str, Any] = {"isSorted": _is_sorted, "join": _join, "string": _string}
 
 
 @dataclass(frozen=True)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated, Any, ClassVar, Literal, Self
 
 from pydantic import Field, model_validator
 
-from autoglm_api.base import API_VERSION, DNS_LABEL_PATTERN, KIND, ApiModel
+from autoglm_api.base import API_VERSION, DNS_1123_LABEL_PATTERN, DNS_LABEL_PATTERN, KIND, ApiModel
 from autoglm_api.cel import CelRule
 from autoglm_api.spec import AutoGLMModelSpec
 from autoglm_api.status import AutoGLMModelStatus
@@ -22,7 +23,9 @@ class ObjectMeta(ApiModel):
     generate_name: Annotated[str, Field(max_length=253)] | None = Field(
         default=None, description="Name prefix."
     )
-    namespace: Annotated[str, Field(max_length=63)] | None = Field(default=None, description="Namespace.")
+    namespace: Annotated[str, Field(max_length=63, pattern=DNS_1123_LABEL_PATTERN)] | None = Field(
+        default=None, description="Namespace."
+    )
     labels: dict[str, str] | None = Field(default=None, description="Labels.")
     annotations: dict[str, str] | None = Field(default=None, description="Annotations.")
     uid: str | None = Field(default=None, description="Set by the server.")
@@ -40,6 +43,14 @@ class ObjectMeta(ApiModel):
     def _named(self) -> Self:
         if not self.name and not self.generate_name:
             raise ValueError("name (or generateName) is required")
+        prefix = self.generate_name
+        if not self.name and prefix is not None:
+            limit = MAX_NAME_LENGTH - 5  # the server appends 5 characters; the result must pass the name rule
+            if len(prefix) > limit or not re.fullmatch(r"[a-z]([-a-z0-9]*)?", prefix):
+                raise ValueError(
+                    f"generateName must be at most {limit} lowercase letters, digits and '-', starting with a "
+                    f"letter, got {prefix!r}"
+                )
         return self
 
 
@@ -68,4 +79,5 @@ class AutoGLMModel(ApiModel):
 
     @property
     def namespaced_name(self) -> str:
-        return f"{self.metadata.namespace or 'default'}/{self.metadata.name}"
+        name = self.metadata.name or f"{self.metadata.generate_name}*"
+        return f"{self.metadata.namespace or 'default'}/{name}"

@@ -274,7 +274,7 @@ class Target(ApiModel):
     )
     replicas: Replicas = Field(default=Replicas(), description="Replica bounds.")
     resources: Resources = Field(default=Resources(), description="Per-replica resources.")
-    node_selector: dict[Annotated[str, Field(max_length=317)], Annotated[str, Field(max_length=63)]] = Field(
+    node_selector: dict[str, Annotated[str, Field(max_length=63)]] = Field(
         default={}, max_length=32, description="Node labels the replicas must run on."
     )
     tolerations: list[Toleration] = Field(
@@ -328,12 +328,6 @@ class Rollout(ApiModel):
             reason="FieldValueForbidden",
         ),
         CelRule(
-            rule="self.strategy != 'canary' || (has(self.steps) && size(self.steps) > 0)",
-            message="strategy canary needs at least one step, e.g. [{weight: 10, pause: 5m}, {weight: 100}]",
-            field_path=".steps",
-            reason="FieldValueRequired",
-        ),
-        CelRule(
             rule="!has(self.steps) || (self.steps.map(s, s.weight).isSorted() && "
             "self.steps.all(a, self.steps.exists_one(b, b.weight == a.weight)))",
             message="step weights must be strictly increasing",
@@ -357,9 +351,17 @@ class Rollout(ApiModel):
     steps: list[CanaryStep] = Field(
         default=[],
         max_length=20,
-        description="Canary steps; weights strictly increasing, the last exactly 100.",
+        description="Canary steps; weights strictly increasing, the last exactly 100. Empty with strategy "
+        "canary: 10% for 5m, 50% for 10m, then 100%.",
     )
     analysis: Analysis = Field(default=Analysis(), description="Metric gates during the canary.")
+
+    @property
+    def effective_steps(self) -> list[CanaryStep]:
+        """The steps the rollout takes: none for immediate, the default progression for an empty canary."""
+        if self.strategy == "immediate":
+            return []
+        return list(self.steps) or list(DEFAULT_CANARY_STEPS)
 
 
 class PromptVariant(ApiModel):
@@ -386,7 +388,6 @@ class PromptOptimization(ApiModel):
             message_expression="'variant names must be unique, got [' + "
             "self.variants.map(v, v.name).join(', ') + ']'",
             field_path=".variants",
-            reason="FieldValueDuplicate",
         ),
     )
 
@@ -429,7 +430,6 @@ class AutoGLMModelSpec(ApiModel):
             message="target names must be unique",
             message_expression="'target names must be unique, got [' + self.targets.map(t, t.name).join(', ') + ']'",
             field_path=".targets",
-            reason="FieldValueDuplicate",
         ),
     )
 

@@ -9,8 +9,11 @@ pydantic models, so every problem in a document is reported, each with its field
 
 from __future__ import annotations
 
+import base64
+import datetime
 import difflib
 import json
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,6 +81,17 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
 
 
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+# YAML 1.2 floats (`1e-3`, `1.5e3`), which kubectl reads as numbers and PyYAML's YAML 1.1 as strings.
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)$"),
+    list("-+.0123456789"),
+)
+
+RULES_NOT_CHECKED = (
+    "some validation rules were not checked because the object was invalid; "
+    "correct the existing errors to complete validation"
+)
 
 
 def load_documents(text: str) -> list[Any]:
@@ -86,6 +100,29 @@ def load_documents(text: str) -> list[Any]:
         return [d for d in yaml.load_all(text, Loader=_StrictLoader) if d is not None]
     except yaml.YAMLError as exc:
         raise UnreadableManifestError(f"not valid YAML: {' '.join(str(exc).split())}") from exc
+
+
+def as_json(value: Any) -> Any:
+    """YAML values as kubectl sends them: string keys, timestamps and binary as strings."""
+    if isinstance(value, Mapping):
+        return {k if isinstance(k, str) else _scalar_text(k): as_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [as_json(v) for v in value]
+    if isinstance(value, datetime.datetime | datetime.date | bytes):
+        return _scalar_text(value)
+    return value
+
+
+def _scalar_text(value: Any) -> str:
+    if isinstance(value, datetime.datetime):
+        return value.isoformat().replace("+00:00", "Z")
+    if isinstance(value, datetime.date):
+        return value.isoformat()
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode()
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
 
 
 def prune_nulls(value: Any) -> Any:
@@ -112,15 +149,17 @@ def validate_document(doc: Any, index: int = 0) -> DocumentResult:
     if api_version == API_VERSION and doc.get("kind") not in (KIND, None):
         result.problems.append(Problem("kind", f'must be "{KIND}", got {_describe(doc.get("kind"))}'))
         return result
-    body = prune_nulls({k: v for k, v in doc.items() if k != "status"})  # status is the operator's
+    body = prune_nulls(as_json({k: v for k, v in doc.items() if k != "status"}))  # status is the operator's
     for required in ("apiVersion", "kind"):
         if required not in body:
             result.problems.append(Problem(required, "required field is missing"))
     try:
-        model = AutoGLMModel.model_validate_json(json.dumps(body, default=str), strict=True, by_name=False)
+        model = AutoGLMModel.model_validate_json(json.dumps(body), strict=True, by_name=False)
     except ValidationError as exc:
         result.problems.extend(problems_from_error(exc))
-        if not any(_is_type_error(e) for e in exc.errors(include_url=False)):
+        if any(_blocks_rules(e) for e in exc.errors(include_url=False)):
+            result.problems.append(Problem("", RULES_NOT_CHECKED))
+        else:
             result.problems.extend(_rules_beside_value_errors(body, result.problems))
         return result
     if not result.problems:
@@ -128,16 +167,21 @@ def validate_document(doc: Any, index: int = 0) -> DocumentResult:
     return result
 
 
-def _is_type_error(err: ErrorDetails) -> bool:
-    return err["type"].endswith(("_type", "_parsing")) or err["type"] == "int_from_float"
+# The API server evaluates CEL rules unless schema validation found one of these (Kubernetes'
+# NotSupported, Required, TooLong, TooMany and TypeInvalid errors); then it says so instead.
+_BLOCKING = {"literal_error", "missing", "string_too_long", "too_long", "int_from_float", "value_error"}
+
+
+def _blocks_rules(err: ErrorDetails) -> bool:
+    return err["type"] in _BLOCKING or err["type"].endswith(("_type", "_parsing"))
 
 
 def _rules_beside_value_errors(body: Mapping[str, Any], reported: list[Problem]) -> list[Problem]:
     """CEL failures that pydantic skipped because a child field had a value error.
 
     pydantic runs an object's rules only when all its fields are valid; the API server runs them
-    unless there is a type error. So, with value errors only, the CRD's rules are also evaluated
-    on the defaulted document, and what they find beyond the reported problems is added.
+    all unless a blocking error was found. So, with bounds and pattern errors only, the CRD's rules
+    are also evaluated on the defaulted document, and what they find beyond pydantic's is added.
     """
     schema = openapi_schema()
     seen = {(p.path, p.message) for p in reported}

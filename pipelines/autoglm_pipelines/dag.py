@@ -8,6 +8,7 @@ that depend on it as an input artifact at the same path.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from autoglm_api.spec import AutoGLMModelSpec
@@ -48,17 +49,22 @@ CALIBRATE = Step(
 VALIDATE = Step(
     "validate",
     "Measure baseline and candidate side by side and apply the validation gates",
-    depends=("fetch", "calibrate"),
+    depends=("fetch", "compress", "calibrate"),
     retries=0,  # a failed gate is a verdict, not a transient failure
 )
+# Publish reads every folder: the weights and the lineage (each step's STEP.json) go in the model card.
 PUBLISH = Step(
-    "publish", "Write the validated artifact and its model card", depends=("validate",), memory="4Gi"
+    "publish",
+    "Write the validated artifact and its model card",
+    depends=("fetch", "compress", "calibrate", "validate"),
+    memory="4Gi",
 )
 
 
 def pipeline_steps(spec: AutoGLMModelSpec) -> tuple[Step, ...]:
     """The steps ``spec`` needs, in an order where every step comes after its dependencies."""
     if spec.compression.search.enabled:
-        compress = Step(COMPRESS.name, COMPRESS.description, depends=("fetch", "search"))
-        return (FETCH, SEARCH, compress, CALIBRATE, VALIDATE, PUBLISH)
+        compress = dataclasses.replace(COMPRESS, depends=("fetch", "search"))
+        publish = dataclasses.replace(PUBLISH, depends=(*PUBLISH.depends, "search"))
+        return (FETCH, SEARCH, compress, CALIBRATE, VALIDATE, publish)
     return (FETCH, COMPRESS, CALIBRATE, VALIDATE, PUBLISH)

@@ -79,3 +79,24 @@ def test_concurrent_appends_never_fork_nor_lose_a_record(url: str) -> None:
     assert result.checked == total
     written = Counter((r.evidence["worker"], r.evidence["i"]) for r in records)
     assert written == Counter({(w, i): 1 for w in range(WORKERS) for i in range(APPENDS_PER_WORKER)})
+
+
+def open_ledger(url: str, start: Barrier) -> None:
+    start.wait()
+    Ledger(url).close()
+
+
+@pytest.mark.parametrize("attempt", range(5))
+def test_many_processes_opening_a_new_ledger_at_once_all_succeed(tmp_path: Path, attempt: int) -> None:
+    """Regression: switching a new file to WAL from several processes answered "database is locked"."""
+    url = f"sqlite:///{tmp_path / f'new-{attempt}.db'}"
+    ctx = multiprocessing.get_context("spawn")
+    start = ctx.Barrier(6)
+    processes = [ctx.Process(target=open_ledger, args=(url, start)) for _ in range(6)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=120)
+    assert [p.exitcode for p in processes] == [0] * 6
+    with Ledger(url) as ledger:
+        assert ledger.verify().ok

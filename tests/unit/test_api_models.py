@@ -47,6 +47,23 @@ def test_crd_structural_defaulting_equals_model_defaults(name: str | None, minim
     assert check_rules(apply_defaults(raw, openapi_schema()), openapi_schema()) == []
 
 
+def test_canary_without_steps_takes_the_default_progression(minimal: dict[str, Any]) -> None:
+    minimal["spec"]["rollout"] = {"analysis": {"interval": "30s"}}
+    result = validate_document(minimal)
+    assert result.valid, result.problems
+    assert result.model is not None
+    assert [s.weight for s in result.model.spec.rollout.effective_steps] == [10, 50, 100]
+    minimal["spec"]["rollout"] = {"strategy": "immediate"}
+    model = validate_document(minimal).model
+    assert model is not None
+    assert model.spec.rollout.effective_steps == []
+
+
+def test_cel_string_of_a_double_prints_like_cel_go() -> None:
+    rule = CelRule(rule="false", message="m", message_expression="string(self.a) + ' ' + string(self.b)")
+    assert rule.check({"a": 2.0, "b": 0.25}) == "2 0.25"
+
+
 def test_round_trip_is_stable() -> None:
     model = AutoGLMModel.model_validate(prune_nulls(load_example("cloud-and-edge.yaml")))
     again = AutoGLMModel.model_validate(model.to_json())

@@ -90,7 +90,7 @@ CASES: list[tuple[str, Callable[[Doc], None], str, str]] = [
      "sparsity must be 0.5, got 0.3"),
     ("prune-method", put(f"{P}.method", "random"), f"{P}.method", '"structured-l1"'),
     ("temperature-order", put(f"{D}.temperature", {"start": 1.0, "end": 5.0}), f"{D}.temperature",
-     "start >= end > 0, got start 1.0 and end 5.0"),
+     "start >= end > 0, got start 1 and end 5"),
     ("temperature-zero", put(f"{D}.temperature.end", 0), f"{D}.temperature.end", "must be greater than 0"),
     ("distill-steps", put(f"{D}.steps", 0), f"{D}.steps", "greater than or equal to 1, got 0"),
     ("student-layers-type", put(f"{D}.studentLayers", "two"), f"{D}.studentLayers", 'an integer, got string "two"'),
@@ -136,7 +136,12 @@ CASES: list[tuple[str, Callable[[Doc], None], str, str]] = [
     ("step-weight-string", put(f"{R}.steps[0].weight", "10"), f"{R}.steps[0].weight", 'an integer, got string "10"'),
     ("pause", put(f"{R}.steps[0].pause", "5 minutes"), f"{R}.steps[0].pause", "a duration such as 30s"),
     ("immediate-steps", put(f"{R}.strategy", "immediate"), f"{R}.steps", "immediate takes no steps"),
-    ("canary-no-steps", put(f"{R}.steps", []), f"{R}.steps", "canary needs at least one step"),
+    (
+        "too-many-steps",
+        put(f"{R}.steps", [{"weight": w} for w in range(1, 21)] + [{"weight": 100}]),
+        f"{R}.steps",
+        "at most 20 item(s), got 21",
+    ),
     ("error-rate", put(f"{R}.analysis.maxErrorRate", 1.5), f"{R}.analysis.maxErrorRate", "less than or equal to 1"),
     ("feedback-score", put(f"{R}.analysis.minFeedbackScore", -0.1), f"{R}.analysis.minFeedbackScore",
      "greater than or equal to 0"),
@@ -182,7 +187,7 @@ def test_invalid_manifest_names_field_and_reason(
 CEL_CASES = [c for c in CASES if c[0] in {
     "gguf-uri", "group-size-not-int4", "sparsity-without-method", "method-without-sparsity", "two-of-four",
     "temperature-order", "duplicate-targets", "gpu-pool-no-gpu", "gpu-pool-no-resources", "replicas-order",
-    "steps-order", "steps-repeat", "steps-last", "immediate-steps", "canary-no-steps", "one-variant",
+    "steps-order", "steps-repeat", "steps-last", "immediate-steps", "one-variant",
     "duplicate-variants", "name-not-dns",
 }]  # fmt: skip
 

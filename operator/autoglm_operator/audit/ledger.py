@@ -12,7 +12,9 @@ retried a bounded number of times.
 
 from __future__ import annotations
 
+import sqlite3
 import threading
+import time
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
@@ -442,10 +444,32 @@ def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     try:
-        cursor.execute(f"PRAGMA journal_mode={SQLITE_JOURNAL_MODE}")
+        _set_journal_mode(cursor)
         cursor.execute(f"PRAGMA synchronous={SQLITE_SYNCHRONOUS}")
     finally:
         cursor.close()
+
+
+def _set_journal_mode(cursor: Any) -> None:
+    """Switch to WAL once per database file, retrying while another process holds the lock.
+
+    Changing the journal mode needs an exclusive lock and SQLite may answer "database is locked" at
+    once instead of waiting out the busy timeout: several processes opening a new ledger together
+    (the 4-process test, or operator replicas starting at once) hit that.
+    """
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_S
+    delay = 0.005
+    while True:
+        try:
+            mode = cursor.execute("PRAGMA journal_mode").fetchone()[0]
+            if str(mode).lower() != SQLITE_JOURNAL_MODE.lower():
+                cursor.execute(f"PRAGMA journal_mode={SQLITE_JOURNAL_MODE}")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)
 
 
 def _sqlite_begin(conn: Connection) -> None:

@@ -61,7 +61,9 @@ def validate_command(files: tuple[str, ...], output: str | None, quiet: bool) ->
             if result.valid and result.model is not None:
                 valid_objects.append(result.model.to_json())
     if output == "json":
-        click.echo(json.dumps(valid_objects[0] if len(valid_objects) == 1 else valid_objects, indent=2))
+        # One object as itself, several as a List, as kubectl prints them.
+        listed = {"apiVersion": "v1", "kind": "List", "items": valid_objects}
+        click.echo(json.dumps(valid_objects[0] if len(valid_objects) == 1 else listed, indent=2))
     elif output == "yaml":
         click.echo(yaml.safe_dump_all(valid_objects, sort_keys=False), nl=False)
     sys.exit(status)

@@ -1,0 +1,248 @@
+"""The Argo ``WorkflowTemplate`` of a model's pipeline, built with Hera from the step list in ``dag.py``.
+
+Pure: no network, no cluster, no clock. The operator submits what this builds through its Argo
+backend; ``autoglm pipeline render`` prints it. Shape of the template:
+
+- one DAG task per step of :func:`autoglm_pipelines.dag.pipeline_steps`, with its ``depends``;
+- one container template per step running ``autoglm pipeline STEP --spec /autoglm/spec.yaml
+  --workdir /autoglm/work`` in the given image, with the step's resource requests, retries with
+  exponential backoff and ``activeDeadlineSeconds``;
+- the manifest travels as the workflow parameter ``manifest`` and is mounted in every step as the raw
+  input artifact ``/autoglm/spec.yaml``;
+- each step's folder ``/autoglm/work/<step>`` is its output artifact (in the cluster's default
+  artifact repository) and is handed to the steps that depend on it at the same path; the publish
+  step's folder is also the workflow's global output artifact ``published-model``;
+- labels tie the template, its Workflows and their pods to the model and the artifact revision.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import yaml
+from hera.workflows import (
+    DAG,
+    Artifact,
+    Container,
+    EmptyDirVolume,
+    Parameter,
+    RawArtifact,
+    Resources,
+    RetryPolicy,
+    RetryStrategy,
+    Task,
+    WorkflowTemplate,
+)
+from hera.workflows.models import Backoff, Metadata, WorkflowMetadata
+
+from autoglm_api.resource import AutoGLMModel
+from autoglm_api.spec import AutoGLMModelSpec
+from autoglm_pipelines.dag import Step, pipeline_steps
+
+# The image built from this repository; clusters set their registry's reference with --image.
+DEFAULT_IMAGE = "autoglm:0.1.0"
+
+SPEC_PATH = "/autoglm/spec.yaml"
+WORKDIR = "/autoglm/work"
+ENTRYPOINT = "pipeline"
+MANIFEST_PARAMETER = "manifest"
+SPEC_ARTIFACT = "spec"
+WORK_VOLUME = "work"
+PUBLISH_STEP = "publish"
+#: The publish step's folder as a workflow output (``status.outputs.artifacts``), for the operator.
+PUBLISHED_ARTIFACT = "published-model"
+
+MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
+MODEL_LABEL = "autoglm.io/model"
+REVISION_LABEL = "autoglm.io/revision"
+STEP_LABEL = "autoglm.io/step"
+DESCRIPTION_ANNOTATION = "workflows.argoproj.io/description"  # shown by the Argo UI
+
+#: The spec parts that change the built artifact; targets, rollout and feedback do not.
+ARTIFACT_SPEC_PARTS = ("source", "compression", "calibration", "validation")
+REVISION_LENGTH = 12
+
+BACKOFF_SECONDS = 10
+BACKOFF_FACTOR = 2
+#: OnError retries what the infrastructure broke: a pod deleted under the step (a lost or preempted
+#: node), an artifact download or upload that failed in the init/wait container, a controller error. A step's own non-zero exit
+#: (a corrupt checkpoint, a failed gate) is a verdict and is not retried, so no GPU hours are burnt
+#: repeating it. OnTransientError would retry only node messages that match Argo's list of network
+#: and API-server errors (or TRANSIENT_ERROR_PATTERN), which misses a deleted pod.
+RETRY_POLICY = RetryPolicy.on_error
+
+
+def artifact_revision(spec: AutoGLMModelSpec) -> str:
+    """Content-addressed id of what the pipeline builds: the first 12 hex digits of a SHA-256.
+
+    Hashes the canonical JSON (sorted keys, defaults filled in, unset optionals left out) of
+    ``source``, ``compression``, ``calibration`` and ``validation``, so a re-applied or reformatted
+    spec gets the same revision and a change to targets, rollout or feedback does not rebuild.
+    """
+    data = spec.to_json()
+    parts = {key: data[key] for key in ARTIFACT_SPEC_PARTS if key in data}
+    canonical = json.dumps(parts, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:REVISION_LENGTH]
+
+
+def template_name(model: AutoGLMModel) -> str:
+    """``autoglm-<model name>``: one WorkflowTemplate per model, updated in place per revision."""
+    if not model.metadata.name:
+        raise ValueError("metadata.name is required to render a pipeline (generateName is not resolved yet)")
+    return f"autoglm-{model.metadata.name}"
+
+
+def pipeline_manifest(model: AutoGLMModel) -> dict[str, Any]:
+    """The manifest the steps read: apiVersion, kind, name, namespace and the spec with its defaults.
+
+    Server-set metadata (uid, resourceVersion, managedFields, ...) and status are left out, so the
+    rendered template changes only when the spec does.
+    """
+    data = model.to_json()
+    metadata = {k: v for k, v in data["metadata"].items() if k in ("name", "namespace")}
+    return {
+        "apiVersion": data["apiVersion"],
+        "kind": data["kind"],
+        "metadata": metadata,
+        "spec": data["spec"],
+    }
+
+
+def retry_budget_seconds(step: Step) -> int:
+    """The longest a step can take: every attempt to its deadline, plus the backoff waits between them."""
+    waits, wait = 0, BACKOFF_SECONDS
+    for _ in range(step.retries):  # Argo waits duration * factor**n before retry n + 1
+        waits, wait = waits + wait, wait * BACKOFF_FACTOR
+    return (step.retries + 1) * step.timeout_seconds + waits
+
+
+def workflow_deadline_seconds(steps: tuple[Step, ...]) -> int:
+    """A bound on the whole run: the sum of the steps' retry budgets.
+
+    The DAG is a chain today, so this is its critical path; for a wider DAG it still bounds the
+    run, and leaves room for steps that wait for a node.
+    """
+    return sum(retry_budget_seconds(step) for step in steps)
+
+
+def go_duration(seconds: int) -> str:
+    """``10830`` -> ``"3h30s"``: a Go duration string, as Argo's backoff fields take them."""
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    text = "".join(f"{value}{unit}" for value, unit in ((hours, "h"), (minutes, "m"), (secs, "s")) if value)
+    return text or "0s"
+
+
+def _retry_strategy(step: Step) -> RetryStrategy | None:
+    if step.retries == 0:
+        return None
+    # Argo measures backoff.maxDuration from the start of the FIRST attempt and gives up (or cuts
+    # the retry's deadline) once it has passed, so a fixed short bound would stop any step that
+    # fails after running longer than it from ever being retried. The step's whole retry budget
+    # lets every attempt run to its own deadline.
+    return RetryStrategy(
+        limit=step.retries,
+        retry_policy=RETRY_POLICY,
+        backoff=Backoff(
+            duration=f"{BACKOFF_SECONDS}s",
+            factor=BACKOFF_FACTOR,
+            max_duration=go_duration(retry_budget_seconds(step)),
+        ),
+    )
+
+
+def _resources(step: Step) -> Resources:
+    # Memory limit = request: a step past its memory is OOM-killed in its own container at a known
+    # size, instead of the node evicting whichever pod is largest under pressure.
+    return Resources(
+        cpu_request=step.cpu,
+        memory_request=step.memory,
+        memory_limit=step.memory,
+        gpus=step.gpu or None,  # nvidia.com/gpu, as request and limit (extended resources need both)
+    )
+
+
+def _container(step: Step, image: str, volume: EmptyDirVolume) -> Container:
+    inputs: list[Artifact] = [
+        # A reference to the parameter, not the manifest pasted into every template: one copy, and
+        # its text (a "{{" in a prompt) stays out of the templates Argo parses for {{...}} tags.
+        RawArtifact(
+            name=SPEC_ARTIFACT, path=SPEC_PATH, data=f"{{{{workflow.parameters.{MANIFEST_PARAMETER}}}}}"
+        )
+    ]
+    inputs += [Artifact(name=dep, path=f"{WORKDIR}/{dep}") for dep in step.depends]
+    output = Artifact(
+        name=step.name,
+        path=f"{WORKDIR}/{step.name}",
+        global_name=PUBLISHED_ARTIFACT if step.name == PUBLISH_STEP else None,
+    )
+    return Container(
+        name=step.name,
+        image=image,
+        command=["autoglm", "pipeline", step.name, "--spec", SPEC_PATH, "--workdir", WORKDIR],
+        inputs=inputs,
+        outputs=[output],
+        resources=_resources(step),
+        volumes=[volume],
+        retry_strategy=_retry_strategy(step),
+        active_deadline_seconds=step.timeout_seconds,
+        labels={STEP_LABEL: step.name},
+    )
+
+
+def _task(step: Step) -> Task:
+    return Task(
+        name=step.name,
+        template=step.name,
+        depends=" && ".join(step.depends) or None,
+        arguments=[
+            Artifact(name=dep, from_=f"{{{{tasks.{dep}.outputs.artifacts.{dep}}}}}") for dep in step.depends
+        ]
+        or None,
+    )
+
+
+def build_workflow_template(
+    model: AutoGLMModel, *, image: str = DEFAULT_IMAGE, revision: str | None = None
+) -> WorkflowTemplate:
+    """The model's pipeline as a Hera ``WorkflowTemplate``; ``revision`` defaults to :func:`artifact_revision`."""
+    name = template_name(model)
+    revision = revision or artifact_revision(model.spec)
+    steps = pipeline_steps(model.spec)
+    labels = {MANAGED_BY_LABEL: "autoglm", MODEL_LABEL: str(model.metadata.name), REVISION_LABEL: revision}
+    description = (
+        f"AutoGLM pipeline of AutoGLMModel {model.metadata.name} at revision {revision}: "
+        + " -> ".join(step.name for step in steps)
+    )
+    # The working directory lives on the node's ephemeral storage, not in the container's writable
+    # layer: checkpoints are gigabytes. Input artifacts under it are loaded into this volume by Argo.
+    work = EmptyDirVolume(name=WORK_VOLUME, mount_path=WORKDIR)
+    manifest = yaml.safe_dump(pipeline_manifest(model), sort_keys=False, allow_unicode=True)
+    return WorkflowTemplate(
+        name=name,
+        namespace=model.metadata.namespace,
+        labels=labels,
+        annotations={DESCRIPTION_ANNOTATION: description},
+        entrypoint=ENTRYPOINT,
+        active_deadline_seconds=workflow_deadline_seconds(steps),
+        arguments=[
+            Parameter(
+                name=MANIFEST_PARAMETER,
+                value=manifest,
+                description=f"The AutoGLMModel manifest at revision {revision}, mounted at {SPEC_PATH}",
+            )
+        ],
+        workflow_metadata=WorkflowMetadata(labels=dict(labels)),
+        pod_metadata=Metadata(labels=dict(labels)),
+        templates=[
+            DAG(name=ENTRYPOINT, tasks=[_task(step) for step in steps]),
+            *(_container(step, image, work) for step in steps),
+        ],
+    )
+
+
+def render_yaml(model: AutoGLMModel, *, image: str = DEFAULT_IMAGE, revision: str | None = None) -> str:
+    """The WorkflowTemplate as stable YAML (Hera's key order), for ``kubectl apply`` and committed examples."""
+    return build_workflow_template(model, image=image, revision=revision).to_yaml()
