@@ -14,8 +14,10 @@ import datetime
 import difflib
 import json
 import re
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -92,6 +94,18 @@ RULES_NOT_CHECKED = (
     "some validation rules were not checked because the object was invalid; "
     "correct the existing errors to complete validation"
 )
+
+
+def read_source(source: str) -> str:
+    """The text of a manifest file, or of stdin for ``-``; raises UnreadableManifestError."""
+    if source == "-":
+        return sys.stdin.read()
+    try:
+        return Path(source).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UnreadableManifestError(f"not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    except OSError as exc:
+        raise UnreadableManifestError(f"cannot read: {exc.strerror or exc}") from exc
 
 
 def load_documents(text: str) -> list[Any]:

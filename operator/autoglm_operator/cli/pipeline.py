@@ -7,13 +7,19 @@ line on stderr and exit status 2.
 
 from __future__ import annotations
 
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from autoglm_api.resource import AutoGLMModel
-from autoglm_api.validation import UnreadableManifestError, validate_text
+from autoglm_api.validation import UnreadableManifestError, read_source, validate_text
+
+if TYPE_CHECKING:
+    from autoglm_pipelines.steps import StepContext
 
 EXIT_BAD_MANIFEST = 2
 
@@ -24,22 +30,11 @@ class ManifestError(click.ClickException):
     exit_code = EXIT_BAD_MANIFEST
 
 
-def _read_text(source: str) -> str:
-    if source == "-":
-        return sys.stdin.read()
-    try:
-        return Path(source).read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise UnreadableManifestError(f"not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
-    except OSError as exc:
-        raise UnreadableManifestError(f"cannot read: {exc.strerror or exc}") from exc
-
-
 def load_manifest(source: str) -> AutoGLMModel:
     """The one AutoGLMModel in file ``source`` (``-`` for stdin), validated as the API server would."""
     label = "<stdin>" if source == "-" else source
     try:
-        results = validate_text(_read_text(source))
+        results = validate_text(read_source(source))
     except UnreadableManifestError as exc:
         raise ManifestError(f"{label}: {exc}") from exc
     models = [r for r in results if not r.skipped]
@@ -94,3 +89,141 @@ def render_command(manifest: str, image: str | None, output: Path | None) -> Non
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(text, encoding="utf-8")
     click.echo(f"wrote {output}", err=True)
+
+
+CACHE_ENV = "AUTOGLM_CACHE_DIR"
+DEFAULT_CACHE = ".cache/autoglm"
+STEP_NAMES = ("fetch", "search", "compress", "calibrate", "validate", "publish")
+
+
+def _step_options(command: Callable[..., None]) -> Callable[..., None]:
+    options = [
+        click.option(
+            "--spec", "manifest", required=True, metavar="MANIFEST", help="The AutoGLMModel manifest."
+        ),
+        click.option(
+            "--workdir",
+            required=True,
+            type=click.Path(file_okay=False, path_type=Path),
+            help="Pipeline folder: each step reads its inputs' subfolders and writes its own.",
+        ),
+        click.option(
+            "--cache-dir",
+            type=click.Path(file_okay=False, path_type=Path),
+            default=None,
+            help=f"Cache for converted checkpoints and downloads. Default: ${CACHE_ENV}, else {DEFAULT_CACHE}.",
+        ),
+        click.option(
+            "--decode-tokens",
+            type=click.IntRange(2, 4096),
+            default=128,
+            show_default=True,
+            help="New tokens per decode measurement (validate).",
+        ),
+        click.option(
+            "--output",
+            type=click.Path(file_okay=False, path_type=Path),
+            default=None,
+            help="Where publish writes the artifact. Default: WORKDIR/publish/model.",
+        ),
+        click.option("--threads", type=click.IntRange(1, 256), default=None, help="Torch CPU threads."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _context(workdir: Path, cache_dir: Path | None, decode_tokens: int, output: Path | None) -> StepContext:
+    from autoglm_pipelines.steps import StepContext
+
+    cache = cache_dir or Path(os.environ.get(CACHE_ENV, DEFAULT_CACHE))
+    return StepContext(workdir=workdir, cache_dir=cache, decode_tokens=decode_tokens, output=output)
+
+
+def _make_step_command(step: str) -> click.Command:
+    @_step_options
+    def command(
+        manifest: str,
+        workdir: Path,
+        cache_dir: Path | None,
+        decode_tokens: int,
+        output: Path | None,
+        threads: int | None,
+    ) -> None:
+        from autoglm_pipelines.resume import reusable
+
+        model = load_manifest(manifest)
+        earlier = reusable(model, step, workdir, decode_tokens=decode_tokens, output=output)
+        if earlier is not None:  # decided before torch is imported: a skipped step costs well under a second
+            click.echo(f"{step}: {earlier.status} earlier (inputs unchanged: reused)")
+            return
+        from autoglm_pipelines.steps import StepFailedError, run_step
+
+        if threads:
+            torch_threads(threads)
+        try:
+            result, reused = run_step(model, step, _context(workdir, cache_dir, decode_tokens, output))
+        except StepFailedError as exc:
+            click.echo(f"{step}: failed: {exc}", err=True)
+            sys.exit(1)
+        note = " (inputs unchanged: reused)" if reused else ""
+        click.echo(f"{step}: {result.status} in {result.duration_seconds:.1f}s{note}")
+
+    from autoglm_pipelines.dag import CALIBRATE, COMPRESS, FETCH, PUBLISH, SEARCH, VALIDATE
+
+    description = {s.name: s.description for s in (FETCH, SEARCH, COMPRESS, CALIBRATE, VALIDATE, PUBLISH)}[
+        step
+    ]
+    return click.command(step, help=f"{description}. Writes WORKDIR/{step}/ and its STEP.json.")(command)
+
+
+def torch_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+for _name in STEP_NAMES:
+    pipeline_group.add_command(_make_step_command(_name))
+
+
+@pipeline_group.command("run")
+@click.argument("manifest", metavar="MANIFEST")
+@click.option(
+    "--workdir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Pipeline folder."
+)
+@click.option(
+    "--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Cache folder."
+)
+@click.option("--decode-tokens", type=click.IntRange(2, 4096), default=128, show_default=True)
+@click.option(
+    "--output", type=click.Path(file_okay=False, path_type=Path), default=None, help="Publish here."
+)
+@click.option("--threads", type=click.IntRange(1, 256), default=None, help="Torch CPU threads per step.")
+def run_command(
+    manifest: str,
+    workdir: Path,
+    cache_dir: Path | None,
+    decode_tokens: int,
+    output: Path | None,
+    threads: int | None,
+) -> None:
+    """Run MANIFEST's whole pipeline here, each step as its own process, in dependency order.
+
+    Steps that already succeeded for the same inputs are skipped, so a run resumes where an
+    interrupted one stopped. Exit 0 only when every step succeeded, every gate included.
+    """
+    from autoglm_pipelines.executor import run_local
+
+    model = load_manifest(manifest)
+    extra = ["--decode-tokens", str(decode_tokens)]
+    if cache_dir:
+        extra += ["--cache-dir", str(cache_dir)]
+    if output:
+        extra += ["--output", str(output)]
+    if threads:
+        extra += ["--threads", str(threads)]
+    outcome = run_local(model, Path(manifest), workdir, extra_args=extra)
+    if not outcome.succeeded:
+        sys.exit(1)
+    click.echo(f"published: {outcome.published}")

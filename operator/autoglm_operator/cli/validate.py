@@ -4,25 +4,13 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import click
 import yaml
 
-from autoglm_api.validation import DocumentResult, UnreadableManifestError, validate_text
+from autoglm_api.validation import DocumentResult, UnreadableManifestError, read_source, validate_text
 
 EXIT_VALID, EXIT_INVALID, EXIT_UNREADABLE = 0, 1, 2
-
-
-def _read(source: str) -> str:
-    if source == "-":
-        return sys.stdin.read()
-    try:
-        return Path(source).read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise UnreadableManifestError(f"not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
-    except OSError as exc:
-        raise UnreadableManifestError(f"cannot read: {exc.strerror or exc}") from exc
 
 
 @click.command("validate")
@@ -47,7 +35,7 @@ def validate_command(files: tuple[str, ...], output: str | None, quiet: bool) ->
     for source in files:
         label = "<stdin>" if source == "-" else source
         try:
-            results = validate_text(_read(source))
+            results = validate_text(read_source(source))
         except UnreadableManifestError as exc:
             click.echo(f"{label}: {exc}", err=True)
             status = max(status, EXIT_UNREADABLE)

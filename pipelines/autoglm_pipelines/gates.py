@@ -1,0 +1,61 @@
+"""Validation gates: pure verdicts from measured figures and the spec's thresholds."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from autoglm_api.spec import Gates
+
+
+@dataclass(frozen=True)
+class GateResult:
+    name: str
+    value: float
+    threshold: float
+    passed: bool
+    #: How value and threshold compare when the gate passes, for messages: "<=" or ">=".
+    comparison: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def describe(self) -> str:
+        verdict = "passed" if self.passed else "FAILED"
+        return f"{self.name} {verdict}: {self.value:.4g} (must be {self.comparison} {self.threshold:.4g})"
+
+
+def quality_loss(metric: str, baseline: float, candidate: float) -> float:
+    """Relative quality loss: perplexity up, or accuracy down, as a fraction of the baseline (>= 0 is worse)."""
+    if metric == "perplexity":
+        return candidate / baseline - 1.0
+    return (baseline - candidate) / baseline if baseline else 0.0
+
+
+def evaluate_gates(
+    gates: Gates, *, quality_loss: float, p95_token_latency_ms: float, size_reduction: float
+) -> list[GateResult]:
+    """Every gate with its measured value, threshold and verdict."""
+    return [
+        GateResult(
+            "maxQualityLoss",
+            quality_loss,
+            gates.max_quality_loss,
+            quality_loss <= gates.max_quality_loss,
+            "<=",
+        ),
+        GateResult(
+            "maxP95LatencyMs",
+            p95_token_latency_ms,
+            gates.max_p95_latency_ms,
+            p95_token_latency_ms <= gates.max_p95_latency_ms,
+            "<=",
+        ),
+        GateResult(
+            "minSizeReduction",
+            size_reduction,
+            gates.min_size_reduction,
+            size_reduction >= gates.min_size_reduction,
+            ">=",
+        ),
+    ]

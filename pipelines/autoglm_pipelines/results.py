@@ -1,0 +1,99 @@
+"""``STEP.json``: what a step did, what it wrote (with SHA-256) and what it measured.
+
+A step whose ``STEP.json`` says it succeeded for the same inputs, and whose files still hash to
+what it recorded, is not run again: that is what makes the local runner resumable and Argo
+retries cheap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from autoglm_pipelines.uris import sha256_file
+
+RESULT_FILE = "STEP.json"
+
+
+def canonical_digest(value: Any) -> str:
+    """SHA-256 of canonical JSON: the identity of a step's inputs."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def hash_tree(folder: Path) -> dict[str, str]:
+    """SHA-256 of every file under ``folder`` except STEP.json, by relative path."""
+    return {
+        str(p.relative_to(folder)): sha256_file(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != RESULT_FILE and not p.name.endswith(".partial")
+    }
+
+
+@dataclass
+class StepResult:
+    step: str
+    status: str  # Succeeded | Failed
+    inputs_digest: str
+    started_at: str
+    duration_seconds: float
+    files: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    parameters: dict[str, Any] = field(default_factory=dict)
+    reason: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "status": self.status,
+            "reason": self.reason,
+            "inputsDigest": self.inputs_digest,
+            "startedAt": self.started_at,
+            "durationSeconds": round(self.duration_seconds, 3),
+            "parameters": self.parameters,
+            "metrics": self.metrics,
+            "files": self.files,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> StepResult:
+        return cls(
+            step=data["step"],
+            status=data["status"],
+            reason=data.get("reason", ""),
+            inputs_digest=data["inputsDigest"],
+            started_at=data["startedAt"],
+            duration_seconds=float(data["durationSeconds"]),
+            parameters=dict(data.get("parameters", {})),
+            metrics=dict(data.get("metrics", {})),
+            files=dict(data.get("files", {})),
+        )
+
+
+def write_result(folder: Path, result: StepResult) -> None:
+    """Write STEP.json atomically (a reader never sees half a file)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    partial = folder / (RESULT_FILE + ".partial")
+    partial.write_text(json.dumps(result.to_json(), indent=2, sort_keys=False))
+    os.replace(partial, folder / RESULT_FILE)
+
+
+def read_result(folder: Path) -> StepResult | None:
+    try:
+        return StepResult.from_json(json.loads((folder / RESULT_FILE).read_text()))
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def completed(folder: Path, inputs_digest: str) -> StepResult | None:
+    """The earlier result if the step succeeded for these inputs and its files are intact."""
+    result = read_result(folder)
+    if result is None or result.status != "Succeeded" or result.inputs_digest != inputs_digest:
+        return None
+    if hash_tree(folder) != result.files:
+        return None
+    return result

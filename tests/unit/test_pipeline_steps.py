@@ -1,0 +1,182 @@
+"""Pipeline steps from the CLI on a tiny GLM: outputs, STEP.json, gates, reuse and failures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from autoglm_operator.cli.main import cli
+from autoglm_pipelines.artifacts import load_model_folder
+from tests.support.tiny_models import tiny_glm
+
+STEPS = ("fetch", "compress", "calibrate", "validate", "publish")
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_glm(tmp_path_factory.mktemp("src") / "glm")
+
+
+def manifest(tmp_path: Path, source: Path, **spec: Any) -> Path:
+    doc: dict[str, Any] = {
+        "apiVersion": "autoglm.io/v1alpha1",
+        "kind": "AutoGLMModel",
+        "metadata": {"name": "tiny", "namespace": "ml"},
+        "spec": {
+            "source": {"uri": f"file://{source}"},
+            "targets": [{"name": "local"}],
+            "calibration": {"samples": 4, "sequenceLength": 64},
+            "validation": {
+                "maxTokens": 512,
+                "sequenceLength": 128,
+                "gates": {"maxQualityLoss": 0.5, "maxP95LatencyMs": 10_000, "minSizeReduction": 2.0},
+            },
+            **spec,
+        },
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def step(name: str, spec: Path, workdir: Path, *extra: str) -> tuple[int, str]:
+    args = ["pipeline", name, "--spec", str(spec), "--workdir", str(workdir), "--decode-tokens", "4", *extra]
+    result = CliRunner().invoke(cli, [*args, "--cache-dir", str(workdir.parent / "cache")])
+    return result.exit_code, result.output
+
+
+def result(workdir: Path, name: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((workdir / name / "STEP.json").read_text())
+    return data
+
+
+def test_every_step_runs_writes_its_result_and_publishes_a_loadable_artifact(
+    tmp_path: Path, source: Path
+) -> None:
+    spec, work = manifest(tmp_path, source), tmp_path / "work"
+    for name in STEPS:
+        code, out = step(name, spec, work)
+        assert code == 0, out
+        assert f"{name}: Succeeded" in out
+        assert result(work, name)["status"] == "Succeeded"
+    assert result(work, "compress")["metrics"]["sizeReduction"] > 3.5
+    assert "model/model.safetensors" in result(work, "compress")["files"]
+    report = json.loads((work / "validate" / "validate.json").read_text())
+    assert report["metric"] == "perplexity"
+    assert report["passed"] is True
+    for side in ("baseline", "candidate"):
+        assert set(report[side]) >= {
+            "quality",
+            "weightBytes",
+            "decodeTokensPerSecond",
+            "p95TokenLatencyMs",
+            "joulesPerToken",
+        }
+    assert [g["name"] for g in report["gates"]] == ["maxQualityLoss", "maxP95LatencyMs", "minSizeReduction"]
+
+    published = work / "publish" / "model"
+    card = json.loads((published / "model-card.json").read_text())
+    assert card["source"]["uri"] == f"file://{source}"
+    assert set(card["lineage"]) == {"fetch", "compress", "calibrate", "validate"}
+    assert card["files"]["model.safetensors"] == result(work, "compress")["files"]["model/model.safetensors"]
+    served, tokenizer, plan = load_model_folder(published)
+    compressed, _, _ = load_model_folder(work / "compress" / "model")
+    ids = tokenizer("Something is rotten in the state of Denmark", return_tensors="pt").input_ids
+    assert plan is not None
+    assert plan.method == "int8-weight-only"
+    with torch.no_grad():
+        assert torch.equal(served(ids).logits, compressed(ids).logits)
+
+
+def test_rerun_reuses_unchanged_steps_and_redoes_changed_or_tampered_ones(
+    tmp_path: Path, source: Path
+) -> None:
+    spec, work = manifest(tmp_path, source), tmp_path / "work"
+    for name in ("fetch", "compress"):
+        assert step(name, spec, work)[0] == 0
+    code, out = step("compress", spec, work)
+    assert (code, "reused" in out) == (0, True)
+
+    weights = work / "compress" / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"corrupt!")
+    code, out = step("compress", spec, work)
+    assert (code, "reused" in out) == (0, False)  # the files no longer match their hashes: redone
+
+    int4 = manifest(
+        tmp_path, source, compression={"quantization": {"method": "int4-weight-only", "groupSize": 32}}
+    )
+    code, out = step("compress", int4, work)
+    assert (code, "reused" in out) == (0, False)
+    assert result(work, "compress")["parameters"]["quantization"]["method"] == "int4-weight-only"
+
+
+def test_impossible_gate_fails_validate_and_keeps_the_report(tmp_path: Path, source: Path) -> None:
+    gates = {"maxQualityLoss": 0.5, "maxP95LatencyMs": 10_000, "minSizeReduction": 100.0}
+    spec = manifest(tmp_path, source, validation={"maxTokens": 512, "sequenceLength": 128, "gates": gates})
+    work = tmp_path / "work"
+    for name in ("fetch", "compress", "calibrate"):
+        assert step(name, spec, work)[0] == 0
+    code, out = step("validate", spec, work)
+    assert code == 1
+    assert "gate failed: minSizeReduction FAILED" in out
+    assert "(must be >= 100)" in out
+    report = json.loads((work / "validate" / "validate.json").read_text())
+    assert report["passed"] is False
+    failed = [g for g in report["gates"] if not g["passed"]]
+    assert [g["name"] for g in failed] == ["minSizeReduction"]
+    assert result(work, "validate")["status"] == "Failed"
+    code, out = step("publish", spec, work)
+    assert code == 1
+    assert "validate has not passed" in out
+
+
+@pytest.mark.parametrize(
+    ("spec_part", "step_name", "reason"),
+    [
+        (
+            {"compression": {"pruning": {"method": "structured-l1", "sparsity": 0.2}}},
+            "compress",
+            "not implemented yet",
+        ),
+        (
+            {"compression": {"quantization": {"method": "smoothquant-w8a8"}}},
+            "compress",
+            "not implemented yet",
+        ),
+    ],
+)
+def test_what_is_not_built_fails_with_a_reason(
+    tmp_path: Path, source: Path, spec_part: dict[str, Any], step_name: str, reason: str
+) -> None:
+    spec, work = manifest(tmp_path, source, **spec_part), tmp_path / "work"
+    assert step("fetch", spec, work)[0] == 0
+    code, out = step(step_name, spec, work)
+    assert code == 1
+    assert reason in out
+
+
+def test_bad_source_fails_fetch_with_one_line(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    spec, work = manifest(tmp_path, empty), tmp_path / "work"
+    code, out = step("fetch", spec, work)
+    assert code == 1
+    assert "no config.json" in out
+    missing = manifest(tmp_path, tmp_path / "nope")
+    code, out = step("fetch", missing, work)
+    assert code == 1
+    assert "does not exist" in out
+
+
+def test_invalid_manifest_exits_2(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("apiVersion: autoglm.io/v1alpha1\nkind: AutoGLMModel\nmetadata: {name: x}\nspec: {}\n")
+    code, out = step("fetch", bad, tmp_path / "work")
+    assert code == 2
+    assert "invalid AutoGLMModel" in out
