@@ -34,9 +34,14 @@ demo: $(STAMP)
 	$(BIN)/autoglm audit --db $(DEMO_DB) append --model ml/support-glm --decision SpecValidated \
 	  --actor user:demo --reason "examples/autoglm-model.yaml passed autoglm validate" \
 	  --evidence "{\"file\": \"examples/autoglm-model.yaml\", \"sha256\": \"$$(sha256sum examples/autoglm-model.yaml | cut -c1-64)\"}"
+	@echo "== the compression pipeline on SmolLM2-135M: fetch -> compress (int8) -> calibrate -> validate (gates) -> publish"
+	AUTOGLM_AUDIT_URL=$(DEMO_DB) $(BIN)/autoglm pipeline run examples/autoglm-model.yaml --workdir .autoglm/demo-pipeline
+	$(BIN)/python -c "import json; r = json.load(open('.autoglm/demo-pipeline/validate/validate.json')); \
+	  print('perplexity x%.4f  weight bytes x%.3f  decode x%.2f' % (r['candidate']['quality'] / r['baseline']['quality'], \
+	  1 / r['sizeReduction'], r['decodeSpeedup']))"
 	$(BIN)/autoglm audit --db $(DEMO_DB) query --model ml/support-glm --limit 5
 	$(BIN)/autoglm audit --db $(DEMO_DB) verify
-	@echo "== not built yet: autoglm run (compress -> validate -> serve -> canary -> feedback); see the open issues"
+	@echo "== not built yet: autoglm run (serve -> canary -> feedback around the pipeline); see the open issues"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "not e2e" -q
@@ -61,6 +66,7 @@ render: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/ledger.py
+	$(BIN)/python bench/compression.py
 
 clean:
 	rm -rf $(VENV) .autoglm .pytest_cache .mypy_cache .ruff_cache

@@ -17,8 +17,6 @@ backend; ``autoglm pipeline render`` prints it. Shape of the template:
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Any
 
 import yaml
@@ -38,8 +36,8 @@ from hera.workflows import (
 from hera.workflows.models import Backoff, Metadata, WorkflowMetadata
 
 from autoglm_api.resource import AutoGLMModel
-from autoglm_api.spec import AutoGLMModelSpec
 from autoglm_pipelines.dag import Step, pipeline_steps
+from autoglm_pipelines.revision import artifact_revision
 
 # The image built from this repository; clusters set their registry's reference with --image.
 DEFAULT_IMAGE = "autoglm:0.1.0"
@@ -61,8 +59,6 @@ STEP_LABEL = "autoglm.io/step"
 DESCRIPTION_ANNOTATION = "workflows.argoproj.io/description"  # shown by the Argo UI
 
 #: The spec parts that change the built artifact; targets, rollout and feedback do not.
-ARTIFACT_SPEC_PARTS = ("source", "compression", "calibration", "validation")
-REVISION_LENGTH = 12
 
 BACKOFF_SECONDS = 10
 BACKOFF_FACTOR = 2
@@ -72,19 +68,6 @@ BACKOFF_FACTOR = 2
 #: repeating it. OnTransientError would retry only node messages that match Argo's list of network
 #: and API-server errors (or TRANSIENT_ERROR_PATTERN), which misses a deleted pod.
 RETRY_POLICY = RetryPolicy.on_error
-
-
-def artifact_revision(spec: AutoGLMModelSpec) -> str:
-    """Content-addressed id of what the pipeline builds: the first 12 hex digits of a SHA-256.
-
-    Hashes the canonical JSON (sorted keys, defaults filled in, unset optionals left out) of
-    ``source``, ``compression``, ``calibration`` and ``validation``, so a re-applied or reformatted
-    spec gets the same revision and a change to targets, rollout or feedback does not rebuild.
-    """
-    data = spec.to_json()
-    parts = {key: data[key] for key in ARTIFACT_SPEC_PARTS if key in data}
-    canonical = json.dumps(parts, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:REVISION_LENGTH]
 
 
 def template_name(model: AutoGLMModel) -> str:

@@ -13,6 +13,10 @@ from typing import Any
 import pytest
 import yaml
 
+from autoglm_api.resource import AutoGLMModel
+from autoglm_api.validation import validate_text
+from autoglm_operator.audit import Ledger
+from autoglm_pipelines.revision import artifact_revision
 from tests.support.tiny_models import tiny_glm
 
 pytestmark = pytest.mark.integration
@@ -33,8 +37,16 @@ def write_manifest(path: Path, uri: str, **spec: Any) -> Path:
     return path
 
 
-def run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+def load(path: Path) -> AutoGLMModel:
+    (result,) = validate_text(path.read_text())
+    assert result.model is not None
+    return result.model
+
+
+def run(*args: str, audit: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "AUTOGLM_CACHE_DIR": str(CACHE)}
+    if audit is not None:
+        env["AUTOGLM_AUDIT_URL"] = f"sqlite:///{audit}"
     return subprocess.run(
         [*AUTOGLM, *args], capture_output=True, text=True, env=env, timeout=timeout, check=False
     )
@@ -49,9 +61,23 @@ def test_run_executes_the_dag_then_resumes_after_an_interruption(tmp_path: Path)
         validation={"maxTokens": 512, "sequenceLength": 128, "gates": {"maxP95LatencyMs": 10_000}},
     )
     work = tmp_path / "work"
-    done = run("pipeline", "run", str(spec), "--workdir", str(work), "--decode-tokens", "4")
+    done = run(
+        "pipeline", "run", str(spec), "--workdir", str(work), "--decode-tokens", "4", audit=tmp_path / "a.db"
+    )
     assert done.returncode == 0, done.stderr
     assert f"published: {work / 'publish' / 'model'}" in done.stdout
+    with Ledger(f"sqlite:///{tmp_path / 'a.db'}") as ledger:
+        (record,) = ledger.query(decision="GatePassed")
+    assert (record.actor, record.model, record.revision) == (
+        "pipeline",
+        "run",
+        artifact_revision(load(spec).spec),
+    )
+    assert [g["name"] for g in record.evidence["gates"]] == [
+        "maxQualityLoss",
+        "maxP95LatencyMs",
+        "minSizeReduction",
+    ]
     first = {s: json.loads((work / s / "STEP.json").read_text())["startedAt"] for s in ("fetch", "validate")}
 
     shutil.rmtree(work / "publish")  # as if the run had been killed during publish
@@ -72,9 +98,15 @@ def test_run_exits_1_naming_the_failed_gate(tmp_path: Path) -> None:
         calibration={"samples": 2, "sequenceLength": 64},
         validation={"maxTokens": 256, "sequenceLength": 128, "gates": {"maxP95LatencyMs": 0.000001}},
     )
-    done = run("pipeline", "run", str(spec), "--workdir", str(tmp_path / "work"), "--decode-tokens", "4")
+    work = tmp_path / "work"
+    done = run(
+        "pipeline", "run", str(spec), "--workdir", str(work), "--decode-tokens", "4", audit=tmp_path / "a.db"
+    )
     assert done.returncode == 1
     assert "maxP95LatencyMs FAILED" in done.stderr
+    with Ledger(f"sqlite:///{tmp_path / 'a.db'}") as ledger:
+        (record,) = ledger.query(decision="GateFailed")
+    assert record.reason == "gate failed: maxP95LatencyMs"
     assert "published" not in done.stdout
     assert not (tmp_path / "work" / "publish").exists()
 

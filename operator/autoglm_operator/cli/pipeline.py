@@ -200,6 +200,12 @@ for _name in STEP_NAMES:
     "--output", type=click.Path(file_okay=False, path_type=Path), default=None, help="Publish here."
 )
 @click.option("--threads", type=click.IntRange(1, 256), default=None, help="Torch CPU threads per step.")
+@click.option(
+    "--audit/--no-audit",
+    default=True,
+    show_default=True,
+    help="Record the gates' verdict in the audit ledger ($AUTOGLM_AUDIT_URL, else sqlite:///.autoglm/audit.db).",
+)
 def run_command(
     manifest: str,
     workdir: Path,
@@ -207,6 +213,7 @@ def run_command(
     decode_tokens: int,
     output: Path | None,
     threads: int | None,
+    audit: bool,
 ) -> None:
     """Run MANIFEST's whole pipeline here, each step as its own process, in dependency order.
 
@@ -224,6 +231,46 @@ def run_command(
     if threads:
         extra += ["--threads", str(threads)]
     outcome = run_local(model, Path(manifest), workdir, extra_args=extra)
+    if audit:
+        _record_verdict(model, workdir)
     if not outcome.succeeded:
         sys.exit(1)
     click.echo(f"published: {outcome.published}")
+
+
+def _record_verdict(model: AutoGLMModel, workdir: Path) -> None:
+    """Append GatePassed or GateFailed, with the gates and figures as evidence, when validate reported."""
+    import json
+
+    from autoglm_operator.audit import ACTOR_PIPELINE, GATE_FAILED, GATE_PASSED, Ledger
+    from autoglm_operator.audit.ledger import LedgerError, resolve_url
+    from autoglm_pipelines.revision import artifact_revision
+
+    try:
+        report = json.loads((workdir / "validate" / "validate.json").read_text())
+    except (OSError, ValueError):
+        return  # the pipeline stopped before validate: no gate verdict to record
+    failed = [g for g in report["gates"] if not g["passed"]]
+    reason = "all gates passed" if not failed else "gate failed: " + ", ".join(g["name"] for g in failed)
+    evidence = {
+        "gates": report["gates"],
+        "qualityLoss": report["qualityLoss"],
+        "sizeReduction": report["sizeReduction"],
+        "decodeSpeedup": report.get("decodeSpeedup"),
+        "report": str(workdir / "validate" / "validate.json"),
+    }
+    try:
+        with Ledger(resolve_url(None, os.environ)) as ledger:
+            record = ledger.append(
+                model.metadata.namespace or "default",
+                model.metadata.name or "",
+                GATE_FAILED if failed else GATE_PASSED,
+                reason,
+                revision=artifact_revision(model.spec),
+                actor=ACTOR_PIPELINE,
+                evidence=evidence,
+            )
+    except (LedgerError, ValueError) as exc:
+        click.echo(f"warning: the verdict was not recorded in the audit ledger: {exc}", err=True)
+        return
+    click.echo(f"audit: {record.decision} recorded as seq {record.seq} ({record.id})", err=True)
