@@ -1,4 +1,1 @@
-"""KServe model server for causal LMs with dynamic batching and atomic hot-swap.
-
-Not built yet (tracked by the inference issue): this package holds no server code so far.
-"""
+"""Serving causal LMs. So far: the energy meter; the KServe model server is tracked by the inference issue."""
