@@ -27,7 +27,9 @@ from torch import nn
 
 QUANTIZATION_FILE = "autoglm-quantization.json"
 WEIGHTS_FILE = "model.safetensors"
-ModuleKind = Literal["int8-weight-only", "int4-weight-only", "int8-embedding"]
+ModuleKind = Literal["int8-weight-only", "int4-weight-only", "int8-dynamic", "int8-embedding"]
+#: Methods that quantize activations per token as well as weights.
+DYNAMIC_METHODS = ("int8-dynamic", "smoothquant-w8a8")
 DEFAULT_INT4_GROUP_SIZE = 128
 
 
@@ -76,6 +78,53 @@ class Int8WeightOnlyLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)
+
+
+class Int8DynamicLinear(nn.Module):
+    """int8 weights per output channel and int8 activations per token, quantized on the fly.
+
+    ``torch._int_mm`` (int8 x int8 -> int32, VNNI on x86) does the product; activations and the
+    result stay fp32 around it. Without that kernel (other devices) it dequantizes both sides.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32))
+        self.bias = (
+            nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
+        )
+        self.compute_dtype = dtype
+
+    weight_int8: torch.Tensor
+    weight_scale: torch.Tensor
+
+    @classmethod
+    def from_float(
+        cls, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype
+    ) -> Int8DynamicLinear:
+        module = cls(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=dtype)
+        q, scale = quantize_int8_per_row(weight)
+        module.weight_int8.copy_(q)
+        module.weight_scale.copy_(scale)
+        if bias is not None and module.bias is not None:
+            module.bias.data.copy_(bias.detach().to(dtype))
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).float()
+        scale = x2.abs().amax(dim=-1, keepdim=True).clamp(min=1e-8) / 127.0
+        xq = torch.round(x2 / scale).clamp(-127, 127)
+        if x2.device.type == "cpu":
+            acc = torch._int_mm(xq.to(torch.int8), self.weight_int8.t()).float()
+        else:
+            acc = xq @ self.weight_int8.float().t()
+        y = acc * scale * self.weight_scale
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
 
 class Int4WeightOnlyLinear(nn.Module):
@@ -205,6 +254,8 @@ class QuantizationPlan:
     modules: dict[str, ModuleKind] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     tied: bool = False
+    #: SmoothQuant: which layer groups had their activation outliers migrated into the weights.
+    smoothing: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -214,6 +265,7 @@ class QuantizationPlan:
             "modules": self.modules,
             "skipped": self.skipped,
             "tiedEmbedding": self.tied,
+            "smoothing": self.smoothing,
         }
 
     @classmethod
@@ -225,6 +277,7 @@ class QuantizationPlan:
             modules=dict(data.get("modules", {})),
             skipped=dict(data.get("skipped", {})),
             tied=bool(data.get("tiedEmbedding", False)),
+            smoothing=dict(data.get("smoothing", {})),
         )
 
 
@@ -244,20 +297,42 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def quantize_model(
-    model: nn.Module, method: str, *, skip_modules: list[str] | None = None, group_size: int | None = None
+    model: nn.Module,
+    method: str,
+    *,
+    skip_modules: list[str] | None = None,
+    group_size: int | None = None,
+    activation_absmax: dict[str, torch.Tensor] | None = None,
+    smoothing_alpha: float = 0.5,
 ) -> QuantizationPlan:
-    """Quantize ``model`` in place (a Hugging Face causal LM) and return the plan to save beside it."""
+    """Quantize ``model`` in place (a Hugging Face causal LM) and return the plan to save beside it.
+
+    ``smoothquant-w8a8`` needs ``activation_absmax`` (see ``calibration.collect_input_absmax``,
+    collected on the float model) to migrate activation outliers into the weights first.
+    """
     skip = list(skip_modules or [])
+    smoothed: dict[str, str] = {}
+    if method == "smoothquant-w8a8":
+        if not activation_absmax:
+            raise ValueError("smoothquant-w8a8 needs activation statistics from calibration data")
+        from autoglm_pipelines.smoothing import smooth_model
+
+        smoothed = smooth_model(model, activation_absmax, alpha=smoothing_alpha)
     if method in ("none", "fp16", "bf16"):
         dtype = {"none": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[method]
         model.to(dtype)
         return QuantizationPlan(method=method, dtype=str(dtype).removeprefix("torch."))
-    if method not in ("int8-weight-only", "int4-weight-only"):
+    if method not in ("int8-weight-only", "int4-weight-only", *DYNAMIC_METHODS):
         raise ValueError(f"quantization method {method!r} is not implemented yet")
-    compute = torch.bfloat16
+    dynamic = method in DYNAMIC_METHODS
+    # Weight-only kernels take bf16 activations; the int8 x int8 path runs fp32 around _int_mm.
+    compute = torch.float32 if dynamic else torch.bfloat16
     gs = group_size or DEFAULT_INT4_GROUP_SIZE
     plan = QuantizationPlan(
-        method=method, dtype="bfloat16", group_size=gs if method.startswith("int4") else None
+        method=method,
+        dtype=str(compute).removeprefix("torch."),
+        group_size=gs if method.startswith("int4") else None,
+        smoothing=smoothed,
     )
     embed = _input_embedding(model)
     head = _output_head(model)
@@ -283,10 +358,11 @@ def quantize_model(
             if table is None:
                 plan.skipped[name] = "tied to an embedding kept in float"
                 continue
-            shared = Int8WeightOnlyLinear(linear.in_features, linear.out_features, bias=False, dtype=compute)
+            cls = Int8DynamicLinear if dynamic else Int8WeightOnlyLinear
+            shared = cls(linear.in_features, linear.out_features, bias=False, dtype=compute)
             shared.weight_int8, shared.weight_scale = table.weight_int8, table.weight_scale
             _set_module(model, name, shared)
-            plan.modules[name] = "int8-weight-only"
+            plan.modules[name] = "int8-dynamic" if dynamic else "int8-weight-only"
             plan.tied = True
             continue
         if method == "int4-weight-only" and name != (head[0] if head else None):
@@ -297,6 +373,9 @@ def quantize_model(
                 continue
             _set_module(model, name, Int4WeightOnlyLinear.from_float(linear.weight, linear.bias, compute, gs))
             plan.modules[name] = "int4-weight-only"
+        elif dynamic:
+            _set_module(model, name, Int8DynamicLinear.from_float(linear.weight, linear.bias, compute))
+            plan.modules[name] = "int8-dynamic"
         else:
             _set_module(model, name, Int8WeightOnlyLinear.from_float(linear.weight, linear.bias, compute))
             plan.modules[name] = "int8-weight-only"
@@ -364,7 +443,8 @@ def rebuild_quantized(model: nn.Module, plan: QuantizationPlan) -> None:
                 old.in_features, old.out_features, bias=has_bias, dtype=dtype, group_size=plan.group_size
             )
         else:
-            new = Int8WeightOnlyLinear(old.in_features, old.out_features, bias=has_bias, dtype=dtype)
+            cls = Int8DynamicLinear if kind == "int8-dynamic" else Int8WeightOnlyLinear
+            new = cls(old.in_features, old.out_features, bias=has_bias, dtype=dtype)
             head = _output_head(model)
             if plan.tied and table is not None and head is not None and name == head[0]:
                 new.weight_int8, new.weight_scale = table.weight_int8, table.weight_scale

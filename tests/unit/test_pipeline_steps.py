@@ -145,9 +145,9 @@ def test_impossible_gate_fails_validate_and_keeps_the_report(tmp_path: Path, sou
             "not implemented yet",
         ),
         (
-            {"compression": {"quantization": {"method": "smoothquant-w8a8"}}},
+            {"compression": {"distillation": {"enabled": True}}},
             "compress",
-            "not implemented yet",
+            "distillation is not implemented yet",
         ),
     ],
 )
@@ -159,6 +159,25 @@ def test_what_is_not_built_fails_with_a_reason(
     code, out = step(step_name, spec, work)
     assert code == 1
     assert reason in out
+
+
+@pytest.mark.parametrize("method", ["int8-dynamic", "smoothquant-w8a8", "int4-weight-only"])
+def test_other_methods_compress_and_reload(tmp_path: Path, source: Path, method: str) -> None:
+    quantization: dict[str, Any] = {"method": method}
+    if method.startswith("int4"):
+        quantization["groupSize"] = 32
+    spec, work = manifest(tmp_path, source, compression={"quantization": quantization}), tmp_path / "work"
+    for name in ("fetch", "compress", "calibrate"):
+        code, out = step(name, spec, work)
+        assert code == 0, out
+    compressed = result(work, "compress")
+    assert compressed["parameters"]["quantization"]["method"] == method
+    assert compressed["metrics"]["sizeReduction"] > 3.5
+    if method == "smoothquant-w8a8":
+        assert compressed["metrics"]["smoothedGroups"] == 6  # 2 layers x (q/k/v, gate/up, down)
+    _, _, plan = load_model_folder(work / "compress" / "model")
+    assert plan is not None
+    assert plan.method == method
 
 
 def test_bad_source_fails_fetch_with_one_line(tmp_path: Path) -> None:

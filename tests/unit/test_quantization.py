@@ -9,9 +9,11 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from autoglm_pipelines.calibration import collect_input_absmax
 from autoglm_pipelines.loading import load_causal_lm
 from autoglm_pipelines.quantization import (
     Int4WeightOnlyLinear,
+    Int8DynamicLinear,
     Int8WeightOnlyLinear,
     load_quantized_weights,
     quantize_int4_groupwise,
@@ -20,6 +22,7 @@ from autoglm_pipelines.quantization import (
     save_quantized,
     weight_bytes,
 )
+from autoglm_pipelines.smoothing import smooth_model
 from tests.support.tiny_models import tiny_glm
 
 
@@ -102,7 +105,45 @@ def test_skip_modules_keeps_them_in_float(tiny: Path, tmp_path: Path) -> None:
     assert isinstance(model.get_submodule("model.layers.0.mlp.down_proj"), torch.nn.Linear)
 
 
+def test_smoothquant_needs_activation_statistics(tiny: Path, tmp_path: Path) -> None:
+    model = load_causal_lm(tiny, None, cache_dir=tmp_path).model
+    with pytest.raises(ValueError, match="needs activation statistics"):
+        quantize_model(model, "smoothquant-w8a8")
+
+
+def test_smoothing_leaves_the_float_model_unchanged_and_flattens_activation_outliers(
+    tiny: Path, tmp_path: Path
+) -> None:
+    lm = load_causal_lm(tiny, None, cache_dir=tmp_path)
+    ids = lm.tokenizer(
+        "Though this be madness, yet there is method in it. " * 6, return_tensors="pt"
+    ).input_ids
+    absmax, _ = collect_input_absmax(lm.model, ids)
+    smoothed = copy.deepcopy(lm.model)
+    report = smooth_model(smoothed, absmax, alpha=0.5)
+    assert sum(v.startswith("smoothed") for v in report.values()) == 6  # GLM: q/k/v, fused gate/up, down
+    with torch.no_grad():
+        assert torch.allclose(smoothed(ids).logits, lm.model(ids).logits, atol=1e-4)
+    after, _ = collect_input_absmax(smoothed, ids)
+    key = "model.layers.0.mlp.down_proj"
+    assert _spread(after[key]) < _spread(absmax[key])
+
+
+def _spread(t: torch.Tensor) -> float:
+    return float(t.max() / t.clamp(min=1e-6).median())
+
+
+def test_int8_dynamic_module_matches_float_within_quantization_error() -> None:
+    torch.manual_seed(0)
+    w, x = torch.randn(64, 128), torch.randn(3, 7, 128)
+    module = Int8DynamicLinear.from_float(w, None, torch.float32)
+    reference = torch.nn.functional.linear(x, w)
+    out = module(x)
+    assert out.shape == (3, 7, 64)
+    assert float((out - reference).norm() / reference.norm()) < 0.02
+
+
 def test_unknown_method_is_refused(tiny: Path, tmp_path: Path) -> None:
     model = load_causal_lm(tiny, None, cache_dir=tmp_path).model
     with pytest.raises(ValueError, match="not implemented yet"):
-        quantize_model(model, "smoothquant-w8a8")
+        quantize_model(model, "int2-weight-only")
