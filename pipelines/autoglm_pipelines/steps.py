@@ -7,6 +7,7 @@ and ``STEP.json``, and raises StepFailedError with a one-line reason when it can
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from collections.abc import Callable
@@ -25,9 +26,11 @@ from autoglm_pipelines.dag import pipeline_steps
 from autoglm_pipelines.evaluation import measure
 from autoglm_pipelines.gates import evaluate_gates, quality_loss
 from autoglm_pipelines.loading import load_causal_lm
-from autoglm_pipelines.quantization import quantize_model, weight_bytes
+from autoglm_pipelines.quantization import weight_bytes
 from autoglm_pipelines.results import StepResult, completed, hash_tree, read_result, write_result
 from autoglm_pipelines.resume import inputs_digest
+from autoglm_pipelines.search import apply_config
+from autoglm_pipelines.search import search as run_search
 from autoglm_pipelines.text import read_text, tokenize, windows
 from autoglm_pipelines.uris import SourceError, resolve, sha256_file
 
@@ -35,6 +38,11 @@ MODEL_DIR = "model"
 VALIDATE_REPORT = "validate.json"
 MODEL_CARD = "model-card.json"
 CALIBRATION_FILE = "activations.safetensors"
+SEARCH_REPORT = "search.json"
+#: Tokens each search trial is scored on, at most: trials are many, validation is once.
+SEARCH_MAX_TOKENS = 4096
+#: Calibration windows for each SmoothQuant trial (its statistics depend on the trial's pruning).
+SEARCH_CALIBRATION_WINDOWS = 4
 #: SmoothQuant's migration strength; 0.7 measured best of 0.5/0.7/0.85 on SmolLM2 (ppl x1.021).
 SMOOTHING_ALPHA = 0.7
 
@@ -100,29 +108,22 @@ def calibration_batches(model: AutoGLMModel, tokenizer: Any, ctx: StepContext) -
 
 def compress(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
     spec = model.spec.compression
-    if spec.pruning.method != "none":
-        raise StepFailedError(f"pruning method {spec.pruning.method} is not implemented yet; use method none")
     if spec.distillation.enabled:
         raise StepFailedError(
             "distillation is not implemented yet; set compression.distillation.enabled false"
         )
     lm, tokenizer, _ = load_model_folder(ctx.folder("fetch") / MODEL_DIR)
     before = weight_bytes(lm)
-    q = spec.quantization
-    absmax = None
-    if q.method == "smoothquant-w8a8":  # the migration needs the float model's activation ranges
-        absmax, _ = collect_input_absmax(lm, calibration_batches(model, tokenizer, ctx))
+    config = spec.to_json()
+    if spec.search.enabled:
+        chosen = json.loads((ctx.folder("search") / SEARCH_REPORT).read_text())["chosen"]
+        config = {**config, **chosen["config"]}
+    method = config["quantization"]["method"]
+    calibration = calibration_batches(model, tokenizer, ctx) if method == "smoothquant-w8a8" else None
     try:
-        plan = quantize_model(
-            lm,
-            q.method,
-            skip_modules=list(q.skip_modules),
-            group_size=q.group_size,
-            activation_absmax=absmax,
-            smoothing_alpha=SMOOTHING_ALPHA,
-        )
+        plan, pruning = apply_config(lm, config, calibration, SMOOTHING_ALPHA)
     except ValueError as exc:
-        raise StepFailedError(f"quantization {q.method}: {exc}") from exc
+        raise StepFailedError(f"compression with {method}: {exc}") from exc
     save_model_folder(lm, tokenizer, ctx.folder("compress") / MODEL_DIR, plan)
     after = weight_bytes(lm)
     return StepOutcome(
@@ -132,8 +133,9 @@ def compress(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
             "quantizedModules": len(plan.modules),
             "skippedModules": plan.skipped,
             "smoothedGroups": sum(v.startswith("smoothed") for v in plan.smoothing.values()),
+            "pruning": pruning,
         },
-        parameters=spec.to_json(),
+        parameters=config,
     )
 
 
@@ -238,8 +240,36 @@ def publish(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
 
 
 def search(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
-    raise StepFailedError(
-        "the accuracy-budget search is not implemented yet; set compression.search.enabled false"
+    spec, validation = model.spec.compression.search, model.spec.validation
+    lm, tokenizer, _ = load_model_folder(ctx.folder("fetch") / MODEL_DIR)
+    text = read_text(resolve(validation.dataset, cache_dir=ctx.cache_dir))
+    ids = tokenize(tokenizer, text, max_tokens=min(validation.max_tokens, SEARCH_MAX_TOKENS))
+    calibration = calibration_batches(model, tokenizer, ctx)[:SEARCH_CALIBRATION_WINDOWS]
+    result = run_search(
+        lm,
+        ids,
+        window=validation.sequence_length,
+        tolerable_loss=spec.tolerable_loss,
+        max_trials=spec.max_trials,
+        calibration=calibration,
+        smoothing_alpha=SMOOTHING_ALPHA,
+        decode_tokens=min(ctx.decode_tokens, 32),
+    )
+    folder = ctx.folder("search")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / SEARCH_REPORT).write_text(_json(result.to_json()))
+    if result.chosen is None:
+        raise StepFailedError(
+            f"no configuration kept quality loss within {spec.tolerable_loss} in {spec.max_trials} trials; "
+            "raise compression.search.tolerableLoss or maxTrials"
+        )
+    return StepOutcome(
+        metrics={
+            "chosen": result.chosen.to_json(),
+            "pareto": len(result.pareto),
+            "trials": len(result.trials),
+        },
+        parameters=spec.to_json(),
     )
 
 
@@ -290,6 +320,4 @@ def run_step(model: AutoGLMModel, step: str, ctx: StepContext) -> tuple[StepResu
 
 
 def _json(value: Any) -> str:
-    import json
-
     return json.dumps(value, indent=2, default=str)

@@ -140,11 +140,6 @@ def test_impossible_gate_fails_validate_and_keeps_the_report(tmp_path: Path, sou
     ("spec_part", "step_name", "reason"),
     [
         (
-            {"compression": {"pruning": {"method": "structured-l1", "sparsity": 0.2}}},
-            "compress",
-            "not implemented yet",
-        ),
-        (
             {"compression": {"distillation": {"enabled": True}}},
             "compress",
             "distillation is not implemented yet",
@@ -178,6 +173,32 @@ def test_other_methods_compress_and_reload(tmp_path: Path, source: Path, method:
     _, _, plan = load_model_folder(work / "compress" / "model")
     assert plan is not None
     assert plan.method == method
+
+
+@pytest.mark.parametrize(
+    ("pruning", "expected"),
+    [
+        ({"method": "structured-l1", "sparsity": 0.5}, {"intermediateSize": 64, "keyValueHeads": 1}),
+        ({"method": "semi-structured-2of4", "sparsity": 0.5}, {"pattern": "2:4"}),
+    ],
+)
+def test_pruning_runs_before_quantization(
+    tmp_path: Path, source: Path, pruning: dict[str, Any], expected: dict[str, Any]
+) -> None:
+    spec = manifest(tmp_path, source, compression={"pruning": pruning})
+    work = tmp_path / "work"
+    for name in ("fetch", "compress"):
+        code, out = step(name, spec, work)
+        assert code == 0, out
+    report = result(work, "compress")["metrics"]["pruning"]
+    for key, value in expected.items():
+        assert (report[key]["after"] if isinstance(report[key], dict) else report[key]) == value
+    model, _, plan = load_model_folder(work / "compress" / "model")
+    assert plan is not None
+    if pruning["method"] == "structured-l1":
+        assert model.config.intermediate_size == 64
+        assert model.get_submodule("model.layers.0.mlp.down_proj").in_features == 64
+        assert result(work, "compress")["metrics"]["sizeReduction"] > 5
 
 
 def test_bad_source_fails_fetch_with_one_line(tmp_path: Path) -> None:

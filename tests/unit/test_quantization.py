@@ -11,6 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from autoglm_pipelines.calibration import collect_input_absmax
 from autoglm_pipelines.loading import load_causal_lm
+from autoglm_pipelines.pruning import prune_2of4, prune_structured_l1
 from autoglm_pipelines.quantization import (
     Int4WeightOnlyLinear,
     Int8DynamicLinear,
@@ -147,3 +148,38 @@ def test_unknown_method_is_refused(tiny: Path, tmp_path: Path) -> None:
     model = load_causal_lm(tiny, None, cache_dir=tmp_path).model
     with pytest.raises(ValueError, match="not implemented yet"):
         quantize_model(model, "int2-weight-only")
+
+
+@pytest.mark.parametrize("sparsity", [0.25, 0.5])
+def test_structured_pruning_shrinks_matrices_keeps_the_model_loadable(
+    tiny: Path, tmp_path: Path, sparsity: float
+) -> None:
+    lm = load_causal_lm(tiny, None, cache_dir=tmp_path)
+    model = copy.deepcopy(lm.model)
+    before = sum(p.numel() for p in model.parameters())
+    report = prune_structured_l1(model, sparsity)
+    assert report["intermediateSize"]["after"] == round(128 * (1 - sparsity))
+    assert sum(p.numel() for p in model.parameters()) < before
+    ids = lm.tokenizer("The rest is silence.", return_tensors="pt").input_ids
+    model.save_pretrained(tmp_path / "pruned")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)
+
+
+def test_structured_pruning_keeps_the_most_important_channels(tiny: Path, tmp_path: Path) -> None:
+    model = load_causal_lm(tiny, None, cache_dir=tmp_path).model
+    mlp = model.get_submodule("model.layers.0.mlp")
+    with torch.no_grad():
+        mlp.down_proj.weight[:, 7] *= 100  # channel 7 is now by far the most important
+        marker = mlp.down_proj.weight[:, 7].clone()
+    prune_structured_l1(model, 0.5)
+    kept = model.get_submodule("model.layers.0.mlp.down_proj").weight
+    assert any(torch.equal(kept[:, j], marker) for j in range(kept.shape[1]))
+
+
+def test_two_of_four_masks_half_of_every_group_of_four(tiny: Path, tmp_path: Path) -> None:
+    model = load_causal_lm(tiny, None, cache_dir=tmp_path).model
+    prune_2of4(model)
+    w = model.get_submodule("model.layers.1.self_attn.q_proj").weight.view(-1, 4)
+    assert ((w == 0).sum(dim=1) >= 2).all()

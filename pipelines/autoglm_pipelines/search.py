@@ -1,0 +1,177 @@
+"""Accuracy-budget search over compression settings, in the spirit of Intel Neural Compressor's tuning.
+
+Optuna's TPE sampler proposes a quantization method, an int4 group size, modules to keep in higher
+precision (per-layer fallback) and a structured-pruning sparsity. Each trial compresses a copy of
+the model and measures relative quality loss, size reduction and decode speed. The two objectives
+(size reduction, decode speed) are maximised subject to ``quality loss <= tolerableLoss`` (an
+Optuna constraint). A trial whose first evaluation windows already exceed twice the budget stops
+there. The result is the Pareto front of feasible trials and, chosen from it, the smallest model,
+ties broken by speed.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+import torch
+from torch import nn
+
+from autoglm_pipelines.calibration import collect_input_absmax
+from autoglm_pipelines.evaluation import decode_benchmark, perplexity
+from autoglm_pipelines.gates import quality_loss
+from autoglm_pipelines.pruning import prune_2of4, prune_structured_l1
+from autoglm_pipelines.quantization import QuantizationPlan, quantize_model, weight_bytes
+
+METHODS = ("int8-weight-only", "int4-weight-only", "smoothquant-w8a8", "int8-dynamic")
+GROUP_SIZES = (32, 64, 128)
+FALLBACKS: dict[str, list[str]] = {"none": [], "lm_head": ["lm_head"], "down_proj": ["down_proj"]}
+SPARSITIES = (0.0, 0.1, 0.2)
+#: Windows scored before a trial may be cut short.
+EARLY_WINDOWS = 1
+
+
+@dataclass
+class Trial:
+    number: int
+    config: dict[str, Any]
+    quality_loss: float
+    size_reduction: float
+    decode_speedup: float
+    feasible: bool
+    cut_early: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "number": self.number,
+            "config": self.config,
+            "qualityLoss": self.quality_loss,
+            "sizeReduction": self.size_reduction,
+            "decodeSpeedup": self.decode_speedup,
+            "feasible": self.feasible,
+            "cutEarly": self.cut_early,
+        }
+
+
+@dataclass
+class SearchResult:
+    chosen: Trial | None
+    pareto: list[Trial]
+    trials: list[Trial] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "chosen": self.chosen.to_json() if self.chosen else None,
+            "pareto": [t.to_json() for t in self.pareto],
+            "trials": [t.to_json() for t in self.trials],
+        }
+
+
+def compression_config(method: str, group_size: int | None, fallback: str, sparsity: float) -> dict[str, Any]:
+    """A trial's settings in the shape of ``spec.compression`` (camelCase), ready to apply."""
+    quantization: dict[str, Any] = {"method": method, "skipModules": FALLBACKS[fallback]}
+    if method == "int4-weight-only":
+        quantization["groupSize"] = group_size
+    pruning = {"method": "structured-l1" if sparsity > 0 else "none", "sparsity": sparsity}
+    return {"quantization": quantization, "pruning": pruning}
+
+
+def apply_config(
+    model: nn.Module, config: dict[str, Any], calibration: torch.Tensor | None, alpha: float
+) -> tuple[QuantizationPlan, dict[str, Any]]:
+    """Compress ``model`` in place as ``config`` (``spec.compression``'s shape) says.
+
+    Pruning first; then, for SmoothQuant, the activation ranges of the pruned float model on the
+    ``calibration`` windows; then quantization. Returns the quantization plan and the pruning report.
+    """
+    pruning: dict[str, Any] = {}
+    if config["pruning"]["method"] == "structured-l1":
+        pruning = prune_structured_l1(model, config["pruning"]["sparsity"])
+    elif config["pruning"]["method"] == "semi-structured-2of4":
+        pruning = prune_2of4(model)
+    q = config["quantization"]
+    absmax = None
+    if q["method"] == "smoothquant-w8a8":
+        if calibration is None:
+            raise ValueError("smoothquant-w8a8 needs calibration data")
+        absmax, _ = collect_input_absmax(model, calibration)
+    plan = quantize_model(
+        model,
+        q["method"],
+        skip_modules=list(q.get("skipModules", [])),
+        group_size=q.get("groupSize"),
+        activation_absmax=absmax,
+        smoothing_alpha=alpha,
+    )
+    return plan, pruning
+
+
+def search(
+    model: nn.Module,
+    ids: torch.Tensor,
+    *,
+    window: int,
+    tolerable_loss: float,
+    max_trials: int,
+    calibration: torch.Tensor | None,
+    smoothing_alpha: float = 0.7,
+    decode_tokens: int = 32,
+    seed: int = 0,
+    progress: Callable[[Trial], None] | None = None,
+) -> SearchResult:
+    """Run the search on ``model`` (left unchanged) scored on token ids ``ids``."""
+    base_quality = perplexity(model, ids, window=window)
+    base_bytes = weight_bytes(model)
+    base_speed = decode_benchmark(model, ids[:32], new_tokens=decode_tokens).decode_tokens_per_second
+    early_ids = ids[: window * EARLY_WINDOWS + 1]
+    early_base = perplexity(model, early_ids, window=window)
+    trials: list[Trial] = []
+
+    def objective(trial: optuna.Trial) -> tuple[float, float]:
+        method = trial.suggest_categorical("method", METHODS)
+        group = trial.suggest_categorical("groupSize", GROUP_SIZES) if method == "int4-weight-only" else None
+        fallback = trial.suggest_categorical("fallback", list(FALLBACKS))
+        sparsity = trial.suggest_categorical("sparsity", SPARSITIES)
+        config = compression_config(method, group, fallback, sparsity)
+        candidate = copy.deepcopy(model)
+        apply_config(candidate, config, calibration, smoothing_alpha)
+        early_loss = quality_loss("perplexity", early_base, perplexity(candidate, early_ids, window=window))
+        if early_loss > 2 * tolerable_loss:  # hopeless: do not spend the full evaluation on it
+            record = Trial(
+                trial.number, config, early_loss, base_bytes / weight_bytes(candidate), 0.0, False, True
+            )
+        else:
+            loss = quality_loss("perplexity", base_quality, perplexity(candidate, ids, window=window))
+            speed = decode_benchmark(candidate, ids[:32], new_tokens=decode_tokens).decode_tokens_per_second
+            record = Trial(
+                trial.number,
+                config,
+                loss,
+                base_bytes / weight_bytes(candidate),
+                speed / base_speed,
+                loss <= tolerable_loss,
+            )
+        trials.append(record)
+        trial.set_constraint("qualityLoss", record.quality_loss - tolerable_loss)  # feasible when <= 0
+        if progress:
+            progress(record)
+        return record.size_reduction, record.decode_speedup
+
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(8, max_trials))
+    optuna.logging.set_verbosity(logging.WARNING)
+    study = optuna.create_study(directions=["maximize", "maximize"], sampler=sampler)
+    study.optimize(objective, n_trials=max_trials)
+    feasible = [t for t in trials if t.feasible]
+    pareto = [t for t in feasible if not any(_dominates(o, t) for o in feasible)]
+    chosen = max(pareto, key=lambda t: (round(t.size_reduction, 2), t.decode_speedup), default=None)
+    return SearchResult(chosen=chosen, pareto=sorted(pareto, key=lambda t: -t.size_reduction), trials=trials)
+
+
+def _dominates(a: Trial, b: Trial) -> bool:
+    """``a`` is at least as good as ``b`` on both objectives and better on one."""
+    at_least = a.size_reduction >= b.size_reduction and a.decode_speedup >= b.decode_speedup
+    return at_least and (a.size_reduction > b.size_reduction or a.decode_speedup > b.decode_speedup)
