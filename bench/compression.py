@@ -23,7 +23,8 @@ from autoglm_pipelines.calibration import collect_input_absmax
 from autoglm_pipelines.evaluation import ModelMeasurement, measure
 from autoglm_pipelines.loading import load_causal_lm
 from autoglm_pipelines.quantization import quantize_model
-from autoglm_pipelines.steps import SMOOTHING_ALPHA
+from autoglm_pipelines.search import compression_config, search
+from autoglm_pipelines.steps import SEARCH_CALIBRATION_WINDOWS, SEARCH_MAX_TOKENS, SMOOTHING_ALPHA
 from autoglm_pipelines.text import read_text, tokenize, windows
 from autoglm_pipelines.uris import resolve
 
@@ -60,6 +61,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache-dir", type=Path, default=Path(".cache/autoglm"))
+    parser.add_argument("--search-trials", type=int, default=20, help="0 skips the accuracy-budget search")
+    parser.add_argument("--tolerable-loss", type=float, default=0.01)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
@@ -103,6 +106,59 @@ def main() -> None:
             f"{d.decode_tokens_per_second:7.1f} {d.p95_token_latency_ms:7.1f} {d.joules_per_token:6.3f} "
             f"{d.decode_tokens_per_second / roofline:8.0%}"
         )
+    if args.search_trials:
+        report_search(lm.model, text_ids, args)
+
+
+def report_search(model: torch.nn.Module, text_ids: torch.Tensor, args: argparse.Namespace) -> None:
+    """The accuracy-budget search as the pipeline's search step runs it, against int8-weight-only."""
+    calibration = windows(text_ids[args.tokens :], length=512, count=SEARCH_CALIBRATION_WINDOWS)
+    outcome = search(
+        model,
+        text_ids[:SEARCH_MAX_TOKENS],
+        window=args.window,
+        tolerable_loss=args.tolerable_loss,
+        max_trials=args.search_trials,
+        calibration=calibration,
+        smoothing_alpha=SMOOTHING_ALPHA,
+    )
+    feasible = sum(t.feasible for t in outcome.trials)
+    cut = sum(t.cut_early for t in outcome.trials)
+    print(f"\nsearch: tolerableLoss {args.tolerable_loss}, {len(outcome.trials)} trials ({feasible} within budget, "
+          f"{cut} stopped early), Pareto front of {len(outcome.pareto)}:")  # fmt: skip
+    for t in outcome.pareto:
+        mark = "  <- chosen" if t is outcome.chosen else ""
+        print(f"  trial {t.number:2}: {_describe(t.config):52} loss {t.quality_loss:+.4f} size x{t.size_reduction:.2f} "
+              f"decode x{t.decode_speedup:.2f}{mark}")  # fmt: skip
+    if outcome.chosen is None:
+        print("  no configuration within the budget")
+        return
+    # Compare with the plain int8-weight-only trial of the same search: same conditions, same run.
+    plain = compression_config("int8-weight-only", None, "none", 0.0)
+    reference = next((t for t in outcome.trials if t.config == plain), None)
+    c = outcome.chosen
+    if reference is None or c.config == plain:
+        print(
+            f"chosen: {_describe(c.config)}, which is int8-weight-only itself or has no int8 trial to compare"
+        )
+        return
+    smaller = c.size_reduction > reference.size_reduction * 1.01
+    faster = c.decode_speedup > reference.decode_speedup * 1.05  # speed within 5% is noise here
+    verdict = "beats" if smaller or faster else "does not beat"
+    print(f"chosen {_describe(c.config)} {verdict} int8-weight-only within the budget: size x{c.size_reduction:.2f} "
+          f"vs x{reference.size_reduction:.2f}, decode x{c.decode_speedup:.2f} vs x{reference.decode_speedup:.2f}, "
+          f"loss {c.quality_loss:+.4f} vs {reference.quality_loss:+.4f}")  # fmt: skip
+
+
+def _describe(config: dict[str, object]) -> str:
+    q = config["quantization"]
+    p = config["pruning"]
+    assert isinstance(q, dict)
+    assert isinstance(p, dict)
+    group = f" g{q['groupSize']}" if q.get("groupSize") else ""
+    skip = f" keep {','.join(q['skipModules'])}" if q.get("skipModules") else ""
+    prune = f" pruned {p['sparsity']:.0%}" if p["method"] != "none" else ""
+    return f"{q['method']}{group}{skip}{prune}"
 
 
 if __name__ == "__main__":

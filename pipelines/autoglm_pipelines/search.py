@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from autoglm_pipelines.calibration import collect_input_absmax
+from autoglm_pipelines.distillation import distill, drop_layers
 from autoglm_pipelines.evaluation import decode_benchmark, perplexity
 from autoglm_pipelines.gates import quality_loss
 from autoglm_pipelines.pruning import prune_2of4, prune_structured_l1
@@ -31,6 +32,13 @@ METHODS = ("int8-weight-only", "int4-weight-only", "smoothquant-w8a8", "int8-dyn
 GROUP_SIZES = (32, 64, 128)
 FALLBACKS: dict[str, list[str]] = {"none": [], "lm_head": ["lm_head"], "down_proj": ["down_proj"]}
 SPARSITIES = (0.0, 0.1, 0.2)
+#: Evaluated first, as Neural Compressor's tuning starts from default recipes: TPE then explores
+#: around known points instead of spending the budget rediscovering them.
+STARTING_POINTS: list[dict[str, Any]] = [
+    {"method": "int8-weight-only", "fallback": "none", "sparsity": 0.0},
+    {"method": "int4-weight-only", "groupSize": 32, "fallback": "none", "sparsity": 0.0},
+    {"method": "smoothquant-w8a8", "fallback": "none", "sparsity": 0.0},
+]
 #: Windows scored before a trial may be cut short.
 EARLY_WINDOWS = 1
 
@@ -85,14 +93,37 @@ def apply_config(
 ) -> tuple[QuantizationPlan, dict[str, Any]]:
     """Compress ``model`` in place as ``config`` (``spec.compression``'s shape) says.
 
-    Pruning first; then, for SmoothQuant, the activation ranges of the pruned float model on the
-    ``calibration`` windows; then quantization. Returns the quantization plan and the pruning report.
+    Pruning first; then distillation from the unpruned float model (the teacher) on the
+    ``calibration`` windows; then, for SmoothQuant, the activation ranges of the student; then
+    quantization. Returns the quantization plan and a report of the pruning and distillation.
     """
+    distillation = config.get("distillation") or {}
+    teacher = copy.deepcopy(model) if distillation.get("enabled") else None
     pruning: dict[str, Any] = {}
+    distilled: dict[str, Any] = {}
     if config["pruning"]["method"] == "structured-l1":
         pruning = prune_structured_l1(model, config["pruning"]["sparsity"])
     elif config["pruning"]["method"] == "semi-structured-2of4":
         pruning = prune_2of4(model)
+    if teacher is not None:
+        if calibration is None:
+            raise ValueError("distillation needs calibration data")
+        kept = (
+            drop_layers(model, distillation["studentLayers"]) if distillation.get("studentLayers") else None
+        )
+        layers_of = kept if kept is not None else list(range(int(getattr(model, "config").num_hidden_layers)))  # noqa: B009
+        temperature = distillation.get("temperature", {})
+        report = distill(
+            teacher,
+            model,
+            calibration,
+            steps=int(distillation.get("steps", 500)),
+            temperature_start=float(temperature.get("start", 10.0)),
+            temperature_end=float(temperature.get("end", 1.0)),
+            teacher_layer_of=layers_of,
+        )
+        distilled = report.to_json()
+        del teacher
     q = config["quantization"]
     absmax = None
     if q["method"] == "smoothquant-w8a8":
@@ -107,7 +138,7 @@ def apply_config(
         activation_absmax=absmax,
         smoothing_alpha=alpha,
     )
-    return plan, pruning
+    return plan, {"pruning": pruning, "distillation": distilled}
 
 
 def search(
@@ -164,6 +195,8 @@ def search(
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(8, max_trials))
     optuna.logging.set_verbosity(logging.WARNING)
     study = optuna.create_study(directions=["maximize", "maximize"], sampler=sampler)
+    for point in STARTING_POINTS[:max_trials]:
+        study.enqueue_trial(point)
     study.optimize(objective, n_trials=max_trials)
     feasible = [t for t in trials if t.feasible]
     pareto = [t for t in feasible if not any(_dominates(o, t) for o in feasible)]

@@ -108,10 +108,6 @@ def calibration_batches(model: AutoGLMModel, tokenizer: Any, ctx: StepContext) -
 
 def compress(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
     spec = model.spec.compression
-    if spec.distillation.enabled:
-        raise StepFailedError(
-            "distillation is not implemented yet; set compression.distillation.enabled false"
-        )
     lm, tokenizer, _ = load_model_folder(ctx.folder("fetch") / MODEL_DIR)
     before = weight_bytes(lm)
     config = spec.to_json()
@@ -119,9 +115,10 @@ def compress(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
         chosen = json.loads((ctx.folder("search") / SEARCH_REPORT).read_text())["chosen"]
         config = {**config, **chosen["config"]}
     method = config["quantization"]["method"]
-    calibration = calibration_batches(model, tokenizer, ctx) if method == "smoothquant-w8a8" else None
+    needs_data = method == "smoothquant-w8a8" or spec.distillation.enabled
+    calibration = calibration_batches(model, tokenizer, ctx) if needs_data else None
     try:
-        plan, pruning = apply_config(lm, config, calibration, SMOOTHING_ALPHA)
+        plan, report = apply_config(lm, config, calibration, SMOOTHING_ALPHA)
     except ValueError as exc:
         raise StepFailedError(f"compression with {method}: {exc}") from exc
     save_model_folder(lm, tokenizer, ctx.folder("compress") / MODEL_DIR, plan)
@@ -133,7 +130,8 @@ def compress(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
             "quantizedModules": len(plan.modules),
             "skippedModules": plan.skipped,
             "smoothedGroups": sum(v.startswith("smoothed") for v in plan.smoothing.values()),
-            "pruning": pruning,
+            "pruning": report["pruning"],
+            "distillation": report["distillation"],
         },
         parameters=config,
     )

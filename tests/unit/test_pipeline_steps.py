@@ -136,26 +136,6 @@ def test_impossible_gate_fails_validate_and_keeps_the_report(tmp_path: Path, sou
     assert "validate has not passed" in out
 
 
-@pytest.mark.parametrize(
-    ("spec_part", "step_name", "reason"),
-    [
-        (
-            {"compression": {"distillation": {"enabled": True}}},
-            "compress",
-            "distillation is not implemented yet",
-        ),
-    ],
-)
-def test_what_is_not_built_fails_with_a_reason(
-    tmp_path: Path, source: Path, spec_part: dict[str, Any], step_name: str, reason: str
-) -> None:
-    spec, work = manifest(tmp_path, source, **spec_part), tmp_path / "work"
-    assert step("fetch", spec, work)[0] == 0
-    code, out = step(step_name, spec, work)
-    assert code == 1
-    assert reason in out
-
-
 @pytest.mark.parametrize("method", ["int8-dynamic", "smoothquant-w8a8", "int4-weight-only"])
 def test_other_methods_compress_and_reload(tmp_path: Path, source: Path, method: str) -> None:
     quantization: dict[str, Any] = {"method": method}
