@@ -13,6 +13,10 @@ from dataclasses import dataclass
 
 from autoglm_api.spec import AutoGLMModelSpec
 
+#: Exit status of a step whose failure a retry may fix (EX_TEMPFAIL, e.g. a failed download); any
+#: other non-zero status is a verdict. The Argo retry strategy retries exactly these.
+EXIT_TRANSIENT = 75
+
 
 @dataclass(frozen=True)
 class Step:

@@ -32,7 +32,7 @@ from autoglm_pipelines.resume import inputs_digest
 from autoglm_pipelines.search import apply_config
 from autoglm_pipelines.search import search as run_search
 from autoglm_pipelines.text import read_text, tokenize, windows
-from autoglm_pipelines.uris import SourceError, resolve, sha256_file
+from autoglm_pipelines.uris import SourceError, TransientSourceError, resolve, sha256_file
 
 MODEL_DIR = "model"
 VALIDATE_REPORT = "validate.json"
@@ -48,7 +48,15 @@ SMOOTHING_ALPHA = 0.7
 
 
 class StepFailedError(Exception):
-    """The step could not do its job; the message is the one-line reason."""
+    """The step could not do its job; the message is the one-line reason.
+
+    ``transient`` marks failures a retry may fix (a download that failed); the CLI exits 75 for
+    them so that Argo's retry strategy retries them and nothing else.
+    """
+
+    def __init__(self, reason: str, *, transient: bool = False) -> None:
+        super().__init__(reason)
+        self.transient = transient
 
 
 @dataclass
@@ -302,7 +310,7 @@ def run_step(model: AutoGLMModel, step: str, ctx: StepContext) -> tuple[StepResu
             step, "Failed", digest, started.isoformat(), time.perf_counter() - start, reason=str(exc)
         )
         write_result(folder, failure)
-        raise StepFailedError(str(exc)) from exc
+        raise StepFailedError(str(exc), transient=isinstance(exc, TransientSourceError)) from exc
     result = StepResult(
         step=step,
         status="Succeeded",

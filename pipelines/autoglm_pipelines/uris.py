@@ -26,6 +26,10 @@ class SourceError(Exception):
     """A URI that cannot be resolved, with what is wrong and what would work."""
 
 
+class TransientSourceError(SourceError):
+    """A remote source that failed in a way a retry may fix (a refused connection, a timeout)."""
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
@@ -119,7 +123,7 @@ def _fsspec_copy(uri: str, cache_dir: Path) -> Path:
     except ImportError as exc:
         raise SourceError(f"{uri}: {exc}; install the 'cloud' extra: pip install 'autoglm[cloud]'") from exc
     except OSError as exc:
-        raise SourceError(f"{uri}: cannot copy: {exc}") from exc
+        raise TransientSourceError(f"{uri}: cannot copy: {exc}") from exc
     return target
 
 
@@ -134,6 +138,6 @@ def _download(uri: str, cache_dir: Path) -> Path:
             shutil.copyfileobj(response, out, _CHUNK)
     except OSError as exc:
         partial.unlink(missing_ok=True)
-        raise SourceError(f"{uri}: download failed: {exc}") from exc
+        raise TransientSourceError(f"{uri}: download failed: {exc}") from exc
     partial.rename(target)
     return target

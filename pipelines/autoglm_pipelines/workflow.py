@@ -36,7 +36,7 @@ from hera.workflows import (
 from hera.workflows.models import Backoff, Metadata, WorkflowMetadata
 
 from autoglm_api.resource import AutoGLMModel
-from autoglm_pipelines.dag import Step, pipeline_steps
+from autoglm_pipelines.dag import EXIT_TRANSIENT, Step, pipeline_steps
 from autoglm_pipelines.revision import artifact_revision
 
 # The image built from this repository; clusters set their registry's reference with --image.
@@ -62,12 +62,14 @@ DESCRIPTION_ANNOTATION = "workflows.argoproj.io/description"  # shown by the Arg
 
 BACKOFF_SECONDS = 10
 BACKOFF_FACTOR = 2
-#: OnError retries what the infrastructure broke: a pod deleted under the step (a lost or preempted
-#: node), an artifact download or upload that failed in the init/wait container, a controller error. A step's own non-zero exit
-#: (a corrupt checkpoint, a failed gate) is a verdict and is not retried, so no GPU hours are burnt
-#: repeating it. OnTransientError would retry only node messages that match Argo's list of network
-#: and API-server errors (or TRANSIENT_ERROR_PATTERN), which misses a deleted pod.
-RETRY_POLICY = RetryPolicy.on_error
+#: Retried: what the infrastructure broke (status Error: a pod deleted under the step by a lost or
+#: preempted node, a failed artifact upload or download, a controller error) and a step's own
+#: transient failure, which it signals with exit status 75 (EX_TEMPFAIL: a download that failed).
+#: Any other non-zero exit (a corrupt checkpoint, a failed gate) is a verdict and is not retried,
+#: so no GPU hours are burnt repeating it. OnTransientError alone would match only Argo's list of
+#: network and API-server messages, missing both a deleted pod and a step's own exit status.
+RETRY_POLICY = RetryPolicy.always
+RETRY_EXPRESSION = f'lastRetry.status == "Error" || lastRetry.exitCode == "{EXIT_TRANSIENT}"'
 
 
 def template_name(model: AutoGLMModel) -> str:
@@ -128,6 +130,7 @@ def _retry_strategy(step: Step) -> RetryStrategy | None:
     return RetryStrategy(
         limit=step.retries,
         retry_policy=RETRY_POLICY,
+        expression=RETRY_EXPRESSION,
         backoff=Backoff(
             duration=f"{BACKOFF_SECONDS}s",
             factor=BACKOFF_FACTOR,

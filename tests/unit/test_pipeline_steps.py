@@ -200,3 +200,15 @@ def test_invalid_manifest_exits_2(tmp_path: Path) -> None:
     code, out = step("fetch", bad, tmp_path / "work")
     assert code == 2
     assert "invalid AutoGLMModel" in out
+
+
+def test_a_download_that_fails_exits_75_so_argo_retries_it(tmp_path: Path) -> None:
+    # Port 1 on loopback refuses at once: a transient failure, unlike a missing local file (exit 1).
+    spec = tmp_path / "m.yaml"
+    doc = yaml.safe_load(manifest(tmp_path, tmp_path).read_text())
+    doc["spec"]["source"]["uri"] = "http://127.0.0.1:1/model.gguf"
+    spec.write_text(yaml.safe_dump(doc))
+    code, out = step("fetch", spec, tmp_path / "work")
+    assert code == 75
+    assert "transient" in out
+    assert "download failed" in out

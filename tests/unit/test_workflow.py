@@ -181,7 +181,9 @@ def test_retries_backoff_deadlines_and_resources_per_step() -> None:
             continue
         strategy = template["retryStrategy"]
         assert strategy["limit"] == step.retries
-        assert strategy["retryPolicy"] == "OnError"
+        # infrastructure errors and a step's transient exit (75) are retried; a verdict (exit 1) is not
+        assert strategy["retryPolicy"] == "Always"
+        assert strategy["expression"] == 'lastRetry.status == "Error" || lastRetry.exitCode == "75"'
         backoff = strategy["backoff"]
         assert (backoff["duration"], backoff["factor"]) == ("10s", 2)
         # maxDuration counts from the first attempt's start: it must leave every attempt its full deadline

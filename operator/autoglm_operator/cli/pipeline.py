@@ -157,6 +157,7 @@ def _make_step_command(step: str) -> click.Command:
         if earlier is not None:  # decided before torch is imported: a skipped step costs well under a second
             click.echo(f"{step}: {earlier.status} earlier (inputs unchanged: reused)")
             return
+        from autoglm_pipelines.dag import EXIT_TRANSIENT
         from autoglm_pipelines.steps import StepFailedError, run_step
 
         if threads:
@@ -164,8 +165,11 @@ def _make_step_command(step: str) -> click.Command:
         try:
             result, reused = run_step(model, step, _context(workdir, cache_dir, decode_tokens, output))
         except StepFailedError as exc:
-            click.echo(f"{step}: failed: {exc}", err=True)
-            sys.exit(1)
+            click.echo(
+                f"{step}: failed{' (transient: may succeed if retried)' if exc.transient else ''}: {exc}",
+                err=True,
+            )
+            sys.exit(EXIT_TRANSIENT if exc.transient else 1)
         note = " (inputs unchanged: reused)" if reused else ""
         click.echo(f"{step}: {result.status} in {result.duration_seconds:.1f}s{note}")
 
