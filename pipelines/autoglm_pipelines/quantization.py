@@ -18,7 +18,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -37,8 +37,8 @@ def _cpu_kernels(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype == torch.bfloat16
 
 
-class Int8WeightOnlyLinear(nn.Module):
-    """``y = x @ (w_int8 * scale).T + b``: int8 weights per output channel, bf16 activations."""
+class _Int8Linear(nn.Module):
+    """int8 weights with one scale per output channel; subclasses differ in how they multiply."""
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool, dtype: torch.dtype) -> None:
         super().__init__()
@@ -54,9 +54,7 @@ class Int8WeightOnlyLinear(nn.Module):
     weight_scale: torch.Tensor
 
     @classmethod
-    def from_float(
-        cls, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype
-    ) -> Int8WeightOnlyLinear:
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> Self:
         module = cls(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=dtype)
         q, scale = quantize_int8_per_row(weight)
         module.weight_int8.copy_(q)
@@ -64,6 +62,10 @@ class Int8WeightOnlyLinear(nn.Module):
         if bias is not None and module.bias is not None:
             module.bias.data.copy_(bias.detach().to(dtype))
         return module
+
+
+class Int8WeightOnlyLinear(_Int8Linear):
+    """``y = x @ (w_int8 * scale).T + b``: int8 weights per output channel, bf16 activations."""
 
     def dequantized(self) -> torch.Tensor:
         return self.weight_int8.to(torch.float32) * self.weight_scale[:, None]
@@ -80,37 +82,12 @@ class Int8WeightOnlyLinear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features)
 
 
-class Int8DynamicLinear(nn.Module):
+class Int8DynamicLinear(_Int8Linear):
     """int8 weights per output channel and int8 activations per token, quantized on the fly.
 
     ``torch._int_mm`` (int8 x int8 -> int32, VNNI on x86) does the product; activations and the
     result stay fp32 around it. Without that kernel (other devices) it dequantizes both sides.
     """
-
-    def __init__(self, in_features: int, out_features: int, *, bias: bool, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8))
-        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32))
-        self.bias = (
-            nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
-        )
-        self.compute_dtype = dtype
-
-    weight_int8: torch.Tensor
-    weight_scale: torch.Tensor
-
-    @classmethod
-    def from_float(
-        cls, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype
-    ) -> Int8DynamicLinear:
-        module = cls(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=dtype)
-        q, scale = quantize_int8_per_row(weight)
-        module.weight_int8.copy_(q)
-        module.weight_scale.copy_(scale)
-        if bias is not None and module.bias is not None:
-            module.bias.data.copy_(bias.detach().to(dtype))
-        return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

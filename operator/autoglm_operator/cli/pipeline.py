@@ -96,11 +96,9 @@ DEFAULT_CACHE = ".cache/autoglm"
 STEP_NAMES = ("fetch", "search", "compress", "calibrate", "validate", "publish")
 
 
-def _step_options(command: Callable[..., None]) -> Callable[..., None]:
+def _run_options(command: Callable[..., None]) -> Callable[..., None]:
+    """The options every step and ``run`` share."""
     options = [
-        click.option(
-            "--spec", "manifest", required=True, metavar="MANIFEST", help="The AutoGLMModel manifest."
-        ),
         click.option(
             "--workdir",
             required=True,
@@ -131,6 +129,13 @@ def _step_options(command: Callable[..., None]) -> Callable[..., None]:
     for option in reversed(options):
         command = option(command)
     return command
+
+
+def _step_options(command: Callable[..., None]) -> Callable[..., None]:
+    spec = click.option(
+        "--spec", "manifest", required=True, metavar="MANIFEST", help="The AutoGLMModel manifest."
+    )
+    return spec(_run_options(command))
 
 
 def _context(workdir: Path, cache_dir: Path | None, decode_tokens: int, output: Path | None) -> StepContext:
@@ -193,17 +198,7 @@ for _name in STEP_NAMES:
 
 @pipeline_group.command("run")
 @click.argument("manifest", metavar="MANIFEST")
-@click.option(
-    "--workdir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Pipeline folder."
-)
-@click.option(
-    "--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Cache folder."
-)
-@click.option("--decode-tokens", type=click.IntRange(2, 4096), default=128, show_default=True)
-@click.option(
-    "--output", type=click.Path(file_okay=False, path_type=Path), default=None, help="Publish here."
-)
-@click.option("--threads", type=click.IntRange(1, 256), default=None, help="Torch CPU threads per step.")
+@_run_options
 @click.option(
     "--audit/--no-audit",
     default=True,
