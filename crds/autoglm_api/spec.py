@@ -77,7 +77,8 @@ class Quantization(ApiModel):
     )
     group_size: Literal[32, 64, 128, 256] | None = Field(
         default=None,
-        description="Group size of int4-weight-only; absent means 128. Only with int4-weight-only.",
+        description="Group size of int4-weight-only. Absent: 128 where a layer's width allows it, else 64 "
+        "or 32. Only with int4-weight-only.",
     )
     skip_modules: list[ModuleName] = Field(
         default=[],

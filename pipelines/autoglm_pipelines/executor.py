@@ -34,7 +34,6 @@ class LocalRun:
 
 def run_local(
     model: AutoGLMModel,
-    manifest: Path,
     workdir: Path,
     *,
     extra_args: list[str] | None = None,

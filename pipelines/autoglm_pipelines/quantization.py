@@ -31,6 +31,8 @@ ModuleKind = Literal["int8-weight-only", "int4-weight-only", "int8-dynamic", "in
 #: Methods that quantize activations per token as well as weights.
 DYNAMIC_METHODS = ("int8-dynamic", "smoothquant-w8a8")
 DEFAULT_INT4_GROUP_SIZE = 128
+#: Group sizes tried, largest first, when the spec leaves int4's group size to us.
+INT4_GROUP_SIZES = (128, 64, 32)
 
 
 def _cpu_kernels(x: torch.Tensor) -> bool:
@@ -233,6 +235,8 @@ class QuantizationPlan:
     tied: bool = False
     #: SmoothQuant: which layer groups had their activation outliers migrated into the weights.
     smoothing: dict[str, str] = field(default_factory=dict)
+    #: int4: the group size of each module (the default picks per layer).
+    group_sizes: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -243,6 +247,7 @@ class QuantizationPlan:
             "skipped": self.skipped,
             "tiedEmbedding": self.tied,
             "smoothing": self.smoothing,
+            "groupSizes": self.group_sizes,
         }
 
     @classmethod
@@ -255,6 +260,7 @@ class QuantizationPlan:
             skipped=dict(data.get("skipped", {})),
             tied=bool(data.get("tiedEmbedding", False)),
             smoothing=dict(data.get("smoothing", {})),
+            group_sizes={k: int(v) for k, v in data.get("groupSizes", {}).items()},
         )
 
 
@@ -343,13 +349,26 @@ def quantize_model(
             plan.tied = True
             continue
         if method == "int4-weight-only" and name != (head[0] if head else None):
-            if not Int4WeightOnlyLinear.supports(linear.in_features, linear.out_features, gs):
+            # An explicit group size is honoured exactly; the default takes the largest that fits.
+            sizes = [gs] if group_size is not None else [s for s in INT4_GROUP_SIZES if s <= gs]
+            fit = next(
+                (
+                    s
+                    for s in sizes
+                    if Int4WeightOnlyLinear.supports(linear.in_features, linear.out_features, s)
+                ),
+                None,
+            )
+            if fit is None:
                 plan.skipped[name] = (
                     f"shape {linear.out_features}x{linear.in_features} does not fit group size {gs}"
                 )
                 continue
-            _set_module(model, name, Int4WeightOnlyLinear.from_float(linear.weight, linear.bias, compute, gs))
+            _set_module(
+                model, name, Int4WeightOnlyLinear.from_float(linear.weight, linear.bias, compute, fit)
+            )
             plan.modules[name] = "int4-weight-only"
+            plan.group_sizes[name] = fit
         elif dynamic:
             _set_module(model, name, Int8DynamicLinear.from_float(linear.weight, linear.bias, compute))
             plan.modules[name] = "int8-dynamic"
@@ -415,9 +434,11 @@ def rebuild_quantized(model: nn.Module, plan: QuantizationPlan) -> None:
         has_bias = old.bias is not None
         new: nn.Module
         if kind == "int4-weight-only":
-            assert plan.group_size is not None
+            size = plan.group_sizes.get(name, plan.group_size)
+            if size is None:
+                raise ValueError(f"{name}: int4 module without a group size in the quantization plan")
             new = Int4WeightOnlyLinear(
-                old.in_features, old.out_features, bias=has_bias, dtype=dtype, group_size=plan.group_size
+                old.in_features, old.out_features, bias=has_bias, dtype=dtype, group_size=size
             )
         else:
             cls = Int8DynamicLinear if kind == "int8-dynamic" else Int8WeightOnlyLinear

@@ -183,3 +183,19 @@ def test_two_of_four_masks_half_of_every_group_of_four(tiny: Path, tmp_path: Pat
     prune_2of4(model)
     w = model.get_submodule("model.layers.1.self_attn.q_proj").weight.view(-1, 4)
     assert ((w == 0).sum(dim=1) >= 2).all()
+
+
+def test_int4_default_group_size_fits_each_layer_and_an_explicit_one_is_honoured(
+    tiny: Path, tmp_path: Path
+) -> None:
+    lm = load_causal_lm(tiny, None, cache_dir=tmp_path)  # hidden 64, intermediate 128
+    default = copy.deepcopy(lm.model)
+    plan = quantize_model(default, "int4-weight-only")
+    assert plan.skipped == {}
+    assert plan.group_sizes["model.layers.0.self_attn.q_proj"] == 64  # 128 does not divide 64 inputs
+    assert plan.group_sizes["model.layers.0.mlp.down_proj"] == 128
+    save_quantized(default, plan, tmp_path / "q")
+    fresh = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny)).eval()
+    assert load_quantized_weights(fresh, tmp_path / "q").group_sizes == plan.group_sizes
+    explicit = quantize_model(copy.deepcopy(lm.model), "int4-weight-only", group_size=128)
+    assert "does not fit group size 128" in explicit.skipped["model.layers.0.self_attn.q_proj"]

@@ -229,7 +229,7 @@ def run_command(
         extra += ["--output", str(output)]
     if threads:
         extra += ["--threads", str(threads)]
-    outcome = run_local(model, Path(manifest), workdir, extra_args=extra)
+    outcome = run_local(model, workdir, extra_args=extra)
     if audit:
         _record_verdict(model, workdir)
     if not outcome.succeeded:
