@@ -6,6 +6,7 @@ to rebuild as quantized ones before the weights are read.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ from transformers import (
 )
 
 from autoglm_pipelines.quantization import (
+    CAST_METHODS,
     QUANTIZATION_FILE,
     QuantizationPlan,
     load_quantized_weights,
@@ -34,8 +36,10 @@ def save_model_folder(
 ) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(folder)
-    if plan is None:
+    if plan is None or plan.method in CAST_METHODS:  # a standard checkpoint any HF loader reads
         model.save_pretrained(folder, safe_serialization=True)
+        if plan is not None:
+            (folder / QUANTIZATION_FILE).write_text(json.dumps(plan.to_json(), indent=2))
         return
     model.config.save_pretrained(folder)
     if model.generation_config is not None:
@@ -50,15 +54,17 @@ def load_model_folder(
     if not (folder / "config.json").is_file():
         raise SourceError(f"{folder}: no config.json: not a model folder (did the step before this one run?)")
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    if (folder / QUANTIZATION_FILE).is_file():
+    plan_file = folder / QUANTIZATION_FILE
+    plan = QuantizationPlan.from_json(json.loads(plan_file.read_text())) if plan_file.is_file() else None
+    if plan is not None and plan.method not in CAST_METHODS:
         config = AutoConfig.from_pretrained(folder)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # type: ignore[no-untyped-call]
         try:
-            plan = load_quantized_weights(model, folder)
+            load_quantized_weights(model, folder)
         except (OSError, ValueError, RuntimeError) as exc:
             raise SourceError(f"{folder}: cannot load the quantized weights: {exc}") from exc
-        model.eval()
-        return model, tokenizer, plan
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True)
-    model.eval()  # type: ignore[no-untyped-call]
-    return model, tokenizer, None
+    else:
+        dtype = getattr(torch, plan.dtype) if plan is not None else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True)
+    model.eval()
+    return model, tokenizer, plan

@@ -26,7 +26,11 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 QUANTIZATION_FILE = "autoglm-quantization.json"
-WEIGHTS_FILE = "model.safetensors"
+#: Not ``model.safetensors`` on purpose: plain ``from_pretrained`` must refuse a quantized folder
+#: ("no model.safetensors") rather than load it as a float model with random weights.
+WEIGHTS_FILE = "autoglm-quantized.safetensors"
+#: Methods that only cast the weights: their folders are standard Hugging Face checkpoints.
+CAST_METHODS = ("none", "fp16", "bf16")
 ModuleKind = Literal["int8-weight-only", "int4-weight-only", "int8-dynamic", "int8-embedding"]
 #: Methods that quantize activations per token as well as weights.
 DYNAMIC_METHODS = ("int8-dynamic", "smoothquant-w8a8")

@@ -12,17 +12,26 @@ from typing import Any
 
 from autoglm_api.resource import AutoGLMModel
 from autoglm_pipelines.dag import pipeline_steps
-from autoglm_pipelines.results import StepResult, canonical_digest, completed, read_result
+from autoglm_pipelines.results import StepResult, canonical_digest, completed, hash_tree, read_result
+from autoglm_pipelines.uris import SourceError, resolve, sha256_file
 
-#: The part of the spec each step depends on (the rest reaches it through its inputs' hashes).
+
+def _data(m: AutoGLMModel) -> dict[str, Any]:
+    # What calibration_batches() reads: the calibration windows skip validation's tokens.
+    return {"calibration": m.spec.calibration.to_json(), "validation": m.spec.validation.to_json()}
+
+
+#: The part of the spec each step reads (the rest reaches it through its inputs' hashes).
 _SPEC_PARTS: dict[str, Callable[[AutoGLMModel], Any]] = {
     "fetch": lambda m: m.spec.source.to_json(),
-    "search": lambda m: m.spec.compression.to_json(),
-    "compress": lambda m: m.spec.compression.to_json(),
-    "calibrate": lambda m: m.spec.calibration.to_json(),
+    "search": lambda m: {"compression": m.spec.compression.to_json(), **_data(m)},
+    "compress": lambda m: {"compression": m.spec.compression.to_json(), **_data(m)},
+    "calibrate": _data,
     "validate": lambda m: m.spec.validation.to_json(),
-    "publish": lambda m: {"model": m.namespaced_name},
+    "publish": lambda m: {"model": m.namespaced_name, "compression": m.spec.compression.to_json()},
 }
+#: Steps that read the datasets: their contents are part of the identity, not only their URIs.
+_READS_DATA = {"search", "compress", "calibrate", "validate"}
 
 
 def inputs_digest(
@@ -32,18 +41,42 @@ def inputs_digest(
     deps = {s.name: s.depends for s in pipeline_steps(model.spec)}.get(step, ())
     upstream = {dep: (r.files if (r := read_result(workdir / dep)) else None) for dep in deps}
     options: dict[str, Any] = {}
-    if step == "validate":
+    if step in ("validate", "search"):
         options = {"decodeTokens": decode_tokens}
     elif step == "publish":
         options = {"output": str(output) if output else None}
+    if step in _READS_DATA:
+        uris = {model.spec.calibration.dataset, model.spec.validation.dataset}
+        options["datasets"] = {uri: _local_digest(uri) for uri in sorted(uris)}
     return canonical_digest({"step": step, "spec": _SPEC_PARTS[step](model), "upstream": upstream, **options})
+
+
+def _local_digest(uri: str) -> str | None:
+    """SHA-256 of a dataset that lives on this machine (file, pkg, pvc), so editing it in place
+    re-runs what read it; remote datasets are identified by their URI alone."""
+    if not uri.startswith(("file://", "pkg://", "pvc://")):
+        return None
+    try:
+        path = resolve(uri, cache_dir=Path("."))
+    except SourceError:
+        return None  # the step itself will report it
+    return sha256_file(path) if path.is_file() else canonical_digest(hash_tree(path))
 
 
 def reusable(
     model: AutoGLMModel, step: str, workdir: Path, *, decode_tokens: int, output: Path | None
 ) -> StepResult | None:
-    """The earlier result of ``step`` when it can be reused as it is, else None."""
+    """The earlier result of ``step`` when it can be reused as it is, else None.
+
+    It can when it succeeded for the same inputs and every file it wrote still hashes as recorded,
+    including a published artifact written outside the workdir (``--output``).
+    """
     if step not in _SPEC_PARTS:
         return None
     digest = inputs_digest(model, step, workdir, decode_tokens=decode_tokens, output=output)
-    return completed(workdir / step, digest)
+    earlier = completed(workdir / step, digest)
+    if earlier is not None and "artifactFiles" in earlier.metrics:
+        artifact = Path(str(earlier.metrics.get("artifact", "")))
+        if not artifact.is_dir() or hash_tree(artifact) != earlier.metrics["artifactFiles"]:
+            return None
+    return earlier

@@ -79,9 +79,14 @@ class SearchResult:
         }
 
 
-def compression_config(method: str, group_size: int | None, fallback: str, sparsity: float) -> dict[str, Any]:
-    """A trial's settings in the shape of ``spec.compression`` (camelCase), ready to apply."""
-    quantization: dict[str, Any] = {"method": method, "skipModules": FALLBACKS[fallback]}
+def compression_config(
+    method: str, group_size: int | None, fallback: str, sparsity: float, keep: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """A trial's settings in the shape of ``spec.compression`` (camelCase), ready to apply.
+
+    ``keep``: modules the user keeps in higher precision in every trial (``skipModules``).
+    """
+    quantization: dict[str, Any] = {"method": method, "skipModules": sorted({*FALLBACKS[fallback], *keep})}
     if method == "int4-weight-only":
         quantization["groupSize"] = group_size
     pruning = {"method": "structured-l1" if sparsity > 0 else "none", "sparsity": sparsity}
@@ -149,6 +154,7 @@ def search(
     tolerable_loss: float,
     max_trials: int,
     calibration: torch.Tensor | None,
+    skip_modules: tuple[str, ...] = (),
     smoothing_alpha: float = 0.7,
     decode_tokens: int = 32,
     seed: int = 0,
@@ -167,7 +173,7 @@ def search(
         group = trial.suggest_categorical("groupSize", GROUP_SIZES) if method == "int4-weight-only" else None
         fallback = trial.suggest_categorical("fallback", list(FALLBACKS))
         sparsity = trial.suggest_categorical("sparsity", SPARSITIES)
-        config = compression_config(method, group, fallback, sparsity)
+        config = compression_config(method, group, fallback, sparsity, skip_modules)
         candidate = copy.deepcopy(model)
         apply_config(candidate, config, calibration, smoothing_alpha)
         early_loss = quality_loss("perplexity", early_base, perplexity(candidate, early_ids, window=window))

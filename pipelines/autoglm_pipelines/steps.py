@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from autoglm_api.resource import AutoGLMModel
@@ -27,8 +28,8 @@ from autoglm_pipelines.evaluation import measure
 from autoglm_pipelines.gates import evaluate_gates, quality_loss
 from autoglm_pipelines.loading import load_causal_lm
 from autoglm_pipelines.quantization import weight_bytes
-from autoglm_pipelines.results import StepResult, completed, hash_tree, read_result, write_result
-from autoglm_pipelines.resume import inputs_digest
+from autoglm_pipelines.results import StepResult, canonical_digest, hash_tree, read_result, write_result
+from autoglm_pipelines.resume import inputs_digest, reusable
 from autoglm_pipelines.search import apply_config
 from autoglm_pipelines.search import search as run_search
 from autoglm_pipelines.text import read_text, tokenize, windows
@@ -96,7 +97,8 @@ def fetch(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
         parameters={
             "uri": source.uri,
             "format": source.format,
-            "sha256": sha256_file(path) if path.is_file() else None,
+            # a folder's identity: the SHA-256 of its files' hashes
+            "sha256": sha256_file(path) if path.is_file() else canonical_digest(hash_tree(path)),
         },
     )
 
@@ -120,8 +122,12 @@ def compress(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
     before = weight_bytes(lm)
     config = spec.to_json()
     if spec.search.enabled:
-        chosen = json.loads((ctx.folder("search") / SEARCH_REPORT).read_text())["chosen"]
-        config = {**config, **chosen["config"]}
+        chosen = json.loads((ctx.folder("search") / SEARCH_REPORT).read_text())["chosen"]["config"]
+        # The search tunes method, group size, fallback and sparsity; the user's skipModules stay.
+        skip = sorted(
+            {*config["quantization"].get("skipModules", []), *chosen["quantization"]["skipModules"]}
+        )
+        config = {**config, **chosen, "quantization": {**chosen["quantization"], "skipModules": skip}}
     method = config["quantization"]["method"]
     needs_data = method == "smoothquant-w8a8" or spec.distillation.enabled
     calibration = calibration_batches(model, tokenizer, ctx) if needs_data else None
@@ -230,6 +236,9 @@ def publish(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
     files = hash_tree(partial)
     card = {
         "model": model.namespaced_name,
+        "loading": "autoglm_pipelines.artifacts.load_model_folder(folder); quantized weights are in "
+        "autoglm-quantized.safetensors, which plain transformers does not load (autoglm-quantization.json "
+        "tells which modules to rebuild)",
         "source": fetched["parameters"] if fetched else None,
         "compression": model.spec.compression.to_json(),
         "validation": report.metrics,
@@ -241,7 +250,8 @@ def publish(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
         shutil.rmtree(target)
     partial.rename(target)
     return StepOutcome(
-        metrics={"artifact": str(target), "files": len(files)}, parameters={"output": str(target)}
+        metrics={"artifact": str(target), "artifactFiles": hash_tree(target)},
+        parameters={"output": str(target)},
     )
 
 
@@ -258,6 +268,7 @@ def search(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
         tolerable_loss=spec.tolerable_loss,
         max_trials=spec.max_trials,
         calibration=calibration,
+        skip_modules=tuple(model.spec.compression.quantization.skip_modules),
         smoothing_alpha=SMOOTHING_ALPHA,
         decode_tokens=min(ctx.decode_tokens, 32),
     )
@@ -296,21 +307,32 @@ def run_step(model: AutoGLMModel, step: str, ctx: StepContext) -> tuple[StepResu
     """
     if step not in STEPS:
         raise StepFailedError(f"unknown step {step!r}; steps: {', '.join(STEPS)}")
-    digest = inputs_digest(model, step, ctx.workdir, decode_tokens=ctx.decode_tokens, output=ctx.output)
-    folder = ctx.folder(step)
-    earlier = completed(folder, digest)
+    earlier = reusable(model, step, ctx.workdir, decode_tokens=ctx.decode_tokens, output=ctx.output)
     if earlier is not None:
         return earlier, True
+    digest = inputs_digest(model, step, ctx.workdir, decode_tokens=ctx.decode_tokens, output=ctx.output)
+    folder = ctx.folder(step)
     started = datetime.now(UTC)
     start = time.perf_counter()
     try:
         outcome = STEPS[step](model, ctx)
-    except (StepFailedError, SourceError) as exc:
+    except (
+        StepFailedError,
+        SourceError,
+        OSError,
+        ValueError,
+        KeyError,
+        RuntimeError,
+        SafetensorError,
+    ) as exc:
+        # One line for whatever went wrong (a truncated checkpoint, a missing input folder, ...).
+        known = isinstance(exc, StepFailedError | SourceError)
+        reason = str(exc) if known else f"{type(exc).__name__}: {' '.join(str(exc).split())[:500]}"
         failure = StepResult(
-            step, "Failed", digest, started.isoformat(), time.perf_counter() - start, reason=str(exc)
+            step, "Failed", digest, started.isoformat(), time.perf_counter() - start, reason=reason
         )
         write_result(folder, failure)
-        raise StepFailedError(str(exc), transient=isinstance(exc, TransientSourceError)) from exc
+        raise StepFailedError(reason, transient=isinstance(exc, TransientSourceError)) from exc
     result = StepResult(
         step=step,
         status="Succeeded",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
+from transformers import AutoModelForCausalLM
 
 from autoglm_operator.cli.main import cli
 from autoglm_pipelines.artifacts import load_model_folder
@@ -66,7 +68,7 @@ def test_every_step_runs_writes_its_result_and_publishes_a_loadable_artifact(
         assert f"{name}: Succeeded" in out
         assert result(work, name)["status"] == "Succeeded"
     assert result(work, "compress")["metrics"]["sizeReduction"] > 3.5
-    assert "model/model.safetensors" in result(work, "compress")["files"]
+    assert "model/autoglm-quantized.safetensors" in result(work, "compress")["files"]
     report = json.loads((work / "validate" / "validate.json").read_text())
     assert report["metric"] == "perplexity"
     assert report["passed"] is True
@@ -84,7 +86,10 @@ def test_every_step_runs_writes_its_result_and_publishes_a_loadable_artifact(
     card = json.loads((published / "model-card.json").read_text())
     assert card["source"]["uri"] == f"file://{source}"
     assert set(card["lineage"]) == {"fetch", "compress", "calibrate", "validate"}
-    assert card["files"]["model.safetensors"] == result(work, "compress")["files"]["model/model.safetensors"]
+    assert (
+        card["files"]["autoglm-quantized.safetensors"]
+        == result(work, "compress")["files"]["model/autoglm-quantized.safetensors"]
+    )
     served, tokenizer, plan = load_model_folder(published)
     compressed, _, _ = load_model_folder(work / "compress" / "model")
     ids = tokenizer("Something is rotten in the state of Denmark", return_tensors="pt").input_ids
@@ -103,7 +108,7 @@ def test_rerun_reuses_unchanged_steps_and_redoes_changed_or_tampered_ones(
     code, out = step("compress", spec, work)
     assert (code, "reused" in out) == (0, True)
 
-    weights = work / "compress" / "model" / "model.safetensors"
+    weights = work / "compress" / "model" / "autoglm-quantized.safetensors"
     weights.write_bytes(weights.read_bytes()[:-8] + b"corrupt!")
     code, out = step("compress", spec, work)
     assert (code, "reused" in out) == (0, False)  # the files no longer match their hashes: redone
@@ -212,3 +217,60 @@ def test_a_download_that_fails_exits_75_so_argo_retries_it(tmp_path: Path) -> No
     assert code == 75
     assert "transient" in out
     assert "download failed" in out
+
+
+def test_compress_reruns_when_the_calibration_it_reads_changes(tmp_path: Path, source: Path) -> None:
+    compression = {"quantization": {"method": "smoothquant-w8a8"}}
+    spec, work = manifest(tmp_path, source, compression=compression), tmp_path / "work"
+    for name in ("fetch", "compress"):
+        assert step(name, spec, work)[0] == 0
+    fewer = manifest(
+        tmp_path, source, compression=compression, calibration={"samples": 1, "sequenceLength": 32}
+    )
+    code, out = step("compress", fewer, work)
+    assert (code, "reused" in out) == (0, False)
+
+
+def test_publish_to_an_output_that_was_deleted_is_redone(tmp_path: Path, source: Path) -> None:
+    spec, work, out_dir = manifest(tmp_path, source), tmp_path / "work", tmp_path / "served"
+    for name in STEPS:
+        assert step(name, spec, work, "--output", str(out_dir))[0] == 0
+    assert (out_dir / "model-card.json").is_file()
+    shutil.rmtree(out_dir)
+    code, out = step("publish", spec, work, "--output", str(out_dir))
+    assert (code, "reused" in out) == (0, False)
+    assert (out_dir / "model-card.json").is_file()
+
+
+def test_plain_transformers_refuses_a_quantized_folder_instead_of_loading_random_weights(
+    tmp_path: Path, source: Path
+) -> None:
+    spec, work = manifest(tmp_path, source), tmp_path / "work"
+    for name in ("fetch", "compress"):
+        assert step(name, spec, work)[0] == 0
+    with pytest.raises(OSError, match=r"model\.safetensors|no file named"):
+        AutoModelForCausalLM.from_pretrained(work / "compress" / "model")
+
+
+def test_bf16_is_a_standard_checkpoint_loaded_in_bf16(tmp_path: Path, source: Path) -> None:
+    spec = manifest(tmp_path, source, compression={"quantization": {"method": "bf16"}})
+    work = tmp_path / "work"
+    for name in ("fetch", "compress"):
+        assert step(name, spec, work)[0] == 0
+    model, _, plan = load_model_folder(work / "compress" / "model")
+    assert plan is not None
+    assert plan.method == "bf16"
+    assert model.dtype == torch.bfloat16
+    assert AutoModelForCausalLM.from_pretrained(work / "compress" / "model").config.hidden_size == 64
+
+
+def test_a_truncated_checkpoint_fails_the_next_step_with_one_line(tmp_path: Path, source: Path) -> None:
+    spec, work = manifest(tmp_path, source), tmp_path / "work"
+    assert step("fetch", spec, work)[0] == 0
+    weights = work / "fetch" / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    code, out = step("compress", spec, work)
+    assert code == 1
+    assert "compress: failed:" in out
+    assert "Traceback" not in out
+    assert result(work, "compress")["status"] == "Failed"

@@ -231,20 +231,27 @@ def run_command(
         extra += ["--threads", str(threads)]
     outcome = run_local(model, workdir, extra_args=extra)
     if audit:
-        _record_verdict(model, workdir)
+        _record_verdict(model, workdir, decode_tokens, output)
     if not outcome.succeeded:
         sys.exit(1)
     click.echo(f"published: {outcome.published}")
 
 
-def _record_verdict(model: AutoGLMModel, workdir: Path) -> None:
+def _record_verdict(model: AutoGLMModel, workdir: Path, decode_tokens: int, output: Path | None) -> None:
     """Append GatePassed or GateFailed, with the gates and figures as evidence, when validate reported."""
     import json
 
     from autoglm_operator.audit import ACTOR_PIPELINE, GATE_FAILED, GATE_PASSED, Ledger
     from autoglm_operator.audit.ledger import LedgerError, resolve_url
+    from autoglm_pipelines.results import read_result
+    from autoglm_pipelines.resume import inputs_digest
     from autoglm_pipelines.revision import artifact_revision
 
+    # Only a verdict on this spec's inputs: a report left by an earlier run is not this run's.
+    done = read_result(workdir / "validate")
+    current = inputs_digest(model, "validate", workdir, decode_tokens=decode_tokens, output=output)
+    if done is None or done.inputs_digest != current:
+        return
     try:
         report = json.loads((workdir / "validate" / "validate.json").read_text())
     except (OSError, ValueError):
