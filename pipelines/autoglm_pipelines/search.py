@@ -100,7 +100,8 @@ def apply_config(
 
     Pruning first; then distillation from the unpruned float model (the teacher) on the
     ``calibration`` windows; then, for SmoothQuant, the activation ranges of the student; then
-    quantization. Returns the quantization plan and a report of the pruning and distillation.
+    quantization. Returns the quantization plan and a report of the pruning and distillation (and,
+    for SmoothQuant, the activation ranges the migration used, under ``smoothingAbsmax``).
     """
     distillation = config.get("distillation") or {}
     teacher = copy.deepcopy(model) if distillation.get("enabled") else None
@@ -143,7 +144,7 @@ def apply_config(
         activation_absmax=absmax,
         smoothing_alpha=alpha,
     )
-    return plan, {"pruning": pruning, "distillation": distilled}
+    return plan, {"pruning": pruning, "distillation": distilled, "smoothingAbsmax": absmax}
 
 
 def search(

@@ -39,6 +39,8 @@ MODEL_DIR = "model"
 VALIDATE_REPORT = "validate.json"
 MODEL_CARD = "model-card.json"
 CALIBRATION_FILE = "activations.safetensors"
+#: The float model's per-channel activation maxima that SmoothQuant's migration was computed from.
+SMOOTHING_FILE = "smoothquant-activations.safetensors"
 SEARCH_REPORT = "search.json"
 #: Tokens each search trial is scored on, at most: trials are many, validation is once.
 SEARCH_MAX_TOKENS = 4096
@@ -136,6 +138,10 @@ def compress(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
     except ValueError as exc:
         raise StepFailedError(f"compression with {method}: {exc}") from exc
     save_model_folder(lm, tokenizer, ctx.folder("compress") / MODEL_DIR, plan)
+    smoothing = report.pop("smoothingAbsmax", None)
+    if smoothing:  # the statistics SmoothQuant's migration used, shipped with the weights they shaped
+        tensors = {f"{name}.input_absmax": t.contiguous() for name, t in smoothing.items()}
+        save_file(tensors, str(ctx.folder("compress") / MODEL_DIR / SMOOTHING_FILE))
     after = weight_bytes(lm)
     return StepOutcome(
         metrics={

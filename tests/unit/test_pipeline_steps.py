@@ -155,6 +155,7 @@ def test_other_methods_compress_and_reload(tmp_path: Path, source: Path, method:
     assert compressed["metrics"]["sizeReduction"] > 3.5
     if method == "smoothquant-w8a8":
         assert compressed["metrics"]["smoothedGroups"] == 6  # 2 layers x (q/k/v, gate/up, down)
+        assert "model/smoothquant-activations.safetensors" in compressed["files"]
     _, _, plan = load_model_folder(work / "compress" / "model")
     assert plan is not None
     assert plan.method == method
