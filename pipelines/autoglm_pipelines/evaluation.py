@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -47,9 +47,6 @@ class DecodeStats:
     joules_per_token: float
     energy_method: str
     new_tokens: int
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @torch.no_grad()

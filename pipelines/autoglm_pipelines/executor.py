@@ -8,6 +8,7 @@ interruption resumes where it stopped.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -72,8 +73,6 @@ def run_local(
 
 
 def _published(workdir: Path) -> Path | None:
-    import json
-
     try:
         result = json.loads((workdir / "publish" / "STEP.json").read_text())
         return Path(result["metrics"]["artifact"])

@@ -70,7 +70,6 @@ class StepContext:
     decode_tokens: int = 128
     #: Where publish writes the artifact; default ``WORKDIR/publish/model``.
     output: Path | None = None
-    options: dict[str, Any] = field(default_factory=dict)
 
     def folder(self, step: str) -> Path:
         return self.workdir / step
