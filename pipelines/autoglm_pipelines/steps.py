@@ -28,6 +28,7 @@ from autoglm_pipelines.evaluation import measure
 from autoglm_pipelines.gates import evaluate_gates, quality_loss
 from autoglm_pipelines.loading import load_causal_lm
 from autoglm_pipelines.quantization import weight_bytes
+from autoglm_pipelines.revision import artifact_revision
 from autoglm_pipelines.results import StepResult, canonical_digest, hash_tree, read_result, write_result
 from autoglm_pipelines.resume import inputs_digest, reusable
 from autoglm_pipelines.search import apply_config
@@ -241,6 +242,7 @@ def publish(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
     files = hash_tree(partial)
     card = {
         "model": model.namespaced_name,
+        "revision": artifact_revision(model.spec),
         "loading": "autoglm_pipelines.artifacts.load_model_folder(folder); quantized weights are in "
         "autoglm-quantized.safetensors, which plain transformers does not load (autoglm-quantization.json "
         "tells which modules to rebuild)",

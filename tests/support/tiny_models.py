@@ -31,8 +31,14 @@ def tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
 
 
-def tiny_glm(folder: Path, *, seed: int = 0, tie: bool = True, layers: int = 2) -> Path:
-    """Save a tiny random GLM (hidden 64, 2 layers) with its tokenizer to ``folder``; return it."""
+def tiny_glm(
+    folder: Path, *, seed: int = 0, tie: bool = True, layers: int = 2, init_std: float = 0.02
+) -> Path:
+    """Save a tiny random GLM (hidden 64, 2 layers) with its tokenizer to ``folder``; return it.
+
+    The default initialisation makes a model that repeats its last token; ``init_std=0.3`` gives one
+    whose greedy output varies with the whole prompt (what batching tests need).
+    """
     tokenizer = tiny_tokenizer()
     config = GlmConfig(
         vocab_size=len(tokenizer),
@@ -46,9 +52,23 @@ def tiny_glm(folder: Path, *, seed: int = 0, tie: bool = True, layers: int = 2) 
         tie_word_embeddings=tie,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
+        initializer_range=init_std,
     )
     torch.manual_seed(seed)
     model = GlmForCausalLM(config).eval()
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def with_model_card(folder: Path, revision: str) -> str:
+    """Write a model card like ``autoglm pipeline publish`` does; return its SHA-256 (the artifact digest)."""
+    import hashlib
+    import json
+
+    from autoglm_pipelines.results import hash_tree
+
+    card = {"model": "test/tiny", "revision": revision, "files": hash_tree(folder)}
+    raw = json.dumps(card, indent=2).encode()
+    (folder / "model-card.json").write_bytes(raw)
+    return hashlib.sha256(raw).hexdigest()

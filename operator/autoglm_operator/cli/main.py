@@ -7,6 +7,7 @@ import click
 from autoglm_operator.cli.audit import audit_group
 from autoglm_operator.cli.crds import crds_command
 from autoglm_operator.cli.pipeline import pipeline_group
+from autoglm_operator.cli.serve import serve_command
 from autoglm_operator.cli.validate import validate_command
 
 
@@ -23,3 +24,4 @@ cli.add_command(validate_command)
 cli.add_command(crds_command)
 cli.add_command(audit_group)
 cli.add_command(pipeline_group)
+cli.add_command(serve_command)

@@ -1,0 +1,314 @@
+"""The decode engine: one worker thread per loaded revision, dynamic and continuous batching.
+
+Requests wait in a bounded queue. When the worker is idle it takes the first waiting request,
+waits up to ``max_batch_delay_ms`` for more (up to ``max_batch_size``) and prefills them together.
+While a batch is decoding, requests that arrive join it between decode steps (continuous
+batching), and finished rows leave it, so a short request never waits for a long one.
+
+Tokens are handed to the asyncio side as they are produced (streaming); each job also carries
+its timings and its share of the energy the steps it took part in used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import torch
+from torch import nn
+
+from autoglm_inference.energy import EnergyMeter, EnergyReading, Method
+from autoglm_inference.generation import DecodeBatch, Sampling
+from autoglm_inference.limits import QueueFullError
+
+log = logging.getLogger(__name__)
+
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+
+@dataclass
+class Token:
+    id: int
+
+
+@dataclass
+class Finished:
+    reason: FinishReason
+    error: str | None = None
+
+
+Event = Token | Finished
+
+
+@dataclass
+class Job:
+    """One generation request as the engine sees it."""
+
+    prompt_ids: list[int]
+    max_new_tokens: int
+    stop_ids: frozenset[int] = frozenset()
+    sampling: Sampling = field(default_factory=Sampling)
+    request_id: str = ""
+    generated: list[int] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    submitted_at: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    joules: float = 0.0
+    energy_method: Method = "cpu-time-model"
+    _loop: asyncio.AbstractEventLoop | None = None
+    _events: asyncio.Queue[Event] | None = None
+    _cancelled: threading.Event = field(default_factory=threading.Event)
+    _done: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        """Stop generating for this job (client gone, stop sequence seen); the row leaves the batch."""
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    async def events(self) -> AsyncIterator[Event]:
+        """Tokens as they are produced, then one ``Finished``."""
+        assert self._events is not None, "submit the job from a running event loop first"
+        while True:
+            event = await self._events.get()
+            yield event
+            if isinstance(event, Finished):
+                return
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until finished (for callers without an event loop)."""
+        return self._done.wait(timeout)
+
+    def _emit(self, event: Event) -> None:
+        if isinstance(event, Finished):
+            self.finish_reason = event.reason
+            self.finished_at = time.perf_counter()
+            self._done.set()
+        if self._loop is not None and self._events is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening any more
+                self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+
+
+class EngineObserver(Protocol):
+    def on_batch(self, size: int) -> None: ...
+    def on_step(self, rows: int, seconds: float) -> None: ...
+
+
+class Engine:
+    """Owns one model and the thread that decodes for it."""
+
+    _ids = itertools.count(1)
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        max_batch_size: int = 8,
+        max_batch_delay_ms: float = 10.0,
+        max_queue: int = 64,
+        continuous: bool = True,
+        meter: EnergyMeter | None = None,
+        observer: EngineObserver | None = None,
+        name: str = "",
+    ) -> None:
+        if max_batch_size < 1 or max_queue < 0 or max_batch_delay_ms < 0:
+            raise ValueError("max_batch_size >= 1, max_queue >= 0 and max_batch_delay_ms >= 0 are required")
+        self.model = model
+        self.max_batch_size = max_batch_size
+        self.max_batch_delay = max_batch_delay_ms / 1000
+        self.max_queue = max_queue
+        self.continuous = continuous and max_batch_size > 1
+        self.meter = meter or EnergyMeter()
+        self.observer = observer
+        self.name = name or f"engine-{next(self._ids)}"
+        self._waiting: deque[Job] = deque()
+        self._running: list[Job] = []
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._step_seconds = 0.05  # running estimate, for Retry-After
+
+    # -- public API -----------------------------------------------------------------------------
+
+    def start(self) -> Engine:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name=self.name, daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish nothing new: cancel what waits, let running rows end, then join the thread."""
+        with self._cond:
+            self._stopping = True
+            waiting, self._waiting = list(self._waiting), deque()
+            self._cond.notify_all()
+        for job in waiting:
+            job._emit(Finished("cancelled", "the server is shutting down"))
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def submit(self, job: Job) -> Job:
+        """Queue ``job``; raises ``QueueFullError`` when ``max_queue`` jobs already wait."""
+        with contextlib.suppress(RuntimeError):
+            job._loop = asyncio.get_running_loop()
+            job._events = asyncio.Queue()
+        with self._cond:
+            if self._stopping:
+                raise QueueFullError(self.max_queue, retry_after=1.0, reason="the revision is being unloaded")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFullError(self.max_queue, retry_after=self.retry_after())
+            self._waiting.append(job)
+            self._cond.notify_all()
+        return job
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def in_flight(self) -> int:
+        """Jobs waiting or decoding; zero means drained."""
+        with self._cond:
+            return len(self._waiting) + len(self._running)
+
+    def retry_after(self) -> float:
+        """Seconds until a queue slot is likely free: one batch's worth of decode steps."""
+        return max(1.0, round(self._step_seconds * 64, 1))
+
+    # -- worker ---------------------------------------------------------------------------------
+
+    def _take(self, limit: int, *, wait: bool) -> list[Job]:
+        with self._cond:
+            if wait:
+                while not self._waiting and not self._stopping:
+                    self._cond.wait(0.5)
+                if self._waiting and self.max_batch_delay > 0:
+                    deadline = time.perf_counter() + self.max_batch_delay
+                    while len(self._waiting) < limit and not self._stopping:
+                        left = deadline - time.perf_counter()
+                        if left <= 0:
+                            break
+                        self._cond.wait(left)
+            taken: list[Job] = []
+            while self._waiting and len(taken) < limit:
+                job = self._waiting.popleft()
+                if job.cancelled:
+                    job._emit(Finished("cancelled"))
+                    continue
+                taken.append(job)
+            self._running.extend(taken)
+            return taken
+
+    def _work(self) -> None:
+        torch.set_grad_enabled(False)
+        batch: DecodeBatch | None = None
+        while True:
+            try:
+                if batch is None or batch.size == 0:
+                    if self._stopping and not self._waiting:
+                        return
+                    jobs = self._take(self.max_batch_size, wait=True)
+                    if not jobs:
+                        continue
+                    batch = self._prefill(jobs)
+                    rows = jobs
+                else:
+                    rows = list(self._running)
+                    if self.continuous and len(rows) < self.max_batch_size and self._waiting:
+                        joining = self._take(self.max_batch_size - len(rows), wait=False)
+                        if joining:
+                            batch.merge(self._prefill(joining))
+                            rows = list(self._running)
+                            self._finish_rows(batch, rows, first_new=len(rows) - len(joining))
+                            continue
+                    self._timed_step(batch, rows)
+                self._finish_rows(batch, rows, first_new=0)
+            except Exception as exc:  # a failed forward fails its batch, never the worker
+                log.exception("%s: decode step failed", self.name)
+                with self._cond:
+                    failed, self._running = self._running, []
+                for job in failed:
+                    job._emit(Finished("error", f"{type(exc).__name__}: {exc}"))
+                batch = None
+
+    def _prefill(self, jobs: Sequence[Job]) -> DecodeBatch:
+        if self.observer:
+            self.observer.on_batch(len(jobs))
+        with self.meter.measure() as energy:
+            batch = DecodeBatch.prefill(self.model, [j.prompt_ids for j in jobs], [j.sampling for j in jobs])
+        self._charge(jobs, energy.reading)
+        return batch
+
+    def _timed_step(self, batch: DecodeBatch, rows: Sequence[Job]) -> None:
+        start = time.perf_counter()
+        with self.meter.measure() as energy:
+            batch.step(self.model)
+        seconds = time.perf_counter() - start
+        self._step_seconds = 0.9 * self._step_seconds + 0.1 * seconds
+        self._charge(rows, energy.reading)
+        if self.observer:
+            self.observer.on_step(len(rows), seconds)
+
+    @staticmethod
+    def _charge(jobs: Sequence[Job], reading: EnergyReading | None) -> None:
+        assert reading is not None
+        share = reading.joules / max(len(jobs), 1)
+        for job in jobs:
+            job.joules += share
+            job.energy_method = reading.method
+
+    def _finish_rows(self, batch: DecodeBatch, rows: list[Job], *, first_new: int) -> None:
+        """Hand out the token rows ``rows[first_new:]`` just got; drop rows that are done. Rows
+        before ``first_new`` (after a merge) handed theirs out in the last step."""
+        tokens = batch.tokens.tolist()
+        keep = []
+        now = time.perf_counter()
+        for index, (job, token) in enumerate(zip(rows, tokens, strict=True)):
+            if index >= first_new:
+                reason = self._deliver(job, token, now)
+            else:
+                reason = "cancelled" if job.cancelled else None
+            if reason is None:
+                keep.append(index)
+            else:
+                job._emit(Finished(reason))
+        if len(keep) < len(rows):
+            batch.keep(keep)
+            with self._cond:
+                self._running = [rows[i] for i in keep]
+
+    @staticmethod
+    def _deliver(job: Job, token: int, now: float) -> FinishReason | None:
+        if job.cancelled:
+            return "cancelled"
+        if job.first_token_at is None:
+            job.first_token_at = now
+        if token in job.stop_ids:
+            return "stop"
+        job.generated.append(token)
+        job._emit(Token(token))
+        if len(job.generated) >= job.max_new_tokens:
+            return "length"
+        return None
+
+
+def run_jobs(engine: Engine, jobs: Sequence[Job], timeout: float = 600.0) -> list[Job]:
+    """Submit ``jobs`` from a plain thread and wait for all of them (tests, benchmarks)."""
+    for job in jobs:
+        engine.submit(job)
+    deadline = time.monotonic() + timeout
+    for job in jobs:
+        if not job.wait(max(deadline - time.monotonic(), 0)):
+            raise TimeoutError(f"job {job.request_id or job.prompt_ids[:4]} did not finish in {timeout}s")
+    return list(jobs)

@@ -1,0 +1,68 @@
+"""Request limits and the errors that name them (400, 413, 429), so a client knows what to change."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_prompt_tokens: int = 2048
+    max_new_tokens: int = 512
+    max_body_bytes: int = 1 << 20
+    max_queue: int = 64
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if value < (0 if name == "max_queue" else 1):
+                raise ValueError(f"{name} must be positive, got {value}")
+
+
+class LimitError(Exception):
+    """A request beyond a limit; ``status`` is the HTTP code, ``limit`` the limit's name."""
+
+    status = 400
+
+    def __init__(self, limit: str, message: str) -> None:
+        super().__init__(message)
+        self.limit = limit
+        self.message = message
+
+    def to_json(self) -> dict[str, object]:
+        return {"error": self.message, "limit": self.limit}
+
+
+class PromptTooLongError(LimitError):
+    def __init__(self, tokens: int, limit: int) -> None:
+        super().__init__(
+            "max_prompt_tokens",
+            f"the prompt has {tokens} tokens; at most {limit} (max_prompt_tokens) are allowed",
+        )
+
+
+class TooManyNewTokensError(LimitError):
+    def __init__(self, asked: int, limit: int) -> None:
+        super().__init__(
+            "max_new_tokens", f"max_tokens is {asked}; at most {limit} (max_new_tokens) are allowed"
+        )
+
+
+class BodyTooLargeError(LimitError):
+    status = 413
+
+    def __init__(self, size: int | None, limit: int) -> None:
+        got = f"{size} bytes" if size is not None else "more than that"
+        super().__init__(
+            "max_body_bytes", f"the request body is {got}; at most {limit} bytes (max_body_bytes) are allowed"
+        )
+
+
+class QueueFullError(LimitError):
+    status = 429
+
+    def __init__(self, limit: int, *, retry_after: float, reason: str | None = None) -> None:
+        super().__init__(
+            "max_queue",
+            reason or f"{limit} requests are already waiting (max_queue); retry after {retry_after:.0f}s",
+        )
+        self.retry_after = retry_after

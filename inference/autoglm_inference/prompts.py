@@ -1,0 +1,115 @@
+"""Prompt variants: the system prompt the feedback loop chose, applied server-side.
+
+A variants file (YAML or JSON) names the active variant and the text of each::
+
+    active: concise
+    variants:
+      concise: "You are a helpful assistant. Answer in one or two sentences."
+      detailed: "You are a helpful assistant. Explain your reasoning step by step."
+
+The file is re-read when it changes, so the feedback loop switches variants by rewriting it
+(atomically: write a temporary file and rename it). A chat request without a system message gets
+the active variant's text; a request can pin a variant (``x-autoglm-prompt-variant`` header or
+the ``prompt_variant`` field). A plain-text prompt is the client's whole prompt and is left as is
+(its variant is reported as ``none``). A malformed file keeps the last good variants.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+log = logging.getLogger(__name__)
+
+NONE = "none"
+
+
+class UnknownVariantError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Variants:
+    active: str = NONE
+    texts: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, data: Any, source: str) -> Variants:
+        if not isinstance(data, dict) or not isinstance(data.get("variants"), dict):
+            raise ValueError(
+                f"{source}: expected a mapping with 'active' and 'variants' (name -> system prompt)"
+            )
+        texts = data["variants"]
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in texts.items()):
+            raise ValueError(f"{source}: every variant needs a name and a system prompt text")
+        active = data.get("active", NONE)
+        if active != NONE and active not in texts:
+            raise ValueError(f"{source}: active variant {active!r} is not one of {sorted(texts)}")
+        return cls(active=active, texts=dict(texts))
+
+
+class PromptVariants:
+    """The variants in force; ``resolve`` picks the text for one request."""
+
+    def __init__(self, path: Path | None = None, variants: Variants | None = None) -> None:
+        self.path = path
+        self._variants = variants or Variants()
+        self._mtime: float | None = None
+        self._lock = threading.Lock()
+        if path is not None:
+            self._variants = Variants.parse(
+                yaml.safe_load(path.read_text()), str(path)
+            )  # a bad file fails start-up
+            self._mtime = path.stat().st_mtime
+
+    def current(self) -> Variants:
+        self._reload_if_changed()
+        return self._variants
+
+    def set_active(self, name: str) -> None:
+        variants = self.current()
+        if name != NONE and name not in variants.texts:
+            raise UnknownVariantError(
+                f"unknown prompt variant {name!r}; known: {[*sorted(variants.texts), NONE]}"
+            )
+        self._variants = Variants(active=name, texts=variants.texts)
+
+    def resolve(self, pinned: str | None) -> tuple[str, str | None]:
+        """(variant name, system prompt text or None) for a request that pinned ``pinned`` (or not)."""
+        variants = self.current()
+        name = pinned or variants.active
+        if name == NONE:
+            return NONE, None
+        if name not in variants.texts:
+            raise UnknownVariantError(
+                f"unknown prompt variant {name!r}; known: {[*sorted(variants.texts), NONE]}"
+            )
+        return name, variants.texts[name]
+
+    def _reload_if_changed(self) -> None:
+        if self.path is None:
+            return
+        try:
+            mtime = self.path.stat().st_mtime
+        except OSError:
+            return
+        if mtime == self._mtime:
+            return
+        with self._lock:
+            try:
+                self._variants = Variants.parse(yaml.safe_load(self.path.read_text()), str(self.path))
+            except (OSError, ValueError, yaml.YAMLError) as exc:
+                log.error("prompt variants not reloaded, keeping the last good ones: %s", exc)
+            self._mtime = mtime
+
+
+def with_system_prompt(messages: list[dict[str, str]], text: str | None) -> tuple[list[dict[str, str]], bool]:
+    """Prepend ``text`` as the system message unless the conversation has one; (messages, applied)."""
+    if text is None or any(m.get("role") == "system" for m in messages):
+        return messages, False
+    return [{"role": "system", "content": text}, *messages], True

@@ -1,0 +1,227 @@
+"""Revisions of one served model, the alias that routes to them, and the atomic hot-swap.
+
+A :class:`Revision` is one loaded artifact with its own decode engine. The :class:`Router` maps
+requests to revisions through an immutable routing table (stable, optional canary and its
+weight); a swap builds the new revision beside the serving one, warms it up with real requests
+and then replaces the table in one assignment. A request holds a lease on the revision it
+started on, so it finishes there; a replaced revision is released once its leases drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from autoglm_inference.artifact import ArtifactError, LoadedArtifact, load
+from autoglm_inference.engine import Engine, Job
+
+log = logging.getLogger(__name__)
+
+WARMUP_PROMPT = "The quick brown fox"
+WARMUP_TOKENS = 4
+DRAIN_TIMEOUT_S = 600.0
+
+
+class SwapInProgressError(Exception):
+    status = 409
+
+
+class UnknownRevisionError(LookupError):
+    status = 400
+
+
+@dataclass
+class Revision:
+    loaded: LoadedArtifact
+    engine: Engine
+    loaded_at: float = field(default_factory=time.time)
+    _leases: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def name(self) -> str:
+        return self.loaded.artifact.revision
+
+    @property
+    def leases(self) -> int:
+        return self._leases
+
+    @contextlib.contextmanager
+    def lease(self) -> Iterator[Revision]:
+        with self._lock:
+            self._leases += 1
+        try:
+            yield self
+        finally:
+            with self._lock:
+                self._leases -= 1
+
+    def describe(self) -> dict[str, object]:
+        a = self.loaded.artifact
+        return {"revision": a.revision, "uri": a.uri, "sha256": a.digest, "inFlight": self.leases}
+
+
+@dataclass(frozen=True)
+class Table:
+    stable: Revision
+    canary: Revision | None = None
+    canary_weight: float = 0.0  # percent of unpinned requests that go to the canary
+
+
+EngineFactory = Callable[[LoadedArtifact], Engine]
+
+
+class Router:
+    """The revisions of one model name and the swap that replaces them."""
+
+    def __init__(self, name: str, table: Table, *, make_engine: EngineFactory, cache_dir: Path) -> None:
+        self.name = name
+        self.table = table
+        self._make_engine = make_engine
+        self._cache_dir = cache_dir
+        self._swap = asyncio.Lock()
+        self._swapping: str | None = None
+        self._draining: set[asyncio.Task[None]] = set()
+        self._rng = random.Random()
+
+    @classmethod
+    def load_first(
+        cls, name: str, uri: str, *, sha256: str | None, make_engine: EngineFactory, cache_dir: Path
+    ) -> Router:
+        """Load the first revision synchronously (server start)."""
+        revision = _build(uri, sha256, make_engine, cache_dir)
+        return cls(name, Table(stable=revision), make_engine=make_engine, cache_dir=cache_dir)
+
+    def revisions(self) -> list[Revision]:
+        t = self.table
+        return [t.stable] + ([t.canary] if t.canary is not None else [])
+
+    def choose(self, pinned: str | None = None) -> Revision:
+        """The revision for one request: the pinned one, else the canary by weight, else stable."""
+        t = self.table  # one read: the whole request sees one table
+        if pinned:
+            for revision in (t.stable, t.canary):
+                if revision is not None and revision.name == pinned:
+                    return revision
+            known = [r.name for r in (t.stable, t.canary) if r is not None]
+            raise UnknownRevisionError(f"revision {pinned!r} is not served by {self.name}; served: {known}")
+        if t.canary is not None and self._rng.random() * 100 < t.canary_weight:
+            return t.canary
+        return t.stable
+
+    async def swap(self, uri: str, *, sha256: str | None, canary_weight: float | None = None) -> Revision:
+        """Load ``uri`` beside what serves, warm it up, then flip the alias.
+
+        ``canary_weight`` None makes it the stable revision (the old ones drain and are released);
+        a number serves it as the canary with that percentage of unpinned traffic.
+        """
+        if self._swap.locked():
+            raise SwapInProgressError(
+                f"a swap of {self.name} to {self._swapping} is in progress; retry when it has finished"
+            )
+        async with self._swap:
+            self._swapping = uri
+            try:
+                revision = await asyncio.to_thread(_build, uri, sha256, self._make_engine, self._cache_dir)
+                try:
+                    await asyncio.to_thread(_warm_up, revision)
+                except Exception:
+                    revision.engine.stop()
+                    raise
+                old = self.table
+                if canary_weight is None:
+                    self.table = Table(stable=revision)
+                    retired = [r for r in (old.stable, old.canary) if r is not None and r is not revision]
+                else:
+                    if revision.name == old.stable.name:
+                        revision.engine.stop()
+                        raise ArtifactError(
+                            f"{uri}: revision {revision.name} is already the stable revision", status=409
+                        )
+                    self.table = Table(stable=old.stable, canary=revision, canary_weight=canary_weight)
+                    retired = [old.canary] if old.canary is not None else []
+                log.info("%s: now serving %s", self.name, self.describe())
+                for r in retired:
+                    self._retire(r)
+                return revision
+            finally:
+                self._swapping = None
+
+    def promote(self) -> Revision:
+        t = self.table
+        if t.canary is None:
+            raise UnknownRevisionError(f"{self.name} has no canary to promote")
+        self.table = Table(stable=t.canary)
+        self._retire(t.stable)
+        return t.canary
+
+    def rollback(self) -> Revision:
+        t = self.table
+        if t.canary is None:
+            raise UnknownRevisionError(f"{self.name} has no canary to roll back")
+        self.table = Table(stable=t.stable)
+        self._retire(t.canary)
+        return t.canary
+
+    def set_weight(self, weight: float) -> None:
+        t = self.table
+        if t.canary is None:
+            raise UnknownRevisionError(f"{self.name} has no canary to weigh")
+        self.table = Table(stable=t.stable, canary=t.canary, canary_weight=weight)
+
+    def describe(self) -> dict[str, object]:
+        t = self.table
+        return {
+            "stable": t.stable.describe(),
+            "canary": t.canary.describe() if t.canary else None,
+            "canaryWeight": t.canary_weight,
+            "swapping": self._swapping,
+        }
+
+    async def close(self) -> None:
+        for r in self.revisions():
+            await asyncio.to_thread(r.engine.stop)
+        for task in list(self._draining):
+            task.cancel()
+
+    def _retire(self, revision: Revision) -> None:
+        task = asyncio.get_running_loop().create_task(_drain(self.name, revision))
+        self._draining.add(task)
+        task.add_done_callback(self._draining.discard)
+
+
+def _build(uri: str, sha256: str | None, make_engine: EngineFactory, cache_dir: Path) -> Revision:
+    loaded = load(uri, cache_dir=cache_dir, expected_sha256=sha256)
+    return Revision(loaded=loaded, engine=make_engine(loaded).start())
+
+
+def _warm_up(revision: Revision) -> None:
+    """Real generations through the new engine; a model that cannot produce tokens is refused."""
+    tokenizer = revision.loaded.tokenizer
+    ids = tokenizer(WARMUP_PROMPT, add_special_tokens=False)["input_ids"]
+    jobs = [Job(list(ids), WARMUP_TOKENS, request_id="warmup") for _ in range(2)]
+    for job in jobs:
+        revision.engine.submit(job)
+    for job in jobs:
+        if not job.wait(120):
+            raise ArtifactError(f"{revision.loaded.artifact.uri}: warm-up did not finish in 120 s")
+        if job.finish_reason == "error":
+            raise ArtifactError(f"{revision.loaded.artifact.uri}: warm-up generation failed")
+
+
+async def _drain(model: str, revision: Revision) -> None:
+    deadline = time.monotonic() + DRAIN_TIMEOUT_S
+    while revision.leases > 0 and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    await asyncio.to_thread(revision.engine.stop)
+    log.info("%s: released revision %s", model, revision.name)
+    revision.engine.model = None  # type: ignore[assignment]
+    gc.collect()

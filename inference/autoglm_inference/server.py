@@ -1,0 +1,517 @@
+"""The KServe model server for causal LMs: ``autoglm serve``.
+
+A real ``kserve.ModelServer`` with our ``kserve.Model`` subclass, so the same process runs under
+an InferenceService. Routes:
+
+- KServe V1 ``POST /v1/models/NAME:predict`` and Open Inference Protocol V2
+  ``POST /v2/models/NAME/infer``, ready and metadata (kserve's own endpoints, our model);
+- OpenAI-compatible ``POST /openai/v1/completions`` and ``/openai/v1/chat/completions`` with
+  ``stream: true`` as server-sent events, and ``GET /openai/v1/models``. kserve's own OpenAI routes
+  need vLLM and only see models present at start-up, so these are ours;
+- the model repository extension with parameters: ``POST /v2/repository/models/NAME/load`` with
+  ``{"parameters": {"uri": ..., "sha256": ..., "canaryWeight": ...}}`` (an atomic hot-swap),
+  ``.../unload``, ``.../promote``, ``.../rollback`` and ``GET|POST /v2/repository/index``;
+- ``/metrics``: kserve's Prometheus registry, which also carries our OpenTelemetry instruments.
+
+Every response carries ``x-request-id``; generation responses also carry ``x-autoglm-revision``
+and ``x-autoglm-prompt-variant``, so feedback can be joined to what produced the answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import sys
+import time
+import uuid
+import warnings
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from autoglm_inference.artifact import ArtifactError, LoadedArtifact
+from autoglm_inference.energy import EnergyMeter
+from autoglm_inference.engine import Engine
+from autoglm_inference.limits import BodyTooLargeError, LimitError, Limits, QueueFullError
+from autoglm_inference.prompts import PromptVariants, UnknownVariantError
+from autoglm_inference.revisions import Router, SwapInProgressError, UnknownRevisionError
+from autoglm_inference.service import (
+    REQUEST_ID_HEADER,
+    BadRequestError,
+    GenerateRequest,
+    Generation,
+    LMService,
+)
+from autoglm_inference.telemetry import Labels, telemetry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    host: str = "0.0.0.0"
+    http_port: int = 8080
+    max_batch_size: int = 8
+    max_batch_delay_ms: float = 10.0
+    continuous_batching: bool = True
+    threads: int | None = None
+    target: str = "local"
+    cache_dir: Path = Path(".cache/autoglm")
+    limits: Limits = field(default_factory=Limits)
+    prompt_variants: Path | None = None
+
+
+@contextlib.contextmanager
+def _own_argv() -> Iterator[None]:
+    """kserve parses ``sys.argv`` when imported; keep our own flags away from its parser."""
+    argv, sys.argv = sys.argv, sys.argv[:1]
+    try:
+        yield
+    finally:
+        sys.argv = argv
+
+
+# fastapi warns on every request that kserve's default ORJSONResponse is deprecated.
+warnings.filterwarnings("ignore", message=".*ORJSONResponse is deprecated.*")
+with _own_argv():
+    import kserve.model_server
+    from kserve.errors import ModelNotFound
+    from kserve.model import Model
+    from kserve.model_repository import ModelRepository
+    from kserve.model_server import ModelServer
+    from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
+    from kserve.protocol.rest.server import RESTServer
+
+
+class _EngineObserver:
+    def __init__(self, labels: Labels) -> None:
+        self.labels = labels
+
+    def on_batch(self, size: int) -> None:
+        telemetry().batch_size.record(size, self.labels.attrs())
+
+    def on_step(self, rows: int, seconds: float) -> None:
+        pass
+
+
+class Registry:
+    """The served model names; shared by kserve's repository and our routes."""
+
+    def __init__(self, options: ServerOptions) -> None:
+        self.options = options
+        self.services: dict[str, LMService] = {}
+        self.prompts = PromptVariants(options.prompt_variants)
+        self.meter = EnergyMeter()
+
+    def make_engine_for(self, name: str) -> Callable[[LoadedArtifact], Engine]:
+        def make(loaded: LoadedArtifact) -> Engine:
+            labels = Labels(name, loaded.artifact.revision, "-", self.options.target)
+            engine = Engine(
+                loaded.model,
+                max_batch_size=self.options.max_batch_size,
+                max_batch_delay_ms=self.options.max_batch_delay_ms,
+                max_queue=self.options.limits.max_queue,
+                continuous=self.options.continuous_batching,
+                meter=self.meter,
+                observer=_EngineObserver(labels),
+                name=f"{name}@{loaded.artifact.revision}",
+            )
+            telemetry().watch_queue(id(engine), labels, lambda: engine.queue_depth)
+            return engine
+
+        return make
+
+    def create(self, name: str, uri: str, sha256: str | None = None) -> LMService:
+        router = Router.load_first(
+            name, uri, sha256=sha256, make_engine=self.make_engine_for(name), cache_dir=self.options.cache_dir
+        )
+        service = LMService(
+            name, router, prompts=self.prompts, limits=self.options.limits, target=self.options.target
+        )
+        self.services[name] = service
+        return service
+
+    def get(self, name: str) -> LMService:
+        service = self.services.get(name)
+        if service is None:
+            raise ModelNotFound(name)  # type: ignore[no-untyped-call]
+        return service
+
+
+class CausalLMModel(Model):
+    """KServe V1 and V2 inference for one served name; generation goes through ``LMService``."""
+
+    def __init__(self, service: LMService) -> None:
+        super().__init__(service.name, return_response_headers=True)
+        self.service = service
+        self.ready = True
+
+    def get_input_types(self) -> list[dict[str, Any]]:
+        return [{"name": "text_input", "datatype": "BYTES", "shape": [-1]}]
+
+    def get_output_types(self) -> list[dict[str, Any]]:
+        return [
+            {"name": "text_output", "datatype": "BYTES", "shape": [-1]},
+            {"name": "finish_reason", "datatype": "BYTES", "shape": [-1]},
+            {"name": "completion_tokens", "datatype": "INT64", "shape": [-1]},
+        ]
+
+    async def predict(
+        self,
+        payload: dict[str, Any] | InferRequest,
+        headers: dict[str, str] | None = None,
+        response_headers: dict[str, str] | None = None,
+    ) -> dict[str, Any] | InferResponse:
+        headers = dict(headers or {})
+        if isinstance(payload, InferRequest):
+            return await self._predict_v2(payload, headers, response_headers)
+        if isinstance(payload, bytes):  # kserve passes bodies with other content types through raw
+            try:
+                payload = json.loads(payload)
+            except ValueError as exc:
+                raise BadRequestError(f"the body is not valid JSON: {exc}") from exc
+        if (
+            not isinstance(payload, dict)
+            or not isinstance(payload.get("instances"), list)
+            or not payload["instances"]
+        ):
+            raise BadRequestError(
+                'the V1 body must be {"instances": [{"prompt": TEXT, "max_tokens": N}, ...]}'
+            )
+        requests = [GenerateRequest.from_json(i) for i in payload["instances"]]
+        results = await self._run_all(requests, headers, response_headers)
+        return {"predictions": [r.to_json() for r in results]}
+
+    async def _predict_v2(
+        self, payload: InferRequest, headers: dict[str, str], response_headers: dict[str, str] | None
+    ) -> InferResponse:
+        texts = None
+        for infer_input in payload.inputs:
+            if infer_input.name in ("text_input", "prompt"):
+                texts = [t if isinstance(t, str) else t.decode() for t in infer_input.data]
+        if not texts:
+            raise BadRequestError('the V2 request needs a BYTES input named "text_input"')
+        parameters = {k: _plain(v) for k, v in (payload.parameters or {}).items()}
+        requests = [GenerateRequest.from_json({**parameters, "prompt": t}) for t in texts]
+        results = await self._run_all(requests, headers, response_headers)
+        outputs = [
+            InferOutput("text_output", [len(results)], "BYTES", data=[r.text for r in results]),
+            InferOutput("finish_reason", [len(results)], "BYTES", data=[r.finish_reason for r in results]),
+            InferOutput(
+                "completion_tokens", [len(results)], "INT64", data=[r.completion_tokens for r in results]
+            ),
+        ]
+        first = results[0]
+        return InferResponse(
+            response_id=payload.id or first.request_id,
+            model_name=self.name,
+            model_version=first.revision,
+            infer_outputs=outputs,
+            parameters={"revision": first.revision, "prompt_variant": first.prompt_variant},
+        )
+
+    async def _run_all(
+        self,
+        requests: list[GenerateRequest],
+        headers: dict[str, str],
+        response_headers: dict[str, str] | None,
+    ) -> list[Any]:
+        generations: list[Generation] = []
+        try:
+            for request in requests:
+                if generations:  # one request, one revision
+                    request.revision = generations[0].revision.name
+                generations.append(self.service.start(request, headers))
+                headers = {**headers, REQUEST_ID_HEADER: generations[0].request_id}
+            results = await asyncio.gather(*(g.result() for g in generations))
+        finally:
+            for g in generations:
+                g.close()
+        if response_headers is not None:
+            response_headers.update(generations[0].headers())
+        return list(results)
+
+
+def _plain(value: Any) -> Any:
+    """V2 parameters arrive as plain values or as InferParameter-like wrappers."""
+    for attr in ("int64_param", "double_param", "string_param", "bool_param"):
+        if hasattr(value, attr):
+            return getattr(value, attr)
+    return value
+
+
+# -- our routes ----------------------------------------------------------------------------------
+
+
+def install_routes(app: FastAPI, registry: Registry, repository: Any) -> None:
+    limits = registry.options.limits
+
+    @app.middleware("http")
+    async def request_id_and_body_limit(
+        request: Request, call_next: Callable[[Request], Awaitable[Any]]
+    ) -> Any:
+        request_id = request.headers.get(REQUEST_ID_HEADER) or str(uuid.uuid4())
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limits.max_body_bytes:
+            error = BodyTooLargeError(int(declared), limits.max_body_bytes)
+            response = JSONResponse(error.to_json(), status_code=error.status)
+        elif request.method in ("POST", "PUT") and declared is None:
+            body = bytearray()
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limits.max_body_bytes:
+                    error = BodyTooLargeError(None, limits.max_body_bytes)
+                    response = JSONResponse(error.to_json(), status_code=error.status)
+                    break
+            else:
+                request._body = bytes(body)
+                response = await call_next(request)
+        else:
+            response = await call_next(request)
+        response.headers.setdefault(REQUEST_ID_HEADER, request_id)
+        return response
+
+    def error_response(status: int, message: str, **extra: Any) -> JSONResponse:
+        return JSONResponse({"error": message, **extra}, status_code=status)
+
+    async def on_limit(_request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, LimitError)
+        response = JSONResponse(exc.to_json(), status_code=exc.status)
+        if isinstance(exc, QueueFullError):
+            response.headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+        telemetry().errors.add(1, {"code": str(exc.status), "limit": exc.limit})
+        return response
+
+    async def on_bad_request(_request: Request, exc: Exception) -> JSONResponse:
+        status = getattr(exc, "status", 400)
+        telemetry().errors.add(1, {"code": str(status)})
+        return error_response(status, str(exc))
+
+    app.add_exception_handler(LimitError, on_limit)
+    for kind in (
+        BadRequestError,
+        UnknownVariantError,
+        UnknownRevisionError,
+        ArtifactError,
+        SwapInProgressError,
+    ):
+        app.add_exception_handler(kind, on_bad_request)
+
+    async def read_json(request: Request) -> Any:
+        try:
+            return json.loads(await request.body() or b"{}")
+        except ValueError as exc:
+            raise BadRequestError(f"the body is not valid JSON: {exc}") from exc
+
+    # -- OpenAI-compatible ----------------------------------------------------------------------
+
+    def openai_service(body: Any) -> LMService:
+        if not isinstance(body, dict) or not isinstance(body.get("model"), str):
+            raise BadRequestError("'model' (the served model name) is required")
+        if body.get("n", 1) != 1:
+            raise BadRequestError("'n' other than 1 is not supported")
+        service = registry.services.get(body["model"])
+        if service is None:
+            raise UnknownRevisionError(
+                f"model {body['model']!r} is not served; served: {sorted(registry.services)}"
+            )
+        return service
+
+    @app.get("/openai/v1/models")
+    async def openai_models() -> dict[str, Any]:
+        return {
+            "object": "list",
+            "data": [{"id": n, "object": "model", "owned_by": "autoglm"} for n in sorted(registry.services)],
+        }
+
+    @app.post("/openai/v1/completions")
+    async def completions(request: Request) -> Any:
+        body = await read_json(request)
+        service = openai_service(body)
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1:
+            prompt = prompt[0]
+        if not isinstance(prompt, str):
+            raise BadRequestError("'prompt' must be one string")
+        generation = service.start(
+            GenerateRequest.from_json({**body, "prompt": prompt}, defaults={"max_tokens": 16}),
+            dict(request.headers),
+        )
+        return await openai_reply(generation, body, chat=False)
+
+    @app.post("/openai/v1/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        body = await read_json(request)
+        service = openai_service(body)
+        if "max_completion_tokens" in body and "max_tokens" not in body:
+            body["max_tokens"] = body["max_completion_tokens"]
+        generation = service.start(
+            GenerateRequest.from_json(
+                {k: v for k, v in body.items() if k != "prompt"}, defaults={"max_tokens": 64}
+            ),
+            dict(request.headers),
+        )
+        return await openai_reply(generation, body, chat=True)
+
+    async def openai_reply(generation: Generation, body: dict[str, Any], *, chat: bool) -> Any:
+        created = int(time.time())
+        ident = ("chatcmpl-" if chat else "cmpl-") + generation.request_id
+        base = {"id": ident, "created": created, "model": generation.service.name}
+        if not body.get("stream"):
+            try:
+                result = await generation.result()
+            finally:
+                generation.close()
+            choice: dict[str, Any] = {"index": 0, "finish_reason": result.finish_reason}
+            if chat:
+                choice["message"] = {"role": "assistant", "content": result.text}
+            else:
+                choice.update(text=result.text, logprobs=None)
+            usage = {
+                "prompt_tokens": result.prompt_tokens,
+                "completion_tokens": result.completion_tokens,
+                "total_tokens": result.prompt_tokens + result.completion_tokens,
+            }
+            payload = {
+                **base,
+                "object": "chat.completion" if chat else "text_completion",
+                "choices": [choice],
+                "usage": usage,
+            }
+            return JSONResponse(payload, headers=generation.headers())
+
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(delta: str | None, finish: str | None) -> str:
+            if chat:
+                choice = {
+                    "index": 0,
+                    "delta": {"content": delta} if delta is not None else {},
+                    "finish_reason": finish,
+                }
+            else:
+                choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
+            return f"data: {json.dumps({**base, 'object': obj, 'choices': [choice]})}\n\n"
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                if chat:
+                    yield f"data: {json.dumps({**base, 'object': obj, 'choices': [{'index': 0, 'delta': {'role': 'assistant'}, 'finish_reason': None}]})}\n\n"
+                async for delta in generation.deltas():
+                    yield chunk(delta, None)
+                yield chunk(None, generation.finish_reason or "stop")
+                yield "data: [DONE]\n\n"
+            except RuntimeError as exc:
+                yield f"data: {json.dumps({'error': str(exc)})}\n\n"
+            finally:
+                generation.close()
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers=generation.headers())
+
+    # -- model repository extension with parameters ----------------------------------------------
+
+    async def index(_request: Request) -> list[dict[str, Any]]:
+        return [
+            {"name": name, "state": "READY", "reason": "", **service.router.describe()}
+            for name, service in sorted(registry.services.items())
+        ]
+
+    app.add_api_route("/v2/repository/index", index, methods=["GET", "POST"])
+
+    @app.post("/v2/repository/models/{name}/load")
+    async def load(name: str, request: Request) -> JSONResponse:
+        body = await read_json(request)
+        parameters = body.get("parameters") if isinstance(body, dict) else None
+        if not isinstance(parameters, dict) or not isinstance(parameters.get("uri"), str):
+            raise BadRequestError(
+                'the body must be {"parameters": {"uri": ARTIFACT_URI, "sha256": OPTIONAL}}'
+            )
+        sha256 = parameters.get("sha256")
+        weight = parameters.get("canaryWeight")
+        if weight is not None and not (isinstance(weight, int | float) and 0 <= weight <= 100):
+            raise BadRequestError(f"canaryWeight must be a number from 0 to 100, got {weight!r}")
+        started = time.perf_counter()
+        service = registry.services.get(name)
+        if service is None:
+            if weight is not None:
+                raise BadRequestError(f"{name} is not loaded: load a stable revision before a canary")
+            service = await asyncio.to_thread(registry.create, name, parameters["uri"], sha256)
+            repository.update(CausalLMModel(service))
+            revision = service.router.table.stable
+        else:
+            revision = await service.router.swap(parameters["uri"], sha256=sha256, canary_weight=weight)
+        return JSONResponse(
+            {
+                "name": name,
+                "load": True,
+                "revision": revision.name,
+                "sha256": revision.loaded.artifact.digest,
+                "role": "canary" if weight is not None else "stable",
+                "seconds": round(time.perf_counter() - started, 3),
+                **service.router.describe(),
+            }
+        )
+
+    @app.post("/v2/repository/models/{name}/unload")
+    async def unload(name: str) -> JSONResponse:
+        service = registry.get(name)
+        del registry.services[name]
+        repository.models.pop(name, None)
+        await service.router.close()
+        return JSONResponse({"name": name, "unload": True})
+
+    @app.post("/v2/repository/models/{name}/promote")
+    async def promote(name: str) -> JSONResponse:
+        service = registry.get(name)
+        revision = service.router.promote()
+        return JSONResponse({"name": name, "promoted": revision.name, **service.router.describe()})
+
+    @app.post("/v2/repository/models/{name}/rollback")
+    async def rollback(name: str) -> JSONResponse:
+        service = registry.get(name)
+        revision = service.router.rollback()
+        return JSONResponse({"name": name, "rolledBack": revision.name, **service.router.describe()})
+
+
+class _LoopbackAwareREST(RESTServer):
+    host = "0.0.0.0"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.config.host = self.host
+
+
+def serve(name: str, uri: str, options: ServerOptions, *, sha256: str | None = None) -> None:
+    """Load ``uri`` as ``name`` and serve until SIGTERM/SIGINT."""
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    logging.getLogger("kserve.trace").setLevel(logging.WARNING)
+    registry = Registry(options)
+    service = registry.create(name, uri, sha256)
+    repository = ModelRepository()
+    server = ModelServer(
+        http_port=options.http_port,
+        enable_grpc=False,
+        workers=1,
+        registered_models=repository,
+        enable_latency_logging=False,
+    )
+    install_routes(kserve.model_server.app, registry, repository)
+    _LoopbackAwareREST.host = options.host
+    kserve.model_server.RESTServer = _LoopbackAwareREST  # type: ignore[attr-defined]  # it hard-codes 0.0.0.0
+    model = CausalLMModel(service)
+    log.info(
+        "serving %s revision %s on %s:%d",
+        name,
+        service.router.table.stable.name,
+        options.host,
+        options.http_port,
+    )
+    server.start([model])

@@ -1,0 +1,153 @@
+"""OpenTelemetry metrics and traces of the model server, exported in Prometheus format on ``/metrics``.
+
+One ``MeterProvider`` per process with a ``PrometheusMetricReader`` on prometheus_client's default
+registry, which is the registry KServe's own ``/metrics`` route serves: our instruments appear
+beside KServe's. Every instrument carries ``model``, ``revision``, ``prompt_variant`` and
+``target`` (the pool: cloud-gpu, edge, local); energy also carries ``method`` (rapl or
+cpu-time-model), so measured and modelled joules are never mixed without saying so.
+
+Traces: a span per request; exported over OTLP when ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set and the
+``opentelemetry-exporter-otlp`` package is installed, otherwise kept in-process only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from opentelemetry import metrics, trace
+from opentelemetry.exporter.prometheus import PrometheusMetricReader
+from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+log = logging.getLogger(__name__)
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+JOULE_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 50, 100, 500)
+
+_lock = threading.Lock()
+_telemetry: Telemetry | None = None
+
+
+@dataclass(frozen=True)
+class Labels:
+    model: str
+    revision: str
+    prompt_variant: str
+    target: str
+
+    def attrs(self, **extra: str) -> dict[str, str]:
+        return {
+            "model": self.model,
+            "revision": self.revision,
+            "prompt_variant": self.prompt_variant,
+            "target": self.target,
+            **extra,
+        }
+
+
+class Telemetry:
+    """The server's instruments; get the process-wide one with ``telemetry()``."""
+
+    def __init__(self) -> None:
+        resource = Resource.create(
+            {"service.name": os.environ.get("OTEL_SERVICE_NAME", "autoglm-model-server")}
+        )
+        self.reader = PrometheusMetricReader()
+        self.provider = MeterProvider(resource=resource, metric_readers=[self.reader])
+        meter = self.provider.get_meter("autoglm_inference")
+        self.request_duration = meter.create_histogram(
+            "autoglm.request.duration",
+            unit="s",
+            description="Request latency, arrival to last byte",
+            explicit_bucket_boundaries_advisory=LATENCY_BUCKETS,
+        )
+        self.time_to_first_token = meter.create_histogram(
+            "autoglm.time_to_first_token",
+            unit="s",
+            description="Arrival to the first generated token",
+            explicit_bucket_boundaries_advisory=LATENCY_BUCKETS,
+        )
+        self.inter_token_latency = meter.create_histogram(
+            "autoglm.inter_token_latency",
+            unit="s",
+            description="Mean time between generated tokens of a request",
+            explicit_bucket_boundaries_advisory=TOKEN_LATENCY_BUCKETS,
+        )
+        self.tokens = meter.create_counter(
+            "autoglm.tokens", unit="{token}", description="Prompt (direction=in) and generated (out) tokens"
+        )
+        self.batch_size = meter.create_histogram(
+            "autoglm.batch.size",
+            unit="{request}",
+            description="Requests prefilled together",
+            explicit_bucket_boundaries_advisory=BATCH_BUCKETS,
+        )
+        self.errors = meter.create_counter(
+            "autoglm.errors", unit="{request}", description="Requests answered with an error, by HTTP code"
+        )
+        self.energy = meter.create_counter(
+            "autoglm.energy",
+            unit="J",
+            description="Energy used by generation (method: rapl or cpu-time-model)",
+        )
+        self.energy_per_request = meter.create_histogram(
+            "autoglm.energy.per_request",
+            unit="J",
+            description="Joules per request",
+            explicit_bucket_boundaries_advisory=JOULE_BUCKETS,
+        )
+        self.energy_per_token = meter.create_histogram(
+            "autoglm.energy.per_token",
+            unit="J",
+            description="Joules per generated token",
+            explicit_bucket_boundaries_advisory=JOULE_BUCKETS,
+        )
+        self._queue_sources: dict[int, tuple[Labels, Callable[[], int]]] = {}
+        meter.create_observable_gauge(
+            "autoglm.queue.depth",
+            callbacks=[self._observe_queues],
+            unit="{request}",
+            description="Requests waiting for a batch slot",
+        )
+        self.tracer_provider = TracerProvider(resource=resource)
+        if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+            try:
+                from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # type: ignore[import-not-found]
+                    OTLPSpanExporter,
+                )
+            except ImportError:
+                log.warning(
+                    "OTEL_EXPORTER_OTLP_ENDPOINT is set but opentelemetry-exporter-otlp is not installed"
+                )
+            else:
+                self.tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        self.tracer = self.tracer_provider.get_tracer("autoglm_inference")
+
+    def watch_queue(self, key: int, labels: Labels, depth: Callable[[], int]) -> None:
+        self._queue_sources[key] = (labels, depth)
+
+    def unwatch_queue(self, key: int) -> None:
+        self._queue_sources.pop(key, None)
+
+    def _observe_queues(self, _options: CallbackOptions) -> Iterable[Observation]:
+        for labels, depth in list(self._queue_sources.values()):
+            yield Observation(depth(), labels.attrs())
+
+
+def telemetry() -> Telemetry:
+    global _telemetry
+    with _lock:
+        if _telemetry is None:
+            _telemetry = Telemetry()
+            metrics.set_meter_provider(_telemetry.provider)
+            trace.set_tracer_provider(_telemetry.tracer_provider)
+        return _telemetry

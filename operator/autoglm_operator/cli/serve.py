@@ -1,0 +1,83 @@
+"""``autoglm serve``: the KServe model server for one causal LM (what every target runs)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import click
+
+
+@click.command("serve")
+@click.option(
+    "--model-name", required=True, help="Name the model is served under (V1/V2 path, OpenAI 'model')."
+)
+@click.option(
+    "--model-uri", required=True, help="Artifact to serve: a folder, file://, pvc://, s3://, gs://, hf://."
+)
+@click.option(
+    "--sha256", default=None, help="Expected SHA-256 of the artifact's model card; refuse anything else."
+)
+@click.option("--host", default="0.0.0.0", show_default=True, help="Address to listen on.")
+@click.option("--http-port", type=click.IntRange(1, 65535), default=8080, show_default=True)
+@click.option("--max-batch-size", type=click.IntRange(1, 256), default=8, show_default=True,
+              help="Requests decoded together; 1 turns batching off.")  # fmt: skip
+@click.option("--max-batch-delay-ms", type=click.FloatRange(0, 10_000), default=10.0, show_default=True,
+              help="How long an idle server waits for more requests before it starts a batch.")  # fmt: skip
+@click.option("--continuous/--no-continuous", default=True, show_default=True,
+              help="Let new requests join a running batch between decode steps.")  # fmt: skip
+@click.option("--max-queue", type=click.IntRange(0), default=64, show_default=True,
+              help="Requests that may wait for a batch slot; more get 429 with Retry-After.")  # fmt: skip
+@click.option("--max-prompt-tokens", type=click.IntRange(1), default=2048, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(1), default=512, show_default=True)
+@click.option("--max-body-bytes", type=click.IntRange(1), default=1 << 20, show_default=True)
+@click.option(
+    "--threads", type=click.IntRange(1), default=None, help="torch threads (default: torch's choice)."
+)
+@click.option(
+    "--target", default="local", show_default=True, help="Pool label on metrics: cloud-gpu, edge, local."
+)
+@click.option("--prompt-variants", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="YAML/JSON file naming the active system-prompt variant; re-read when it changes.")  # fmt: skip
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=Path(".cache/autoglm"),
+              show_default=True)  # fmt: skip
+def serve_command(
+    model_name: str,
+    model_uri: str,
+    sha256: str | None,
+    host: str,
+    http_port: int,
+    max_batch_size: int,
+    max_batch_delay_ms: float,
+    continuous: bool,
+    max_queue: int,
+    max_prompt_tokens: int,
+    max_new_tokens: int,
+    max_body_bytes: int,
+    threads: int | None,
+    target: str,
+    prompt_variants: Path | None,
+    cache_dir: Path,
+) -> None:
+    """Serve MODEL_URI over KServe V1, Open Inference V2 and OpenAI-compatible routes."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from autoglm_inference.artifact import ArtifactError
+    from autoglm_inference.limits import Limits
+    from autoglm_inference.server import ServerOptions, serve
+
+    options = ServerOptions(
+        host=host,
+        http_port=http_port,
+        max_batch_size=max_batch_size,
+        max_batch_delay_ms=max_batch_delay_ms,
+        continuous_batching=continuous,
+        threads=threads,
+        target=target,
+        cache_dir=cache_dir,
+        limits=Limits(max_prompt_tokens, max_new_tokens, max_body_bytes, max_queue),
+        prompt_variants=prompt_variants,
+    )
+    try:
+        serve(model_name, model_uri, options, sha256=sha256)
+    except (ArtifactError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc

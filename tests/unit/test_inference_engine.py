@@ -1,0 +1,150 @@
+"""The decode engine: batched greedy output equals unbatched, rows join and leave, limits hold."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from autoglm_inference.engine import Engine, Job, run_jobs
+from autoglm_inference.generation import DecodeBatch, Sampling
+from autoglm_inference.limits import QueueFullError
+from tests.support.tiny_models import tiny_glm
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [12, 13, 14, 15], [40, 41, 42, 43, 44, 45, 46, 47, 48, 49], [7]]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> torch.nn.Module:
+    folder = tiny_glm(tmp_path_factory.mktemp("tiny") / "m", init_std=0.3, seed=3)
+    return AutoModelForCausalLM.from_pretrained(folder).eval()
+
+
+def alone(model: torch.nn.Module, prompt: list[int], n: int) -> list[int]:
+    batch = DecodeBatch.prefill(model, [prompt], [Sampling()])
+    out = [int(batch.tokens[0])]
+    while len(out) < n:
+        out.append(int(batch.step(model)[0]))
+    return out
+
+
+def test_the_model_under_test_is_not_degenerate(model: torch.nn.Module) -> None:
+    outputs = [alone(model, p, 10) for p in PROMPTS]
+    assert len({tuple(o) for o in outputs}) == len(PROMPTS)
+    assert all(len(set(o)) > 3 for o in outputs), outputs
+
+
+def test_rows_joining_and_leaving_decode_what_they_decode_alone(model: torch.nn.Module) -> None:
+    expected = [alone(model, p, 12) for p in PROMPTS[:3]]
+    batch = DecodeBatch.prefill(model, PROMPTS[:2], [Sampling()] * 2)
+    outs = [[int(t)] for t in batch.tokens]
+    finished = []
+    for step in range(11):
+        if step == 3:
+            joining = DecodeBatch.prefill(model, [PROMPTS[2]], [Sampling()])
+            batch.merge(joining)
+            outs.append([int(joining.tokens[0])])
+        if step == 6:
+            batch.keep([0, 2])
+            finished.append(outs.pop(1))
+        for row, token in enumerate(batch.step(model).tolist()):
+            outs[row].append(token)
+    assert outs[0] == expected[0]
+    assert finished[0] == expected[1][: len(finished[0])]
+    assert outs[1] == expected[2][: len(outs[1])]
+
+
+@pytest.mark.parametrize(("batch_size", "continuous"), [(1, False), (4, False), (4, True), (8, True)])
+def test_engine_output_equals_unbatched_greedy(
+    model: torch.nn.Module, batch_size: int, continuous: bool
+) -> None:
+    lengths = [9, 3, 12, 6, 1]
+    expected = [alone(model, p, n) for p, n in zip(PROMPTS, lengths, strict=True)]
+    engine = Engine(model, max_batch_size=batch_size, max_batch_delay_ms=20, continuous=continuous).start()
+    try:
+        jobs = run_jobs(engine, [Job(p, n) for p, n in zip(PROMPTS, lengths, strict=True)])
+    finally:
+        engine.stop()
+    assert [j.generated for j in jobs] == expected
+    assert all(j.finish_reason == "length" for j in jobs)
+    assert all(j.joules > 0 for j in jobs)
+
+
+def test_a_stop_token_ends_the_row_without_being_emitted(model: torch.nn.Module) -> None:
+    expected = alone(model, PROMPTS[0], 10)
+    stop = expected[4]
+    engine = Engine(model).start()
+    try:
+        (job,) = run_jobs(engine, [Job(PROMPTS[0], 10, stop_ids=frozenset({stop}))])
+    finally:
+        engine.stop()
+    assert job.finish_reason == "stop"
+    assert job.generated == expected[: expected.index(stop)]
+
+
+def test_a_full_queue_refuses_with_retry_after(model: torch.nn.Module) -> None:
+    engine = Engine(model, max_queue=2)  # not started: nothing leaves the queue
+    engine.submit(Job([1], 1))
+    engine.submit(Job([1], 1))
+    with pytest.raises(QueueFullError) as refused:
+        engine.submit(Job([1], 1))
+    assert refused.value.status == 429
+    assert refused.value.retry_after >= 1
+    assert "max_queue" in refused.value.message
+
+
+def test_cancelled_jobs_leave_the_batch_and_others_go_on(model: torch.nn.Module) -> None:
+    engine = Engine(model, max_batch_size=4, max_batch_delay_ms=50).start()
+    try:
+        long_job = Job(PROMPTS[0], 400)
+        short_job = Job(PROMPTS[1], 5)
+        engine.submit(long_job)
+        engine.submit(short_job)
+        assert short_job.wait(60)
+        long_job.cancel()
+        assert long_job.wait(60)
+    finally:
+        engine.stop()
+    assert long_job.finish_reason == "cancelled"
+    assert 0 < len(long_job.generated) < 400
+    assert short_job.generated == alone(model, PROMPTS[1], 5)
+
+
+def test_a_failing_forward_fails_its_batch_and_the_engine_keeps_serving(model: torch.nn.Module) -> None:
+    calls = {"n": 0}
+    real_forward = model.forward
+    lock = threading.Lock()
+
+    def flaky(*args: object, **kwargs: object) -> object:
+        with lock:
+            calls["n"] += 1
+            first = calls["n"] == 1
+        if first:
+            raise RuntimeError("simulated out of memory")
+        return real_forward(*args, **kwargs)
+
+    engine = Engine(model, max_batch_delay_ms=0).start()
+    try:
+        model.forward = flaky  # type: ignore[method-assign]
+        (failed,) = run_jobs(engine, [Job(PROMPTS[0], 3)])
+        (served,) = run_jobs(engine, [Job(PROMPTS[0], 3)])
+    finally:
+        model.forward = real_forward  # type: ignore[method-assign]
+        engine.stop()
+    assert failed.finish_reason == "error"
+    assert served.generated == alone(model, PROMPTS[0], 3)
+
+
+def test_seeded_sampling_is_reproducible_and_differs_from_greedy(model: torch.nn.Module) -> None:
+    sampling = Sampling(temperature=1.5, top_p=0.95, seed=7)
+    engine = Engine(model, max_batch_size=4).start()
+    try:
+        a, b = run_jobs(
+            engine, [Job(PROMPTS[3], 16, sampling=sampling), Job(PROMPTS[3], 16, sampling=sampling)]
+        )
+    finally:
+        engine.stop()
+    assert a.generated == b.generated
+    assert a.generated != alone(model, PROMPTS[3], 16)
