@@ -1,0 +1,250 @@
+"""Atomic hot-swap through the model repository extension, canaries inside one server, and overload."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from autoglm_inference.generation import DecodeBatch, Sampling
+from tests.support.servers import ServerProcess
+from tests.support.tiny_models import tiny_glm, with_model_card
+
+pytestmark = pytest.mark.integration
+
+PROMPT = "Something is rotten in the state of Denmark"
+
+
+class Artifacts:
+    def __init__(self, root: Path) -> None:
+        self.a = tiny_glm(root / "a", init_std=0.3, seed=3)
+        self.sha_a = with_model_card(self.a, "rev-a")
+        self.b = tiny_glm(root / "b", init_std=0.3, seed=4)
+        self.sha_b = with_model_card(self.b, "rev-b")
+        self.c = tiny_glm(root / "c", init_std=0.3, seed=5)
+        self.sha_c = with_model_card(self.c, "rev-c")
+        # Bytes changed after publishing: the card no longer matches the weights.
+        self.corrupt = root / "corrupt"
+        shutil.copytree(self.b, self.corrupt)
+        weights = self.corrupt / "model.safetensors"
+        data = bytearray(weights.read_bytes())
+        data[-100:] = bytes(100)
+        weights.write_bytes(bytes(data))
+        # A truncated file whose card was (wrongly) written after the truncation: hashes match, loading fails.
+        self.truncated = root / "truncated"
+        shutil.copytree(self.c, self.truncated)
+        weights = self.truncated / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+        with_model_card(self.truncated, "rev-t")
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Artifacts:
+    return Artifacts(tmp_path_factory.mktemp("artifacts"))
+
+
+def greedy(folder: Path, prompt: str, n: int) -> str:
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    batch = DecodeBatch.prefill(
+        model, [tokenizer(prompt, add_special_tokens=False)["input_ids"]], [Sampling()]
+    )
+    out = [int(batch.tokens[0])]
+    while len(out) < n and out[-1] != tokenizer.eos_token_id:
+        out.append(int(batch.step(model)[0]))
+    if out[-1] == tokenizer.eos_token_id:
+        out.pop()
+    return str(tokenizer.decode(out, skip_special_tokens=True))
+
+
+@pytest.fixture(scope="module")
+def server(artifacts: Artifacts, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    log = tmp_path_factory.mktemp("logs") / "server.log"
+    proc = ServerProcess("tiny", str(artifacts.a), "--max-batch-size", "4", log=log).wait_ready()
+    yield proc
+    assert proc.alive, f"the server died:\n{log.read_text()[-3000:]}"
+    assert proc.stop() == 0
+
+
+def load(server: ServerProcess, uri: Path, **parameters: object) -> httpx.Response:
+    body = {"parameters": {"uri": str(uri), **parameters}}
+    return httpx.post(f"{server.url}/v2/repository/models/tiny/load", json=body, timeout=120)
+
+
+def complete(server: ServerProcess, n: int = 8, **headers: str) -> httpx.Response:
+    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": n}
+    return httpx.post(f"{server.url}/openai/v1/completions", json=body, headers=headers, timeout=60)
+
+
+def index(server: ServerProcess) -> dict:
+    (entry,) = httpx.get(f"{server.url}/v2/repository/index").json()
+    return dict(entry)
+
+
+def test_a_swap_flips_the_alias_to_the_verified_revision(server: ServerProcess, artifacts: Artifacts) -> None:
+    assert complete(server).headers["x-autoglm-revision"] == "rev-a"
+    r = load(server, artifacts.b, sha256=artifacts.sha_b)
+    assert r.status_code == 200, r.text
+    assert r.json()["revision"] == "rev-b"
+    assert r.json()["sha256"] == artifacts.sha_b
+    answer = complete(server, 12)
+    assert answer.headers["x-autoglm-revision"] == "rev-b"
+    assert answer.json()["choices"][0]["text"] == greedy(artifacts.b, PROMPT, 12)
+    assert index(server)["stable"]["revision"] == "rev-b"
+
+
+@pytest.mark.parametrize(
+    ("which", "sha", "status", "needle"),
+    [
+        ("corrupt", None, 422, "model.safetensors has sha256"),
+        ("truncated", None, 422, "cannot load"),
+        ("c", "0" * 64, 409, "does not match"),
+        ("missing", None, 422, "does not exist"),
+    ],
+)
+def test_a_bad_artifact_is_refused_and_the_serving_revision_keeps_serving(
+    server: ServerProcess,
+    artifacts: Artifacts,
+    tmp_path: Path,
+    which: str,
+    sha: str | None,
+    status: int,
+    needle: str,
+) -> None:
+    before = index(server)["stable"]["revision"]
+    uri = tmp_path / "nothing-here" if which == "missing" else getattr(artifacts, which)
+    r = load(server, uri, **({"sha256": sha} if sha else {}))
+    assert r.status_code == status, r.text
+    assert needle in r.json()["error"]
+    assert index(server)["stable"]["revision"] == before
+    assert complete(server).status_code == 200
+
+
+def test_concurrent_swaps_are_refused_not_interleaved(server: ServerProcess, artifacts: Artifacts) -> None:
+    barrier = threading.Barrier(2)
+
+    def swap(uri: Path) -> int:
+        barrier.wait()
+        return load(server, uri).status_code
+
+    with ThreadPoolExecutor(2) as pool:
+        statuses = sorted(pool.map(swap, [artifacts.a, artifacts.c]))
+    assert statuses == [200, 409]
+    assert index(server)["stable"]["revision"] in ("rev-a", "rev-c")
+    assert index(server)["swapping"] is None
+
+
+def test_a_request_in_flight_finishes_on_the_revision_it_started_on(
+    server: ServerProcess, artifacts: Artifacts
+) -> None:
+    assert load(server, artifacts.a).status_code == 200
+    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 40, "stream": True}
+    with httpx.stream("POST", f"{server.url}/openai/v1/completions", json=body, timeout=60) as stream:
+        lines = stream.iter_lines()
+        first = next(line for line in lines if line.startswith("data: "))
+        swapped = load(server, artifacts.b)  # the old revision is leased by this open stream
+        assert swapped.status_code == 200
+        assert index(server)["stable"]["revision"] == "rev-b"
+        rest = [line[6:] for line in lines if line.startswith("data: ")]
+    assert stream.headers["x-autoglm-revision"] == "rev-a"
+    chunks = [json.loads(first[6:])] + [json.loads(e) for e in rest[:-1]]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == greedy(artifacts.a, PROMPT, 40)
+    assert complete(server).headers["x-autoglm-revision"] == "rev-b"
+
+
+def test_a_canary_inside_one_server_takes_its_weight_and_can_be_pinned(
+    server: ServerProcess, artifacts: Artifacts
+) -> None:
+    assert load(server, artifacts.a).status_code == 200
+    r = load(server, artifacts.c, canaryWeight=50)
+    assert r.status_code == 200, r.text
+    assert r.json()["role"] == "canary"
+    state = index(server)
+    assert (state["stable"]["revision"], state["canary"]["revision"], state["canaryWeight"]) == (
+        "rev-a",
+        "rev-c",
+        50,
+    )
+    seen = {complete(server, 1).headers["x-autoglm-revision"] for _ in range(30)}
+    assert seen == {"rev-a", "rev-c"}  # 30 draws at 50%: both sides with probability 1 - 2**-29
+    assert {
+        complete(server, 1, **{"x-autoglm-revision": "rev-c"}).headers["x-autoglm-revision"] for _ in range(5)
+    } == {"rev-c"}
+    unknown = complete(server, 1, **{"x-autoglm-revision": "rev-zzz"})
+    assert unknown.status_code == 400
+    assert "rev-a" in unknown.json()["error"]
+
+    rolled = httpx.post(f"{server.url}/v2/repository/models/tiny/rollback")
+    assert rolled.json()["rolledBack"] == "rev-c"
+    assert {complete(server, 1).headers["x-autoglm-revision"] for _ in range(10)} == {"rev-a"}
+
+    assert load(server, artifacts.c, canaryWeight=10).status_code == 200
+    promoted = httpx.post(f"{server.url}/v2/repository/models/tiny/promote")
+    assert promoted.json()["promoted"] == "rev-c"
+    assert index(server)["canary"] is None
+    assert complete(server, 1).headers["x-autoglm-revision"] == "rev-c"
+    assert httpx.post(f"{server.url}/v2/repository/models/tiny/promote").status_code == 400
+
+
+def test_unload_then_load_brings_the_name_back(server: ServerProcess, artifacts: Artifacts) -> None:
+    assert httpx.post(f"{server.url}/v2/repository/models/tiny/unload").status_code == 200
+    assert complete(server).status_code == 400  # 'tiny' is not served
+    assert httpx.get(f"{server.url}/v2/models/tiny/ready").status_code == 404
+    assert httpx.post(f"{server.url}/v2/repository/models/tiny/unload").status_code == 404
+    assert load(server, artifacts.a, sha256=artifacts.sha_a).status_code == 200
+    assert complete(server).headers["x-autoglm-revision"] == "rev-a"
+    v1 = httpx.post(
+        f"{server.url}/v1/models/tiny:predict", json={"instances": [{"prompt": PROMPT, "max_tokens": 2}]}
+    )
+    assert v1.status_code == 200
+
+
+def test_overload_gets_429_with_retry_after_and_the_server_stays_up(
+    artifacts: Artifacts, tmp_path: Path
+) -> None:
+    log = tmp_path / "overload.log"
+    proc = ServerProcess(
+        "tiny",
+        str(artifacts.a),
+        "--max-batch-size",
+        "1",
+        "--max-queue",
+        "1",
+        "--max-new-tokens",
+        "64",
+        log=log,
+    ).wait_ready()
+    try:
+        barrier = threading.Barrier(8)
+
+        def one(_: int) -> httpx.Response:
+            barrier.wait()
+            return httpx.post(
+                f"{proc.url}/openai/v1/completions",
+                json={"model": "tiny", "prompt": PROMPT, "max_tokens": 64},
+                timeout=120,
+            )
+
+        with ThreadPoolExecutor(8) as pool:
+            responses = list(pool.map(one, range(8)))
+        refused = [r for r in responses if r.status_code == 429]
+        assert refused, [r.status_code for r in responses]
+        assert all(r.status_code in (200, 429) for r in responses)
+        assert all(r.json()["limit"] == "max_queue" and int(r.headers["retry-after"]) >= 1 for r in refused)
+        assert complete(proc).status_code == 200
+        assert 'code="429"' in httpx.get(f"{proc.url}/metrics").text
+    finally:
+        assert proc.alive
+        proc.stop()
+
+
+def test_the_model_object_under_test_is_what_the_server_loads(artifacts: Artifacts) -> None:
+    # Different seeds must give different answers, or the swap tests could not tell revisions apart.
+    assert len({greedy(f, PROMPT, 12) for f in (artifacts.a, artifacts.b, artifacts.c)}) == 3
