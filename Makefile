@@ -67,6 +67,8 @@ render: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/ledger.py
 	$(BIN)/python bench/compression.py
+	$(BIN)/python bench/serving.py
+	$(BIN)/python bench/hotswap.py
 
 clean:
 	rm -rf $(VENV) .autoglm .pytest_cache .mypy_cache .ruff_cache

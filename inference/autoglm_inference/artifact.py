@@ -1,6 +1,7 @@
 """Model artifacts as the server loads them: resolve the URI, verify every hash, then load.
 
-A published artifact (``autoglm pipeline publish``) carries ``model-card.json`` listing the
+A URI names a model folder, or a GGUF file (converted once and cached as safetensors, as the
+pipeline's fetch step does). A published artifact (``autoglm pipeline publish``) carries ``model-card.json`` listing the
 SHA-256 of every file. The artifact's digest is the SHA-256 of that card, so one hash pins every
 byte; a plain Hugging Face folder without a card is pinned by the digest of its file hashes.
 Nothing here unpickles: weights are safetensors only.
@@ -17,6 +18,7 @@ from typing import Any
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from autoglm_pipelines.artifacts import load_model_folder
+from autoglm_pipelines.loading import gguf_as_safetensors
 from autoglm_pipelines.results import hash_tree
 from autoglm_pipelines.uris import SourceError, resolve
 
@@ -54,6 +56,8 @@ def locate(uri: str, *, cache_dir: Path) -> Path:
         uri = "file://" + str(Path(uri).resolve())
     try:
         folder = resolve(uri, cache_dir=cache_dir)
+        if folder.is_file() and folder.suffix == ".gguf":  # converted once, cached as safetensors
+            folder = gguf_as_safetensors(folder, cache_dir=cache_dir)
     except SourceError as exc:
         raise ArtifactError(str(exc)) from exc
     if not folder.is_dir():

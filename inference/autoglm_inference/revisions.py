@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import gc
 import logging
 import random
@@ -200,6 +201,7 @@ class Router:
 
 def _build(uri: str, sha256: str | None, make_engine: EngineFactory, cache_dir: Path) -> Revision:
     loaded = load(uri, cache_dir=cache_dir, expected_sha256=sha256)
+    _return_freed_memory()  # loading builds and drops a float model first
     return Revision(loaded=loaded, engine=make_engine(loaded).start())
 
 
@@ -224,4 +226,12 @@ async def _drain(model: str, revision: Revision) -> None:
     await asyncio.to_thread(revision.engine.stop)
     log.info("%s: released revision %s", model, revision.name)
     revision.engine.model = None  # type: ignore[assignment]
+    revision.loaded.model = None  # type: ignore[assignment]
     gc.collect()
+    _return_freed_memory()
+
+
+def _return_freed_memory() -> None:
+    """Give freed heap pages back to the OS (glibc keeps them otherwise, and RSS only grows)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)

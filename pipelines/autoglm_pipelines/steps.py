@@ -28,9 +28,9 @@ from autoglm_pipelines.evaluation import measure
 from autoglm_pipelines.gates import evaluate_gates, quality_loss
 from autoglm_pipelines.loading import load_causal_lm
 from autoglm_pipelines.quantization import weight_bytes
-from autoglm_pipelines.revision import artifact_revision
 from autoglm_pipelines.results import StepResult, canonical_digest, hash_tree, read_result, write_result
 from autoglm_pipelines.resume import inputs_digest, reusable
+from autoglm_pipelines.revision import artifact_revision
 from autoglm_pipelines.search import apply_config
 from autoglm_pipelines.search import search as run_search
 from autoglm_pipelines.text import read_text, tokenize, windows

@@ -14,7 +14,7 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from autoglm_inference.generation import DecodeBatch, Sampling
-from tests.support.servers import ServerProcess
+from autoglm_inference.process import ServerProcess
 from tests.support.tiny_models import tiny_glm, with_model_card
 
 pytestmark = pytest.mark.integration

@@ -1,4 +1,4 @@
-"""``autoglm serve`` as a real process on loopback, for integration tests and benchmarks."""
+"""``autoglm serve`` as a child process on loopback: the embedded mode's model servers, tests, benchmarks."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ def free_port() -> int:
 
 
 class ServerProcess:
+    """Start ``autoglm serve`` for ``name``/``uri`` on a free loopback port; ``args`` are more serve flags."""
+
     def __init__(self, name: str, uri: str, *args: str, log: Path, threads: int = 1) -> None:
         self.name = name
         self.port = free_port()

@@ -1,0 +1,134 @@
+"""Generation requests, stop sequences, prompt variants and limits, without HTTP."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from autoglm_inference.artifact import LoadedArtifact
+from autoglm_inference.engine import Engine
+from autoglm_inference.limits import Limits, PromptTooLongError, TooManyNewTokensError
+from autoglm_inference.prompts import PromptVariants, UnknownVariantError, Variants, with_system_prompt
+from autoglm_inference.revisions import Router
+from autoglm_inference.service import BadRequestError, GenerateRequest, LMService
+from tests.support.tiny_models import tiny_glm
+
+PROMPT = "Something is rotten in the state of Denmark"
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_glm(tmp_path_factory.mktemp("svc") / "m", init_std=0.3, seed=3)
+
+
+@pytest.fixture
+def service(folder: Path, tmp_path: Path) -> Iterator[LMService]:
+    def make(loaded: LoadedArtifact) -> Engine:
+        return Engine(loaded.model, max_batch_delay_ms=0)
+
+    router = Router.load_first("m", str(folder), sha256=None, make_engine=make, cache_dir=tmp_path)
+    variants = PromptVariants(variants=Variants("short", {"short": "Be brief.", "long": "Be thorough."}))
+    yield LMService("m", router, prompts=variants, limits=Limits(max_prompt_tokens=40, max_new_tokens=30))
+    for revision in router.revisions():
+        revision.engine.stop()
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        ({}, "exactly one of"),
+        ({"prompt": "x", "messages": [{"role": "user", "content": "y"}]}, "exactly one of"),
+        ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+        ({"prompt": "x", "max_tokens": "5"}, "max_tokens"),
+        ({"prompt": "x", "temperature": -1}, "temperature"),
+        ({"prompt": "x", "top_p": 0}, "top_p"),
+        ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"prompt": "x", "stop": [""]}, "stop"),
+        ({"messages": [{"role": "user"}]}, "messages"),
+        ({"messages": []}, "messages"),
+        ([1, 2], "JSON object"),
+    ],
+)
+def test_malformed_requests_name_the_field(body: object, needle: str) -> None:
+    with pytest.raises(BadRequestError, match=needle):
+        GenerateRequest.from_json(body)
+
+
+@pytest.mark.asyncio
+async def test_streamed_deltas_join_to_the_whole_text(service: LMService) -> None:
+    whole = await service.start(GenerateRequest(prompt=PROMPT, max_tokens=25)).result()
+    generation = service.start(GenerateRequest(prompt=PROMPT, max_tokens=25))
+    deltas = [d async for d in generation.deltas()]
+    assert "".join(deltas) == whole.text
+    assert len(deltas) > 1
+    assert generation.summary().completion_tokens == whole.completion_tokens
+
+
+@pytest.mark.asyncio
+async def test_a_stop_sequence_cuts_the_text_and_is_never_shown(service: LMService) -> None:
+    whole = (await service.start(GenerateRequest(prompt=PROMPT, max_tokens=25)).result()).text
+    stop = whole[len(whole) // 2 : len(whole) // 2 + 2]
+    assert stop.strip(), whole
+    generation = service.start(GenerateRequest(prompt=PROMPT, max_tokens=25, stop=[stop]))
+    streamed = "".join([d async for d in generation.deltas()])
+    assert streamed == whole[: whole.index(stop)]
+    assert generation.finish_reason == "stop"
+
+
+@pytest.mark.asyncio
+async def test_limits_are_checked_before_anything_is_queued(service: LMService) -> None:
+    with pytest.raises(TooManyNewTokensError, match="max_new_tokens"):
+        service.start(GenerateRequest(prompt="x", max_tokens=31))
+    with pytest.raises(PromptTooLongError, match="max_prompt_tokens"):
+        service.start(GenerateRequest(prompt="word " * 100, max_tokens=1))
+    assert service.router.table.stable.leases == 0  # refused requests hold no lease
+    assert service.router.table.stable.engine.in_flight == 0
+
+
+@pytest.mark.asyncio
+async def test_chat_gets_the_active_variant_unless_pinned_or_given_a_system_message(
+    service: LMService,
+) -> None:
+    chat = [{"role": "user", "content": "Hello"}]
+    assert service.start(GenerateRequest(messages=chat, max_tokens=1)).labels.prompt_variant == "short"
+    pinned = service.start(GenerateRequest(messages=chat, max_tokens=1), {"x-autoglm-prompt-variant": "long"})
+    assert pinned.labels.prompt_variant == "long"
+    own = [{"role": "system", "content": "Mine."}, *chat]
+    assert service.start(GenerateRequest(messages=own, max_tokens=1)).labels.prompt_variant == "none"
+    assert service.start(GenerateRequest(prompt="Hi", max_tokens=1)).labels.prompt_variant == "none"
+    with pytest.raises(UnknownVariantError, match="long"):
+        service.start(GenerateRequest(messages=chat, max_tokens=1, prompt_variant="nope"))
+
+
+def test_variants_file_reload_keeps_the_last_good_one(tmp_path: Path) -> None:
+    path = tmp_path / "v.yaml"
+    path.write_text("active: a\nvariants: {a: 'A.', b: 'B.'}\n")
+    variants = PromptVariants(path)
+    assert variants.resolve(None) == ("a", "A.")
+    path.write_text("active: b\nvariants: {a: 'A.', b: 'B.'}\n")
+    _touch_later(path)
+    assert variants.resolve(None) == ("b", "B.")
+    path.write_text("active: c\nvariants: {a: 'A.'}\n")  # names a variant it lacks
+    _touch_later(path)
+    assert variants.resolve(None) == ("b", "B.")
+
+
+def test_a_bad_variants_file_fails_start_up(tmp_path: Path) -> None:
+    path = tmp_path / "v.yaml"
+    path.write_text("variants: [1, 2]\n")
+    with pytest.raises(ValueError, match="expected a mapping"):
+        PromptVariants(path)
+
+
+def test_system_prompt_is_added_only_when_missing() -> None:
+    chat = [{"role": "user", "content": "Hi"}]
+    assert with_system_prompt(chat, "S.") == ([{"role": "system", "content": "S."}, *chat], True)
+    assert with_system_prompt(chat, None) == (chat, False)
+
+
+def _touch_later(path: Path) -> None:
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))

@@ -1,0 +1,145 @@
+"""Revisions in-process: verification, the atomic flip, leases, release after draining, canaries."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import shutil
+import weakref
+from pathlib import Path
+
+import pytest
+
+from autoglm_inference.artifact import ArtifactError, LoadedArtifact, load, verify
+from autoglm_inference.engine import Engine
+from autoglm_inference.revisions import Router, SwapInProgressError, UnknownRevisionError
+from tests.support.tiny_models import tiny_glm, with_model_card
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("revisions")
+    out = {}
+    for name, seed in (("a", 1), ("b", 2)):
+        out[name] = tiny_glm(root / name, seed=seed)
+        with_model_card(out[name], f"rev-{name}")
+    return out
+
+
+def make_engine(loaded: LoadedArtifact) -> Engine:
+    return Engine(loaded.model, max_batch_delay_ms=0)
+
+
+def router(folder: Path, tmp_path: Path) -> Router:
+    return Router.load_first("m", str(folder), sha256=None, make_engine=make_engine, cache_dir=tmp_path)
+
+
+def test_verify_names_the_file_that_changed(folders: dict[str, Path], tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(folders["a"], copy)
+    (copy / "tokenizer.json").write_text("{}")
+    with pytest.raises(ArtifactError, match=r"tokenizer.json has sha256") as refused:
+        verify("x", copy)
+    assert refused.value.status == 422
+    (copy / "tokenizer.json").unlink()
+    with pytest.raises(ArtifactError, match=r"tokenizer.json is listed in model-card.json but missing"):
+        verify("x", copy)
+
+
+def test_the_digest_pins_the_model_card(folders: dict[str, Path], tmp_path: Path) -> None:
+    digest = verify("a", folders["a"]).digest
+    assert (
+        load(str(folders["a"]), cache_dir=tmp_path, expected_sha256=digest.upper()).artifact.revision
+        == "rev-a"
+    )
+    with pytest.raises(ArtifactError, match="does not match") as refused:
+        verify("a", folders["a"], "f" * 64)
+    assert refused.value.status == 409
+
+
+def test_a_folder_without_a_card_is_pinned_by_its_files(folders: dict[str, Path], tmp_path: Path) -> None:
+    plain = tmp_path / "plain"
+    shutil.copytree(folders["b"], plain)
+    (plain / "model-card.json").unlink()
+    first = verify("p", plain)
+    assert first.card is None
+    assert first.revision == first.digest[:12]
+    (plain / "config.json").write_text((plain / "config.json").read_text() + "\n")
+    assert verify("p", plain).digest != first.digest
+
+
+def test_a_corrupt_card_is_refused(folders: dict[str, Path], tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(folders["a"], copy)
+    (copy / "model-card.json").write_text('{"revision": "x"}')
+    with pytest.raises(ArtifactError, match="not a valid model card"):
+        verify("c", copy)
+
+
+@pytest.mark.asyncio
+async def test_a_swap_flips_atomically_and_the_old_revision_is_released_after_its_leases(
+    folders: dict[str, Path], tmp_path: Path
+) -> None:
+    r = router(folders["a"], tmp_path)
+    old = r.table.stable
+    model_ref = weakref.ref(old.loaded.model)
+    with r.choose().lease() as held:
+        assert held is old
+        new = await r.swap(str(folders["b"]), sha256=None)
+        assert r.choose() is new  # new requests go to the new revision at once
+        await asyncio.sleep(0.2)
+        assert held.engine.model is not None  # still leased: not released
+    for _ in range(100):
+        if old.engine.model is None:
+            break
+        await asyncio.sleep(0.05)
+    assert old.engine.model is None
+    del old, held
+    gc.collect()
+    assert model_ref() is None, "the retired revision's weights are still referenced"
+    await r.close()
+
+
+@pytest.mark.asyncio
+async def test_a_second_swap_during_a_swap_is_refused(folders: dict[str, Path], tmp_path: Path) -> None:
+    r = router(folders["a"], tmp_path)
+    first = asyncio.create_task(r.swap(str(folders["b"]), sha256=None))
+    await asyncio.sleep(0)  # the first swap holds the lock
+    with pytest.raises(SwapInProgressError, match="in progress"):
+        await r.swap(str(folders["a"]), sha256=None)
+    assert (await first).name == "rev-b"
+    await r.close()
+
+
+@pytest.mark.asyncio
+async def test_a_failed_swap_leaves_the_table_as_it_was(folders: dict[str, Path], tmp_path: Path) -> None:
+    r = router(folders["a"], tmp_path)
+    before = r.table
+    with pytest.raises(ArtifactError):
+        await r.swap(str(tmp_path / "missing"), sha256=None)
+    assert r.table is before
+    assert r.describe()["swapping"] is None
+    await r.close()
+
+
+@pytest.mark.asyncio
+async def test_canary_weight_pinning_promote_and_rollback(folders: dict[str, Path], tmp_path: Path) -> None:
+    r = router(folders["a"], tmp_path)
+    canary = await r.swap(str(folders["b"]), sha256=None, canary_weight=0)
+    assert all(r.choose() is r.table.stable for _ in range(50))
+    assert r.choose("rev-b") is canary
+    r.set_weight(100)
+    assert all(r.choose() is canary for _ in range(50))
+    with pytest.raises(UnknownRevisionError, match="served"):
+        r.choose("rev-x")
+    with pytest.raises(ArtifactError, match="already the stable revision"):
+        await r.swap(str(folders["a"]), sha256=None, canary_weight=10)
+    assert r.rollback() is canary
+    assert r.table.canary is None
+    with pytest.raises(UnknownRevisionError):
+        r.promote()
+    await r.swap(str(folders["b"]), sha256=None, canary_weight=50)
+    promoted = r.promote()
+    assert r.table.stable is promoted
+    assert r.table.canary is None
+    await r.close()
