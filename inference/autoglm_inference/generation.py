@@ -67,6 +67,8 @@ class DecodeBatch:
         for row, prompt in enumerate(prompts):
             ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
             mask[row, width - len(prompt) :] = 1
+        device = model_device(model)
+        ids, mask = ids.to(device), mask.to(device)
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
         out = model(
@@ -76,12 +78,12 @@ class DecodeBatch:
             past_key_values=cache,
             use_cache=True,
         )
-        generators = [_generator(s) for s in sampling]
+        generators = [_generator(s, device) for s in sampling]
         batch = cls(
             cache=cache,
             mask=mask,
             positions=mask.sum(-1),
-            tokens=torch.zeros(len(prompts), dtype=torch.long),
+            tokens=torch.zeros(len(prompts), dtype=torch.long, device=device),
             sampling=list(sampling),
             generators=generators,
         )
@@ -91,7 +93,7 @@ class DecodeBatch:
     @torch.inference_mode()
     def step(self, model: nn.Module) -> torch.Tensor:
         """Feed every row's last token; returns (and keeps) the next token of each row."""
-        self.mask = torch.cat([self.mask, torch.ones(self.size, 1, dtype=torch.long)], dim=1)
+        self.mask = torch.cat([self.mask, self.mask.new_ones(self.size, 1)], dim=1)
         out = model(
             input_ids=self.tokens.view(-1, 1),
             attention_mask=self.mask,
@@ -105,7 +107,7 @@ class DecodeBatch:
 
     def keep(self, rows: Sequence[int]) -> None:
         """Keep only ``rows`` (in that order); trims cache columns no remaining row uses."""
-        index = torch.tensor(list(rows), dtype=torch.long)
+        index = torch.tensor(list(rows), dtype=torch.long, device=self.mask.device)
         self.cache.batch_select_indices(index)
         self.mask = self.mask[index]
         self.positions = self.positions[index]
@@ -165,10 +167,17 @@ def _pad_left(t: torch.Tensor, length: int) -> torch.Tensor:
     return functional.pad(t, (0, 0, length - t.shape[2], 0)) if t.shape[2] < length else t
 
 
-def _generator(sampling: Sampling) -> torch.Generator | None:
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's weights are (CPU, or the GPU it was moved to)."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _generator(sampling: Sampling, device: torch.device) -> torch.Generator | None:
     if sampling.temperature <= 0:
         return None
-    generator = torch.Generator()
+    generator = torch.Generator(device=device)
     if sampling.seed is not None:
         generator.manual_seed(sampling.seed)
     else:

@@ -66,6 +66,16 @@ class ServerOptions:
     cache_dir: Path = Path(".cache/autoglm")
     limits: Limits = field(default_factory=Limits)
     prompt_variants: Path | None = None
+    device: str = "cpu"  # cpu, cuda, cuda:N or auto (cuda when one is visible)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but torch sees no CUDA device; use cpu or auto")
+    return device
 
 
 @contextlib.contextmanager
@@ -111,7 +121,16 @@ class Registry:
         self.meter = EnergyMeter()
 
     def make_engine_for(self, name: str) -> Callable[[LoadedArtifact], Engine]:
+        device = resolve_device(self.options.device)
+
         def make(loaded: LoadedArtifact) -> Engine:
+            meter = self.meter
+            if device.type != "cpu":
+                try:
+                    loaded.model.to(device)  # type: ignore[arg-type]
+                except Exception as exc:  # e.g. CPU-only packed int4/int8 weights
+                    raise ArtifactError(f"{loaded.artifact.uri}: cannot run on {device}: {exc}") from exc
+                meter = EnergyMeter(gpu_index=device.index or 0) if device.type == "cuda" else meter
             labels = Labels(name, loaded.artifact.revision, "-", self.options.target)
             engine = Engine(
                 loaded.model,
@@ -119,7 +138,7 @@ class Registry:
                 max_batch_delay_ms=self.options.max_batch_delay_ms,
                 max_queue=self.options.limits.max_queue,
                 continuous=self.options.continuous_batching,
-                meter=self.meter,
+                meter=meter,
                 observer=_EngineObserver(labels),
                 name=f"{name}@{loaded.artifact.revision}",
             )

@@ -7,6 +7,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from autoglm_inference.artifact import LoadedArtifact
 from autoglm_inference.engine import Engine
@@ -14,6 +16,7 @@ from autoglm_inference.limits import Limits, PromptTooLongError, TooManyNewToken
 from autoglm_inference.prompts import PromptVariants, UnknownVariantError, Variants, with_system_prompt
 from autoglm_inference.revisions import Router
 from autoglm_inference.service import BadRequestError, GenerateRequest, LMService
+from autoglm_inference.telemetry import telemetry
 from tests.support.tiny_models import tiny_glm
 
 PROMPT = "Something is rotten in the state of Denmark"
@@ -132,3 +135,25 @@ def test_system_prompt_is_added_only_when_missing() -> None:
 def _touch_later(path: Path) -> None:
     stat = path.stat()
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+
+
+@pytest.mark.asyncio
+async def test_each_request_is_a_span_with_its_labels_and_usage(service: LMService) -> None:
+    exporter = InMemorySpanExporter()
+    telemetry().tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
+    result = await service.start(
+        GenerateRequest(prompt=PROMPT, max_tokens=5), {"x-request-id": "trace-1"}
+    ).result()
+    spans = [
+        s
+        for s in exporter.get_finished_spans()
+        if s.attributes and s.attributes.get("request_id") == "trace-1"
+    ]
+    assert len(spans) == 1
+    attributes = dict(spans[0].attributes or {})
+    assert spans[0].name == "autoglm.generate"
+    assert attributes["model"] == "m"
+    assert attributes["revision"] == result.revision
+    assert attributes["completion_tokens"] == result.completion_tokens
+    assert attributes["energy_joules"] > 0
+    exporter.shutdown()

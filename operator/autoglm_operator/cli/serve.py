@@ -34,6 +34,8 @@ import click
 @click.option(
     "--threads", type=click.IntRange(1), default=None, help="torch threads (default: torch's choice)."
 )
+@click.option("--device", default="cpu", show_default=True,
+              help="cpu, cuda, cuda:N, or auto (cuda when torch sees one). Energy on a GPU comes from NVML.")  # fmt: skip
 @click.option(
     "--target", default="local", show_default=True, help="Pool label on metrics: cloud-gpu, edge, local."
 )
@@ -55,6 +57,7 @@ def serve_command(
     max_new_tokens: int,
     max_body_bytes: int,
     threads: int | None,
+    device: str,
     target: str,
     prompt_variants: Path | None,
     cache_dir: Path,
@@ -76,6 +79,7 @@ def serve_command(
         cache_dir=cache_dir,
         limits=Limits(max_prompt_tokens, max_new_tokens, max_body_bytes, max_queue),
         prompt_variants=prompt_variants,
+        device=device,
     )
     try:
         serve(model_name, model_uri, options, sha256=sha256)

@@ -1,0 +1,45 @@
+"""``autoglm serve`` refuses what it cannot serve before it listens on anything."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from autoglm_operator.cli.main import cli
+from tests.support.tiny_models import tiny_glm
+
+
+def serve(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(cli, ["serve", "--model-name", "m", "--http-port", "1", *args])
+    return result.exit_code, result.output
+
+
+def test_a_missing_artifact_is_a_one_line_error(tmp_path: Path) -> None:
+    code, output = serve("--model-uri", str(tmp_path / "nope"))
+    assert code == 1
+    assert "does not exist" in output
+
+
+def test_a_mismatched_digest_is_refused(tmp_path: Path) -> None:
+    folder = tiny_glm(tmp_path / "m")
+    code, output = serve("--model-uri", str(folder), "--sha256", "0" * 64)
+    assert code == 1
+    assert "not the requested" in output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_asking_for_cuda_without_one_says_what_to_use(tmp_path: Path) -> None:
+    folder = tiny_glm(tmp_path / "m")
+    code, output = serve("--model-uri", str(folder), "--device", "cuda")
+    assert code == 1
+    assert "no CUDA device" in output
+    assert "auto" in output
+
+
+def test_limits_are_checked_by_the_option_parser() -> None:
+    code, output = serve("--model-uri", "x", "--max-batch-size", "0")
+    assert code == 2
+    assert "--max-batch-size" in output
