@@ -41,7 +41,9 @@ demo: $(STAMP)
 	  1 / r['sizeReduction'], r['decodeSpeedup']))"
 	$(BIN)/autoglm audit --db $(DEMO_DB) query --model ml/support-glm --limit 5
 	$(BIN)/autoglm audit --db $(DEMO_DB) verify
-	@echo "== not built yet: autoglm run (serve -> canary -> feedback around the pipeline); see the open issues"
+	@echo "== autoglm serve on the published int8 artifact: chat, streaming, V1, V2, an in-server canary, metrics"
+	$(BIN)/python examples/serve_demo.py .autoglm/demo-pipeline/publish/model
+	@echo "== not built yet: autoglm run (the operator's loop: canary analysis and feedback around pipeline and server); see the open issues"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "not e2e" -q

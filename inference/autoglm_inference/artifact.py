@@ -83,6 +83,11 @@ def verify(uri: str, folder: Path, expected_sha256: str | None = None) -> Artifa
         except (ValueError, KeyError, TypeError) as exc:
             raise ArtifactError(f"{uri}: {MODEL_CARD} is not a valid model card: {exc}") from exc
         actual = hash_tree(folder)
+        unlisted = sorted(set(actual) - set(files) - {MODEL_CARD})
+        if unlisted:  # it would be loaded (a chat template, a generation config) without being pinned
+            raise ArtifactError(
+                f"{uri}: {', '.join(unlisted)} not listed in {MODEL_CARD}; refusing unverified files"
+            )
         for name, sha in sorted(files.items()):
             if name == MODEL_CARD:
                 continue  # a card cannot hash itself

@@ -49,10 +49,17 @@ def _rapl_counters() -> list[Path]:
 def _nvml_handle(gpu_index: int) -> Any | None:
     """NVML's handle of GPU ``gpu_index`` when pynvml is installed and the counter reads, else None."""
     try:
-        import pynvml  # type: ignore[import-not-found]
+        import pynvml  # type: ignore[import-untyped,unused-ignore]
 
         pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(gpu_index)
+        handle = None
+        try:  # torch's cuda:N is NVML's device with the same UUID (CUDA_VISIBLE_DEVICES renumbers)
+            import torch
+
+            uuid = str(torch.cuda.get_device_properties(gpu_index).uuid)
+            handle = pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
+        except Exception:
+            handle = pynvml.nvmlDeviceGetHandleByIndex(gpu_index)
         pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)
     except Exception:  # not installed, no driver, or a GPU without the counter
         return None

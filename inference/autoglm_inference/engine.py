@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -31,7 +31,8 @@ from autoglm_inference.limits import QueueFullError
 
 log = logging.getLogger(__name__)
 
-FinishReason = Literal["stop", "length", "cancelled", "error"]
+#: ``unavailable``: the revision was unloaded before the job ran (the client should retry: 503).
+FinishReason = Literal["stop", "length", "cancelled", "error", "unavailable"]
 
 
 @dataclass
@@ -68,10 +69,14 @@ class Job:
     _events: asyncio.Queue[Event] | None = None
     _cancelled: threading.Event = field(default_factory=threading.Event)
     _done: threading.Event = field(default_factory=threading.Event)
+    _engine: Engine | None = None
 
     def cancel(self) -> None:
-        """Stop generating for this job (client gone, stop sequence seen); the row leaves the batch."""
+        """Stop generating for this job (client gone, stop sequence seen): a queued job leaves the
+        queue at once (freeing its slot), a running row leaves the batch at the next step."""
         self._cancelled.set()
+        if self._engine is not None:
+            self._engine._withdraw(self)
 
     @property
     def cancelled(self) -> bool:
@@ -101,7 +106,7 @@ class Job:
 
 
 class EngineObserver(Protocol):
-    def on_batch(self, size: int) -> None: ...
+    def on_prefill(self, size: int) -> None: ...
     def on_step(self, rows: int, seconds: float) -> None: ...
 
 
@@ -121,9 +126,10 @@ class Engine:
         meter: EnergyMeter | None = None,
         observer: EngineObserver | None = None,
         name: str = "",
+        step_lock: threading.Lock | None = None,
     ) -> None:
-        if max_batch_size < 1 or max_queue < 0 or max_batch_delay_ms < 0:
-            raise ValueError("max_batch_size >= 1, max_queue >= 0 and max_batch_delay_ms >= 0 are required")
+        if max_batch_size < 1 or max_queue < 1 or max_batch_delay_ms < 0:
+            raise ValueError("max_batch_size >= 1, max_queue >= 1 and max_batch_delay_ms >= 0 are required")
         self.model = model
         self.max_batch_size = max_batch_size
         self.max_batch_delay = max_batch_delay_ms / 1000
@@ -138,6 +144,10 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._step_seconds = 0.05  # running estimate, for Retry-After
+        # Engines sharing a device share this lock, so a step's energy reading is its own: the meter
+        # reads process- or device-wide counters, which two engines stepping at once would both count.
+        self._step_lock = step_lock or threading.Lock()
+        self.on_stop: list[Callable[[], None]] = []
 
     # -- public API -----------------------------------------------------------------------------
 
@@ -147,16 +157,21 @@ class Engine:
             self._thread.start()
         return self
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Finish nothing new: cancel what waits, let running rows end, then join the thread."""
+    def stop(self, timeout: float = 30.0) -> bool:
+        """Take nothing new: what waits ends ``unavailable``, running rows finish, the thread is
+        joined. Returns whether the thread has ended (False: still decoding after ``timeout``)."""
         with self._cond:
             self._stopping = True
             waiting, self._waiting = list(self._waiting), deque()
             self._cond.notify_all()
         for job in waiting:
-            job._emit(Finished("cancelled", "the server is shutting down"))
+            job._emit(Finished("unavailable", "the model revision was unloaded before this request ran"))
         if self._thread is not None:
             self._thread.join(timeout)
+        for callback in self.on_stop:
+            callback()
+        self.on_stop.clear()
+        return self._thread is None or not self._thread.is_alive()
 
     def submit(self, job: Job) -> Job:
         """Queue ``job``; raises ``QueueFullError`` when ``max_queue`` jobs already wait."""
@@ -168,9 +183,18 @@ class Engine:
                 raise QueueFullError(self.max_queue, retry_after=1.0, reason="the revision is being unloaded")
             if len(self._waiting) >= self.max_queue:
                 raise QueueFullError(self.max_queue, retry_after=self.retry_after())
+            job._engine = self
             self._waiting.append(job)
             self._cond.notify_all()
         return job
+
+    def _withdraw(self, job: Job) -> None:
+        with self._cond:
+            try:
+                self._waiting.remove(job)
+            except ValueError:
+                return  # running (leaves at the next step) or already done
+        job._emit(Finished("cancelled"))
 
     @property
     def queue_depth(self) -> int:
@@ -227,8 +251,7 @@ class Engine:
                     rows = list(self._running)
                     if self.continuous and len(rows) < self.max_batch_size and self._waiting:
                         joining = self._take(self.max_batch_size - len(rows), wait=False)
-                        if joining:
-                            batch.merge(self._prefill(joining))
+                        if joining and self._join(batch, joining):
                             rows = list(self._running)
                             self._finish_rows(batch, rows, first_new=len(rows) - len(joining))
                             continue
@@ -242,17 +265,30 @@ class Engine:
                     job._emit(Finished("error", f"{type(exc).__name__}: {exc}"))
                 batch = None
 
+    def _join(self, batch: DecodeBatch, joining: list[Job]) -> bool:
+        """Prefill ``joining`` and merge it into ``batch``; a failure fails only the joiners."""
+        try:
+            batch.merge(self._prefill(joining))
+        except Exception as exc:
+            log.exception("%s: prefill of joining requests failed", self.name)
+            with self._cond:
+                self._running = [j for j in self._running if j not in joining]
+            for job in joining:
+                job._emit(Finished("error", f"{type(exc).__name__}: {exc}"))
+            return False
+        return True
+
     def _prefill(self, jobs: Sequence[Job]) -> DecodeBatch:
         if self.observer:
-            self.observer.on_batch(len(jobs))
-        with self.meter.measure() as energy:
+            self.observer.on_prefill(len(jobs))
+        with self._step_lock, self.meter.measure() as energy:
             batch = DecodeBatch.prefill(self.model, [j.prompt_ids for j in jobs], [j.sampling for j in jobs])
         self._charge(jobs, energy.reading)
         return batch
 
     def _timed_step(self, batch: DecodeBatch, rows: Sequence[Job]) -> None:
         start = time.perf_counter()
-        with self.meter.measure() as energy:
+        with self._step_lock, self.meter.measure() as energy:
             batch.step(self.model)
         seconds = time.perf_counter() - start
         self._step_seconds = 0.9 * self._step_seconds + 0.1 * seconds

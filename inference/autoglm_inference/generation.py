@@ -77,6 +77,7 @@ class DecodeBatch:
             position_ids=position_ids,
             past_key_values=cache,
             use_cache=True,
+            logits_to_keep=1,  # only the last position: [rows, prompt, vocab] logits would be GBs
         )
         generators = [_generator(s, device) for s in sampling]
         batch = cls(

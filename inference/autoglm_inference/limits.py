@@ -14,7 +14,7 @@ class Limits:
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
-            if value < (0 if name == "max_queue" else 1):
+            if value < 1:
                 raise ValueError(f"{name} must be positive, got {value}")
 
 
@@ -33,10 +33,18 @@ class LimitError(Exception):
 
 
 class PromptTooLongError(LimitError):
-    def __init__(self, tokens: int, limit: int) -> None:
+    def __init__(self, tokens: int | None, limit: int) -> None:
+        has = f"has {tokens} tokens" if tokens is not None else "is far longer than the limit"
         super().__init__(
-            "max_prompt_tokens",
-            f"the prompt has {tokens} tokens; at most {limit} (max_prompt_tokens) are allowed",
+            "max_prompt_tokens", f"the prompt {has}; at most {limit} tokens (max_prompt_tokens) are allowed"
+        )
+
+
+class ContextTooLongError(LimitError):
+    def __init__(self, prompt: int, new: int, context: int) -> None:
+        super().__init__(
+            "context_length",
+            f"{prompt} prompt tokens + max_tokens {new} exceed the model's context of {context} positions",
         )
 
 

@@ -36,7 +36,15 @@ class SwapInProgressError(Exception):
 
 
 class UnknownRevisionError(LookupError):
-    status = 400
+    """A model name or pinned revision this server does not serve (404)."""
+
+    status = 404
+
+
+class NoCanaryError(Exception):
+    """Promote, rollback or weigh with no canary loaded, or a canary before any stable (409)."""
+
+    status = 409
 
 
 @dataclass
@@ -69,6 +77,20 @@ class Revision:
         a = self.loaded.artifact
         return {"revision": a.revision, "uri": a.uri, "sha256": a.digest, "inFlight": self.leases}
 
+    def release(self, timeout: float = 30.0) -> bool:
+        """Stop the engine (queued requests end ``unavailable``, running rows finish) and drop the
+        weights once its thread has ended. Returns False when the thread was still decoding."""
+        if not self.engine.stop(timeout):
+            log.warning(
+                "%s: still decoding after %.0fs; its weights are kept until it ends", self.name, timeout
+            )
+            return False
+        self.engine.model = None  # type: ignore[assignment]
+        self.loaded.model = None  # type: ignore[assignment]
+        gc.collect()
+        _return_freed_memory()
+        return True
+
 
 @dataclass(frozen=True)
 class Table:
@@ -90,7 +112,8 @@ class Router:
         self._cache_dir = cache_dir
         self._swap = asyncio.Lock()
         self._swapping: str | None = None
-        self._draining: set[asyncio.Task[None]] = set()
+        self._draining: dict[asyncio.Task[None], Revision] = {}
+        self.closed = False
         self._rng = random.Random()
 
     @classmethod
@@ -134,19 +157,20 @@ class Router:
                 revision = await asyncio.to_thread(_build, uri, sha256, self._make_engine, self._cache_dir)
                 try:
                     await asyncio.to_thread(_warm_up, revision)
-                except Exception:
-                    revision.engine.stop()
+                    old = self.table
+                    if self.closed:
+                        raise ArtifactError(f"{self.name} was unloaded during the swap", status=409)
+                    if canary_weight is not None and revision.name == old.stable.name:
+                        raise ArtifactError(
+                            f"{uri}: revision {revision.name} is already the stable revision", status=409
+                        )
+                except BaseException:
+                    await asyncio.to_thread(revision.release)
                     raise
-                old = self.table
                 if canary_weight is None:
                     self.table = Table(stable=revision)
                     retired = [r for r in (old.stable, old.canary) if r is not None and r is not revision]
                 else:
-                    if revision.name == old.stable.name:
-                        revision.engine.stop()
-                        raise ArtifactError(
-                            f"{uri}: revision {revision.name} is already the stable revision", status=409
-                        )
                     self.table = Table(stable=old.stable, canary=revision, canary_weight=canary_weight)
                     retired = [old.canary] if old.canary is not None else []
                 log.info("%s: now serving %s", self.name, self.describe())
@@ -159,7 +183,7 @@ class Router:
     def promote(self) -> Revision:
         t = self.table
         if t.canary is None:
-            raise UnknownRevisionError(f"{self.name} has no canary to promote")
+            raise NoCanaryError(f"{self.name} has no canary to promote")
         self.table = Table(stable=t.canary)
         self._retire(t.stable)
         return t.canary
@@ -167,7 +191,7 @@ class Router:
     def rollback(self) -> Revision:
         t = self.table
         if t.canary is None:
-            raise UnknownRevisionError(f"{self.name} has no canary to roll back")
+            raise NoCanaryError(f"{self.name} has no canary to roll back")
         self.table = Table(stable=t.stable)
         self._retire(t.canary)
         return t.canary
@@ -175,7 +199,7 @@ class Router:
     def set_weight(self, weight: float) -> None:
         t = self.table
         if t.canary is None:
-            raise UnknownRevisionError(f"{self.name} has no canary to weigh")
+            raise NoCanaryError(f"{self.name} has no canary to weigh")
         self.table = Table(stable=t.stable, canary=t.canary, canary_weight=weight)
 
     def describe(self) -> dict[str, object]:
@@ -188,15 +212,18 @@ class Router:
         }
 
     async def close(self) -> None:
-        for r in self.revisions():
-            await asyncio.to_thread(r.engine.stop)
+        """Unload: every revision, serving or draining, is stopped and released."""
+        self.closed = True
+        retiring = list(self._draining.values())
         for task in list(self._draining):
             task.cancel()
+        for revision in [*self.revisions(), *retiring]:
+            await asyncio.to_thread(revision.release)
 
     def _retire(self, revision: Revision) -> None:
         task = asyncio.get_running_loop().create_task(_drain(self.name, revision))
-        self._draining.add(task)
-        task.add_done_callback(self._draining.discard)
+        self._draining[task] = revision
+        task.add_done_callback(lambda t: self._draining.pop(t, None))
 
 
 def _build(uri: str, sha256: str | None, make_engine: EngineFactory, cache_dir: Path) -> Revision:
@@ -220,15 +247,13 @@ def _warm_up(revision: Revision) -> None:
 
 
 async def _drain(model: str, revision: Revision) -> None:
+    """Wait for the requests that hold a lease on ``revision``, then release it."""
     deadline = time.monotonic() + DRAIN_TIMEOUT_S
     while revision.leases > 0 and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
-    await asyncio.to_thread(revision.engine.stop)
+    while not await asyncio.to_thread(revision.release):
+        await asyncio.sleep(1.0)  # a request still decoding after the drain timeout: let it end
     log.info("%s: released revision %s", model, revision.name)
-    revision.engine.model = None  # type: ignore[assignment]
-    revision.loaded.model = None  # type: ignore[assignment]
-    gc.collect()
-    _return_freed_memory()
 
 
 def _return_freed_memory() -> None:

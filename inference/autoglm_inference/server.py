@@ -23,11 +23,13 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import sys
+import threading
 import time
 import uuid
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,19 +41,23 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from autoglm_inference.artifact import ArtifactError, LoadedArtifact
 from autoglm_inference.energy import EnergyMeter
 from autoglm_inference.engine import Engine
-from autoglm_inference.limits import BodyTooLargeError, LimitError, Limits, QueueFullError
+from autoglm_inference.limits import LimitError, Limits, QueueFullError
+from autoglm_inference.middleware import ClientGoneError, RequestGuard, until_done_or_gone
 from autoglm_inference.prompts import PromptVariants, UnknownVariantError
-from autoglm_inference.revisions import Router, SwapInProgressError, UnknownRevisionError
+from autoglm_inference.revisions import NoCanaryError, Router, SwapInProgressError, UnknownRevisionError
 from autoglm_inference.service import (
     REQUEST_ID_HEADER,
     BadRequestError,
     GenerateRequest,
     Generation,
+    GenerationError,
     LMService,
+    UnavailableError,
 )
 from autoglm_inference.telemetry import Labels, telemetry
 
 log = logging.getLogger(__name__)
+SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 
 
 @dataclass(frozen=True)
@@ -72,7 +78,10 @@ class ServerOptions:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"unknown device {name!r}: use cpu, cuda, cuda:N or auto") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} asked for, but torch sees no CUDA device; use cpu or auto")
     return device
@@ -92,7 +101,6 @@ def _own_argv() -> Iterator[None]:
 warnings.filterwarnings("ignore", message=".*ORJSONResponse is deprecated.*")
 with _own_argv():
     import kserve.model_server
-    from kserve.errors import ModelNotFound
     from kserve.model import Model
     from kserve.model_repository import ModelRepository
     from kserve.model_server import ModelServer
@@ -104,11 +112,11 @@ class _EngineObserver:
     def __init__(self, labels: Labels) -> None:
         self.labels = labels
 
-    def on_batch(self, size: int) -> None:
-        telemetry().batch_size.record(size, self.labels.attrs())
+    def on_prefill(self, size: int) -> None:
+        telemetry().prefill_size.record(size, self.labels.attrs())
 
     def on_step(self, rows: int, seconds: float) -> None:
-        pass
+        telemetry().batch_size.record(rows, self.labels.attrs())
 
 
 class Registry:
@@ -116,21 +124,41 @@ class Registry:
 
     def __init__(self, options: ServerOptions) -> None:
         self.options = options
+        self.device = resolve_device(options.device)
         self.services: dict[str, LMService] = {}
         self.prompts = PromptVariants(options.prompt_variants)
-        self.meter = EnergyMeter()
+        self.meter = EnergyMeter(gpu_index=(self.device.index or 0) if self.device.type == "cuda" else None)
+        if self.device.type == "cuda" and self.meter.method != "nvml":
+            log.warning(
+                "no NVML energy counter for %s (pip install nvidia-ml-py): energy is CPU-time modelled",
+                self.device,
+            )
+        # One decode step at a time on the device: each step's energy reading is then its own.
+        self.step_lock = threading.Lock()
+        self._busy: dict[str, str] = {}
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self, name: str, what: str) -> AsyncIterator[None]:
+        """One repository operation per model name at a time; a second one gets 409."""
+        if name in self._busy:
+            raise SwapInProgressError(
+                f"{name}: {self._busy[name]} is in progress; retry when it has finished"
+            )
+        self._busy[name] = what
+        try:
+            yield
+        finally:
+            del self._busy[name]
 
     def make_engine_for(self, name: str) -> Callable[[LoadedArtifact], Engine]:
-        device = resolve_device(self.options.device)
+        device = self.device
 
         def make(loaded: LoadedArtifact) -> Engine:
-            meter = self.meter
             if device.type != "cpu":
                 try:
                     loaded.model.to(device)  # type: ignore[arg-type]
                 except Exception as exc:  # e.g. CPU-only packed int4/int8 weights
                     raise ArtifactError(f"{loaded.artifact.uri}: cannot run on {device}: {exc}") from exc
-                meter = EnergyMeter(gpu_index=device.index or 0) if device.type == "cuda" else meter
             labels = Labels(name, loaded.artifact.revision, "-", self.options.target)
             engine = Engine(
                 loaded.model,
@@ -138,11 +166,14 @@ class Registry:
                 max_batch_delay_ms=self.options.max_batch_delay_ms,
                 max_queue=self.options.limits.max_queue,
                 continuous=self.options.continuous_batching,
-                meter=meter,
+                meter=self.meter,
                 observer=_EngineObserver(labels),
                 name=f"{name}@{loaded.artifact.revision}",
+                step_lock=self.step_lock,
             )
-            telemetry().watch_queue(id(engine), labels, lambda: engine.queue_depth)
+            key = id(engine)
+            telemetry().watch_queue(key, labels, lambda: engine.queue_depth)
+            engine.on_stop.append(lambda: telemetry().unwatch_queue(key))
             return engine
 
         return make
@@ -160,7 +191,7 @@ class Registry:
     def get(self, name: str) -> LMService:
         service = self.services.get(name)
         if service is None:
-            raise ModelNotFound(name)  # type: ignore[no-untyped-call]
+            raise UnknownRevisionError(f"model {name!r} is not served; served: {sorted(self.services)}")
         return service
 
 
@@ -211,10 +242,10 @@ class CausalLMModel(Model):
     async def _predict_v2(
         self, payload: InferRequest, headers: dict[str, str], response_headers: dict[str, str] | None
     ) -> InferResponse:
-        texts = None
+        texts: list[str] | None = None
         for infer_input in payload.inputs:
             if infer_input.name in ("text_input", "prompt"):
-                texts = [t if isinstance(t, str) else t.decode() for t in infer_input.data]
+                texts = [_text(t) for t in infer_input.data]
         if not texts:
             raise BadRequestError('the V2 request needs a BYTES input named "text_input"')
         parameters = {k: _plain(v) for k, v in (payload.parameters or {}).items()}
@@ -242,20 +273,31 @@ class CausalLMModel(Model):
         headers: dict[str, str],
         response_headers: dict[str, str] | None,
     ) -> list[Any]:
+        """Every instance of one request, on one revision, batched; cancelled if the client leaves."""
+        request_id = headers.get(REQUEST_ID_HEADER) or str(uuid.uuid4())
         generations: list[Generation] = []
         try:
-            for request in requests:
-                if generations:  # one request, one revision
+            for index, request in enumerate(requests):
+                if generations:
                     request.revision = generations[0].revision.name
-                generations.append(self.service.start(request, headers))
-                headers = {**headers, REQUEST_ID_HEADER: generations[0].request_id}
-            results = await asyncio.gather(*(g.result() for g in generations))
+                # Each instance has its own id (feedback joins on it): the request's, then "/1", "/2"...
+                instance_id = request_id if index == 0 else f"{request_id}/{index}"
+                generations.append(self.service.start(request, {**headers, REQUEST_ID_HEADER: instance_id}))
+            results = await until_done_or_gone(asyncio.gather(*(g.result() for g in generations)))
         finally:
             for g in generations:
                 g.close()
         if response_headers is not None:
             response_headers.update(generations[0].headers())
         return list(results)
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    if not isinstance(value, str):
+        raise BadRequestError(f"text_input must hold strings (BYTES), got {value!r}")
+    return value
 
 
 def _plain(value: Any) -> Any:
@@ -271,57 +313,40 @@ def _plain(value: Any) -> Any:
 
 def install_routes(app: FastAPI, registry: Registry, repository: Any) -> None:
     limits = registry.options.limits
+    app.add_middleware(RequestGuard, max_body_bytes=limits.max_body_bytes, target=registry.options.target)
 
-    @app.middleware("http")
-    async def request_id_and_body_limit(
-        request: Request, call_next: Callable[[Request], Awaitable[Any]]
-    ) -> Any:
-        request_id = request.headers.get(REQUEST_ID_HEADER) or str(uuid.uuid4())
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limits.max_body_bytes:
-            error = BodyTooLargeError(int(declared), limits.max_body_bytes)
-            response = JSONResponse(error.to_json(), status_code=error.status)
-        elif request.method in ("POST", "PUT") and declared is None:
-            body = bytearray()
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > limits.max_body_bytes:
-                    error = BodyTooLargeError(None, limits.max_body_bytes)
-                    response = JSONResponse(error.to_json(), status_code=error.status)
-                    break
-            else:
-                request._body = bytes(body)
-                response = await call_next(request)
-        else:
-            response = await call_next(request)
-        response.headers.setdefault(REQUEST_ID_HEADER, request_id)
-        return response
-
-    def error_response(status: int, message: str, **extra: Any) -> JSONResponse:
-        return JSONResponse({"error": message, **extra}, status_code=status)
+    def error_response(status: int, message: str, **headers: str) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status, headers=headers or None)
 
     async def on_limit(_request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, LimitError)
         response = JSONResponse(exc.to_json(), status_code=exc.status)
         if isinstance(exc, QueueFullError):
             response.headers["Retry-After"] = str(max(1, round(exc.retry_after)))
-        telemetry().errors.add(1, {"code": str(exc.status), "limit": exc.limit})
         return response
 
-    async def on_bad_request(_request: Request, exc: Exception) -> JSONResponse:
-        status = getattr(exc, "status", 400)
-        telemetry().errors.add(1, {"code": str(status)})
+    async def on_error(_request: Request, exc: Exception) -> JSONResponse:
+        status = int(getattr(exc, "status", 400))
+        if status == 503:
+            return error_response(status, str(exc), **{"Retry-After": "1"})
         return error_response(status, str(exc))
 
+    async def on_client_gone(_request: Request, _exc: Exception) -> JSONResponse:
+        return error_response(499, "the client closed the connection")  # nobody reads it
+
     app.add_exception_handler(LimitError, on_limit)
+    app.add_exception_handler(ClientGoneError, on_client_gone)
     for kind in (
         BadRequestError,
         UnknownVariantError,
         UnknownRevisionError,
+        NoCanaryError,
         ArtifactError,
         SwapInProgressError,
+        GenerationError,
+        UnavailableError,
     ):
-        app.add_exception_handler(kind, on_bad_request)
+        app.add_exception_handler(kind, on_error)
 
     async def read_json(request: Request) -> Any:
         try:
@@ -334,14 +359,9 @@ def install_routes(app: FastAPI, registry: Registry, repository: Any) -> None:
     def openai_service(body: Any) -> LMService:
         if not isinstance(body, dict) or not isinstance(body.get("model"), str):
             raise BadRequestError("'model' (the served model name) is required")
-        if body.get("n", 1) != 1:
-            raise BadRequestError("'n' other than 1 is not supported")
-        service = registry.services.get(body["model"])
-        if service is None:
-            raise UnknownRevisionError(
-                f"model {body['model']!r} is not served; served: {sorted(registry.services)}"
-            )
-        return service
+        if body.get("n") not in (None, 1):
+            raise BadRequestError(f"'n' must be 1 (one choice per request), got {body.get('n')!r}")
+        return registry.get(body["model"])
 
     @app.get("/openai/v1/models")
     async def openai_models() -> dict[str, Any]:
@@ -360,8 +380,7 @@ def install_routes(app: FastAPI, registry: Registry, repository: Any) -> None:
         if not isinstance(prompt, str):
             raise BadRequestError("'prompt' must be one string")
         generation = service.start(
-            GenerateRequest.from_json({**body, "prompt": prompt}, defaults={"max_tokens": 16}),
-            dict(request.headers),
+            GenerateRequest.from_json({**body, "prompt": prompt}), dict(request.headers)
         )
         return await openai_reply(generation, body, chat=False)
 
@@ -372,10 +391,7 @@ def install_routes(app: FastAPI, registry: Registry, repository: Any) -> None:
         if "max_completion_tokens" in body and "max_tokens" not in body:
             body["max_tokens"] = body["max_completion_tokens"]
         generation = service.start(
-            GenerateRequest.from_json(
-                {k: v for k, v in body.items() if k != "prompt"}, defaults={"max_tokens": 64}
-            ),
-            dict(request.headers),
+            GenerateRequest.from_json({k: v for k, v in body.items() if k != "prompt"}), dict(request.headers)
         )
         return await openai_reply(generation, body, chat=True)
 
@@ -385,7 +401,7 @@ def install_routes(app: FastAPI, registry: Registry, repository: Any) -> None:
         base = {"id": ident, "created": created, "model": generation.service.name}
         if not body.get("stream"):
             try:
-                result = await generation.result()
+                result = await until_done_or_gone(generation.result())
             finally:
                 generation.close()
             choice: dict[str, Any] = {"index": 0, "finish_reason": result.finish_reason}
@@ -408,6 +424,9 @@ def install_routes(app: FastAPI, registry: Registry, repository: Any) -> None:
 
         obj = "chat.completion.chunk" if chat else "text_completion"
 
+        def event(data: dict[str, Any]) -> str:
+            return f"data: {json.dumps(data)}\n\n"
+
         def chunk(delta: str | None, finish: str | None) -> str:
             if chat:
                 choice = {
@@ -417,18 +436,19 @@ def install_routes(app: FastAPI, registry: Registry, repository: Any) -> None:
                 }
             else:
                 choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
-            return f"data: {json.dumps({**base, 'object': obj, 'choices': [choice]})}\n\n"
+            return event({**base, "object": obj, "choices": [choice]})
 
         async def events() -> AsyncIterator[str]:
             try:
                 if chat:
-                    yield f"data: {json.dumps({**base, 'object': obj, 'choices': [{'index': 0, 'delta': {'role': 'assistant'}, 'finish_reason': None}]})}\n\n"
+                    first = {"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}
+                    yield event({**base, "object": obj, "choices": [first]})
                 async for delta in generation.deltas():
                     yield chunk(delta, None)
                 yield chunk(None, generation.finish_reason or "stop")
                 yield "data: [DONE]\n\n"
-            except RuntimeError as exc:
-                yield f"data: {json.dumps({'error': str(exc)})}\n\n"
+            except (GenerationError, UnavailableError) as exc:  # the status line is gone: say it in-band
+                yield event({"error": {"message": str(exc), "code": exc.status}})
             finally:
                 generation.close()
 
@@ -453,19 +473,24 @@ def install_routes(app: FastAPI, registry: Registry, repository: Any) -> None:
                 'the body must be {"parameters": {"uri": ARTIFACT_URI, "sha256": OPTIONAL}}'
             )
         sha256 = parameters.get("sha256")
+        if sha256 is not None and not (isinstance(sha256, str) and SHA256.fullmatch(sha256)):
+            raise BadRequestError(f"sha256 must be 64 hexadecimal digits, got {sha256!r}")
         weight = parameters.get("canaryWeight")
-        if weight is not None and not (isinstance(weight, int | float) and 0 <= weight <= 100):
+        if weight is not None and not (
+            isinstance(weight, int | float) and not isinstance(weight, bool) and 0 <= weight <= 100
+        ):
             raise BadRequestError(f"canaryWeight must be a number from 0 to 100, got {weight!r}")
         started = time.perf_counter()
-        service = registry.services.get(name)
-        if service is None:
-            if weight is not None:
-                raise BadRequestError(f"{name} is not loaded: load a stable revision before a canary")
-            service = await asyncio.to_thread(registry.create, name, parameters["uri"], sha256)
-            repository.update(CausalLMModel(service))
-            revision = service.router.table.stable
-        else:
-            revision = await service.router.swap(parameters["uri"], sha256=sha256, canary_weight=weight)
+        async with registry.exclusive(name, f"a load of {parameters['uri']}"):
+            service = registry.services.get(name)
+            if service is None:
+                if weight is not None:
+                    raise NoCanaryError(f"{name} is not loaded: load a stable revision before a canary")
+                service = await asyncio.to_thread(registry.create, name, parameters["uri"], sha256)
+                repository.update(CausalLMModel(service))
+                revision = service.router.table.stable
+            else:
+                revision = await service.router.swap(parameters["uri"], sha256=sha256, canary_weight=weight)
         return JSONResponse(
             {
                 "name": name,
@@ -480,22 +505,25 @@ def install_routes(app: FastAPI, registry: Registry, repository: Any) -> None:
 
     @app.post("/v2/repository/models/{name}/unload")
     async def unload(name: str) -> JSONResponse:
-        service = registry.get(name)
-        del registry.services[name]
-        repository.models.pop(name, None)
-        await service.router.close()
+        async with registry.exclusive(name, "an unload"):
+            service = registry.get(name)
+            del registry.services[name]
+            repository.models.pop(name, None)
+            await service.router.close()
         return JSONResponse({"name": name, "unload": True})
 
     @app.post("/v2/repository/models/{name}/promote")
     async def promote(name: str) -> JSONResponse:
-        service = registry.get(name)
-        revision = service.router.promote()
+        async with registry.exclusive(name, "a promotion"):
+            service = registry.get(name)
+            revision = service.router.promote()
         return JSONResponse({"name": name, "promoted": revision.name, **service.router.describe()})
 
     @app.post("/v2/repository/models/{name}/rollback")
     async def rollback(name: str) -> JSONResponse:
-        service = registry.get(name)
-        revision = service.router.rollback()
+        async with registry.exclusive(name, "a rollback"):
+            service = registry.get(name)
+            revision = service.router.rollback()
         return JSONResponse({"name": name, "rolledBack": revision.name, **service.router.describe()})
 
 

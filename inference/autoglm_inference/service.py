@@ -9,19 +9,30 @@ request's metrics, energy and span, and releases its lease on the revision.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from jinja2 import TemplateError
+
 from autoglm_inference.engine import Finished, Job, Token
 from autoglm_inference.generation import Sampling
-from autoglm_inference.limits import Limits, PromptTooLongError, TooManyNewTokensError
+from autoglm_inference.limits import (
+    ContextTooLongError,
+    Limits,
+    PromptTooLongError,
+    QueueFullError,
+    TooManyNewTokensError,
+)
 from autoglm_inference.prompts import NONE, PromptVariants, with_system_prompt
 from autoglm_inference.revisions import Revision, Router
-from autoglm_inference.telemetry import Labels, telemetry
+from autoglm_inference.telemetry import Labels, request_labels, telemetry
 
+DEFAULT_TEXT_TOKENS = 16  # OpenAI's default for completions
+DEFAULT_CHAT_TOKENS = 64
 REQUEST_ID_HEADER = "x-request-id"
 REVISION_HEADER = "x-autoglm-revision"
 VARIANT_HEADER = "x-autoglm-prompt-variant"
@@ -31,11 +42,23 @@ class BadRequestError(ValueError):
     status = 400
 
 
+class GenerationError(RuntimeError):
+    """The model failed while generating (500)."""
+
+    status = 500
+
+
+class UnavailableError(RuntimeError):
+    """The revision was unloaded before the request ran (503, retry)."""
+
+    status = 503
+
+
 @dataclass
 class GenerateRequest:
     prompt: str | None = None
     messages: list[dict[str, str]] | None = None
-    max_tokens: int = 16
+    max_tokens: int | None = None  # None: the server's default (16 for text, 64 for chat, within the limit)
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
@@ -57,12 +80,17 @@ class GenerateRequest:
             )
         ):
             raise BadRequestError("'messages' must be a non-empty list of {role, content} strings")
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
             raise BadRequestError(f"'max_tokens' must be a positive integer, got {self.max_tokens!r}")
-        if not 0 <= float(self.temperature) <= 2:
-            raise BadRequestError(f"'temperature' must be between 0 and 2, got {self.temperature!r}")
-        if not 0 < float(self.top_p) <= 1:
-            raise BadRequestError(f"'top_p' must be in (0, 1], got {self.top_p!r}")
+        if not _is_number(self.temperature) or not 0 <= self.temperature <= 2:
+            raise BadRequestError(f"'temperature' must be a number from 0 to 2, got {self.temperature!r}")
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+            raise BadRequestError(f"'top_p' must be a number in (0, 1], got {self.top_p!r}")
+        self.temperature, self.top_p = float(self.temperature), float(self.top_p)
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**63):
+            raise BadRequestError(f"'seed' must be an integer from 0 to 2**63-1, got {self.seed!r}")
+        if self.prompt_variant is not None and not isinstance(self.prompt_variant, str):
+            raise BadRequestError(f"'prompt_variant' must be a string, got {self.prompt_variant!r}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if (
@@ -82,6 +110,14 @@ class GenerateRequest:
             return cls(**values)
         except TypeError as exc:
             raise BadRequestError(str(exc)) from exc
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -123,28 +159,41 @@ class LMService:
         self.target = target
 
     def start(self, request: GenerateRequest, headers: dict[str, str] | None = None) -> Generation:
+        """Check limits, pick revision and variant, tokenize and queue; raises before anything runs."""
         headers = headers or {}
         request_id = headers.get(REQUEST_ID_HEADER) or str(uuid.uuid4())
-        if request.max_tokens > self.limits.max_new_tokens:
-            raise TooManyNewTokensError(request.max_tokens, self.limits.max_new_tokens)
+        arrived = time.perf_counter()
+        chat = request.messages is not None
+        max_tokens = request.max_tokens
+        if max_tokens is None:
+            max_tokens = min(DEFAULT_CHAT_TOKENS if chat else DEFAULT_TEXT_TOKENS, self.limits.max_new_tokens)
+        if max_tokens > self.limits.max_new_tokens:
+            raise TooManyNewTokensError(max_tokens, self.limits.max_new_tokens)
         revision = self.router.choose(request.revision or headers.get(REVISION_HEADER))
+        request_labels(model=self.name, revision=revision.name)
+        engine = revision.engine
+        if engine.queue_depth >= engine.max_queue:  # refuse before spending time on tokenizing
+            raise QueueFullError(engine.max_queue, retry_after=engine.retry_after())
         lease = revision.lease()
         lease.__enter__()
         try:
             variant, ids = self._render(revision, request, headers.get(VARIANT_HEADER))
+            request_labels(prompt_variant=variant)
             if len(ids) > self.limits.max_prompt_tokens:
                 raise PromptTooLongError(len(ids), self.limits.max_prompt_tokens)
-            tokenizer = revision.loaded.tokenizer
-            stop_ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+            context = getattr(revision.loaded.model.config, "max_position_embeddings", None)
+            if isinstance(context, int) and len(ids) + max_tokens > context:
+                raise ContextTooLongError(len(ids), max_tokens, context)
             job = Job(
                 prompt_ids=ids,
-                max_new_tokens=request.max_tokens,
-                stop_ids=frozenset(stop_ids),
+                max_new_tokens=max_tokens,
+                stop_ids=stop_token_ids(revision),
                 sampling=Sampling(request.temperature, request.top_p, request.seed),
                 request_id=request_id,
+                submitted_at=arrived,
             )
             labels = Labels(self.name, revision.name, variant, self.target)
-            revision.engine.submit(job)
+            engine.submit(job)
         except BaseException:
             lease.__exit__(None, None, None)
             raise
@@ -154,22 +203,56 @@ class LMService:
         self, revision: Revision, request: GenerateRequest, pinned: str | None
     ) -> tuple[str, list[int]]:
         tokenizer = revision.loaded.tokenizer
+        chars = len(request.prompt or "") + sum(len(m["content"]) for m in request.messages or [])
+        if chars > self.limits.max_prompt_tokens * longest_token_chars(tokenizer):
+            raise PromptTooLongError(None, self.limits.max_prompt_tokens)  # surely over: no need to tokenize
         if request.messages is None:
             assert request.prompt is not None
             if not request.prompt:
                 raise BadRequestError("'prompt' is empty")
-            return NONE, list(tokenizer(request.prompt, add_special_tokens=False)["input_ids"])
+            # The tokenizer's own special tokens (BOS, GLM's [gMASK]<sop>) as the model was trained with.
+            return NONE, [int(i) for i in tokenizer(request.prompt)["input_ids"]]
         variant, text = self.prompts.resolve(request.prompt_variant or pinned)
         messages, applied = with_system_prompt(request.messages, text)
         ids: Any
         if getattr(tokenizer, "chat_template", None):
-            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            try:
+                ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            except TemplateError as exc:  # e.g. roles that do not alternate as the template requires
+                raise BadRequestError(f"the model's chat template refused the messages: {exc}") from exc
             if not isinstance(ids, list):  # a BatchEncoding in newer transformers
                 ids = ids["input_ids"]
         else:  # a tokenizer without a chat template: a plain transcript
             transcript = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-            ids = tokenizer(transcript, add_special_tokens=False)["input_ids"]
+            ids = tokenizer(transcript)["input_ids"]
         return (variant if applied else NONE), [int(i) for i in ids]
+
+
+def stop_token_ids(revision: Revision) -> frozenset[int]:
+    """End-of-sequence ids: the tokenizer's and the generation config's (chat models end a turn with
+    their own, e.g. GLM-4's <|user|> and <|observation|>, Llama 3's <|eot_id|>)."""
+    ids: set[int] = set()
+    tokenizer = revision.loaded.tokenizer
+    if isinstance(tokenizer.eos_token_id, int):
+        ids.add(tokenizer.eos_token_id)
+    config = getattr(revision.loaded.model, "generation_config", None)
+    eos = getattr(config, "eos_token_id", None)
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif isinstance(eos, list | tuple):
+        ids.update(i for i in eos if isinstance(i, int))
+    return frozenset(ids)
+
+
+_longest: dict[int, int] = {}
+
+
+def longest_token_chars(tokenizer: Any) -> int:
+    """Characters in the tokenizer's longest token: a prompt longer than limit x this is over the limit."""
+    key = id(tokenizer)
+    if key not in _longest:
+        _longest[key] = max((len(t) for t in tokenizer.get_vocab()), default=64)
+    return _longest[key]
 
 
 class Generation:
@@ -192,8 +275,8 @@ class Generation:
         self.text = ""
         self.finish_reason: str | None = None
         self._lease = lease
+        self._tokens_at_stop: int | None = None
         self._closed = False
-        self._started = time.perf_counter()
         self._span = telemetry().tracer.start_span(
             "autoglm.generate",
             attributes={**labels.attrs(), "request_id": job.request_id, "prompt_tokens": len(job.prompt_ids)},
@@ -223,12 +306,8 @@ class Generation:
                     if full.endswith("\ufffd"):
                         continue  # half of a multi-byte character: wait for the rest
                     self.text = full
-                    cut = _first_stop(full, stops)
-                    if cut is not None:
-                        self.text = full[:cut]
-                        self.finish_reason = "stop"
-                        self.job.cancel()
-                        if cut > shown:
+                    if self._cut_at_stop(full):
+                        if len(self.text) > shown:
                             yield self.text[shown:]
                         return
                     if len(full) - hold > shown:
@@ -236,14 +315,32 @@ class Generation:
                         shown = len(full) - hold
                 elif isinstance(event, Finished):
                     if event.reason == "error":
-                        raise RuntimeError(f"generation failed: {event.error}")
+                        raise GenerationError(f"generation failed: {event.error}")
+                    if event.reason == "unavailable":
+                        raise UnavailableError(event.error or "the model revision is unavailable")
                     self.finish_reason = self.finish_reason or event.reason
                     self.text = str(tokenizer.decode(self.job.generated, skip_special_tokens=True))
+                    self._cut_at_stop(self.text)
                     if len(self.text) > shown:
                         yield self.text[shown:]
                     return
         finally:
             self.close()
+
+    def _cut_at_stop(self, text: str) -> bool:
+        cut = _first_stop(text, self.request.stop)
+        if cut is None:
+            return False
+        self.text = text[:cut]
+        self.finish_reason = "stop"
+        self._tokens_at_stop = len(self.job.generated)
+        self.job.cancel()
+        return True
+
+    @property
+    def completion_tokens(self) -> int:
+        """Tokens the answer used (tokens decoded after a stop sequence was seen do not count)."""
+        return self._tokens_at_stop if self._tokens_at_stop is not None else len(self.job.generated)
 
     async def result(self) -> GenerateResult:
         async for _ in self.deltas():
@@ -255,7 +352,7 @@ class Generation:
             text=self.text,
             finish_reason=self.finish_reason or "cancelled",
             prompt_tokens=len(self.job.prompt_ids),
-            completion_tokens=len(self.job.generated),
+            completion_tokens=self.completion_tokens,
             revision=self.revision.name,
             prompt_variant=self.labels.prompt_variant,
             request_id=self.request_id,
@@ -263,8 +360,9 @@ class Generation:
             energy_method=self.job.energy_method,
         )
 
-    def close(self, error_status: int | None = None) -> None:
-        """Record metrics and release the lease; safe to call more than once."""
+    def close(self) -> None:
+        """Record metrics and release the lease; safe to call more than once. Errors are counted by
+        the server's middleware, which sees every response's status."""
         if self._closed:
             return
         self._closed = True
@@ -275,21 +373,21 @@ class Generation:
         job = self.job
         now = time.perf_counter()
         attrs = self.labels.attrs()
-        t.request_duration.record(now - self._started, attrs)
+        tokens = self.completion_tokens
+        t.request_duration.record(now - job.submitted_at, attrs)
         t.tokens.add(len(job.prompt_ids), self.labels.attrs(direction="in"))
-        t.tokens.add(len(job.generated), self.labels.attrs(direction="out"))
+        t.tokens.add(tokens, self.labels.attrs(direction="out"))
         if job.first_token_at is not None:
             t.time_to_first_token.record(job.first_token_at - job.submitted_at, attrs)
-            if len(job.generated) > 1:
-                t.inter_token_latency.record((now - job.first_token_at) / (len(job.generated) - 1), attrs)
+            last = job.finished_at or now
+            if tokens > 1:
+                t.inter_token_latency.record((last - job.first_token_at) / (tokens - 1), attrs)
         energy_attrs = self.labels.attrs(method=job.energy_method)
         t.energy.add(job.joules, energy_attrs)
         t.energy_per_request.record(job.joules, energy_attrs)
-        if job.generated:
-            t.energy_per_token.record(job.joules / len(job.generated), energy_attrs)
-        if error_status is not None:
-            t.errors.add(1, self.labels.attrs(code=str(error_status)))
-        self._span.set_attribute("completion_tokens", len(job.generated))
+        if tokens:
+            t.energy_per_token.record(job.joules / tokens, energy_attrs)
+        self._span.set_attribute("completion_tokens", tokens)
         self._span.set_attribute("finish_reason", self.finish_reason or "cancelled")
         self._span.set_attribute("energy_joules", job.joules)
         self._span.end()

@@ -12,6 +12,7 @@ Traces: a span per request; exported over OTLP when ``OTEL_EXPORTER_OTLP_ENDPOIN
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import threading
@@ -34,6 +35,27 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 JOULE_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 50, 100, 500)
 
 _lock = threading.Lock()
+#: The labels known so far for the request being handled (filled as the request is routed), so an
+#: error counted at the end carries the same label set as every other instrument.
+_request_labels: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
+    "autoglm_request_labels", default=None
+)
+UNKNOWN = "-"
+
+
+def begin_request(target: str) -> dict[str, str]:
+    labels = {"model": UNKNOWN, "revision": UNKNOWN, "prompt_variant": UNKNOWN, "target": target}
+    _request_labels.set(labels)
+    return labels
+
+
+def request_labels(**known: str) -> None:
+    """Record what routing learned about the current request (model, revision, prompt_variant)."""
+    labels = _request_labels.get()
+    if labels is not None:
+        labels.update(known)
+
+
 _telemetry: Telemetry | None = None
 
 
@@ -88,7 +110,13 @@ class Telemetry:
         self.batch_size = meter.create_histogram(
             "autoglm.batch.size",
             unit="{request}",
-            description="Requests prefilled together",
+            description="Requests decoded together, per decode step",
+            explicit_bucket_boundaries_advisory=BATCH_BUCKETS,
+        )
+        self.prefill_size = meter.create_histogram(
+            "autoglm.prefill.size",
+            unit="{request}",
+            description="Requests prefilled together (a new batch, or requests joining a running one)",
             explicit_bucket_boundaries_advisory=BATCH_BUCKETS,
         )
         self.errors = meter.create_counter(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -53,9 +54,7 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Artifacts:
 def greedy(folder: Path, prompt: str, n: int) -> str:
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    batch = DecodeBatch.prefill(
-        model, [tokenizer(prompt, add_special_tokens=False)["input_ids"]], [Sampling()]
-    )
+    batch = DecodeBatch.prefill(model, [tokenizer(prompt)["input_ids"]], [Sampling()])
     out = [int(batch.tokens[0])]
     while len(out) < n and out[-1] != tokenizer.eos_token_id:
         out.append(int(batch.step(model)[0]))
@@ -178,7 +177,7 @@ def test_a_canary_inside_one_server_takes_its_weight_and_can_be_pinned(
         complete(server, 1, **{"x-autoglm-revision": "rev-c"}).headers["x-autoglm-revision"] for _ in range(5)
     } == {"rev-c"}
     unknown = complete(server, 1, **{"x-autoglm-revision": "rev-zzz"})
-    assert unknown.status_code == 400
+    assert unknown.status_code == 404
     assert "rev-a" in unknown.json()["error"]
 
     rolled = httpx.post(f"{server.url}/v2/repository/models/tiny/rollback")
@@ -190,12 +189,52 @@ def test_a_canary_inside_one_server_takes_its_weight_and_can_be_pinned(
     assert promoted.json()["promoted"] == "rev-c"
     assert index(server)["canary"] is None
     assert complete(server, 1).headers["x-autoglm-revision"] == "rev-c"
-    assert httpx.post(f"{server.url}/v2/repository/models/tiny/promote").status_code == 400
+    assert httpx.post(f"{server.url}/v2/repository/models/tiny/promote").status_code == 409
+
+
+def test_concurrent_first_loads_of_a_new_name_load_it_once(
+    server: ServerProcess, artifacts: Artifacts
+) -> None:
+    barrier = threading.Barrier(3)
+
+    def first_load(_: int) -> int:
+        barrier.wait()
+        body = {"parameters": {"uri": str(artifacts.b)}}
+        return httpx.post(
+            f"{server.url}/v2/repository/models/second/load", json=body, timeout=120
+        ).status_code
+
+    with ThreadPoolExecutor(3) as pool:
+        statuses = sorted(pool.map(first_load, range(3)))
+    assert statuses == [200, 409, 409]
+    names = [entry["name"] for entry in httpx.get(f"{server.url}/v2/repository/index").json()]
+    assert names == ["second", "tiny"]
+    assert httpx.post(f"{server.url}/v2/repository/models/second/unload").status_code == 200
+
+
+def test_a_request_queued_on_an_unloaded_model_gets_503(artifacts: Artifacts, tmp_path: Path) -> None:
+    proc = ServerProcess(
+        "tiny", str(artifacts.a), "--max-batch-size", "1", "--max-new-tokens", "480", log=tmp_path / "s.log"
+    ).wait_ready()
+    try:
+        body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 480}
+        with ThreadPoolExecutor(5) as pool:
+            running = [
+                pool.submit(httpx.post, f"{proc.url}/openai/v1/completions", json=body, timeout=60)
+                for _ in range(3)
+            ]
+            time.sleep(0.3)  # one decodes, two wait in the queue
+            assert httpx.post(f"{proc.url}/v2/repository/models/tiny/unload", timeout=60).status_code == 200
+            statuses = sorted(f.result().status_code for f in running)
+        assert 503 in statuses, statuses
+        assert set(statuses) <= {200, 503}
+    finally:
+        proc.stop()
 
 
 def test_unload_then_load_brings_the_name_back(server: ServerProcess, artifacts: Artifacts) -> None:
     assert httpx.post(f"{server.url}/v2/repository/models/tiny/unload").status_code == 200
-    assert complete(server).status_code == 400  # 'tiny' is not served
+    assert complete(server).status_code == 404  # 'tiny' is not served
     assert httpx.get(f"{server.url}/v2/models/tiny/ready").status_code == 404
     assert httpx.post(f"{server.url}/v2/repository/models/tiny/unload").status_code == 404
     assert load(server, artifacts.a, sha256=artifacts.sha_a).status_code == 200

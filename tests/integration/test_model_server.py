@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -50,7 +51,7 @@ def reference(artifact: Path) -> tuple[torch.nn.Module, object]:
 def greedy(reference: tuple[torch.nn.Module, object], prompt: str, n: int) -> str:
     """What the server must answer: the prompt alone, greedy, cut at end-of-sequence."""
     model, tokenizer = reference
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]  # type: ignore[operator]
+    ids = tokenizer(prompt)["input_ids"]  # type: ignore[operator]
     batch = DecodeBatch.prefill(model, [ids], [Sampling()])
     out = [int(batch.tokens[0])]
     while len(out) < n and out[-1] != tokenizer.eos_token_id:  # type: ignore[attr-defined]
@@ -249,9 +250,31 @@ def test_a_chunked_body_over_the_limit_gets_413(server: ServerProcess) -> None:
     ("path", "body", "needle"),
     [
         ("/openai/v1/completions", b"{not json", "not valid JSON"),
-        ("/openai/v1/completions", b'{"model": "other", "prompt": "x"}', "not served"),
         ("/openai/v1/completions", b'{"model": "tiny", "prompt": "x", "max_tokens": -1}', "max_tokens"),
         ("/openai/v1/completions", b'{"model": "tiny", "prompt": "x", "temperature": 9}', "temperature"),
+        ("/openai/v1/completions", b'{"model": "tiny", "prompt": "x", "temperature": "0.5"}', "temperature"),
+        ("/openai/v1/completions", b'{"model": "tiny", "prompt": "x", "seed": 1.5}', "seed"),
+        ("/openai/v1/completions", b'{"model": "tiny", "prompt": "x", "n": 2}', "'n' must be 1"),
+        (
+            "/openai/v1/chat/completions",
+            b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "prompt_variant": ["a"]}',
+            "prompt_variant",
+        ),
+        (
+            "/v2/models/tiny/infer",
+            b'{"inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1], "data": [5]}]}',
+            "strings",
+        ),
+        (
+            "/v2/repository/models/tiny/load",
+            b'{"parameters": {"uri": "/x", "sha256": 123}}',
+            "64 hexadecimal",
+        ),
+        (
+            "/v2/repository/models/tiny/load",
+            b'{"parameters": {"uri": "/x", "canaryWeight": true}}',
+            "canaryWeight",
+        ),
         ("/openai/v1/chat/completions", b'{"model": "tiny", "messages": "hi"}', "messages"),
         ("/v1/models/tiny:predict", b'{"instances": []}', "instances"),
         ("/v2/repository/models/tiny/load", b'{"parameters": {}}', "uri"),
@@ -292,3 +315,54 @@ def test_metrics_carry_latency_tokens_energy_and_labels(server: ServerProcess) -
 
 def test_the_openai_model_list_names_the_served_model(server: ServerProcess) -> None:
     assert [m["id"] for m in httpx.get(f"{server.url}/openai/v1/models").json()["data"]] == ["tiny"]
+
+
+def test_an_unknown_model_is_404_naming_the_served_ones(server: ServerProcess) -> None:
+    r = httpx.post(f"{server.url}/openai/v1/completions", json={"model": "other", "prompt": "x"})
+    assert r.status_code == 404
+    assert "tiny" in r.json()["error"]
+
+
+def test_errors_are_counted_with_the_same_labels_as_everything_else(server: ServerProcess) -> None:
+    r = httpx.post(
+        f"{server.url}/openai/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 999}
+    )
+    assert r.status_code == 400
+    lines = [
+        ln
+        for ln in httpx.get(f"{server.url}/metrics").text.splitlines()
+        if ln.startswith("autoglm_errors_total")
+    ]
+    mine = [ln for ln in lines if 'code="400"' in ln and 'model="tiny"' in ln]
+    assert mine, lines
+    for label in ("revision=", "prompt_variant=", 'target="edge"'):
+        assert label in mine[0]
+
+
+def test_a_client_that_gives_up_stops_costing_decode_steps(server: ServerProcess) -> None:
+    def generated() -> float:
+        text = httpx.get(f"{server.url}/metrics").text
+        return sum(
+            float(ln.rsplit(" ", 1)[1])
+            for ln in text.splitlines()
+            if ln.startswith("autoglm_tokens_total") and 'direction="out"' in ln
+        )
+
+    before = generated()
+    for path, body in [
+        ("/openai/v1/completions", {"model": "tiny", "prompt": "Long answer:", "max_tokens": 64}),
+        ("/v1/models/tiny:predict", {"instances": [{"prompt": "Long answer:", "max_tokens": 64}] * 4}),
+    ]:
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(f"{server.url}{path}", json=body, timeout=0.05)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and index_in_flight(server):
+        time.sleep(0.05)
+    assert not index_in_flight(server)
+    # 5 requests of 64 tokens: 320 had the server decoded for clients that were gone.
+    assert generated() - before < 320
+
+
+def index_in_flight(server: ServerProcess) -> int:
+    (entry,) = httpx.get(f"{server.url}/v2/repository/index").json()
+    return int(entry["stable"]["inFlight"])

@@ -148,3 +148,49 @@ def test_seeded_sampling_is_reproducible_and_differs_from_greedy(model: torch.nn
         engine.stop()
     assert a.generated == b.generated
     assert a.generated != alone(model, PROMPTS[3], 16)
+
+
+def test_cancelled_queued_jobs_give_their_queue_slots_back(model: torch.nn.Module) -> None:
+    engine = Engine(model, max_queue=2)  # not started: nothing leaves the queue by decoding
+    gone = [engine.submit(Job([1], 1)), engine.submit(Job([1], 1))]
+    for job in gone:
+        job.cancel()
+    assert engine.queue_depth == 0
+    assert all(job.finish_reason == "cancelled" for job in gone)
+    engine.submit(Job([1], 1))  # a live client is not refused because of dead ones
+
+
+def test_stopping_the_engine_ends_queued_jobs_unavailable(model: torch.nn.Module) -> None:
+    engine = Engine(model)  # not started
+    queued = engine.submit(Job([1], 1))
+    engine.stop()
+    assert queued.finish_reason == "unavailable"
+
+
+def test_a_failing_joiner_fails_alone(model: torch.nn.Module) -> None:
+    engine = Engine(model, max_batch_size=4, max_batch_delay_ms=0).start()
+    try:
+        running = engine.submit(Job(PROMPTS[0], 40))
+        while not running.generated:
+            threading.Event().wait(0.005)
+        bad = engine.submit(Job([10**9], 3))  # an id beyond the vocabulary: its prefill fails
+        assert bad.wait(60)
+        assert running.wait(60)
+    finally:
+        engine.stop()
+    assert bad.finish_reason == "error"
+    assert running.finish_reason == "length"
+    assert running.generated == alone(model, PROMPTS[0], 40)
+
+
+def test_greedy_output_equals_transformers_generate(model: torch.nn.Module) -> None:
+    prompt = PROMPTS[3]
+    expected = model.generate(
+        torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0
+    )[0, len(prompt) :].tolist()
+    engine = Engine(model, max_batch_size=4).start()
+    try:
+        jobs = run_jobs(engine, [Job(prompt, 12), Job(PROMPTS[0], 5), Job(PROMPTS[1], 9)])
+    finally:
+        engine.stop()
+    assert jobs[0].generated == expected

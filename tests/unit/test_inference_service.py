@@ -12,10 +12,10 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from autoglm_inference.artifact import LoadedArtifact
 from autoglm_inference.engine import Engine
-from autoglm_inference.limits import Limits, PromptTooLongError, TooManyNewTokensError
+from autoglm_inference.limits import ContextTooLongError, Limits, PromptTooLongError, TooManyNewTokensError
 from autoglm_inference.prompts import PromptVariants, UnknownVariantError, Variants, with_system_prompt
 from autoglm_inference.revisions import Router
-from autoglm_inference.service import BadRequestError, GenerateRequest, LMService
+from autoglm_inference.service import BadRequestError, GenerateRequest, LMService, UnavailableError
 from autoglm_inference.telemetry import telemetry
 from tests.support.tiny_models import tiny_glm
 
@@ -48,6 +48,13 @@ def service(folder: Path, tmp_path: Path) -> Iterator[LMService]:
         ({"prompt": "x", "max_tokens": "5"}, "max_tokens"),
         ({"prompt": "x", "temperature": -1}, "temperature"),
         ({"prompt": "x", "top_p": 0}, "top_p"),
+        ({"prompt": "x", "temperature": "0.5"}, "temperature"),
+        ({"prompt": "x", "temperature": "abc"}, "temperature"),
+        ({"prompt": "x", "top_p": "0.9"}, "top_p"),
+        ({"prompt": "x", "seed": 1.5}, "seed"),
+        ({"prompt": "x", "seed": 2**70}, "seed"),
+        ({"prompt": "x", "max_tokens": True}, "max_tokens"),
+        ({"prompt": "x", "prompt_variant": ["a"]}, "prompt_variant"),
         ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"prompt": "x", "stop": [""]}, "stop"),
         ({"messages": [{"role": "user"}]}, "messages"),
@@ -157,3 +164,37 @@ async def test_each_request_is_a_span_with_its_labels_and_usage(service: LMServi
     assert attributes["completion_tokens"] == result.completion_tokens
     assert attributes["energy_joules"] > 0
     exporter.shutdown()
+
+
+@pytest.mark.asyncio
+async def test_a_request_without_max_tokens_gets_a_default_within_the_limit(service: LMService) -> None:
+    chat = service.start(GenerateRequest(messages=[{"role": "user", "content": "Hi"}]))
+    assert chat.job.max_new_tokens == 30  # the chat default (64) capped by max_new_tokens
+    text = service.start(GenerateRequest(prompt="Hi"))
+    assert text.job.max_new_tokens == 16
+    chat.close()
+    text.close()
+
+
+@pytest.mark.asyncio
+async def test_prompt_plus_new_tokens_beyond_the_context_is_refused(folder: Path, tmp_path: Path) -> None:
+    router = Router.load_first(
+        "m", str(folder), sha256=None, make_engine=lambda a: Engine(a.model), cache_dir=tmp_path
+    )
+    wide = LMService("m", router, prompts=PromptVariants(), limits=Limits(max_new_tokens=2000))
+    with pytest.raises(ContextTooLongError, match="context of 512"):
+        wide.start(GenerateRequest(prompt=PROMPT, max_tokens=510))
+    assert router.table.stable.leases == 0
+    router.table.stable.engine.stop()
+
+
+@pytest.mark.asyncio
+async def test_a_request_queued_when_its_revision_is_unloaded_raises_unavailable(service: LMService) -> None:
+    engine = service.router.table.stable.engine
+    engine.stop()  # the worker is gone: jobs submitted now could only wait...
+    engine._stopping = False  # ...so re-open the queue to queue one, as if it arrived just before
+    generation = service.start(GenerateRequest(prompt=PROMPT, max_tokens=4))
+    engine.stop()
+    with pytest.raises(UnavailableError, match="unloaded"):
+        await generation.result()
+    assert service.router.table.stable.leases == 0

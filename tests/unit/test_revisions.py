@@ -12,7 +12,7 @@ import pytest
 
 from autoglm_inference.artifact import ArtifactError, LoadedArtifact, load, verify
 from autoglm_inference.engine import Engine
-from autoglm_inference.revisions import Router, SwapInProgressError, UnknownRevisionError
+from autoglm_inference.revisions import NoCanaryError, Router, SwapInProgressError, UnknownRevisionError
 from tests.support.tiny_models import tiny_glm, with_model_card
 
 
@@ -136,10 +136,22 @@ async def test_canary_weight_pinning_promote_and_rollback(folders: dict[str, Pat
         await r.swap(str(folders["a"]), sha256=None, canary_weight=10)
     assert r.rollback() is canary
     assert r.table.canary is None
-    with pytest.raises(UnknownRevisionError):
+    with pytest.raises(NoCanaryError, match="no canary"):
         r.promote()
     await r.swap(str(folders["b"]), sha256=None, canary_weight=50)
     promoted = r.promote()
     assert r.table.stable is promoted
     assert r.table.canary is None
     await r.close()
+
+
+def test_an_unlisted_file_is_refused_even_with_the_right_digest(
+    folders: dict[str, Path], tmp_path: Path
+) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(folders["a"], copy)
+    digest = verify("a", copy).digest
+    (copy / "chat_template.jinja").write_text("{{ 'injected' }}")
+    with pytest.raises(ArtifactError, match=r"chat_template\.jinja not listed") as refused:
+        verify("a", copy, digest)
+    assert refused.value.status == 422

@@ -1,0 +1,155 @@
+"""The ASGI middleware in front of every route: request id, body limit, disconnects, error counts.
+
+- ``x-request-id``: the client's, or a new UUID; set on every response.
+- The body is read here, at most ``max_body_bytes`` (declared or chunked); more gets 413 with the
+  limit named, before any route runs. Memory per request is bounded by the limit.
+- Once the body is read, a watcher waits for the client to go away. Routes that answer in one
+  piece (non-streaming OpenAI, KServe V1/V2) race their work against ``client_gone()``, so a client
+  that gave up stops costing decode steps; streaming responses see the disconnect through Starlette.
+- Every response of 400 or more on an inference route counts in ``autoglm_errors_total`` with the
+  same labels as the other instruments (``-`` where routing had not learned them yet).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import json
+import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any, TypeVar
+
+from autoglm_inference.limits import BodyTooLargeError
+from autoglm_inference.telemetry import begin_request, telemetry
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+T = TypeVar("T")
+
+REQUEST_ID_HEADER = "x-request-id"
+#: Paths whose errors are about managing the server, not answering requests: not counted as errors.
+CONTROL_PREFIXES = ("/v2/repository", "/metrics", "/v2/health")
+
+_gone: contextvars.ContextVar[asyncio.Event | None] = contextvars.ContextVar(
+    "autoglm_client_gone", default=None
+)
+
+
+class ClientGoneError(Exception):
+    """The client disconnected before the answer was ready."""
+
+
+async def until_done_or_gone(work: Awaitable[T]) -> T:
+    """Await ``work``, or cancel it when the current request's client disconnects first."""
+    gone = _gone.get()
+    task = asyncio.ensure_future(work)
+    if gone is None:
+        return await task
+    waiter = asyncio.ensure_future(gone.wait())
+    try:
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    raise ClientGoneError
+
+
+class RequestGuard:
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int, target: str) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.target = target
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        request_id = headers.get(REQUEST_ID_HEADER) or str(uuid.uuid4())
+        if REQUEST_ID_HEADER not in headers:  # routes see the id the response will carry
+            scope["headers"] = [*scope.get("headers", []), (REQUEST_ID_HEADER.encode(), request_id.encode())]
+        labels = begin_request(self.target)
+        counted = not scope.get("path", "").startswith(CONTROL_PREFIXES)
+        status: list[int] = []
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status.append(int(message["status"]))
+                raw = list(message.get("headers", []))
+                if not any(k.lower() == REQUEST_ID_HEADER.encode() for k, _ in raw):
+                    raw.append((REQUEST_ID_HEADER.encode(), request_id.encode()))
+                message["headers"] = raw
+            await send(message)
+
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            await self._refuse(send_with_id, BodyTooLargeError(int(declared), self.max_body_bytes))
+            self._count(status, labels, counted)
+            return
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            if len(body) > self.max_body_bytes:
+                await self._refuse(send_with_id, BodyTooLargeError(None, self.max_body_bytes))
+                self._count(status, labels, counted)
+                return
+            if not message.get("more_body", False):
+                break
+
+        gone = asyncio.Event()
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+
+        watcher = asyncio.ensure_future(watch())
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        token = _gone.set(gone)
+        try:
+            await self.app(scope, replay, send_with_id)
+        except Exception:
+            status.append(500)
+            raise
+        finally:
+            _gone.reset(token)
+            watcher.cancel()
+            self._count(status, labels, counted)
+
+    @staticmethod
+    async def _refuse(send: Send, error: BodyTooLargeError) -> None:
+        payload = json.dumps(error.to_json()).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": error.status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(payload)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": payload})
+
+    @staticmethod
+    def _count(status: list[int], labels: dict[str, str], counted: bool) -> None:
+        if counted and status and status[0] >= 400:
+            telemetry().errors.add(1, {**labels, "code": str(status[0])})
