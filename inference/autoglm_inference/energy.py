@@ -39,6 +39,11 @@ def _rapl_counters() -> list[Path]:
         if ":" in zone.name.split("rapl:", 1)[1]:
             continue  # sub-zones (core, uncore, dram) are inside the package counter
         try:
+            if (zone / "name").read_text().strip().startswith("psys"):
+                continue  # platform energy (client Intel parts) already includes the package
+        except OSError:
+            pass
+        try:
             int(counter.read_text())
         except (OSError, ValueError):
             continue

@@ -48,13 +48,19 @@ def test_without_nvml_a_gpu_meter_falls_back_and_says_so(monkeypatch: pytest.Mon
 
 def test_rapl_counters_are_read_from_powercap(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     root = tmp_path
-    for zone, value in (("intel-rapl:0", 5_000_000), ("intel-rapl:0:0", 1), ("intel-rapl:1", 1_000_000)):
+    zones = [
+        ("intel-rapl:0", 5_000_000, "package-0"),
+        ("intel-rapl:0:0", 1, "core"),
+        ("intel-rapl:1", 9, "psys"),
+    ]
+    for zone, value, name in zones:
         (root / zone).mkdir()
         (root / zone / "energy_uj").write_text(str(value))
+        (root / zone / "name").write_text(name + "\n")
     monkeypatch.setattr(energy, "_POWERCAP", root)
     meter = EnergyMeter()
     assert meter.method == "rapl"
     with meter.measure() as m:
         (root / "intel-rapl:0" / "energy_uj").write_text(str(7_000_000))
     assert m.reading is not None
-    assert m.reading.joules == pytest.approx(2.0)  # the sub-zone is inside its package and not added
+    assert m.reading.joules == pytest.approx(2.0)  # sub-zones and psys (which includes the package) not added
