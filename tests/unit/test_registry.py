@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from autoglm_inference.artifact import ArtifactError
+from autoglm_inference.revisions import SwapInProgressError
 from autoglm_inference.server import Registry, ServerOptions
 from autoglm_inference.telemetry import telemetry
 from tests.support.tiny_models import tiny_glm, with_model_card
@@ -61,3 +62,16 @@ def test_engines_of_one_registry_share_the_step_lock(folders: dict[str, Path], t
 def test_an_unknown_device_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="use cpu, cuda, cuda:N or auto"):
         Registry(ServerOptions(cache_dir=tmp_path, device="gpu"))
+
+
+@pytest.mark.asyncio
+async def test_a_second_repository_operation_on_a_name_is_refused_while_one_runs(tmp_path: Path) -> None:
+    registry = Registry(ServerOptions(cache_dir=tmp_path))
+    async with registry.exclusive("m", "a load of x"):
+        with pytest.raises(SwapInProgressError, match="a load of x is in progress"):
+            async with registry.exclusive("m", "an unload"):
+                pass
+        async with registry.exclusive("other", "a load of y"):  # other names are independent
+            pass
+    async with registry.exclusive("m", "an unload"):  # free again
+        pass
