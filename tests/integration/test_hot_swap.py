@@ -238,6 +238,34 @@ def test_a_request_queued_on_an_unloaded_model_gets_503(artifacts: Artifacts, tm
         proc.stop()
 
 
+def test_a_client_that_gives_up_stops_costing_decode_steps(server: ServerProcess) -> None:
+    def generated() -> float:
+        text = httpx.get(f"{server.url}/metrics").text
+        return sum(
+            float(ln.rsplit(" ", 1)[1])
+            for ln in text.splitlines()
+            if ln.startswith("autoglm_tokens_total") and 'direction="out"' in ln
+        )
+
+    before = generated()
+    for path, body in [
+        ("/openai/v1/completions", {"model": "tiny", "prompt": "Long answer:", "max_tokens": 480}),
+        ("/v1/models/tiny:predict", {"instances": [{"prompt": "Long answer:", "max_tokens": 480}] * 4}),
+    ]:
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(f"{server.url}{path}", json=body, timeout=0.05)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and in_flight(server):
+        time.sleep(0.05)
+    assert not in_flight(server)
+    # 5 requests of 480 tokens: 2400 had the server decoded for clients that were gone.
+    assert generated() - before < 1200
+
+
+def in_flight(server: ServerProcess) -> int:
+    return sum(int(e["stable"]["inFlight"]) for e in httpx.get(f"{server.url}/v2/repository/index").json())
+
+
 def test_unload_then_load_brings_the_name_back(server: ServerProcess, artifacts: Artifacts) -> None:
     assert httpx.post(f"{server.url}/v2/repository/models/tiny/unload").status_code == 200
     assert complete(server).status_code == 404  # 'tiny' is not served
