@@ -154,7 +154,10 @@ def main() -> None:
     print(f"swaps   {args.seconds:.0f}s: {during.ok} requests, {during.failed} failed (target 0), "
           f"p99 {percentile(during.latencies, 0.99):.2f}s")  # fmt: skip
     for s in swaps:
-        print(f"  load {Path(s['uri']).name:24} -> {s['status']}  {s['seconds']:.2f}s from load call to flip")
+        outcome = "alias flip" if s["status"] == 200 else "refusal"
+        print(
+            f"  load {Path(s['uri']).name:24} -> {s['status']}  {s['seconds']:.2f}s from load call to {outcome}"
+        )
     ok = [s["seconds"] for s in swaps if s["status"] == 200]
     refused = [s for s in swaps if s["status"] != 200]
     ratio = percentile(during.latencies, 0.99) / percentile(steady.latencies, 0.99)
