@@ -7,7 +7,9 @@
   piece (non-streaming OpenAI, KServe V1/V2) race their work against ``client_gone()``, so a client
   that gave up stops costing decode steps; streaming responses see the disconnect through Starlette.
 - Every response of 400 or more on an inference route counts in ``autoglm_errors_total`` with the
-  same labels as the other instruments (``-`` where routing had not learned them yet).
+  same labels as the other instruments (``-`` where routing had not learned them yet); streams
+  that fail after their status line count themselves (``count_stream_error``).
+- An unhandled error becomes a JSON 500 here, so it too carries the request id.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import json
+import logging
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, TypeVar
@@ -28,10 +31,13 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "x-request-id"
-#: Paths whose errors are about managing the server, not answering requests: not counted as errors.
-CONTROL_PREFIXES = ("/v2/repository", "/metrics", "/v2/health")
+#: Inference routes: their error responses count in ``autoglm_errors_total`` (management routes,
+#: stray paths and clients that went away, 499, do not).
+INFERENCE_PREFIXES = ("/openai/", "/v1/models/", "/v2/models/")
+CLIENT_GONE_STATUS = 499
 
 _gone: contextvars.ContextVar[asyncio.Event | None] = contextvars.ContextVar(
     "autoglm_client_gone", default=None
@@ -51,6 +57,9 @@ async def until_done_or_gone(work: Awaitable[T]) -> T:
     waiter = asyncio.ensure_future(gone.wait())
     try:
         await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
     finally:
         waiter.cancel()
     if task.done():
@@ -75,7 +84,7 @@ class RequestGuard:
         if REQUEST_ID_HEADER not in headers:  # routes see the id the response will carry
             scope["headers"] = [*scope.get("headers", []), (REQUEST_ID_HEADER.encode(), request_id.encode())]
         labels = begin_request(self.target)
-        counted = not scope.get("path", "").startswith(CONTROL_PREFIXES)
+        counted = scope.get("method") == "POST" and scope.get("path", "").startswith(INFERENCE_PREFIXES)
         status: list[int] = []
 
         async def send_with_id(message: Message) -> None:
@@ -127,29 +136,38 @@ class RequestGuard:
         try:
             await self.app(scope, replay, send_with_id)
         except Exception:
-            status.append(500)
-            raise
+            log.exception(
+                "unhandled error answering %s %s (request %s)",
+                scope.get("method"),
+                scope.get("path"),
+                request_id,
+            )
+            if status:
+                raise  # the response has started: nothing better to send
+            error = {"error": "internal error; see the server log", "request_id": request_id}
+            await self._send_json(send_with_id, 500, error)
         finally:
             _gone.reset(token)
             watcher.cancel()
             self._count(status, labels, counted)
 
+    @classmethod
+    async def _refuse(cls, send: Send, error: BodyTooLargeError) -> None:
+        await cls._send_json(send, error.status, error.to_json())
+
     @staticmethod
-    async def _refuse(send: Send, error: BodyTooLargeError) -> None:
-        payload = json.dumps(error.to_json()).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": error.status,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(payload)).encode()),
-                ],
-            }
-        )
+    async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
+        payload = json.dumps(body).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
 
     @staticmethod
     def _count(status: list[int], labels: dict[str, str], counted: bool) -> None:
-        if counted and status and status[0] >= 400:
+        if counted and status and status[0] >= 400 and status[0] != CLIENT_GONE_STATUS:
             telemetry().errors.add(1, {**labels, "code": str(status[0])})
+
+
+def count_stream_error(labels: dict[str, str], status: int) -> None:
+    """A streamed response that failed after its 200 went out: count it as the status it would have had."""
+    telemetry().errors.add(1, {**labels, "code": str(status)})

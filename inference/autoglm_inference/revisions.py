@@ -235,7 +235,7 @@ def _build(uri: str, sha256: str | None, make_engine: EngineFactory, cache_dir: 
 def _warm_up(revision: Revision) -> None:
     """Real generations through the new engine; a model that cannot produce tokens is refused."""
     tokenizer = revision.loaded.tokenizer
-    ids = tokenizer(WARMUP_PROMPT, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(WARMUP_PROMPT)["input_ids"]
     jobs = [Job(list(ids), WARMUP_TOKENS, request_id="warmup") for _ in range(2)]
     for job in jobs:
         revision.engine.submit(job)

@@ -42,7 +42,7 @@ from autoglm_inference.artifact import ArtifactError, LoadedArtifact
 from autoglm_inference.energy import EnergyMeter
 from autoglm_inference.engine import Engine
 from autoglm_inference.limits import LimitError, Limits, QueueFullError
-from autoglm_inference.middleware import ClientGoneError, RequestGuard, until_done_or_gone
+from autoglm_inference.middleware import ClientGoneError, RequestGuard, count_stream_error, until_done_or_gone
 from autoglm_inference.prompts import PromptVariants, UnknownVariantError
 from autoglm_inference.revisions import NoCanaryError, Router, SwapInProgressError, UnknownRevisionError
 from autoglm_inference.service import (
@@ -438,16 +438,30 @@ def install_routes(app: FastAPI, registry: Registry, repository: Any) -> None:
                 choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
             return event({**base, "object": obj, "choices": [choice]})
 
+        # Wait for the first text before the status line goes out, so a request that fails before it
+        # produced anything (unloaded while queued, a failed prefill) gets its real status code.
+        deltas = generation.deltas()
+        try:
+            first_delta: str | None = await until_done_or_gone(anext(deltas))
+        except StopAsyncIteration:
+            first_delta = None
+        except BaseException:
+            generation.close()
+            raise
+
         async def events() -> AsyncIterator[str]:
             try:
                 if chat:
                     first = {"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}
                     yield event({**base, "object": obj, "choices": [first]})
-                async for delta in generation.deltas():
-                    yield chunk(delta, None)
+                if first_delta is not None:
+                    yield chunk(first_delta, None)
+                    async for delta in deltas:
+                        yield chunk(delta, None)
                 yield chunk(None, generation.finish_reason or "stop")
                 yield "data: [DONE]\n\n"
             except (GenerationError, UnavailableError) as exc:  # the status line is gone: say it in-band
+                count_stream_error(generation.labels.attrs(), exc.status)
                 yield event({"error": {"message": str(exc), "code": exc.status}})
             finally:
                 generation.close()

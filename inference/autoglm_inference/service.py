@@ -244,15 +244,14 @@ def stop_token_ids(revision: Revision) -> frozenset[int]:
     return frozenset(ids)
 
 
-_longest: dict[int, int] = {}
-
-
 def longest_token_chars(tokenizer: Any) -> int:
-    """Characters in the tokenizer's longest token: a prompt longer than limit x this is over the limit."""
-    key = id(tokenizer)
-    if key not in _longest:
-        _longest[key] = max((len(t) for t in tokenizer.get_vocab()), default=64)
-    return _longest[key]
+    """Characters in the tokenizer's longest token: a prompt longer than limit x this is over the limit.
+    Computed once per tokenizer and kept on it."""
+    longest = getattr(tokenizer, "_autoglm_longest_token", None)
+    if longest is None:
+        longest = max((len(t) for t in tokenizer.get_vocab()), default=64)
+        tokenizer._autoglm_longest_token = longest
+    return int(longest)
 
 
 class Generation:

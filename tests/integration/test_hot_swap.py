@@ -224,16 +224,26 @@ def test_a_request_queued_on_an_unloaded_model_gets_503(artifacts: Artifacts, tm
     ).wait_ready()
     try:
         body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 480}
-        with ThreadPoolExecutor(5) as pool:
-            running = [
-                pool.submit(httpx.post, f"{proc.url}/openai/v1/completions", json=body, timeout=60)
-                for _ in range(3)
-            ]
-            time.sleep(0.3)  # one decodes, two wait in the queue
+
+        def one(stream: bool) -> int:
+            r = httpx.post(f"{proc.url}/openai/v1/completions", json={**body, "stream": stream}, timeout=60)
+            return r.status_code
+
+        with ThreadPoolExecutor(6) as pool:
+            running = [pool.submit(one, i % 2 == 1) for i in range(6)]  # plain and streaming
+            time.sleep(0.3)  # one decodes, the others wait in the queue
             assert httpx.post(f"{proc.url}/v2/repository/models/tiny/unload", timeout=60).status_code == 200
-            statuses = sorted(f.result().status_code for f in running)
-        assert 503 in statuses, statuses
+            statuses = [f.result() for f in running]
+        assert 503 in statuses[0::2], statuses
+        assert 503 in statuses[1::2], statuses  # a queued stream gets its status, not 200 and an error inside
         assert set(statuses) <= {200, 503}
+        metrics = httpx.get(f"{proc.url}/metrics").text.splitlines()
+        counted = sum(
+            float(ln.rsplit(" ", 1)[1])
+            for ln in metrics
+            if ln.startswith("autoglm_errors_total") and 'code="503"' in ln
+        )
+        assert counted == statuses.count(503)
     finally:
         proc.stop()
 
