@@ -282,7 +282,9 @@ class CausalLMModel(Model):
                     request.revision = generations[0].revision.name
                 # Each instance has its own id (feedback joins on it): the request's, then "/1", "/2"...
                 instance_id = request_id if index == 0 else f"{request_id}/{index}"
-                generations.append(self.service.start(request, {**headers, REQUEST_ID_HEADER: instance_id}))
+                generations.append(
+                    await self.service.start_async(request, {**headers, REQUEST_ID_HEADER: instance_id})
+                )
             results = await until_done_or_gone(asyncio.gather(*(g.result() for g in generations)))
         finally:
             for g in generations:
@@ -379,7 +381,7 @@ def install_routes(app: FastAPI, registry: Registry, repository: Any) -> None:
             prompt = prompt[0]
         if not isinstance(prompt, str):
             raise BadRequestError("'prompt' must be one string")
-        generation = service.start(
+        generation = await service.start_async(
             GenerateRequest.from_json({**body, "prompt": prompt}), dict(request.headers)
         )
         return await openai_reply(generation, body, chat=False)
@@ -390,7 +392,7 @@ def install_routes(app: FastAPI, registry: Registry, repository: Any) -> None:
         service = openai_service(body)
         if "max_completion_tokens" in body and "max_tokens" not in body:
             body["max_tokens"] = body["max_completion_tokens"]
-        generation = service.start(
+        generation = await service.start_async(
             GenerateRequest.from_json({k: v for k, v in body.items() if k != "prompt"}), dict(request.headers)
         )
         return await openai_reply(generation, body, chat=True)

@@ -8,6 +8,7 @@ request's metrics, energy and span, and releases its lease on the revision.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
 import time
@@ -31,6 +32,8 @@ from autoglm_inference.prompts import NONE, PromptVariants, with_system_prompt
 from autoglm_inference.revisions import Revision, Router
 from autoglm_inference.telemetry import Labels, request_labels, telemetry
 
+#: Prompts shorter than this are tokenized on the event loop (a thread hop costs more than they do).
+INLINE_TOKENIZE_CHARS = 4096
 DEFAULT_TEXT_TOKENS = 16  # OpenAI's default for completions
 DEFAULT_CHAT_TOKENS = 64
 REQUEST_ID_HEADER = "x-request-id"
@@ -158,7 +161,27 @@ class LMService:
         self.limits = limits
         self.target = target
 
-    def start(self, request: GenerateRequest, headers: dict[str, str] | None = None) -> Generation:
+    async def start_async(
+        self, request: GenerateRequest, headers: dict[str, str] | None = None
+    ) -> Generation:
+        """``start`` for the server's routes: a long prompt is tokenized in a worker thread, so the
+        event loop (and every stream it serves) never waits for it."""
+        headers = headers or {}
+        if _prompt_chars(request) < INLINE_TOKENIZE_CHARS:
+            return self.start(request, headers)
+        revision = self.router.choose(request.revision or headers.get(REVISION_HEADER))
+        if revision.engine.queue_depth >= revision.engine.max_queue:
+            raise QueueFullError(revision.engine.max_queue, retry_after=revision.engine.retry_after())
+        variant, ids = await asyncio.to_thread(self._render, revision, request, headers.get(VARIANT_HEADER))
+        return self.start(request, headers, rendered=(revision, variant, ids))
+
+    def start(
+        self,
+        request: GenerateRequest,
+        headers: dict[str, str] | None = None,
+        *,
+        rendered: tuple[Revision, str, list[int]] | None = None,
+    ) -> Generation:
         """Check limits, pick revision and variant, tokenize and queue; raises before anything runs."""
         headers = headers or {}
         request_id = headers.get(REQUEST_ID_HEADER) or str(uuid.uuid4())
@@ -169,7 +192,10 @@ class LMService:
             max_tokens = min(DEFAULT_CHAT_TOKENS if chat else DEFAULT_TEXT_TOKENS, self.limits.max_new_tokens)
         if max_tokens > self.limits.max_new_tokens:
             raise TooManyNewTokensError(max_tokens, self.limits.max_new_tokens)
-        revision = self.router.choose(request.revision or headers.get(REVISION_HEADER))
+        if rendered is not None:
+            revision = rendered[0]
+        else:
+            revision = self.router.choose(request.revision or headers.get(REVISION_HEADER))
         request_labels(model=self.name, revision=revision.name)
         engine = revision.engine
         if engine.queue_depth >= engine.max_queue:  # refuse before spending time on tokenizing
@@ -177,7 +203,10 @@ class LMService:
         lease = revision.lease()
         lease.__enter__()
         try:
-            variant, ids = self._render(revision, request, headers.get(VARIANT_HEADER))
+            if rendered is not None:
+                variant, ids = rendered[1], rendered[2]
+            else:
+                variant, ids = self._render(revision, request, headers.get(VARIANT_HEADER))
             request_labels(prompt_variant=variant)
             if len(ids) > self.limits.max_prompt_tokens:
                 raise PromptTooLongError(len(ids), self.limits.max_prompt_tokens)
@@ -203,8 +232,7 @@ class LMService:
         self, revision: Revision, request: GenerateRequest, pinned: str | None
     ) -> tuple[str, list[int]]:
         tokenizer = revision.loaded.tokenizer
-        chars = len(request.prompt or "") + sum(len(m["content"]) for m in request.messages or [])
-        if chars > self.limits.max_prompt_tokens * longest_token_chars(tokenizer):
+        if _prompt_chars(request) > self.limits.max_prompt_tokens * longest_token_chars(tokenizer):
             raise PromptTooLongError(None, self.limits.max_prompt_tokens)  # surely over: no need to tokenize
         if request.messages is None:
             assert request.prompt is not None
@@ -226,6 +254,10 @@ class LMService:
             transcript = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
             ids = tokenizer(transcript)["input_ids"]
         return (variant if applied else NONE), [int(i) for i in ids]
+
+
+def _prompt_chars(request: GenerateRequest) -> int:
+    return len(request.prompt or "") + sum(len(m["content"]) for m in request.messages or [])
 
 
 def stop_token_ids(revision: Revision) -> frozenset[int]:

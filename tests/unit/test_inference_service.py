@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -197,4 +198,28 @@ async def test_a_request_queued_when_its_revision_is_unloaded_raises_unavailable
     engine.stop()
     with pytest.raises(UnavailableError, match="unloaded"):
         await generation.result()
+    assert service.router.table.stable.leases == 0
+
+
+@pytest.mark.asyncio
+async def test_a_long_prompt_is_tokenized_off_the_event_loop(service: LMService) -> None:
+    loop_thread = threading.get_ident()
+    tokenizer = service.router.table.stable.loaded.tokenizer
+    real = tokenizer.__call__
+    threads: list[int] = []
+
+    def spy(*args: object, **kwargs: object) -> object:
+        threads.append(threading.get_ident())
+        return real(*args, **kwargs)
+
+    wide = LMService("m", service.router, prompts=service.prompts, limits=Limits(max_prompt_tokens=4000))
+    long_prompt = "word " * 1000  # 5000 characters, about 1000 tokens: beyond the 512-position context
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(type(tokenizer), "__call__", lambda self, *a, **k: spy(*a, **k))
+        with pytest.raises(ContextTooLongError):  # it was tokenized to know that
+            await wide.start_async(GenerateRequest(prompt=long_prompt, max_tokens=1))
+        short = await wide.start_async(GenerateRequest(prompt=PROMPT, max_tokens=2))
+    assert threads[0] != loop_thread
+    assert threads[-1] == loop_thread  # a short prompt stays on the loop
+    assert (await short.result()).completion_tokens == 2
     assert service.router.table.stable.leases == 0
