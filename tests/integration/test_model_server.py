@@ -10,12 +10,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from autoglm_inference.generation import DecodeBatch, Sampling
 from autoglm_inference.process import ServerProcess
-from tests.support.tiny_models import tiny_glm, with_model_card
+from tests.support.tiny_models import greedy_text, tiny_glm, with_model_card
 
 pytestmark = pytest.mark.integration
 
@@ -43,24 +40,6 @@ def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference(artifact: Path) -> tuple[torch.nn.Module, object]:
-    return AutoModelForCausalLM.from_pretrained(artifact).eval(), AutoTokenizer.from_pretrained(artifact)
-
-
-def greedy(reference: tuple[torch.nn.Module, object], prompt: str, n: int) -> str:
-    """What the server must answer: the prompt alone, greedy, cut at end-of-sequence."""
-    model, tokenizer = reference
-    ids = tokenizer(prompt)["input_ids"]  # type: ignore[operator]
-    batch = DecodeBatch.prefill(model, [ids], [Sampling()])
-    out = [int(batch.tokens[0])]
-    while len(out) < n and out[-1] != tokenizer.eos_token_id:  # type: ignore[attr-defined]
-        out.append(int(batch.step(model)[0]))
-    if out[-1] == tokenizer.eos_token_id:  # type: ignore[attr-defined]
-        out.pop()
-    return str(tokenizer.decode(out, skip_special_tokens=True))  # type: ignore[attr-defined]
-
-
-@pytest.fixture(scope="module")
 def variants_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("variants") / "variants.yaml"
     path.write_text(VARIANTS)
@@ -84,7 +63,7 @@ def server(
     assert proc.stop() == 0
 
 
-def test_v1_predict_returns_greedy_text_and_the_join_headers(server: ServerProcess, reference: tuple) -> None:
+def test_v1_predict_returns_greedy_text_and_the_join_headers(server: ServerProcess, artifact: Path) -> None:
     body = {"instances": [{"prompt": PROMPTS[0], "max_tokens": 12}, {"prompt": PROMPTS[1], "max_tokens": 5}]}
     r = httpx.post(
         f"{server.url}/v1/models/tiny:predict", json=body, headers={"x-request-id": "req-1"}, timeout=60
@@ -95,8 +74,8 @@ def test_v1_predict_returns_greedy_text_and_the_join_headers(server: ServerProce
     assert r.headers["x-autoglm-prompt-variant"] == "none"
     predictions = r.json()["predictions"]
     assert [p["text"] for p in predictions] == [
-        greedy(reference, PROMPTS[0], 12),
-        greedy(reference, PROMPTS[1], 5),
+        greedy_text(artifact, PROMPTS[0], 12),
+        greedy_text(artifact, PROMPTS[1], 5),
     ]
     assert all(
         p["energy_joules"] > 0 and p["energy_method"] in ("rapl", "cpu-time-model") for p in predictions
@@ -104,7 +83,7 @@ def test_v1_predict_returns_greedy_text_and_the_join_headers(server: ServerProce
     assert predictions[0]["prompt_tokens"] > 0
 
 
-def test_v2_infer_ready_and_metadata(server: ServerProcess, reference: tuple) -> None:
+def test_v2_infer_ready_and_metadata(server: ServerProcess, artifact: Path) -> None:
     body = {
         "id": "v2-1",
         "inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [2], "data": PROMPTS[2:4]}],
@@ -113,7 +92,7 @@ def test_v2_infer_ready_and_metadata(server: ServerProcess, reference: tuple) ->
     r = httpx.post(f"{server.url}/v2/models/tiny/infer", json=body, timeout=60)
     assert r.status_code == 200, r.text
     out = {o["name"]: o["data"] for o in r.json()["outputs"]}
-    assert out["text_output"] == [greedy(reference, p, 7) for p in PROMPTS[2:4]]
+    assert out["text_output"] == [greedy_text(artifact, p, 7) for p in PROMPTS[2:4]]
     assert r.json()["id"] == "v2-1"
     assert r.json()["model_version"] == "rev-a"
     assert httpx.get(f"{server.url}/v2/models/tiny/ready").status_code == 200
@@ -122,12 +101,12 @@ def test_v2_infer_ready_and_metadata(server: ServerProcess, reference: tuple) ->
     assert httpx.get(f"{server.url}/v2/models/nope/ready").status_code == 404
 
 
-def test_openai_completion_streaming_equals_the_whole_answer(server: ServerProcess, reference: tuple) -> None:
+def test_openai_completion_streaming_equals_the_whole_answer(server: ServerProcess, artifact: Path) -> None:
     body = {"model": "tiny", "prompt": PROMPTS[4], "max_tokens": 20, "temperature": 0}
     whole = httpx.post(f"{server.url}/openai/v1/completions", json=body, timeout=60)
     assert whole.status_code == 200, whole.text
     text = whole.json()["choices"][0]["text"]
-    assert text == greedy(reference, PROMPTS[4], 20)
+    assert text == greedy_text(artifact, PROMPTS[4], 20)
     assert whole.json()["usage"]["completion_tokens"] > 0
     with httpx.stream(
         "POST", f"{server.url}/openai/v1/completions", json={**body, "stream": True}, timeout=60
@@ -190,7 +169,7 @@ def test_switching_the_active_variant_in_the_file_takes_effect(
 
 
 def test_concurrent_requests_are_batched_and_equal_unbatched_greedy(
-    server: ServerProcess, reference: tuple
+    server: ServerProcess, artifact: Path
 ) -> None:
     lengths = [24, 6, 17, 30, 3, 11]
     barrier = threading.Barrier(len(PROMPTS))
@@ -204,7 +183,7 @@ def test_concurrent_requests_are_batched_and_equal_unbatched_greedy(
 
     with ThreadPoolExecutor(len(PROMPTS)) as pool:
         texts = list(pool.map(one, range(len(PROMPTS))))
-    assert texts == [greedy(reference, p, n) for p, n in zip(PROMPTS, lengths, strict=True)]
+    assert texts == [greedy_text(artifact, p, n) for p, n in zip(PROMPTS, lengths, strict=True)]
     metrics = httpx.get(f"{server.url}/metrics").text
     sizes = [line for line in metrics.splitlines() if line.startswith("autoglm_batch_size_sum")]
     counts = [line for line in metrics.splitlines() if line.startswith("autoglm_batch_size_count")]

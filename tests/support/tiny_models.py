@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from pathlib import Path
 
@@ -62,14 +63,37 @@ def tiny_glm(
 
 
 def with_model_card(folder: Path, revision: str) -> str:
-    """Write a model card like ``autoglm pipeline publish`` does; return its SHA-256 (the artifact digest)."""
-    import hashlib
-    import json
+    """Write a model card as ``autoglm pipeline publish`` does; return its SHA-256 (the artifact digest)."""
+    from autoglm_pipelines.artifacts import write_model_card
 
-    from autoglm_pipelines.results import hash_tree
+    return write_model_card(folder, {"model": "test/tiny", "revision": revision})
 
-    files = {name: sha for name, sha in hash_tree(folder).items() if name != "model-card.json"}
-    card = {"model": "test/tiny", "revision": revision, "files": files}
-    raw = json.dumps(card, indent=2).encode()
-    (folder / "model-card.json").write_bytes(raw)
-    return hashlib.sha256(raw).hexdigest()
+
+def published_tiny_glms(root: Path, seeds: dict[str, int]) -> dict[str, Path]:
+    """One tiny GLM per name under ``root``, each with a model card whose revision is ``rev-NAME``."""
+    folders = {}
+    for name, seed in seeds.items():
+        folders[name] = tiny_glm(root / name, seed=seed)
+        with_model_card(folders[name], f"rev-{name}")
+    return folders
+
+
+@functools.cache
+def _loaded(folder: Path) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+
+
+def greedy_text(folder: Path, prompt: str, n: int) -> str:
+    """What a server of ``folder`` must answer: the prompt alone, greedy, cut at end-of-sequence."""
+    from autoglm_inference.generation import DecodeBatch, Sampling
+
+    model, tokenizer = _loaded(folder)
+    batch = DecodeBatch.prefill(model, [tokenizer(prompt)["input_ids"]], [Sampling()])
+    out = [int(batch.tokens[0])]
+    while len(out) < n and out[-1] != tokenizer.eos_token_id:
+        out.append(int(batch.step(model)[0]))
+    if out[-1] == tokenizer.eos_token_id:
+        out.pop()
+    return str(tokenizer.decode(out, skip_special_tokens=True))

@@ -12,17 +12,12 @@ from autoglm_inference.artifact import ArtifactError
 from autoglm_inference.revisions import SwapInProgressError
 from autoglm_inference.server import Registry, ServerOptions
 from autoglm_inference.telemetry import telemetry
-from tests.support.tiny_models import tiny_glm, with_model_card
+from tests.support.tiny_models import published_tiny_glms
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("registry")
-    out = {}
-    for name, seed in (("a", 1), ("b", 2)):
-        out[name] = tiny_glm(root / name, seed=seed)
-        with_model_card(out[name], f"rev-{name}")
-    return out
+    return published_tiny_glms(tmp_path_factory.mktemp("registry"), {"a": 1, "b": 2})
 
 
 @pytest.mark.asyncio

@@ -13,17 +13,12 @@ import pytest
 from autoglm_inference.artifact import ArtifactError, LoadedArtifact, load, verify
 from autoglm_inference.engine import Engine
 from autoglm_inference.revisions import NoCanaryError, Router, SwapInProgressError, UnknownRevisionError
-from tests.support.tiny_models import tiny_glm, with_model_card
+from tests.support.tiny_models import published_tiny_glms
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("revisions")
-    out = {}
-    for name, seed in (("a", 1), ("b", 2)):
-        out[name] = tiny_glm(root / name, seed=seed)
-        with_model_card(out[name], f"rev-{name}")
-    return out
+    return published_tiny_glms(tmp_path_factory.mktemp("revisions"), {"a": 1, "b": 2})
 
 
 def make_engine(loaded: LoadedArtifact) -> Engine:
