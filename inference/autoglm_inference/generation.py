@@ -20,6 +20,8 @@ from torch.nn import functional
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from autoglm_pipelines.loading import cache_kwargs
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -75,8 +77,7 @@ class DecodeBatch:
             input_ids=ids,
             attention_mask=mask,
             position_ids=position_ids,
-            past_key_values=cache,
-            use_cache=True,
+            **cache_kwargs(model, cache),
             logits_to_keep=1,  # only the last position: [rows, prompt, vocab] logits would be GBs
         )
         generators = [_generator(s, device) for s in sampling]
@@ -99,8 +100,7 @@ class DecodeBatch:
             input_ids=self.tokens.view(-1, 1),
             attention_mask=self.mask,
             position_ids=self.positions.view(-1, 1),
-            past_key_values=self.cache,
-            use_cache=True,
+            **cache_kwargs(model, self.cache),
         )
         self.positions = self.positions + 1
         self.tokens = self._sample(out.logits[:, -1, :])

@@ -17,6 +17,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from autoglm_inference.energy import EnergyMeter
+from autoglm_pipelines.loading import cache_kwargs
 from autoglm_pipelines.quantization import weight_bytes
 
 
@@ -82,13 +83,13 @@ def decode_benchmark(
 def _greedy(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> tuple[float, list[float]]:
     cache = DynamicCache()
     start = time.perf_counter()
-    out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+    out = model(input_ids=ids, **cache_kwargs(model, cache))
     token = out.logits[:, -1:].argmax(-1)
     prefill = time.perf_counter() - start
     steps = []
     for _ in range(new_tokens - 1):
         start = time.perf_counter()
-        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+        out = model(input_ids=token, **cache_kwargs(model, cache))
         token = out.logits[:, -1:].argmax(-1)
         steps.append(time.perf_counter() - start)
     return prefill, steps

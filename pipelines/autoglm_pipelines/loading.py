@@ -7,13 +7,17 @@ plain safetensors reads. Nothing is ever unpickled: ``use_safetensors=True`` thr
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.cache_utils import Cache
 
 from autoglm_pipelines.uris import SourceError, sha256_file
 
@@ -26,6 +30,18 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase
     #: The folder the weights were read from (for GGUF: the safetensors conversion in the cache).
     folder: Path
+
+
+def cache_kwargs(model: nn.Module, cache: Cache) -> dict[str, Any]:
+    """The KV-cache keyword arguments of ``model.forward``: transformers 5.24 renamed
+    ``past_key_values`` to ``cache`` (the old name warns); older releases know only the old one."""
+    name = "cache" if "cache" in _forward_parameters(type(model)) else "past_key_values"
+    return {name: cache, "use_cache": True}
+
+
+@functools.cache
+def _forward_parameters(cls: type[nn.Module]) -> frozenset[str]:
+    return frozenset(inspect.signature(cls.forward).parameters)
 
 
 def detect_format(path: Path, declared: Format | None) -> Format:
