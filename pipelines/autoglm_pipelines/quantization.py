@@ -379,8 +379,59 @@ def quantize_model(
         else:
             _set_module(model, name, Int8WeightOnlyLinear.from_float(linear.weight, linear.bias, compute))
             plan.modules[name] = "int8-weight-only"
-    model.to(compute)  # norms, rotary tables and anything left in float run in the compute dtype
+    _to_compute_dtype(model, compute, _float_kept(model, plan))
     return plan
+
+
+def _float_kept(model: nn.Module, plan: QuantizationPlan) -> list[str]:
+    """Modules that keep their source dtype: those left unquantized, the norms, a float embedding."""
+    names = list(plan.skipped)
+    embed = _input_embedding(model)
+    if embed is not None and embed[0] not in plan.modules:
+        names.append(embed[0])
+    names += [
+        name
+        for name, module in model.named_modules()
+        if type(module).__name__.endswith(("RMSNorm", "LayerNorm")) or isinstance(module, nn.LayerNorm)
+    ]
+    return names
+
+
+def _to_compute_dtype(model: nn.Module, compute: torch.dtype, keep: list[str]) -> None:
+    """Cast ``model`` to ``compute`` except the ``keep`` modules, which run in their own dtype.
+
+    A kept module casts its floating inputs to its weights' dtype and its output to ``compute``, so
+    the activations between modules stay in ``compute`` (what the quantized kernels take).
+    """
+    dtypes = {name: _own_float_dtype(model.get_submodule(name)) for name in keep}
+    model.to(compute)
+    for name, dtype in dtypes.items():
+        if dtype is None or dtype == compute:
+            continue
+        module = model.get_submodule(name)
+        module.to(dtype)
+        module.register_forward_pre_hook(_cast_inputs_to(dtype))
+        module.register_forward_hook(_cast_output_to(compute))
+
+
+def _own_float_dtype(module: nn.Module) -> torch.dtype | None:
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
+
+
+def _cast_inputs_to(dtype: torch.dtype) -> Any:
+    def hook(_module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        return tuple(
+            a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args
+        )
+
+    return hook
+
+
+def _cast_output_to(dtype: torch.dtype) -> Any:
+    def hook(_module: nn.Module, _args: tuple[Any, ...], output: Any) -> Any:
+        return output.to(dtype) if isinstance(output, torch.Tensor) and output.is_floating_point() else output
+
+    return hook
 
 
 def _input_embedding(model: nn.Module) -> tuple[str, nn.Embedding] | None:
@@ -451,7 +502,7 @@ def rebuild_quantized(model: nn.Module, plan: QuantizationPlan) -> None:
             if plan.tied and table is not None and head is not None and name == head[0]:
                 new.weight_int8, new.weight_scale = table.weight_int8, table.weight_scale
         _set_module(model, name, new)
-    model.to(dtype)
+    _to_compute_dtype(model, dtype, _float_kept(model, plan))
 
 
 def load_quantized_weights(model: nn.Module, folder: Path) -> QuantizationPlan:

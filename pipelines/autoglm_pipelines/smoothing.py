@@ -19,8 +19,25 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-#: RMSNorm classes whose output is ``weight * normalized`` (no ``1 + weight`` offset).
-FOLDABLE_NORMS = {"LlamaRMSNorm", "GlmRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSNorm"}
+#: RMSNorm classes whose output is ``weight * normalized`` (no ``1 + weight`` offset). GLM's own
+#: text models each define one (GLM, GLM-4, GLM-4-MoE, GLM-4.5 and later); a test checks every name
+#: listed here against the class transformers ships.
+FOLDABLE_NORMS = {
+    "LlamaRMSNorm",
+    "Qwen2RMSNorm",
+    "Qwen3RMSNorm",
+    "MistralRMSNorm",
+    "GlmRMSNorm",
+    "Glm4RMSNorm",
+    "Glm4MoeRMSNorm",
+    "Glm4MoeLiteRMSNorm",
+    "GlmMoeDsaRMSNorm",
+    "Glm4vRMSNorm",
+    "Glm4vMoeRMSNorm",
+    "Glm4vMoeTextRMSNorm",
+    "Glm5NextRMSNorm",
+    "Glm5NextTextRMSNorm",
+}
 MIN_SCALE = 1e-5
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, Glm4Config, Glm4ForCausalLM
 
 from autoglm_pipelines.calibration import collect_input_absmax
 from autoglm_pipelines.loading import load_causal_lm
@@ -23,7 +23,7 @@ from autoglm_pipelines.quantization import (
     save_quantized,
     weight_bytes,
 )
-from autoglm_pipelines.smoothing import smooth_model
+from autoglm_pipelines.smoothing import FOLDABLE_NORMS, smooth_model
 from tests.support.tiny_models import tiny_glm
 
 
@@ -99,11 +99,84 @@ def test_tied_embedding_is_quantized_once_and_shared(tiny: Path, tmp_path: Path)
 
 
 def test_skip_modules_keeps_them_in_float(tiny: Path, tmp_path: Path) -> None:
-    model = load_causal_lm(tiny, None, cache_dir=tmp_path).model
+    lm = load_causal_lm(tiny, None, cache_dir=tmp_path)
+    ids = lm.tokenizer("Something is rotten in the state of Denmark.", return_tensors="pt").input_ids
+    model = copy.deepcopy(lm.model)
     plan = quantize_model(model, "int8-weight-only", skip_modules=["down_proj", "lm_head"])
     assert all("down_proj" not in name for name in plan.modules)
     assert "lm_head" in plan.skipped
-    assert isinstance(model.get_submodule("model.layers.0.mlp.down_proj"), torch.nn.Linear)
+    down = model.get_submodule("model.layers.0.mlp.down_proj")
+    assert isinstance(down, torch.nn.Linear)
+    # skipped modules and the norms keep the source model's dtype, not the kernels' bf16
+    assert down.weight.dtype == torch.float32
+    assert model.get_output_embeddings().weight.dtype == torch.float32
+    assert model.get_submodule("model.layers.0.input_layernorm").weight.dtype == torch.float32
+    assert model.get_submodule("model.norm").weight.dtype == torch.float32
+    with torch.no_grad():
+        out = model(ids).logits
+    assert out.dtype == torch.bfloat16  # the activations between modules stay in the compute dtype
+    save_quantized(model, plan, tmp_path / "q")
+    fresh = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny)).eval()
+    load_quantized_weights(fresh, tmp_path / "q")
+    assert fresh.get_submodule("model.layers.1.mlp.down_proj").weight.dtype == torch.float32
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, out)
+
+
+def test_glm4_norms_are_folded_so_smoothquant_smooths_every_layer_group(tmp_path: Path) -> None:
+    config = Glm4Config(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    torch.manual_seed(0)
+    model = Glm4ForCausalLM(config).eval()
+    ids = torch.randint(0, 256, (1, 48))
+    absmax, _ = collect_input_absmax(model, ids)
+    smoothed = copy.deepcopy(model)
+    report = smooth_model(smoothed, absmax, alpha=0.5)
+    for layer in (0, 1):
+        assert report[f"model.layers.{layer}.self_attn.q_proj"] == "smoothed q/k/v"
+        assert report[f"model.layers.{layer}.mlp.gate_up_proj"] == "smoothed gate/up"
+        assert report[f"model.layers.{layer}.mlp.down_proj"] == "smoothed down (folded into up)"
+    with torch.no_grad():
+        assert torch.allclose(smoothed(ids).logits, model(ids).logits, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(FOLDABLE_NORMS))
+def test_every_foldable_norm_scales_its_output_by_its_weight(name: str) -> None:
+    cls = _transformers_class(name)
+    if cls is None:
+        pytest.skip(f"{name} is not in this transformers")
+    norm = cls(16)
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(16) + 0.5)
+        before = norm(x)
+        s = torch.rand(16) + 0.5
+        norm.weight.div_(s)  # what smoothing does to a norm it folds into
+        assert torch.allclose(norm(x) * s, before, atol=1e-5)
+
+
+def _transformers_class(name: str) -> type[torch.nn.Module] | None:
+    import importlib
+
+    import transformers
+
+    models = Path(transformers.__file__).parent / "models"
+    for source in sorted(models.glob("*/modeling_*.py")):
+        if f"class {name}(" in source.read_text(encoding="utf-8"):
+            module = importlib.import_module(f"transformers.models.{source.parent.name}.{source.stem}")
+            cls: type[torch.nn.Module] = getattr(module, name)
+            return cls
+    return None
 
 
 def test_smoothquant_needs_activation_statistics(tiny: Path, tmp_path: Path) -> None:
