@@ -100,7 +100,7 @@ def main() -> None:
                 plan.append((str(b), sha_b) if i % 2 == 0 else (str(a), sha_a))
         server = ServerProcess(
             "smollm2", str(a), "--max-batch-size", "16", "--max-queue", "32", log=Path(tmp) / "server.log",
-            threads=args.threads,
+            threads=args.threads, model_roots=[a.parent, tmp],  # the corrupt copy lives in tmp
         ).wait_ready()  # fmt: skip
         process = psutil.Process(server.process.pid)
         try:

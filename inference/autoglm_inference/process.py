@@ -7,9 +7,12 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
+
+from autoglm_inference.access import ADMIN_TOKEN_ENV
 
 
 def free_port() -> int:
@@ -19,10 +22,24 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """Start ``autoglm serve`` for ``name``/``uri`` on a free loopback port; ``args`` are more serve flags."""
+    """Start ``autoglm serve`` for ``name``/``uri`` on a free loopback port; ``args`` are more serve flags.
 
-    def __init__(self, name: str, uri: str, *args: str, log: Path, threads: int = 1) -> None:
+    ``admin_token``: the repository routes' bearer token (passed in the environment; without one they
+    answer only to loopback, as this client is). ``model_roots``: ``--model-root`` flags.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        uri: str,
+        *args: str,
+        log: Path,
+        threads: int = 1,
+        admin_token: str | None = None,
+        model_roots: Sequence[str | Path] = (),
+    ) -> None:
         self.name = name
+        self.admin_token = admin_token
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
@@ -31,7 +48,12 @@ class ServerProcess:
             "--model-name", name, "--model-uri", uri,
             "--host", "127.0.0.1", "--http-port", str(self.port), "--threads", str(threads), *args,
         ]  # fmt: skip
+        for root in model_roots:
+            command += ["--model-root", str(root)]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads)}
+        env.pop(ADMIN_TOKEN_ENV, None)  # only the token given here, never one inherited by accident
+        if admin_token is not None:
+            env[ADMIN_TOKEN_ENV] = admin_token
         self._log_file = log.open("w")
         self.process = subprocess.Popen(command, stdout=self._log_file, stderr=subprocess.STDOUT, env=env)
 
@@ -50,6 +72,11 @@ class ServerProcess:
             time.sleep(0.2)
         self.stop()
         raise TimeoutError(f"the server was not ready in {timeout}s:\n{self.log.read_text()[-3000:]}")
+
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        """Headers for the repository routes (the bearer token, when the server has one)."""
+        return {"Authorization": f"Bearer {self.admin_token}"} if self.admin_token else {}
 
     @property
     def alive(self) -> bool:

@@ -17,6 +17,7 @@ import logging
 import random
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,11 +50,20 @@ class NoCanaryError(Exception):
 
 @dataclass
 class Revision:
+    """One loaded artifact and its engine. Requests hold a lease while they use it; once retired
+    (swapped out) it stops when its last lease ends, and its weights are dropped by the engine's
+    own thread when that thread ends, so nothing waits for it and nothing can keep them."""
+
     loaded: LoadedArtifact
     engine: Engine
     loaded_at: float = field(default_factory=time.time)
     _leases: int = 0
+    _retired: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _released: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self.engine.on_exit.append(self._drop_weights)
 
     @property
     def name(self) -> str:
@@ -62,6 +72,14 @@ class Revision:
     @property
     def leases(self) -> int:
         return self._leases
+
+    @property
+    def released(self) -> bool:
+        """Its engine has ended and its weights are dropped."""
+        return self._released.is_set()
+
+    def wait_released(self, timeout: float) -> bool:
+        return self._released.wait(timeout)
 
     @contextlib.contextmanager
     def lease(self) -> Iterator[Revision]:
@@ -72,24 +90,36 @@ class Revision:
         finally:
             with self._lock:
                 self._leases -= 1
+                last = self._retired and self._leases == 0
+            if last:
+                self.stop()
+
+    def retire(self) -> None:
+        """Stop once the requests that hold a lease have ended (at once when none does)."""
+        with self._lock:
+            self._retired = True
+            idle = self._leases == 0
+        if idle:
+            self.stop()
+
+    def stop(self) -> None:
+        """Stop now, leases or not: queued requests end ``unavailable``, running rows finish, then the
+        engine's thread drops the weights. Never waits."""
+        with self._lock:
+            self._retired = True
+        self.engine.stop(0)
 
     def describe(self) -> dict[str, object]:
         a = self.loaded.artifact
         return {"revision": a.revision, "uri": a.uri, "sha256": a.digest, "inFlight": self.leases}
 
-    def release(self, timeout: float = 30.0) -> bool:
-        """Stop the engine (queued requests end ``unavailable``, running rows finish) and drop the
-        weights once its thread has ended. Returns False when the thread was still decoding."""
-        if not self.engine.stop(timeout):
-            log.warning(
-                "%s: still decoding after %.0fs; its weights are kept until it ends", self.name, timeout
-            )
-            return False
+    def _drop_weights(self) -> None:
         self.engine.model = None  # type: ignore[assignment]
         self.loaded.model = None  # type: ignore[assignment]
         gc.collect()
         _return_freed_memory()
-        return True
+        self._released.set()
+        log.info("released revision %s", self.name)
 
 
 @dataclass(frozen=True)
@@ -112,7 +142,7 @@ class Router:
         self._cache_dir = cache_dir
         self._swap = asyncio.Lock()
         self._swapping: str | None = None
-        self._draining: dict[asyncio.Task[None], Revision] = {}
+        self._retired: list[Revision] = []  # swapped out, stopping once their leases end
         self.closed = False
         self._rng = random.Random()
 
@@ -165,7 +195,7 @@ class Router:
                             f"{uri}: revision {revision.name} is already the stable revision", status=409
                         )
                 except BaseException:
-                    await asyncio.to_thread(revision.release)
+                    revision.stop()
                     raise
                 if canary_weight is None:
                     self.table = Table(stable=revision)
@@ -212,18 +242,19 @@ class Router:
         }
 
     async def close(self) -> None:
-        """Unload: every revision, serving or draining, is stopped and released."""
+        """Unload: every revision, serving or retired, stops now (queued requests end ``unavailable``,
+        running rows finish); each drops its weights when its engine's thread ends."""
         self.closed = True
-        retiring = list(self._draining.values())
-        for task in list(self._draining):
-            task.cancel()
-        for revision in [*self.revisions(), *retiring]:
-            await asyncio.to_thread(revision.release)
+        for revision in [*self.revisions(), *self._retired]:
+            revision.stop()
+        self._retired = []
 
     def _retire(self, revision: Revision) -> None:
-        task = asyncio.get_running_loop().create_task(_drain(self.name, revision))
-        self._draining[task] = revision
-        task.add_done_callback(lambda t: self._draining.pop(t, None))
+        self._retired = [r for r in self._retired if not r.released] + [revision]
+        revision.retire()
+        # A lease held past the drain timeout (a client that never reads its stream) stops it anyway.
+        ref = weakref.ref(revision)
+        asyncio.get_running_loop().call_later(DRAIN_TIMEOUT_S, _stop_if_alive, ref)
 
 
 def _build(uri: str, sha256: str | None, make_engine: EngineFactory, cache_dir: Path) -> Revision:
@@ -246,14 +277,10 @@ def _warm_up(revision: Revision) -> None:
             raise ArtifactError(f"{revision.loaded.artifact.uri}: warm-up generation failed")
 
 
-async def _drain(model: str, revision: Revision) -> None:
-    """Wait for the requests that hold a lease on ``revision``, then release it."""
-    deadline = time.monotonic() + DRAIN_TIMEOUT_S
-    while revision.leases > 0 and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    while not await asyncio.to_thread(revision.release):
-        await asyncio.sleep(1.0)  # a request still decoding after the drain timeout: let it end
-    log.info("%s: released revision %s", model, revision.name)
+def _stop_if_alive(ref: weakref.ref[Revision]) -> None:
+    revision = ref()
+    if revision is not None:
+        revision.stop()
 
 
 def _return_freed_memory() -> None:

@@ -38,6 +38,7 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from autoglm_inference.access import AccessDeniedError, AdminGuard, ModelPolicy
 from autoglm_inference.artifact import ArtifactError, LoadedArtifact
 from autoglm_inference.energy import EnergyMeter
 from autoglm_inference.engine import Engine
@@ -67,7 +68,7 @@ SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 
 @dataclass(frozen=True)
 class ServerOptions:
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"  # a container or chart sets 0.0.0.0 explicitly
     http_port: int = 8080
     max_batch_size: int = 8
     max_batch_delay_ms: float = 10.0
@@ -78,6 +79,11 @@ class ServerOptions:
     limits: Limits = field(default_factory=Limits)
     prompt_variants: Path | None = None
     device: str = "cpu"  # cpu, cuda, cuda:N or auto (cuda when one is visible)
+    #: Bearer token of the repository routes; None: they answer only to loopback clients.
+    admin_token: str | None = field(default=None, repr=False)
+    #: Where ``load`` may open models (paths, file:// or pkg://); empty: the start-up model's folder.
+    model_roots: tuple[str, ...] = ()
+    allow_remote_models: bool = False  # http(s)://, s3://, gs:// in load
 
 
 def resolve_device(name: str) -> torch.device:
@@ -127,8 +133,14 @@ class _EngineObserver:
 class Registry:
     """The served model names; shared by kserve's repository and our routes."""
 
-    def __init__(self, options: ServerOptions) -> None:
+    def __init__(self, options: ServerOptions, *, startup_uri: str | None = None) -> None:
         self.options = options
+        self.policy = ModelPolicy.build(
+            options.model_roots,
+            cache_dir=options.cache_dir,
+            startup_uri=startup_uri,
+            allow_remote=options.allow_remote_models,
+        )
         self.device = resolve_device(options.device)
         self.services: dict[str, LMService] = {}
         self.prompts = PromptVariants(options.prompt_variants)
@@ -224,9 +236,10 @@ class CausalLMModel(Model):
         headers: dict[str, str] | None = None,
         response_headers: dict[str, str] | None = None,
     ) -> dict[str, Any] | InferResponse:
+        received = time.perf_counter()  # latency starts here, before tokenizing
         headers = dict(headers or {})
         if isinstance(payload, InferRequest):
-            return await self._predict_v2(payload, headers, response_headers)
+            return await self._predict_v2(payload, headers, response_headers, received)
         if isinstance(payload, bytes):  # kserve passes bodies with other content types through raw
             try:
                 payload = json.loads(payload)
@@ -241,11 +254,15 @@ class CausalLMModel(Model):
                 'the V1 body must be {"instances": [{"prompt": TEXT, "max_tokens": N}, ...]}'
             )
         requests = [GenerateRequest.from_json(i) for i in payload["instances"]]
-        results = await self._run_all(requests, headers, response_headers)
+        results = await self._run_all(requests, headers, response_headers, received)
         return {"predictions": [r.to_json() for r in results]}
 
     async def _predict_v2(
-        self, payload: InferRequest, headers: dict[str, str], response_headers: dict[str, str] | None
+        self,
+        payload: InferRequest,
+        headers: dict[str, str],
+        response_headers: dict[str, str] | None,
+        received: float,
     ) -> InferResponse:
         texts: list[str] | None = None
         for infer_input in payload.inputs:
@@ -255,7 +272,7 @@ class CausalLMModel(Model):
             raise BadRequestError('the V2 request needs a BYTES input named "text_input"')
         parameters = {k: _plain(v) for k, v in (payload.parameters or {}).items()}
         requests = [GenerateRequest.from_json({**parameters, "prompt": t}) for t in texts]
-        results = await self._run_all(requests, headers, response_headers)
+        results = await self._run_all(requests, headers, response_headers, received)
         outputs = [
             InferOutput("text_output", [len(results)], "BYTES", data=[r.text for r in results]),
             InferOutput("finish_reason", [len(results)], "BYTES", data=[r.finish_reason for r in results]),
@@ -277,6 +294,7 @@ class CausalLMModel(Model):
         requests: list[GenerateRequest],
         headers: dict[str, str],
         response_headers: dict[str, str] | None,
+        received: float,
     ) -> list[Any]:
         """Every instance of one request, on one revision, batched; cancelled if the client leaves."""
         request_id = headers.get(REQUEST_ID_HEADER) or str(uuid.uuid4())
@@ -288,7 +306,9 @@ class CausalLMModel(Model):
                 # Each instance has its own id (feedback joins on it): the request's, then "/1", "/2"...
                 instance_id = request_id if index == 0 else f"{request_id}/{index}"
                 generations.append(
-                    await self.service.start_async(request, {**headers, REQUEST_ID_HEADER: instance_id})
+                    await self.service.start_async(
+                        request, {**headers, REQUEST_ID_HEADER: instance_id}, received=received
+                    )
                 )
             results = await until_done_or_gone(asyncio.gather(*(g.result() for g in generations)))
         finally:
@@ -320,6 +340,9 @@ def _plain(value: Any) -> Any:
 
 def install_routes(app: FastAPI, registry: Registry, repository: Any) -> None:
     limits = registry.options.limits
+    app.add_middleware(
+        AdminGuard, token=registry.options.admin_token
+    )  # inside RequestGuard: refusals get ids
     app.add_middleware(RequestGuard, max_body_bytes=limits.max_body_bytes, target=registry.options.target)
 
     def error_response(status: int, message: str, **headers: str) -> JSONResponse:
@@ -352,6 +375,7 @@ def install_routes(app: FastAPI, registry: Registry, repository: Any) -> None:
         SwapInProgressError,
         GenerationError,
         UnavailableError,
+        AccessDeniedError,
     ):
         app.add_exception_handler(kind, on_error)
 
@@ -379,6 +403,7 @@ def install_routes(app: FastAPI, registry: Registry, repository: Any) -> None:
 
     @app.post("/openai/v1/completions")
     async def completions(request: Request) -> Any:
+        received = time.perf_counter()  # latency starts here, before tokenizing
         body = await read_json(request)
         service = openai_service(body)
         prompt = body.get("prompt")
@@ -387,18 +412,21 @@ def install_routes(app: FastAPI, registry: Registry, repository: Any) -> None:
         if not isinstance(prompt, str):
             raise BadRequestError("'prompt' must be one string")
         generation = await service.start_async(
-            GenerateRequest.from_json({**body, "prompt": prompt}), dict(request.headers)
+            GenerateRequest.from_json({**body, "prompt": prompt}), dict(request.headers), received=received
         )
         return await openai_reply(generation, body, chat=False)
 
     @app.post("/openai/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
+        received = time.perf_counter()
         body = await read_json(request)
         service = openai_service(body)
         if "max_completion_tokens" in body and "max_tokens" not in body:
             body["max_tokens"] = body["max_completion_tokens"]
         generation = await service.start_async(
-            GenerateRequest.from_json({k: v for k, v in body.items() if k != "prompt"}), dict(request.headers)
+            GenerateRequest.from_json({k: v for k, v in body.items() if k != "prompt"}),
+            dict(request.headers),
+            received=received,
         )
         return await openai_reply(generation, body, chat=True)
 
@@ -501,6 +529,9 @@ def install_routes(app: FastAPI, registry: Registry, repository: Any) -> None:
             isinstance(weight, int | float) and not isinstance(weight, bool) and 0 <= weight <= 100
         ):
             raise BadRequestError(f"canaryWeight must be a number from 0 to 100, got {weight!r}")
+        await asyncio.to_thread(
+            registry.policy.check, parameters["uri"], cache_dir=registry.options.cache_dir
+        )
         started = time.perf_counter()
         async with registry.exclusive(name, f"a load of {parameters['uri']}"):
             service = registry.services.get(name)
@@ -561,7 +592,7 @@ def serve(name: str, uri: str, options: ServerOptions, *, sha256: str | None = N
     if options.threads:
         torch.set_num_threads(options.threads)
     logging.getLogger("kserve.trace").setLevel(logging.WARNING)
-    registry = Registry(options)
+    registry = Registry(options, startup_uri=uri)
     service = registry.create(name, uri, sha256)
     repository = ModelRepository()
     server = ModelServer(
@@ -576,10 +607,12 @@ def serve(name: str, uri: str, options: ServerOptions, *, sha256: str | None = N
     kserve.model_server.RESTServer = _LoopbackAwareREST  # type: ignore[attr-defined]  # it hard-codes 0.0.0.0
     model = CausalLMModel(service)
     log.info(
-        "serving %s revision %s on %s:%d",
+        "serving %s revision %s on %s:%d; repository routes: %s; load may open %s",
         name,
         service.router.table.stable.name,
         options.host,
         options.http_port,
+        "bearer token" if options.admin_token else "loopback clients only",
+        registry.policy.describe(),
     )
     server.start([model])

@@ -162,70 +162,96 @@ class LMService:
         self.target = target
 
     async def start_async(
-        self, request: GenerateRequest, headers: dict[str, str] | None = None
+        self,
+        request: GenerateRequest,
+        headers: dict[str, str] | None = None,
+        *,
+        received: float | None = None,
     ) -> Generation:
         """``start`` for the server's routes: a long prompt is tokenized in a worker thread, so the
-        event loop (and every stream it serves) never waits for it."""
+        event loop (and every stream it serves) never waits for it. The revision is chosen and leased
+        before that wait, so a swap meanwhile lets this request finish where it started."""
+        received = time.perf_counter() if received is None else received
         headers = headers or {}
         if _prompt_chars(request) < INLINE_TOKENIZE_CHARS:
-            return self.start(request, headers)
-        revision = self.router.choose(request.revision or headers.get(REVISION_HEADER))
-        if revision.engine.queue_depth >= revision.engine.max_queue:
-            raise QueueFullError(revision.engine.max_queue, retry_after=revision.engine.retry_after())
-        variant, ids = await asyncio.to_thread(self._render, revision, request, headers.get(VARIANT_HEADER))
-        return self.start(request, headers, rendered=(revision, variant, ids))
+            return self.start(request, headers, received=received)
+        revision, lease, max_tokens = self._admit(request, headers)
+        try:
+            variant, ids = await asyncio.to_thread(
+                self._render, revision, request, headers.get(VARIANT_HEADER)
+            )
+            return self._submit(request, headers, revision, lease, max_tokens, variant, ids, received)
+        except BaseException:
+            lease.__exit__(None, None, None)
+            raise
 
     def start(
         self,
         request: GenerateRequest,
         headers: dict[str, str] | None = None,
         *,
-        rendered: tuple[Revision, str, list[int]] | None = None,
+        received: float | None = None,
     ) -> Generation:
-        """Check limits, pick revision and variant, tokenize and queue; raises before anything runs."""
+        """Check limits, pick revision and variant, tokenize and queue; raises before anything runs.
+        ``received``: when the request arrived (``time.perf_counter()``), where latency starts."""
+        received = time.perf_counter() if received is None else received
         headers = headers or {}
-        request_id = headers.get(REQUEST_ID_HEADER) or str(uuid.uuid4())
-        arrived = time.perf_counter()
+        revision, lease, max_tokens = self._admit(request, headers)
+        try:
+            variant, ids = self._render(revision, request, headers.get(VARIANT_HEADER))
+            return self._submit(request, headers, revision, lease, max_tokens, variant, ids, received)
+        except BaseException:
+            lease.__exit__(None, None, None)
+            raise
+
+    def _admit(
+        self, request: GenerateRequest, headers: dict[str, str]
+    ) -> tuple[Revision, contextlib.AbstractContextManager[Revision], int]:
+        """Check the token limit and the queue, choose the revision and take a lease on it, with no
+        await in between: a swap cannot retire the revision before the lease is held."""
         chat = request.messages is not None
         max_tokens = request.max_tokens
         if max_tokens is None:
             max_tokens = min(DEFAULT_CHAT_TOKENS if chat else DEFAULT_TEXT_TOKENS, self.limits.max_new_tokens)
         if max_tokens > self.limits.max_new_tokens:
             raise TooManyNewTokensError(max_tokens, self.limits.max_new_tokens)
-        if rendered is not None:
-            revision = rendered[0]
-        else:
-            revision = self.router.choose(request.revision or headers.get(REVISION_HEADER))
+        revision = self.router.choose(request.revision or headers.get(REVISION_HEADER))
         request_labels(model=self.name, revision=revision.name)
         engine = revision.engine
         if engine.queue_depth >= engine.max_queue:  # refuse before spending time on tokenizing
             raise QueueFullError(engine.max_queue, retry_after=engine.retry_after())
         lease = revision.lease()
         lease.__enter__()
-        try:
-            if rendered is not None:
-                variant, ids = rendered[1], rendered[2]
-            else:
-                variant, ids = self._render(revision, request, headers.get(VARIANT_HEADER))
-            request_labels(prompt_variant=variant)
-            if len(ids) > self.limits.max_prompt_tokens:
-                raise PromptTooLongError(len(ids), self.limits.max_prompt_tokens)
-            context = getattr(revision.loaded.model.config, "max_position_embeddings", None)
-            if isinstance(context, int) and len(ids) + max_tokens > context:
-                raise ContextTooLongError(len(ids), max_tokens, context)
-            job = Job(
-                prompt_ids=ids,
-                max_new_tokens=max_tokens,
-                stop_ids=stop_token_ids(revision),
-                sampling=Sampling(request.temperature, request.top_p, request.seed),
-                request_id=request_id,
-                submitted_at=arrived,
-            )
-            labels = Labels(self.name, revision.name, variant, self.target)
-            engine.submit(job)
-        except BaseException:
-            lease.__exit__(None, None, None)
-            raise
+        return revision, lease, max_tokens
+
+    def _submit(
+        self,
+        request: GenerateRequest,
+        headers: dict[str, str],
+        revision: Revision,
+        lease: contextlib.AbstractContextManager[Revision],
+        max_tokens: int,
+        variant: str,
+        ids: list[int],
+        received: float,
+    ) -> Generation:
+        request_labels(prompt_variant=variant)
+        if len(ids) > self.limits.max_prompt_tokens:
+            raise PromptTooLongError(len(ids), self.limits.max_prompt_tokens)
+        config = getattr(revision.loaded.model, "config", None)  # None: unloaded meanwhile (submit refuses)
+        context = getattr(config, "max_position_embeddings", None)
+        if isinstance(context, int) and len(ids) + max_tokens > context:
+            raise ContextTooLongError(len(ids), max_tokens, context)
+        job = Job(
+            prompt_ids=ids,
+            max_new_tokens=max_tokens,
+            stop_ids=stop_token_ids(revision),
+            sampling=Sampling(request.temperature, request.top_p, request.seed),
+            request_id=headers.get(REQUEST_ID_HEADER) or str(uuid.uuid4()),
+            submitted_at=received,
+        )
+        labels = Labels(self.name, revision.name, variant, self.target)
+        revision.engine.submit(job)
         return Generation(self, request, revision, lease, job, labels)
 
     def _render(

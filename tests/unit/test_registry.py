@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import gc
+import threading
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 
+import prometheus_client
 import pytest
 
 from autoglm_inference.artifact import ArtifactError
+from autoglm_inference.engine import Job
 from autoglm_inference.revisions import SwapInProgressError
 from autoglm_inference.server import Registry, ServerOptions
 from autoglm_inference.telemetry import telemetry
@@ -20,38 +24,79 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return published_tiny_glms(tmp_path_factory.mktemp("registry"), {"a": 1, "b": 2})
 
 
+def queue_gauges(model: str) -> list[str]:
+    """The ``autoglm_queue_depth`` samples of ``model`` a Prometheus scrape would see (one per engine)."""
+    text = prometheus_client.generate_latest().decode()
+    return [
+        ln for ln in text.splitlines() if ln.startswith("autoglm_queue_depth") and f'model="{model}"' in ln
+    ]
+
+
 @pytest.mark.asyncio
 async def test_unload_and_a_refused_canary_release_models_and_their_metrics(
     folders: dict[str, Path], tmp_path: Path
 ) -> None:
     registry = Registry(ServerOptions(cache_dir=tmp_path))
-    sources_before = set(telemetry()._queue_sources)
-    service = registry.create("m", str(folders["a"]))
+    telemetry()  # the instruments exist before the first scrape
+    service = registry.create("unload-me", str(folders["a"]))
     router = service.router
     serving = weakref.ref(router.table.stable.loaded.model)
     with pytest.raises(ArtifactError, match="already the stable revision"):
         await router.swap(str(folders["a"]), sha256=None, canary_weight=10)  # loaded, then refused
     canary = await router.swap(str(folders["b"]), sha256=None, canary_weight=10)
     canary_model = weakref.ref(canary.loaded.model)
-    assert len(set(telemetry()._queue_sources) - sources_before) == 2  # stable and canary engines
-    del canary
+    assert len(queue_gauges("unload-me")) == 2  # stable and canary engines
+    revisions = router.revisions()
     await router.close()
+    assert queue_gauges("unload-me") == []
+    assert all(r.wait_released(30) for r in revisions)  # no request runs: their threads end at once
+    del canary, revisions
     gc.collect()
     assert serving() is None
     assert canary_model() is None
-    assert set(telemetry()._queue_sources) == sources_before
     assert router.table.stable.engine.in_flight == 0
 
 
-def test_engines_of_one_registry_share_the_step_lock(folders: dict[str, Path], tmp_path: Path) -> None:
+def test_engines_of_one_registry_never_step_at_the_same_time(
+    folders: dict[str, Path], tmp_path: Path
+) -> None:
+    """Energy readings are process-wide: a step measured while another engine steps would count both."""
     registry = Registry(ServerOptions(cache_dir=tmp_path))
-    a = registry.create("a", str(folders["a"])).router.table.stable.engine
-    b = registry.create("b", str(folders["b"])).router.table.stable.engine
+    a = registry.create("a", str(folders["a"])).router.table.stable
+    b = registry.create("b", str(folders["b"])).router.table.stable
+    inside = threading.Semaphore(0)
+    overlapped = threading.Event()
+    first = threading.Event()
+
+    def counting(forward: Callable[..., object], *, hold: bool) -> Callable[..., object]:
+        def wrapped(*args: object, **kwargs: object) -> object:
+            if inside.acquire(blocking=False):  # another forward is running right now
+                inside.release()
+                overlapped.set()
+            inside.release()
+            try:
+                if hold and not first.is_set():
+                    first.set()
+                    overlapped.wait(1.0)  # give the other engine every chance to step meanwhile
+                return forward(*args, **kwargs)
+            finally:
+                inside.acquire()
+
+        return wrapped
+
+    a.loaded.model.forward = counting(a.loaded.model.forward, hold=True)  # type: ignore[method-assign]
+    b.loaded.model.forward = counting(b.loaded.model.forward, hold=False)  # type: ignore[method-assign]
     try:
-        assert a._step_lock is b._step_lock  # energy readings of one engine never include the other's steps
+        job_a = a.engine.submit(Job([5, 6, 7], 3))
+        assert first.wait(30)
+        job_b = b.engine.submit(Job([5, 6, 7], 3))
+        assert job_a.wait(30)
+        assert job_b.wait(30)
     finally:
         a.stop()
         b.stop()
+    assert (job_a.finish_reason, job_b.finish_reason) == ("length", "length")
+    assert not overlapped.is_set()
 
 
 def test_an_unknown_device_is_a_clear_error(tmp_path: Path) -> None:

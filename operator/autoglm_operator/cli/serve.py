@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+ADMIN_TOKEN_ENV = "AUTOGLM_ADMIN_TOKEN"  # autoglm_inference.access reads it; named here for --help
+
 
 @click.command("serve")
 @click.option(
@@ -18,7 +20,8 @@ import click
 @click.option(
     "--sha256", default=None, help="Expected SHA-256 of the artifact's model card; refuse anything else."
 )
-@click.option("--host", default="0.0.0.0", show_default=True, help="Address to listen on.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; a container or pod sets 0.0.0.0.")  # fmt: skip
 @click.option("--http-port", type=click.IntRange(1, 65535), default=8080, show_default=True)
 @click.option("--max-batch-size", type=click.IntRange(1, 256), default=8, show_default=True,
               help="Requests decoded together; 1 turns batching off.")  # fmt: skip
@@ -26,7 +29,7 @@ import click
               help="How long an idle server waits for more requests before it starts a batch.")  # fmt: skip
 @click.option("--continuous/--no-continuous", default=True, show_default=True,
               help="Let new requests join a running batch between decode steps.")  # fmt: skip
-@click.option("--max-queue", type=click.IntRange(0), default=64, show_default=True,
+@click.option("--max-queue", type=click.IntRange(1), default=64, show_default=True,
               help="Requests that may wait for a batch slot; more get 429 with Retry-After.")  # fmt: skip
 @click.option("--max-prompt-tokens", type=click.IntRange(1), default=2048, show_default=True)
 @click.option("--max-new-tokens", type=click.IntRange(1), default=512, show_default=True)
@@ -42,7 +45,17 @@ import click
 @click.option("--prompt-variants", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="YAML/JSON file naming the active system-prompt variant; re-read when it changes.")  # fmt: skip
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=Path(".cache/autoglm"),
-              show_default=True)  # fmt: skip
+              show_default=True, help="GGUF conversions and downloads; always a model root.")  # fmt: skip
+@click.option("--admin-token-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="File holding the bearer token the /v2/repository routes (load, unload, promote, rollback, "
+                   f"index) require; else ${ADMIN_TOKEN_ENV}. With neither, those routes answer only to "
+                   "loopback clients. Inference routes are open.")  # fmt: skip
+@click.option("--model-root", "model_roots", multiple=True, metavar="PATH|pkg://PACKAGE",
+              help="Repeatable. Where a repository load may open models: paths (symlinks and '..' resolved) "
+                   "must stay inside one. Default: the folder holding --model-uri. The cache dir is always one, "
+                   "and --model-uri itself may always be loaded again.")  # fmt: skip
+@click.option("--allow-remote-models", is_flag=True, default=False,
+              help="Let a repository load fetch http(s)://, s3:// and gs:// URIs (off: only local roots).")  # fmt: skip
 def serve_command(
     model_name: str,
     model_uri: str,
@@ -61,27 +74,38 @@ def serve_command(
     target: str,
     prompt_variants: Path | None,
     cache_dir: Path,
+    admin_token_file: Path | None,
+    model_roots: tuple[str, ...],
+    allow_remote_models: bool,
 ) -> None:
-    """Serve MODEL_URI over KServe V1, Open Inference V2 and OpenAI-compatible routes."""
+    """Serve MODEL_URI over KServe V1, Open Inference V2 and OpenAI-compatible routes.
+
+    The /v2/repository routes hot-swap what is served: they need the admin token, or come from
+    loopback when there is none, and load only models under the model roots.
+    """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from autoglm_inference.access import AccessDeniedError, admin_token
     from autoglm_inference.artifact import ArtifactError
     from autoglm_inference.limits import Limits
     from autoglm_inference.server import ServerOptions, serve
 
-    options = ServerOptions(
-        host=host,
-        http_port=http_port,
-        max_batch_size=max_batch_size,
-        max_batch_delay_ms=max_batch_delay_ms,
-        continuous_batching=continuous,
-        threads=threads,
-        target=target,
-        cache_dir=cache_dir,
-        limits=Limits(max_prompt_tokens, max_new_tokens, max_body_bytes, max_queue),
-        prompt_variants=prompt_variants,
-        device=device,
-    )
     try:
+        options = ServerOptions(
+            host=host,
+            http_port=http_port,
+            max_batch_size=max_batch_size,
+            max_batch_delay_ms=max_batch_delay_ms,
+            continuous_batching=continuous,
+            threads=threads,
+            target=target,
+            cache_dir=cache_dir,
+            limits=Limits(max_prompt_tokens, max_new_tokens, max_body_bytes, max_queue),
+            prompt_variants=prompt_variants,
+            device=device,
+            admin_token=admin_token(admin_token_file),
+            model_roots=model_roots,
+            allow_remote_models=allow_remote_models,
+        )
         serve(model_name, model_uri, options, sha256=sha256)
-    except (ArtifactError, ValueError) as exc:
+    except (ArtifactError, AccessDeniedError, ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
