@@ -43,3 +43,42 @@ def test_limits_are_checked_by_the_option_parser() -> None:
     code, output = serve("--model-uri", "x", "--max-batch-size", "0")
     assert code == 2
     assert "--max-batch-size" in output
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("--max-queue", "0"),
+        ("--max-batch-size", "0"),
+        ("--max-prompt-tokens", "0"),
+        ("--max-new-tokens", "-1"),
+        ("--max-body-bytes", "0"),
+        ("--max-batch-delay-ms", "-1"),
+        ("--threads", "0"),
+        ("--http-port", "0"),
+    ],
+)
+def test_every_bad_limit_is_a_one_line_usage_error(flag: str, value: str) -> None:
+    code, output = serve("--model-uri", "x", flag, value)
+    assert code == 2
+    assert flag in output
+    assert "Traceback" not in output
+
+
+def test_a_bad_device_or_model_root_is_a_one_line_error(tmp_path: Path) -> None:
+    for args, needle in [
+        (["--device", "gpu"], "use cpu, cuda, cuda:N or auto"),
+        (["--model-root", "s3://bucket/models"], "--model-root"),
+    ]:
+        code, output = serve("--model-uri", str(tmp_path), *args)
+        assert code == 1, output
+        assert needle in output
+        assert "Traceback" not in output
+
+
+def test_an_empty_admin_token_file_is_refused(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("\n")
+    code, output = serve("--model-uri", str(tmp_path), "--admin-token-file", str(token))
+    assert code == 1
+    assert "admin token file is empty" in output

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from autoglm_inference.energy import EnergyMeter, EnergyReading
 from autoglm_inference.engine import Engine, Job, run_jobs
 from autoglm_inference.generation import DecodeBatch, Sampling
 from autoglm_inference.limits import QueueFullError
@@ -171,7 +173,9 @@ def test_a_failing_joiner_fails_alone(model: torch.nn.Module) -> None:
     engine = Engine(model, max_batch_size=4, max_batch_delay_ms=0).start()
     try:
         running = engine.submit(Job(PROMPTS[0], 40))
-        while not running.generated:
+        deadline = time.monotonic() + 30
+        while not running.generated:  # decoding: the next request joins a running batch
+            assert time.monotonic() < deadline, "the first row never produced a token"
             threading.Event().wait(0.005)
         bad = engine.submit(Job([10**9], 3))  # an id beyond the vocabulary: its prefill fails
         assert bad.wait(60)
@@ -194,3 +198,33 @@ def test_greedy_output_equals_transformers_generate(model: torch.nn.Module) -> N
     finally:
         engine.stop()
     assert jobs[0].generated == expected
+
+
+class OneJoulePerStep(EnergyMeter):
+    """Every prefill and decode step costs exactly 1 J."""
+
+    class _Step:
+        reading: EnergyReading | None = None
+
+        def __enter__(self) -> OneJoulePerStep._Step:
+            return self
+
+        def __exit__(self, *_: object) -> None:
+            self.reading = EnergyReading(joules=1.0, seconds=0.0, method="cpu-time-model")
+
+    def measure(self) -> OneJoulePerStep._Step:  # type: ignore[override]
+        return self._Step()
+
+
+def test_prefill_energy_is_split_by_prompt_tokens_and_decode_energy_equally(model: torch.nn.Module) -> None:
+    engine = Engine(model, max_batch_size=2, max_batch_delay_ms=0, meter=OneJoulePerStep())
+    short, long = engine.submit(Job([5, 6], 3)), engine.submit(Job([5, 6, 7, 8, 9, 10, 11, 12], 3))
+    engine.start()  # both wait already: one prefill of both rows, then two decode steps of both
+    try:
+        assert short.wait(60)
+        assert long.wait(60)
+    finally:
+        engine.stop()
+    # Prefill: 1 J over 2 + 8 prompt tokens; each decode step: 1 J over 2 rows.
+    assert short.joules == pytest.approx(0.2 + 2 * 0.5)
+    assert long.joules == pytest.approx(0.8 + 2 * 0.5)

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+import autoglm_inference.service as service_module
 from autoglm_inference.artifact import LoadedArtifact
 from autoglm_inference.engine import Engine
 from autoglm_inference.limits import ContextTooLongError, Limits, PromptTooLongError, TooManyNewTokensError
@@ -190,15 +194,102 @@ async def test_prompt_plus_new_tokens_beyond_the_context_is_refused(folder: Path
 
 
 @pytest.mark.asyncio
-async def test_a_request_queued_when_its_revision_is_unloaded_raises_unavailable(service: LMService) -> None:
-    engine = service.router.table.stable.engine
-    engine.stop()  # the worker is gone: jobs submitted now could only wait...
-    engine._stopping = False  # ...so re-open the queue to queue one, as if it arrived just before
-    generation = service.start(GenerateRequest(prompt=PROMPT, max_tokens=4))
-    engine.stop()
+async def test_a_request_queued_when_its_revision_is_unloaded_raises_unavailable(
+    folder: Path, tmp_path: Path
+) -> None:
+    gate = threading.Event()
+    busy = threading.Event()
+
+    def one_row_at_a_time(loaded: LoadedArtifact) -> Engine:
+        forward = loaded.model.forward
+
+        def gated(*args: object, **kwargs: object) -> object:
+            busy.set()
+            if not gate.wait(60):
+                raise TimeoutError("the test never opened the gate")
+            return forward(*args, **kwargs)
+
+        loaded.model.forward = gated  # type: ignore[method-assign]
+        return Engine(loaded.model, max_batch_size=1, max_batch_delay_ms=0)
+
+    router = Router.load_first(
+        "m", str(folder), sha256=None, make_engine=one_row_at_a_time, cache_dir=tmp_path
+    )
+    service = LMService("m", router, prompts=PromptVariants(), limits=Limits())
+    try:
+        running = service.start(GenerateRequest(prompt=PROMPT, max_tokens=4))
+        assert await asyncio.to_thread(busy.wait, 30)  # the engine holds the first row: the next one waits
+        queued = service.start(GenerateRequest(prompt=PROMPT, max_tokens=4))
+        await router.close()
+    finally:
+        gate.set()
     with pytest.raises(UnavailableError, match="unloaded"):
-        await generation.result()
-    assert service.router.table.stable.leases == 0
+        await queued.result()
+    assert (await running.result()).finish_reason == "length"  # a running row finishes
+    assert router.table.stable.leases == 0
+
+
+@contextlib.contextmanager
+def tokenized_in_a_thread(tokenizer: object, spy: Callable[..., None] | None = None) -> Iterator[None]:
+    """Every prompt takes the worker-thread path; ``spy(tokenizer)`` runs before each tokenization."""
+    real = type(tokenizer).__call__  # type: ignore[operator]
+
+    def call(self: object, *args: object, **kwargs: object) -> object:
+        if spy is not None:
+            spy(self)
+        return real(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(service_module, "INLINE_TOKENIZE_CHARS", 1)
+        patch.setattr(type(tokenizer), "__call__", call)
+        yield
+
+
+async def eventually(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the condition did not hold in time"
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.asyncio
+async def test_a_swap_while_the_prompt_is_tokenized_lets_the_request_finish(
+    service: LMService, folder: Path
+) -> None:
+    old = service.router.table.stable
+    tokenizing = threading.Event()
+    swapped = threading.Event()
+
+    def hold_the_first(tokenizer: object) -> None:
+        if tokenizer is old.loaded.tokenizer and not tokenizing.is_set():
+            tokenizing.set()
+            assert swapped.wait(30)
+
+    with tokenized_in_a_thread(old.loaded.tokenizer, hold_the_first):
+        pending = asyncio.create_task(service.start_async(GenerateRequest(prompt=PROMPT, max_tokens=4)))
+        assert await asyncio.to_thread(tokenizing.wait, 30)
+        new = await service.router.swap(str(folder), sha256=None)  # the same model as a new revision
+        assert service.router.table.stable is new
+        # Either the request holds the old revision, or the retired revision has been released.
+        await eventually(lambda: old.leases > 0 or old.engine.model is None)
+        swapped.set()
+        generation = await pending
+    result = await generation.result()
+    assert generation.revision is old
+    assert result.completion_tokens == 4
+    assert await asyncio.to_thread(old.wait_released, 30)  # and it goes once the request is done
+
+
+@pytest.mark.asyncio
+async def test_latency_is_measured_from_arrival_including_tokenization(service: LMService) -> None:
+    tokenized_at: list[float] = []
+    revision = service.router.table.stable
+    with tokenized_in_a_thread(revision.loaded.tokenizer, lambda _: tokenized_at.append(time.perf_counter())):
+        generation = await service.start_async(GenerateRequest(prompt=PROMPT, max_tokens=2))
+    await generation.result()
+    assert tokenized_at
+    assert generation.job.submitted_at < tokenized_at[0]  # request duration and TTFT start here
+    assert generation.job.first_token_at is not None
 
 
 @pytest.mark.asyncio

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import gc
 import shutil
+import threading
 import weakref
 from pathlib import Path
 
 import pytest
 
 from autoglm_inference.artifact import ArtifactError, LoadedArtifact, load, verify
-from autoglm_inference.engine import Engine
+from autoglm_inference.engine import Engine, Job
 from autoglm_inference.revisions import NoCanaryError, Router, SwapInProgressError, UnknownRevisionError
 from tests.support.tiny_models import published_tiny_glms
 
@@ -82,17 +83,52 @@ async def test_a_swap_flips_atomically_and_the_old_revision_is_released_after_it
         assert held is old
         new = await r.swap(str(folders["b"]), sha256=None)
         assert r.choose() is new  # new requests go to the new revision at once
-        await asyncio.sleep(0.2)
-        assert held.engine.model is not None  # still leased: not released
-    for _ in range(100):
-        if old.engine.model is None:
-            break
-        await asyncio.sleep(0.05)
+        assert held.engine.submit(Job([5, 6, 7], 2)).wait(30)  # still leased: it still serves
+        assert not held.released
+    assert old.wait_released(30)  # the last lease ended: released without anyone waiting for it
     assert old.engine.model is None
     del old, held
     gc.collect()
     assert model_ref() is None, "the retired revision's weights are still referenced"
     await r.close()
+
+
+@pytest.mark.asyncio
+async def test_unloading_while_a_row_decodes_releases_the_weights_when_it_ends(
+    folders: dict[str, Path], tmp_path: Path
+) -> None:
+    gate = threading.Event()
+    decoding = threading.Event()
+
+    def gated_engine(loaded: LoadedArtifact) -> Engine:
+        forward = loaded.model.forward
+
+        def gated(*args: object, **kwargs: object) -> object:
+            decoding.set()
+            if not gate.wait(60):
+                raise TimeoutError("the test never opened the gate")
+            return forward(*args, **kwargs)
+
+        loaded.model.forward = gated  # type: ignore[method-assign]
+        return Engine(loaded.model, max_batch_delay_ms=0)
+
+    r = Router.load_first("m", str(folders["a"]), sha256=None, make_engine=gated_engine, cache_dir=tmp_path)
+    revision = r.table.stable
+    model_ref = weakref.ref(revision.loaded.model)
+    try:
+        job = revision.engine.submit(Job([5, 6, 7], 4))
+        assert await asyncio.to_thread(decoding.wait, 30)
+        # Unload does not wait for the row (however long it decodes) and parks no thread on it...
+        await asyncio.wait_for(r.close(), 5)
+        assert not revision.released
+    finally:
+        gate.set()
+    # ...and the weights go as soon as the row has finished, with no one retrying anything.
+    assert await asyncio.to_thread(revision.wait_released, 30)
+    assert job.finish_reason == "length"
+    del revision
+    gc.collect()
+    assert model_ref() is None
 
 
 @pytest.mark.asyncio
