@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import copy
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +11,24 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO_ROOT / "examples"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Tests write nothing into the repository: Hypothesis keeps its example database and caches in
+    # ./.hypothesis unless told otherwise.
+    from hypothesis import configuration
+
+    config.stash[_HYPOTHESIS_HOME] = home = Path(tempfile.mkdtemp(prefix="autoglm-hypothesis-"))
+    configuration.set_hypothesis_home_dir(home)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    home = config.stash.get(_HYPOTHESIS_HOME, None)
+    if home is not None:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+_HYPOTHESIS_HOME = pytest.StashKey[Path]()
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ from multiprocessing.synchronize import Barrier
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine
+from sqlalchemy import create_engine, text
 
 from autoglm_operator.audit import GATE_PASSED, Ledger
 from autoglm_operator.audit.ledger import metadata
@@ -100,3 +100,34 @@ def test_many_processes_opening_a_new_ledger_at_once_all_succeed(tmp_path: Path,
     assert [p.exitcode for p in processes] == [0] * 6
     with Ledger(url) as ledger:
         assert ledger.verify().ok
+
+
+def append_keyed(url: str, start: Barrier) -> None:
+    start.wait()
+    with Ledger(url) as ledger:
+        ledger.append("default", "glm-4", GATE_PASSED, "all gates passed", idempotency_key="verdict/r1")
+
+
+def test_processes_opening_an_old_ledger_upgrade_it_once_and_record_a_keyed_verdict_once(url: str) -> None:
+    with Ledger(url) as ledger:
+        old = [ledger.append("default", "glm-4", GATE_PASSED, f"old {i}") for i in range(3)]
+    engine = create_engine(url)
+    try:
+        with engine.begin() as conn:  # back to the schema from before idempotency keys
+            conn.execute(text("DROP INDEX uq_audit_records_idempotency_key"))
+            conn.execute(text("ALTER TABLE audit_records DROP COLUMN idempotency_key"))
+    finally:
+        engine.dispose()
+    ctx = multiprocessing.get_context("spawn")
+    start = ctx.Barrier(WORKERS)
+    processes = [ctx.Process(target=append_keyed, args=(url, start)) for _ in range(WORKERS)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=120)
+    assert [p.exitcode for p in processes] == [0] * WORKERS
+    with Ledger(url) as ledger:
+        records = ledger.query()
+        assert ledger.verify().ok
+    assert records[:3] == old
+    assert [(r.seq, r.idempotency_key) for r in records[3:]] == [(4, "verdict/r1")]

@@ -21,9 +21,9 @@ from tests.support.tiny_models import tiny_glm
 
 pytestmark = pytest.mark.integration
 AUTOGLM = [sys.executable, "-m", "autoglm_operator"]
-CACHE = (
-    Path(__file__).resolve().parents[2] / ".cache" / "autoglm"
-)  # shared with make demo: GGUF converts once
+#: Where converted GGUF weights are cached: ``$AUTOGLM_CACHE_DIR`` when set (so a machine can share
+#: one with ``make demo``), else a folder of this session's own. Never the repository.
+CACHE_ENV = "AUTOGLM_CACHE_DIR"
 
 
 def write_manifest(path: Path, uri: str, **spec: Any) -> Path:
@@ -43,16 +43,27 @@ def load(path: Path) -> AutoGLMModel:
     return result.model
 
 
-def run(*args: str, audit: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "AUTOGLM_CACHE_DIR": str(CACHE)}
-    if audit is not None:
-        env["AUTOGLM_AUDIT_URL"] = f"sqlite:///{audit}"
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    shared = os.environ.get(CACHE_ENV)
+    return Path(shared) if shared else tmp_path_factory.mktemp("autoglm-cache")
+
+
+def run(*args: str, audit: Path, cache: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """``autoglm`` in a subprocess whose ledger, cache and working directory are all the test's own."""
+    env = {**os.environ, CACHE_ENV: str(cache), "AUTOGLM_AUDIT_URL": f"sqlite:///{audit}"}
     return subprocess.run(
-        [*AUTOGLM, *args], capture_output=True, text=True, env=env, timeout=timeout, check=False
+        [*AUTOGLM, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=audit.parent,  # a relative default path would land here, not in the repository
+        timeout=timeout,
+        check=False,
     )
 
 
-def test_run_executes_the_dag_then_resumes_after_an_interruption(tmp_path: Path) -> None:
+def test_run_executes_the_dag_then_resumes_after_an_interruption(tmp_path: Path, cache: Path) -> None:
     source = tiny_glm(tmp_path / "glm")
     spec = write_manifest(
         tmp_path / "m.yaml",
@@ -62,7 +73,15 @@ def test_run_executes_the_dag_then_resumes_after_an_interruption(tmp_path: Path)
     )
     work = tmp_path / "work"
     done = run(
-        "pipeline", "run", str(spec), "--workdir", str(work), "--decode-tokens", "4", audit=tmp_path / "a.db"
+        "pipeline",
+        "run",
+        str(spec),
+        "--workdir",
+        str(work),
+        "--decode-tokens",
+        "4",
+        audit=tmp_path / "a.db",
+        cache=cache,
     )
     assert done.returncode == 0, done.stderr
     assert f"published: {work / 'publish' / 'model'}" in done.stdout
@@ -81,16 +100,47 @@ def test_run_executes_the_dag_then_resumes_after_an_interruption(tmp_path: Path)
     first = {s: json.loads((work / s / "STEP.json").read_text())["startedAt"] for s in ("fetch", "validate")}
 
     shutil.rmtree(work / "publish")  # as if the run had been killed during publish
-    again = run("pipeline", "run", str(spec), "--workdir", str(work), "--decode-tokens", "4")
+    again = run(
+        "pipeline",
+        "run",
+        str(spec),
+        "--workdir",
+        str(work),
+        "--decode-tokens",
+        "4",
+        audit=tmp_path / "a.db",
+        cache=cache,
+    )
     assert again.returncode == 0, again.stderr
     assert again.stderr.count("unchanged, skipped") == 4
     assert "publish: done" in again.stderr
     assert {
         s: json.loads((work / s / "STEP.json").read_text())["startedAt"] for s in ("fetch", "validate")
     } == first
+    with Ledger(f"sqlite:///{tmp_path / 'a.db'}") as ledger:  # the reused verdict is not recorded twice
+        assert [r.seq for r in ledger.query(decision="GatePassed")] == [record.seq]
+
+    unusable = tmp_path / "not-a-database"
+    unusable.mkdir()  # sqlite cannot open a folder: the verdict cannot be recorded, so the run fails
+    broken = run(
+        "pipeline",
+        "run",
+        str(spec),
+        "--workdir",
+        str(work),
+        "--decode-tokens",
+        "4",
+        audit=unusable,
+        cache=cache,
+    )
+    assert broken.returncode == 1
+    (error,) = [line for line in broken.stderr.splitlines() if line.startswith("Error:")]
+    assert "the gates' verdict was not recorded in the audit ledger" in error
+    assert "Traceback" not in broken.stderr
+    assert "published" not in broken.stdout
 
 
-def test_run_exits_1_naming_the_failed_gate(tmp_path: Path) -> None:
+def test_run_exits_1_naming_the_failed_gate(tmp_path: Path, cache: Path) -> None:
     source = tiny_glm(tmp_path / "glm")
     spec = write_manifest(
         tmp_path / "m.yaml",
@@ -100,7 +150,15 @@ def test_run_exits_1_naming_the_failed_gate(tmp_path: Path) -> None:
     )
     work = tmp_path / "work"
     done = run(
-        "pipeline", "run", str(spec), "--workdir", str(work), "--decode-tokens", "4", audit=tmp_path / "a.db"
+        "pipeline",
+        "run",
+        str(spec),
+        "--workdir",
+        str(work),
+        "--decode-tokens",
+        "4",
+        audit=tmp_path / "a.db",
+        cache=cache,
     )
     assert done.returncode == 1
     assert "maxP95LatencyMs FAILED" in done.stderr
@@ -111,7 +169,7 @@ def test_run_exits_1_naming_the_failed_gate(tmp_path: Path) -> None:
     assert not (tmp_path / "work" / "publish").exists()
 
 
-def test_smollm2_runs_through_every_step(tmp_path: Path) -> None:
+def test_smollm2_runs_through_every_step(tmp_path: Path, cache: Path) -> None:
     """The real pretrained model from its wheel: GGUF -> safetensors -> int8 -> calibrated -> validated."""
     spec = write_manifest(
         tmp_path / "smol.yaml",
@@ -120,7 +178,17 @@ def test_smollm2_runs_through_every_step(tmp_path: Path) -> None:
         calibration={"samples": 2, "sequenceLength": 256},
         validation={"maxTokens": 1024, "sequenceLength": 256, "gates": {"maxQualityLoss": 0.05}},
     )
-    done = run("pipeline", "run", str(spec), "--workdir", str(tmp_path / "work"), "--decode-tokens", "16")
+    done = run(
+        "pipeline",
+        "run",
+        str(spec),
+        "--workdir",
+        str(tmp_path / "work"),
+        "--decode-tokens",
+        "16",
+        audit=tmp_path / "a.db",
+        cache=cache,
+    )
     assert done.returncode == 0, done.stderr
     report = json.loads((tmp_path / "work" / "validate" / "validate.json").read_text())
     assert report["baseline"]["quality"] < 100  # a trained model on English text, not a random one

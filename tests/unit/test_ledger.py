@@ -414,3 +414,58 @@ class TestUrls:
         (tmp_path / "file").write_text("not a directory")
         with pytest.raises(LedgerUnavailableError, match="cannot open audit database"):
             Ledger(f"sqlite:///{tmp_path}/file/audit.db")
+
+
+class TestIdempotency:
+    def test_the_same_key_returns_the_existing_record_and_appends_nothing(self, ledger: Ledger) -> None:
+        first = ledger.append(
+            "default", "glm-4", GATE_PASSED, "all gates passed", revision="r1", idempotency_key="verdict/r1"
+        )
+        again = ledger.append(
+            "default", "glm-4", GATE_PASSED, "all gates passed", revision="r1", idempotency_key="verdict/r1"
+        )
+        assert again == first
+        assert [r.seq for r in ledger.query()] == [1]
+        other = ledger.append("default", "glm-4", GATE_PASSED, "passed", idempotency_key="verdict/r2")
+        unkeyed = [ledger.append("default", "glm-4", PROMOTED, "promoted") for _ in range(2)]
+        assert [other.seq, *(r.seq for r in unkeyed)] == [2, 3, 4]
+        assert [r.idempotency_key for r in ledger.query()] == ["verdict/r1", "verdict/r2", None, None]
+        assert ledger.verify().ok
+
+    def test_the_key_is_covered_by_the_hash(self, ledger: Ledger, db_path: Path) -> None:
+        ledger.append("default", "glm-4", GATE_PASSED, "passed", idempotency_key="verdict/r1")
+        tamper(db_path, "UPDATE audit_records SET idempotency_key = 'verdict/r9'")
+        assert ledger.verify().reason == "hash mismatch: row altered"
+
+    def test_threads_racing_with_one_key_record_it_once(self, ledger: Ledger) -> None:
+        def append(_: int) -> AuditRecord:
+            return ledger.append("default", "glm-4", GATE_PASSED, "passed", idempotency_key="verdict/r1")
+
+        with ThreadPoolExecutor(4) as pool:
+            records = list(pool.map(append, range(8)))
+        assert len({r.id for r in records}) == 1
+        assert len(ledger.query()) == 1
+
+    def test_a_ledger_from_before_keys_is_upgraded_in_place(self, db_path: Path) -> None:
+        with Ledger(f"sqlite:///{db_path}") as ledger:
+            old = fill(ledger, 2)
+        # The schema as it was before keys: no column, no index.
+        tamper(
+            db_path,
+            "DROP INDEX uq_audit_records_idempotency_key",
+            "ALTER TABLE audit_records DROP COLUMN idempotency_key",
+        )
+        with Ledger(f"sqlite:///{db_path}") as ledger:
+            assert ledger.verify().ok  # old records hash as they did
+            assert ledger.query() == old
+            keyed = ledger.append("default", "glm-4", GATE_PASSED, "passed", idempotency_key="k")
+            assert ledger.append("default", "glm-4", GATE_PASSED, "passed", idempotency_key="k") == keyed
+            assert keyed.seq == 3
+        with pytest.raises(sqlite3.IntegrityError, match="idempotency_key"):
+            raw_insert(db_path, keyed, id="copy", seq=4, prev_hash=keyed.hash)
+
+    @pytest.mark.parametrize("key", ["", "x" * 256, "a\x00b"])
+    def test_bad_keys_are_refused(self, ledger: Ledger, key: str) -> None:
+        with pytest.raises(ValueError, match="idempotency key must be 1-255 characters"):
+            ledger.append("default", "glm-4", GATE_PASSED, "passed", idempotency_key=key)
+        assert ledger.query() == []

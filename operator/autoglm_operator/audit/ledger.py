@@ -8,6 +8,10 @@ SQLite (the documented pysqlite recipe, so the driver does not defer BEGIN), ``S
 UPDATE`` on the head row on PostgreSQL. The unique constraints on ``seq`` and ``prev_hash`` and the
 conditional head update make a fork impossible even if that locking were wrong; such a conflict is
 retried a bounded number of times.
+
+An append may carry an idempotency key: under the same lock the ledger looks the key up first and
+returns the record already holding it instead of appending (a unique index backs this up). Ledgers
+created before the key existed get its column and index when first opened by this version.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ from sqlalchemy.sql.compiler import SQLCompiler
 from autoglm_operator.audit.records import (
     ACTOR_OPERATOR,
     GENESIS_HASH,
+    MAX_IDEMPOTENCY_KEY_LENGTH,
     AuditRecord,
     ChainHead,
     RecordDraft,
@@ -85,6 +90,7 @@ _MAX_SQL_INTEGER: Final = 2**63 - 1
 _PG_SCHEMA_LOCK_KEY: Final = 0x4155444954  # "AUDIT"
 _BEGIN_MODE_OPTION: Final = "autoglm_sqlite_begin"
 SUPPORTED_URLS: Final = "sqlite:///PATH or postgresql+psycopg://USER:PASSWORD@HOST/DB"
+_KEY_INDEX: Final = "uq_audit_records_idempotency_key"
 
 metadata = MetaData()
 
@@ -103,12 +109,15 @@ audit_records = Table(
     Column("evidence", Text, nullable=False),
     Column("prev_hash", String(64), nullable=False),
     Column("hash", String(64), nullable=False),
+    Column("idempotency_key", String(MAX_IDEMPOTENCY_KEY_LENGTH), nullable=True),
     # Two records can never claim the same position or the same predecessor: the chain cannot fork.
     UniqueConstraint("seq", name="uq_audit_records_seq"),
     UniqueConstraint("prev_hash", name="uq_audit_records_prev_hash"),
     Index("ix_audit_records_namespace_model", "namespace", "model"),
     Index("ix_audit_records_decision", "decision"),
     Index("ix_audit_records_time", "time"),
+    # NULLs are distinct in a unique index on SQLite and PostgreSQL: only keyed records are constrained.
+    Index(_KEY_INDEX, "idempotency_key", unique=True),
 )
 
 # Updated in the same transaction as each append, so deleting the newest records is detectable.
@@ -128,6 +137,7 @@ _ADVANCE_HEAD = (
     .where(audit_head.c.id == _HEAD_ID, audit_head.c.seq == bindparam("old_seq"))
     .values(seq=bindparam("new_seq"), hash=bindparam("new_hash"))
 )
+_FIND_KEY = select(audit_records).where(audit_records.c.idempotency_key == bindparam("key"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +174,7 @@ class _Prepared:
 @dataclass(frozen=True, slots=True)
 class _AppendStatements:
     lock_head: _Prepared
+    find_key: _Prepared
     insert_record: _Prepared
     advance_head: _Prepared
 
@@ -171,6 +182,7 @@ class _AppendStatements:
     def compile(cls, dialect: Dialect) -> _AppendStatements:
         return cls(
             lock_head=_Prepared.compile(_LOCK_HEAD, dialect),
+            find_key=_Prepared.compile(_FIND_KEY, dialect),
             insert_record=_Prepared.compile(audit_records.insert(), dialect),
             advance_head=_Prepared.compile(_ADVANCE_HEAD, dialect),
         )
@@ -265,8 +277,13 @@ class Ledger:
         actor: str = ACTOR_OPERATOR,
         evidence: object = None,
         now: datetime | None = None,
+        idempotency_key: str | None = None,
     ) -> AuditRecord:
         """Append one record in its own transaction and return it.
+
+        With ``idempotency_key``, a record already holding that key is returned as it is and nothing
+        is appended, whatever the other arguments say: a decision that must be recorded once (a
+        pipeline's verdict on one revision) is keyed, and a retry or re-run cannot record it twice.
 
         Raises ValueError for bad input before touching the database, LedgerConflictError when
         the chain head kept moving, LedgerCorruptError when the head row is missing. A failed
@@ -281,6 +298,7 @@ class Ledger:
             revision=revision,
             actor=actor,
             evidence=evidence,
+            idempotency_key=idempotency_key,
         )
         if now is not None:
             format_time(now)
@@ -328,6 +346,11 @@ class Ledger:
                     "run 'autoglm audit verify'"
                 )
             head_seq, head_hash = head
+            if draft.idempotency_key is not None:
+                self._statements.find_key.run(cursor, {"key": draft.idempotency_key})
+                existing = cursor.fetchone()
+                if existing is not None:
+                    return _readable(dict(zip(audit_records.columns.keys(), existing, strict=True)))
             record = chain_record(
                 draft,
                 record_id=record_id,
@@ -386,11 +409,17 @@ class Ledger:
     def _ensure_schema(self) -> None:
         with self._snapshot() as conn:
             names = set(inspect(conn).get_table_names())
-            if {audit_records.name, audit_head.name} <= names and conn.execute(_SELECT_HEAD).first():
+            if (
+                {audit_records.name, audit_head.name} <= names
+                and conn.execute(_SELECT_HEAD).first()
+                and _has_key_column(conn)
+            ):
                 return
-        with self._engine.begin() as conn:
+        with self._engine.begin() as conn:  # BEGIN IMMEDIATE on SQLite: one process upgrades at a time
             if conn.dialect.name == "postgresql":
                 conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_SCHEMA_LOCK_KEY})
+            if audit_records.name in inspect(conn).get_table_names() and not _has_key_column(conn):
+                _add_key_column(conn)
             metadata.create_all(conn, checkfirst=True)
             # A missing head beside existing records is tampering for verify to report, not to paper over.
             empty = conn.execute(select(audit_records.c.seq).limit(1)).first() is None
@@ -417,6 +446,25 @@ class Ledger:
             if isinstance(exc, self._conflicts):
                 raise
             raise LedgerUnavailableError(f"{what} {safe_url(self.url)}: {_describe(exc)}") from exc
+
+
+def _has_key_column(conn: Connection) -> bool:
+    columns = inspect(conn).get_columns(audit_records.name)
+    return any(c["name"] == audit_records.c.idempotency_key.name for c in columns)
+
+
+def _add_key_column(conn: Connection) -> None:
+    """Upgrade a ledger made before idempotency keys: a nullable column (old rows keep NULL) and its index.
+
+    Both statements are plain SQL that SQLite and PostgreSQL run alike, inside the caller's locked
+    transaction; old records hash exactly as before, since a NULL key is not part of the hash.
+    """
+    column = audit_records.c.idempotency_key
+    column_type = column.type.compile(dialect=conn.dialect)
+    conn.execute(text(f"ALTER TABLE {audit_records.name} ADD COLUMN {column.name} {column_type}"))
+    conn.execute(
+        text(f"CREATE UNIQUE INDEX IF NOT EXISTS {_KEY_INDEX} ON {audit_records.name} ({column.name})")
+    )
 
 
 class _HeadMovedError(Exception):

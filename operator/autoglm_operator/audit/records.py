@@ -65,6 +65,7 @@ MODEL_PATTERN: Final = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*$")
 _USER_NAME_PATTERN: Final = re.compile(r"^[^\s\x00]{1,253}$")
 _HASH_PATTERN: Final = re.compile(r"^[0-9a-f]{64}$")
 MAX_REVISION_LENGTH: Final = 255
+MAX_IDEMPOTENCY_KEY_LENGTH: Final = 255
 MAX_ID_LENGTH: Final = 36
 
 
@@ -118,6 +119,18 @@ def validate_revision(revision: str | None) -> str | None:
             f"revision must be 1-{MAX_REVISION_LENGTH} characters without NUL, or left out; got {revision[:40]!r}"
         )
     return _encodable(revision, "revision")
+
+
+def validate_idempotency_key(key: str | None) -> str | None:
+    """Return ``key`` (None allowed) if it is 1-255 characters without NUL."""
+    if key is None:
+        return None
+    if not 0 < len(key) <= MAX_IDEMPOTENCY_KEY_LENGTH or "\x00" in key:
+        raise ValueError(
+            f"idempotency key must be 1-{MAX_IDEMPOTENCY_KEY_LENGTH} characters without NUL, or left out; "
+            f"got {key[:40]!r}"
+        )
+    return _encodable(key, "idempotency key")
 
 
 def validate_reason(reason: str) -> str:
@@ -227,10 +240,14 @@ class AuditRecord:
     evidence: JsonObject
     prev_hash: str
     hash: str
+    #: Set by a caller that must record a decision once: appending the same key returns this record.
+    idempotency_key: str | None = None
 
     def hashed_fields(self) -> dict[str, object]:
-        """The fields the hash covers, in their JSON form."""
+        """The fields the hash covers, in their JSON form (the key only when set: older records hash as before)."""
+        key = {} if self.idempotency_key is None else {"idempotency_key": self.idempotency_key}
         return {
+            **key,
             "id": self.id,
             "seq": self.seq,
             "time": format_time(self.time),
@@ -265,6 +282,7 @@ class RecordDraft:
     revision: str | None
     actor: str
     evidence: JsonObject
+    idempotency_key: str | None = None
 
 
 def draft_record(
@@ -276,6 +294,7 @@ def draft_record(
     revision: str | None = None,
     actor: str = ACTOR_OPERATOR,
     evidence: object = None,
+    idempotency_key: str | None = None,
 ) -> RecordDraft:
     """Validate a decision's fields; raises ValueError naming the bad field and what is allowed."""
     return RecordDraft(
@@ -286,6 +305,7 @@ def draft_record(
         revision=validate_revision(revision),
         actor=validate_actor(actor),
         evidence=normalize_evidence(evidence),
+        idempotency_key=validate_idempotency_key(idempotency_key),
     )
 
 
@@ -313,6 +333,7 @@ def chain_record(
         evidence=draft.evidence,
         prev_hash=prev_hash,
         hash="",
+        idempotency_key=draft.idempotency_key,
     )
     return replace(unhashed, hash=compute_hash(unhashed))
 
@@ -350,7 +371,11 @@ def record_to_row(record: AuditRecord) -> dict[str, object]:
     Storing the exact text that was hashed means no driver's datetime or JSON handling can change a
     hashed value between write and read.
     """
-    return {**record.to_json(), "evidence": canonical_json(record.evidence)}
+    return {
+        **record.to_json(),
+        "evidence": canonical_json(record.evidence),
+        "idempotency_key": record.idempotency_key,
+    }
 
 
 def _refuse_constant(name: str) -> object:
@@ -385,6 +410,7 @@ def record_from_row(row: Mapping[str, Any]) -> AuditRecord:
         evidence=evidence,
         prev_hash=row["prev_hash"],
         hash=row["hash"],
+        idempotency_key=row.get("idempotency_key"),
     )
 
 

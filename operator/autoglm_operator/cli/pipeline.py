@@ -237,12 +237,21 @@ def run_command(
     click.echo(f"published: {outcome.published}")
 
 
+class VerdictNotRecordedError(click.ClickException):
+    """The gates' verdict could not be written to the audit ledger: the run fails (one line, exit 1)."""
+
+
 def _record_verdict(model: AutoGLMModel, workdir: Path, decode_tokens: int, output: Path | None) -> None:
-    """Append GatePassed or GateFailed, with the gates and figures as evidence, when validate reported."""
+    """Append GatePassed or GateFailed, with the gates and figures as evidence, when validate reported.
+
+    The record is keyed by the revision and validate's inputs, so a re-run that reuses validate finds
+    the verdict already recorded instead of recording it again.
+    """
+    import hashlib
     import json
 
     from autoglm_operator.audit import ACTOR_PIPELINE, GATE_FAILED, GATE_PASSED, Ledger
-    from autoglm_operator.audit.ledger import LedgerError, resolve_url
+    from autoglm_operator.audit.ledger import LedgerError, resolve_url, safe_url
     from autoglm_pipelines.results import read_result
     from autoglm_pipelines.resume import inputs_digest
     from autoglm_pipelines.revision import artifact_revision
@@ -265,18 +274,28 @@ def _record_verdict(model: AutoGLMModel, workdir: Path, decode_tokens: int, outp
         "decodeSpeedup": report.get("decodeSpeedup"),
         "report": str(workdir / "validate" / "validate.json"),
     }
+    namespace, name = model.metadata.namespace or "default", model.metadata.name or ""
+    revision = artifact_revision(model.spec)
+    verdict_of = json.dumps([namespace, name, revision, current]).encode()
+    key = f"verdict:{revision[:64]}:{hashlib.sha256(verdict_of).hexdigest()}"
+    url = resolve_url(None, os.environ)
     try:
-        with Ledger(resolve_url(None, os.environ)) as ledger:
+        with Ledger(url) as ledger:
             record = ledger.append(
-                model.metadata.namespace or "default",
-                model.metadata.name or "",
+                namespace,
+                name,
                 GATE_FAILED if failed else GATE_PASSED,
                 reason,
-                revision=artifact_revision(model.spec),
+                revision=revision,
                 actor=ACTOR_PIPELINE,
                 evidence=evidence,
+                idempotency_key=key,
             )
     except (LedgerError, ValueError) as exc:
-        click.echo(f"warning: the verdict was not recorded in the audit ledger: {exc}", err=True)
-        return
-    click.echo(f"audit: {record.decision} recorded as seq {record.seq} ({record.id})", err=True)
+        raise VerdictNotRecordedError(
+            f"the gates' verdict was not recorded in the audit ledger ({safe_url(url)}): {exc}; "
+            "fix the ledger and run again (finished steps are reused)"
+        ) from exc
+    click.echo(
+        f"audit: {record.decision} is seq {record.seq} ({record.id}) for revision {revision}", err=True
+    )
