@@ -201,8 +201,21 @@ class Gates(ApiModel):
 class Validation(ApiModel):
     """How baseline and candidate are compared, and the gates the candidate must pass."""
 
+    # The enum keeps accuracy's name reserved; until the validate step can measure it, the API
+    # refuses it rather than accepting a manifest the pipeline would fail at run time.
+    __cel_rules__: ClassVar[tuple[CelRule, ...]] = (
+        CelRule(
+            rule="self.metric != 'accuracy'",
+            message="metric accuracy is not built yet: the only supported value is perplexity",
+            field_path=".metric",
+            reason="FieldValueForbidden",
+        ),
+    )
+
     dataset: Uri = Field(default=DEFAULT_DATASET, description="Evaluation dataset URI.")
-    metric: Literal["perplexity", "accuracy"] = Field(default="perplexity", description="Quality metric.")
+    metric: Literal["perplexity", "accuracy"] = Field(
+        default="perplexity", description="Quality metric: perplexity (accuracy is reserved, not built yet)."
+    )
     max_tokens: int = Field(default=8192, ge=64, le=10_000_000, description="Evaluation tokens at most.")
     sequence_length: int = Field(
         default=512, ge=8, le=131_072, description="Sliding-window length in tokens."

@@ -193,3 +193,16 @@ def test_no_files_is_a_usage_error() -> None:
     code, _, err = run()
     assert code == 2
     assert "Missing argument" in err
+
+
+def test_accuracy_metric_is_refused_naming_the_field_and_what_is_allowed(tmp_path: Path) -> None:
+    doc = yaml.safe_load(VALID)
+    doc["spec"].setdefault("validation", {})["metric"] = "accuracy"
+    path = tmp_path / "accuracy.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    code, out, _ = run(str(path))
+    assert code == 1
+    assert (
+        "spec.validation.metric: metric accuracy is not built yet: the only supported value is perplexity"
+        in out
+    )
