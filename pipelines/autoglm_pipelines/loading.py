@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -97,20 +99,28 @@ def gguf_as_safetensors(path: Path, *, cache_dir: Path) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise SourceError(f"{path}: not a GGUF model transformers can read: {exc}") from exc
-    partial = folder.with_name(folder.name + ".partial")
-    partial.mkdir(parents=True, exist_ok=True)
-    # The loader de-quantized the weights to fp32 but still marks the model as GGUF-quantized, which
-    # save_pretrained refuses; a plain model of the same config holds the very same weights.
-    config = model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # type: ignore[no-untyped-call]
-    plain.load_state_dict(model.state_dict(), strict=True)
-    plain.save_pretrained(partial, safe_serialization=True)
-    tokenizer.save_pretrained(partial)
-    info: dict[str, Any] = {"source": str(path), "sha256": digest, "architecture": type(model).__name__}
-    (partial / "autoglm-conversion.json").write_text(json.dumps(info, indent=2))
-    if folder.exists():  # another process finished first; theirs is as good as ours
-        return folder
-    partial.rename(folder)
+    # Each converter (another model name in one server, another process) writes its own temporary
+    # folder beside the target and renames it into place in one step; a loser discards its copy.
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial", dir=folder.parent))
+    try:
+        # The loader de-quantized the weights to fp32 but still marks the model as GGUF-quantized, which
+        # save_pretrained refuses; a plain model of the same config holds the very same weights.
+        config = model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # type: ignore[no-untyped-call]
+        plain.load_state_dict(model.state_dict(), strict=True)
+        plain.save_pretrained(partial, safe_serialization=True)
+        tokenizer.save_pretrained(partial)
+        info: dict[str, Any] = {"source": str(path), "sha256": digest, "architecture": type(model).__name__}
+        (partial / "autoglm-conversion.json").write_text(json.dumps(info, indent=2))
+        partial.chmod(0o755)  # mkdtemp made it private to this user
+        try:
+            partial.rename(folder)  # atomic; fails when another converter's folder is already there
+        except OSError as exc:
+            if not marker.is_file():
+                raise SourceError(f"{folder}: exists but is not a finished conversion; delete it") from exc
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)  # gone already when the rename won
     return folder

@@ -86,14 +86,80 @@ def _loaded(folder: Path) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
 
 
 def greedy_text(folder: Path, prompt: str, n: int) -> str:
-    """What a server of ``folder`` must answer: the prompt alone, greedy, cut at end-of-sequence."""
-    from autoglm_inference.generation import DecodeBatch, Sampling
-
+    """What a server of ``folder`` must answer: the prompt alone, greedy, cut at end-of-sequence, as
+    ``transformers``' own ``generate()`` decodes it (an oracle outside the code under test)."""
     model, tokenizer = _loaded(folder)
-    batch = DecodeBatch.prefill(model, [tokenizer(prompt)["input_ids"]], [Sampling()])
-    out = [int(batch.tokens[0])]
-    while len(out) < n and out[-1] != tokenizer.eos_token_id:
-        out.append(int(batch.step(model)[0]))
-    if out[-1] == tokenizer.eos_token_id:
-        out.pop()
-    return str(tokenizer.decode(out, skip_special_tokens=True))
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        output = model.generate(  # type: ignore[operator]
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=n,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    new = [int(t) for t in output[0, ids.shape[1] :]]
+    if tokenizer.eos_token_id in new:
+        new = new[: new.index(tokenizer.eos_token_id)]
+    return str(tokenizer.decode(new, skip_special_tokens=True))
+
+
+def tiny_gguf(path: Path, *, seed: int = 0) -> Path:
+    """Write a tiny random Llama GGUF file (one layer, hidden 64, the tiny BPE tokenizer) to ``path``."""
+    import json
+
+    import gguf
+    import numpy as np
+
+    tokenizer = tiny_tokenizer()
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    vocab = sorted(state["model"]["vocab"].items(), key=lambda item: item[1])
+    merges = [m if isinstance(m, str) else " ".join(m) for m in state["model"]["merges"]]
+    hidden, ff, heads, kv_heads, n_vocab = 64, 128, 4, 2, len(vocab)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    writer.add_context_length(256)
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(ff)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_dimension_count(hidden // heads)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(n_vocab)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list([token for token, _ in vocab])
+    writer.add_token_types(
+        [gguf.TokenType.CONTROL if i == 0 else gguf.TokenType.NORMAL for i in range(n_vocab)]
+    )
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(0)
+    writer.add_eos_token_id(0)
+    writer.add_pad_token_id(0)
+    rng = np.random.default_rng(seed)
+
+    def weights(*shape: int) -> np.ndarray:
+        return (rng.standard_normal(shape) * 0.02).astype(np.float32)
+
+    kv = kv_heads * hidden // heads
+    writer.add_tensor("token_embd.weight", weights(n_vocab, hidden))
+    writer.add_tensor("output_norm.weight", np.ones(hidden, dtype=np.float32))
+    writer.add_tensor("output.weight", weights(n_vocab, hidden))
+    for name, shape in [
+        ("attn_norm", (hidden,)),
+        ("ffn_norm", (hidden,)),
+        ("attn_q", (hidden, hidden)),
+        ("attn_k", (kv, hidden)),
+        ("attn_v", (kv, hidden)),
+        ("attn_output", (hidden, hidden)),
+        ("ffn_gate", (ff, hidden)),
+        ("ffn_up", (ff, hidden)),
+        ("ffn_down", (hidden, ff)),
+    ]:
+        tensor = np.ones(shape, dtype=np.float32) if len(shape) == 1 else weights(*shape)
+        writer.add_tensor(f"blk.0.{name}.weight", tensor)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
