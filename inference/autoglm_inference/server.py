@@ -61,6 +61,7 @@ from autoglm_inference.service import (
     UnavailableError,
 )
 from autoglm_inference.telemetry import Labels, telemetry
+from autoglm_pipelines.quantization import dequantized_kinds, quantized_kinds
 
 log = logging.getLogger(__name__)
 SHA256 = re.compile(r"[0-9a-fA-F]{64}")
@@ -176,6 +177,14 @@ class Registry:
                     loaded.model.to(device)  # type: ignore[arg-type]
                 except Exception as exc:  # e.g. CPU-only packed int4/int8 weights
                     raise ArtifactError(f"{loaded.artifact.uri}: cannot run on {device}: {exc}") from exc
+            if slow := dequantized_kinds(quantized_kinds(loaded.model), device):
+                log.warning(
+                    "%s: %s run dequantized on %s (this torch has no kernel for them there): "
+                    "smaller than bf16 but slower",
+                    loaded.artifact.uri,
+                    ", ".join(slow),
+                    device,
+                )
             labels = Labels(name, loaded.artifact.revision, "-", self.options.target)
             engine = Engine(
                 loaded.model,
