@@ -5,7 +5,13 @@ KV cache (128 new tokens after a 64-token prompt); prefill of that prompt. Print
 the fp32 baseline measured in the same run, the machine's measured memory read bandwidth, and each
 variant's decode speed as a fraction of its roofline (bandwidth / weight bytes read per token).
 
-    python bench/compression.py [--tokens 8192] [--new-tokens 128] [--threads 2]
+A second table gives what many rows cost, where the kernels differ most: prefill tokens/s of one
+``--prefill-tokens`` prompt, and decode tokens/s with ``--batch`` rows in the batch beside batch 1,
+each as a ratio to fp32 in the same run. Both tables name the CPU flags they ran on and which
+kernels torch offers there. ``--kernels avx2`` chooses kernels as on a CPU without AVX512-VNNI or
+bf16 (timed on this CPU, whose dense GEMMs stay as fast as they are).
+
+    python bench/compression.py [--tokens 8192] [--new-tokens 128] [--threads 2] [--search-trials 0]
 """
 
 from __future__ import annotations
@@ -18,11 +24,12 @@ import warnings
 from pathlib import Path
 
 import torch
+from transformers import DynamicCache
 
 from autoglm_pipelines.calibration import collect_input_absmax
 from autoglm_pipelines.evaluation import ModelMeasurement, measure
-from autoglm_pipelines.loading import load_causal_lm
-from autoglm_pipelines.quantization import quantize_model
+from autoglm_pipelines.loading import cache_kwargs, load_causal_lm
+from autoglm_pipelines.quantization import KernelSupport, kernel_support, kernel_support_as, quantize_model
 from autoglm_pipelines.search import compression_config, search
 from autoglm_pipelines.steps import SEARCH_CALIBRATION_WINDOWS, SEARCH_MAX_TOKENS, SMOOTHING_ALPHA
 from autoglm_pipelines.text import read_text, tokenize, windows
@@ -40,6 +47,38 @@ VARIANTS: list[tuple[str, str, int | None]] = [
     ("int4-weight-only g32", "int4-weight-only", 32),
 ]
 CALIBRATION_WINDOWS = 16
+CPU_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8")
+
+
+def cpu_flags() -> str:
+    """The CPU's vector flags that decide which kernels are fast, and torch's view of them."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = ""
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    present = [f for f in CPU_FLAGS if f in line.split()]
+    return f"{' '.join(present) or 'unknown'} (torch capability {torch.backends.cpu.get_cpu_capability()})"
+
+
+@torch.no_grad()
+def throughput(
+    model: torch.nn.Module, prompts: torch.Tensor, new_tokens: int, repeats: int = 2
+) -> tuple[float, float]:
+    """Best-of-``repeats`` prefill and decode tokens/s for ``prompts`` (rows x tokens) with a KV cache."""
+    best_prefill = best_decode = float("inf")
+    for _ in range(repeats):
+        cache = DynamicCache()
+        start = time.perf_counter()
+        out = model(input_ids=prompts, **cache_kwargs(model, cache))
+        prefill = time.perf_counter() - start
+        token = out.logits[:, -1:].argmax(-1)
+        start = time.perf_counter()
+        for _ in range(new_tokens):
+            token = model(input_ids=token, **cache_kwargs(model, cache)).logits[:, -1:].argmax(-1)
+        best_prefill, best_decode = min(best_prefill, prefill), min(best_decode, time.perf_counter() - start)
+    rows, length = prompts.shape
+    return rows * length / best_prefill, rows * new_tokens / best_decode
 
 
 def read_bandwidth_gb_s(megabytes: int = 1024, repeats: int = 5) -> float:
@@ -64,6 +103,11 @@ def main() -> None:
     parser.add_argument("--cache-dir", type=Path, default=Path(".cache/autoglm"))
     parser.add_argument("--search-trials", type=int, default=20, help="0 skips the accuracy-budget search")
     parser.add_argument("--tolerable-loss", type=float, default=0.01)
+    parser.add_argument("--prefill-tokens", type=int, default=256, help="prompt length of the prefill row")
+    parser.add_argument("--batch", type=int, default=16, help="rows in the batched decode")
+    parser.add_argument("--batch-new-tokens", type=int, default=16)
+    parser.add_argument("--kernels", choices=["native", "avx2"], default="native")
+    parser.add_argument("--variants", default=None, help="comma-separated labels to run (default: all)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
@@ -78,18 +122,28 @@ def main() -> None:
     )
     bandwidth = read_bandwidth_gb_s()
 
-    def run(model: torch.nn.Module) -> ModelMeasurement:
-        return measure(model, ids, window=args.window, prompt_tokens=64, new_tokens=args.new_tokens)
+    prefill_prompt = ids[: args.prefill_tokens].view(1, -1)
+    batch_prompts = torch.stack([ids[i * 64 : (i + 1) * 64] for i in range(args.batch)])
 
-    base = run(lm.model)
-    rows = [("fp32 (baseline)", base)]
-    for label, method, group in VARIANTS:
-        model = copy.deepcopy(lm.model)
-        quantize_model(
-            model, method, group_size=group, activation_absmax=absmax, smoothing_alpha=SMOOTHING_ALPHA
-        )
-        rows.append((label, run(model)))
-        del model
+    def run(model: torch.nn.Module) -> tuple[ModelMeasurement, tuple[float, float, float]]:
+        m = measure(model, ids, window=args.window, prompt_tokens=64, new_tokens=args.new_tokens)
+        prefill, _ = throughput(model, prefill_prompt, 2)
+        _, batched = throughput(model, batch_prompts, args.batch_new_tokens)
+        return m, (prefill, m.decode.decode_tokens_per_second, batched)
+
+    support = KernelSupport() if args.kernels == "avx2" else kernel_support()
+    chosen = [v for v in VARIANTS if args.variants is None or v[0] in args.variants.split(",")]
+    with kernel_support_as(support):
+        base, base_speed = run(lm.model)
+        results = [("fp32 (baseline)", base, base_speed)]
+        for label, method, group in chosen:
+            model = copy.deepcopy(lm.model)
+            quantize_model(
+                model, method, group_size=group, activation_absmax=absmax, smoothing_alpha=SMOOTHING_ALPHA
+            )
+            results.append((label, *run(model)))
+            del model
+    rows = [(label, m) for label, m, _ in results]
 
     print(f"SmolLM2-135M-Instruct, {ids.numel()} Hamlet tokens ({args.window}-token windows), "
           f"decode {args.new_tokens} new tokens at batch 1, {args.threads} threads")  # fmt: skip
@@ -107,6 +161,14 @@ def main() -> None:
             f"{d.decode_tokens_per_second:7.1f} {d.p95_token_latency_ms:7.1f} {d.joules_per_token:6.3f} "
             f"{d.decode_tokens_per_second / roofline:8.0%}"
         )
+    print(f"\nmany rows: prefill of one {prefill_prompt.shape[1]}-token prompt; decode of {args.batch} rows "
+          f"x {args.batch_new_tokens} new tokens beside batch-1 decode; ratios to fp32 in this run")  # fmt: skip
+    print(f"CPU flags: {cpu_flags()}; kernels chosen as: {args.kernels} {support}")
+    print(f"{'variant':24} {'prefill tok/s':>13} {'x fp32':>7} {'decode b1':>10} {'x fp32':>7} "
+          f"{'decode b' + str(args.batch):>11} {'x fp32':>7}")  # fmt: skip
+    for label, _, (prefill, single, batched) in results:
+        print(f"{label:24} {prefill:13.1f} {prefill / base_speed[0]:7.2f} {single:10.1f} "
+              f"{single / base_speed[1]:7.2f} {batched:11.1f} {batched / base_speed[2]:7.2f}")  # fmt: skip
     if args.search_trials:
         report_search(lm.model, text_ids, args)
 

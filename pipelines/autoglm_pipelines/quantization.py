@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Self
@@ -39,8 +40,141 @@ DEFAULT_INT4_GROUP_SIZE = 128
 INT4_GROUP_SIZES = (128, 64, 32)
 
 
-def _cpu_kernels(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype == torch.bfloat16
+KernelPath = Literal["packed", "int8-int8", "dequantized"]
+#: Most activation rows (tokens in one forward) for which the CPU's fused dequantize-matmul kernels
+#: (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``) are used. They are matrix-vector kernels:
+#: 2x faster than fp32 at one row, as fast at 16, 2-3x slower at 256 (576x1536, this project's CPUs).
+#: Above it the weight is dequantized once per forward into a dense GEMM, which is amortised over rows.
+CPU_PACKED_MAX_ROWS = 16
+#: torch's CUDA ``_int_mm`` needs more than 16 rows; fewer are padded with zero rows.
+CUDA_INT_MM_MIN_ROWS = 17
+
+
+@dataclass(frozen=True)
+class KernelSupport:
+    """Which of torch's quantized matmul kernels this process has; read once by ``kernel_support``.
+
+    ``cpu_int8_int8``: ``torch._int_mm`` runs through oneDNN only on CPUs with AVX512-VNNI; elsewhere
+    it is a scalar loop (about 3 ms per activation row of a 576x1536 layer on an AVX2 CPU, 100x fp32).
+    ``cpu_bf16_gemm``: native bf16 matrix products (AVX512-BF16 or AMX); without them a bf16 GEMM is
+    emulated and 10-18x slower than fp32, so dequantized CPU products then run in fp32.
+    The ``cuda_*`` fields say whether torch has a CUDA kernel for each quantized product.
+    """
+
+    cpu_int8_int8: bool = False
+    cpu_bf16_gemm: bool = False
+    cuda_int8_weight: bool = False
+    cuda_int4_weight: bool = False
+    cuda_int8_int8: bool = False
+
+
+def kernel_support() -> KernelSupport:
+    """What this machine's torch offers (cached: the answer does not change within a process)."""
+    global _SUPPORT
+    if _SUPPORT is None:
+        cpu = torch.backends.cpu
+        _SUPPORT = KernelSupport(
+            cpu_int8_int8=bool(
+                torch.backends.mkldnn.is_available()  # type: ignore[no-untyped-call]
+                and torch.backends.mkldnn.enabled
+                and torch.cpu._is_vnni_supported()
+            ),
+            cpu_bf16_gemm=bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+            and cpu.get_cpu_capability() != "DEFAULT",
+            cuda_int8_weight=_has_kernel("_weight_int8pack_mm", "CUDA"),
+            cuda_int4_weight=_has_kernel("_weight_int4pack_mm", "CUDA")
+            and _has_kernel("_convert_weight_to_int4pack", "CUDA"),
+            cuda_int8_int8=_has_kernel("_int_mm", "CUDA"),
+        )
+    return _SUPPORT
+
+
+_SUPPORT: KernelSupport | None = None
+
+
+def _has_kernel(op: str, dispatch_key: str) -> bool:
+    return bool(torch._C._dispatch_has_kernel_for_dispatch_key(f"aten::{op}", dispatch_key))
+
+
+def kernel_path(kind: ModuleKind, device_type: str, rows: int, support: KernelSupport) -> KernelPath:
+    """How a quantized linear of ``kind`` multiplies ``rows`` activation rows on ``device_type``.
+
+    Pure: ``support`` is passed in. ``packed``: a fused dequantize-matmul kernel on the stored
+    integers; ``int8-int8``: an integer GEMM on per-token int8 activations; ``dequantized``: the
+    weight is dequantized for this forward and multiplied densely (the portable fallback, and on
+    CPUs the faster choice for many rows).
+    """
+    if kind == "int8-embedding":
+        raise ValueError("an embedding gathers rows: it has no matmul path")
+    if device_type == "cpu":
+        if kind == "int8-dynamic" and support.cpu_int8_int8:
+            return "int8-int8"
+        return "packed" if rows <= CPU_PACKED_MAX_ROWS else "dequantized"
+    if device_type == "cuda":
+        available = {
+            "int8-weight-only": support.cuda_int8_weight,
+            "int4-weight-only": support.cuda_int4_weight,
+            "int8-dynamic": support.cuda_int8_int8,
+        }[kind]
+        if available:
+            return "int8-int8" if kind == "int8-dynamic" else "packed"
+    return "dequantized"
+
+
+@contextmanager
+def kernel_support_as(support: KernelSupport) -> Iterator[None]:
+    """Choose kernels as if the machine offered ``support`` (tests; the benchmark's other-CPU rows)."""
+    global _SUPPORT
+    saved, _SUPPORT = _SUPPORT, support
+    try:
+        yield
+    finally:
+        _SUPPORT = saved
+
+
+def quantized_kinds(model: nn.Module) -> set[ModuleKind]:
+    """The kinds of quantized linear modules in ``model``."""
+    kinds: set[ModuleKind] = set()
+    for module in model.modules():
+        if isinstance(module, Int8DynamicLinear):
+            kinds.add("int8-dynamic")
+        elif isinstance(module, Int8WeightOnlyLinear):
+            kinds.add("int8-weight-only")
+        elif isinstance(module, Int4WeightOnlyLinear):
+            kinds.add("int4-weight-only")
+    return kinds
+
+
+def dequantized_kinds(
+    kinds: set[ModuleKind], device: torch.device | str, support: KernelSupport | None = None
+) -> list[ModuleKind]:
+    """The kinds that run dequantized on ``device`` at any batch size, for want of a kernel there.
+
+    Such a variant is smaller than bf16 there but slower: the server logs it at load. On CPUs every
+    kind has a kernel.
+    """
+    device_type = torch.device(device).type
+    support = support or kernel_support()
+    return sorted(k for k in kinds if kernel_path(k, device_type, 1, support) == "dequantized")
+
+
+#: What the model card says about how each device runs a quantized variant.
+EXECUTION_NOTE: dict[str, str] = {
+    "cpu": "fused int8/int4 kernels for up to 16 tokens per forward, one dense product on the weight "
+    "dequantized per forward above that; int8-dynamic and smoothquant-w8a8 use int8 x int8 products on "
+    "AVX512-VNNI CPUs",
+    "cuda": "torch._weight_int8pack_mm, torch._weight_int4pack_mm and torch._int_mm where the serving "
+    "torch has them (the server logs at load any kind that has none); without one a kind runs "
+    "dequantized: the whole weight is dequantized on every forward, smaller than bf16 but slower",
+    "other": "dequantized on every forward: smaller than bf16 but slower",
+}
+
+
+def _dense_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype of a dequantized product: the activations', except emulated bf16 on a CPU."""
+    if x.device.type == "cpu" and x.dtype == torch.bfloat16 and not kernel_support().cpu_bf16_gemm:
+        return torch.float32
+    return x.dtype
 
 
 class _Int8Linear(nn.Module):
@@ -79,10 +213,16 @@ class Int8WeightOnlyLinear(_Int8Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)
-        if _cpu_kernels(x2):
+        path = kernel_path("int8-weight-only", x2.device.type, x2.shape[0], kernel_support())
+        if path == "packed" and x2.dtype in (torch.bfloat16, torch.float16, torch.float32):
             y = torch._weight_int8pack_mm(x2.contiguous(), self.weight_int8, self.weight_scale.to(x2.dtype))
         else:
-            y = F.linear(x2, self.dequantized().to(x2.dtype))
+            dense = _dense_dtype(x2)
+            if dense == torch.float16:  # integer sums can pass fp16's range: scale the weight first
+                y = F.linear(x2, self.dequantized().to(dense))
+            else:  # int8 values are exact in bf16; one scale per output column after the product
+                y = F.linear(x2.to(dense), self.weight_int8.to(dense)) * self.weight_scale.to(dense)
+            y = y.to(x2.dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)
@@ -91,8 +231,10 @@ class Int8WeightOnlyLinear(_Int8Linear):
 class Int8DynamicLinear(_Int8Linear):
     """int8 weights per output channel and int8 activations per token, quantized on the fly.
 
-    ``torch._int_mm`` (int8 x int8 -> int32, VNNI on x86) does the product; activations and the
-    result stay fp32 around it. Without that kernel (other devices) it dequantizes both sides.
+    The product of the integers is the same on every path, only the kernel differs (``kernel_path``):
+    ``torch._int_mm`` (int8 x int8 -> int32) where it is fast (AVX512-VNNI CPUs, CUDA); elsewhere
+    the int8 weight-only kernel for a few rows (integers up to 127 are exact in bf16) and an fp32
+    GEMM on the dequantized weight for many. Activations and the result stay fp32 around it.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -100,10 +242,18 @@ class Int8DynamicLinear(_Int8Linear):
         x2 = x.reshape(-1, self.in_features).float()
         scale = x2.abs().amax(dim=-1, keepdim=True).clamp(min=1e-8) / 127.0
         xq = torch.round(x2 / scale).clamp(-127, 127)
-        if x2.device.type == "cpu":
-            acc = torch._int_mm(xq.to(torch.int8), self.weight_int8.t()).float()
+        rows = x2.shape[0]
+        path = kernel_path("int8-dynamic", x2.device.type, rows, kernel_support())
+        if path == "int8-int8":
+            xq8 = xq.to(torch.int8)
+            if x2.device.type == "cuda" and rows < CUDA_INT_MM_MIN_ROWS:
+                xq8 = F.pad(xq8, (0, 0, 0, CUDA_INT_MM_MIN_ROWS - rows))
+            acc = torch._int_mm(xq8, self.weight_int8.t())[:rows].float()
+        elif path == "packed":
+            ones = torch.ones(self.out_features, dtype=torch.bfloat16, device=x2.device)
+            acc = torch._weight_int8pack_mm(xq.to(torch.bfloat16), self.weight_int8, ones).float()
         else:
-            acc = xq @ self.weight_int8.float().t()
+            acc = F.linear(xq, self.weight_int8.float())
         y = acc * scale * self.weight_scale
         if self.bias is not None:
             y = y + self.bias.float()
@@ -159,16 +309,37 @@ class Int4WeightOnlyLinear(nn.Module):
         zero = self.scales_and_zeros[..., 1].t().unsqueeze(-1)
         return ((q - 8) * scale + zero).reshape(self.out_features, self.in_features)
 
+    def _dequantized_as(self, dtype: torch.dtype) -> torch.Tensor:
+        # Fewer passes over the weight than ``dequantized``: it runs on every many-row forward.
+        q = self._unpacked().to(dtype).view(self.out_features, -1, self.group_size)
+        scale = self.scales_and_zeros[..., 0].t().unsqueeze(-1).to(dtype)
+        zero = self.scales_and_zeros[..., 1].t().unsqueeze(-1).to(dtype)
+        return ((q - 8) * scale + zero).view(self.out_features, self.in_features)
+
+    def _kernel_weight(self, device: torch.device) -> torch.Tensor:
+        if self._packed is None or self._packed.device != device:  # packed once per device, on first use
+            q = self._unpacked()
+            if device.type == "cpu":
+                self._packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+            else:  # the CUDA kernel takes two 4-bit values per byte, the first in the high nibble
+                pairs = (q[:, 0::2] << 4 | q[:, 1::2]).to(torch.uint8).to(device)
+                self._packed = torch._convert_weight_to_int4pack(pairs, 8)
+        return self._packed
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)
-        if _cpu_kernels(x2):
-            if self._packed is None:  # packed once, on first use after loading
-                self._packed = torch._convert_weight_to_int4pack_for_cpu(self._unpacked().to(torch.int32), 1)
+        path = kernel_path("int4-weight-only", x2.device.type, x2.shape[0], kernel_support())
+        if path == "packed" and x2.dtype == torch.bfloat16:
+            packed = self._kernel_weight(x2.device)
             sz = self.scales_and_zeros.to(x2.dtype)
-            y = torch._weight_int4pack_mm_for_cpu(x2.contiguous(), self._packed, self.group_size, sz)
+            if x2.device.type == "cpu":
+                y = torch._weight_int4pack_mm_for_cpu(x2.contiguous(), packed, self.group_size, sz)
+            else:
+                y = torch._weight_int4pack_mm(x2.contiguous(), packed, self.group_size, sz.contiguous())
         else:
-            y = F.linear(x2, self.dequantized().to(x2.dtype))
+            dense = _dense_dtype(x2)
+            y = F.linear(x2.to(dense), self._dequantized_as(dense)).to(x2.dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)

@@ -27,7 +27,13 @@ from autoglm_pipelines.dag import pipeline_steps
 from autoglm_pipelines.evaluation import measure
 from autoglm_pipelines.gates import evaluate_gates, quality_loss
 from autoglm_pipelines.loading import load_causal_lm
-from autoglm_pipelines.quantization import weight_bytes
+from autoglm_pipelines.quantization import (
+    CAST_METHODS,
+    EXECUTION_NOTE,
+    QUANTIZATION_FILE,
+    QuantizationPlan,
+    weight_bytes,
+)
 from autoglm_pipelines.results import StepResult, canonical_digest, hash_tree, read_result, write_result
 from autoglm_pipelines.resume import inputs_digest, reusable
 from autoglm_pipelines.revision import artifact_revision
@@ -249,6 +255,11 @@ def publish(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
         "validation": report.metrics,
         "lineage": lineage,
     }
+    plan_file = partial / QUANTIZATION_FILE
+    if plan_file.is_file():
+        plan = QuantizationPlan.from_json(json.loads(plan_file.read_text()))
+        if plan.method not in CAST_METHODS:  # where it runs on kernels and where dequantized
+            card["execution"] = EXECUTION_NOTE
     write_model_card(partial, card)
     if target.exists():
         shutil.rmtree(target)

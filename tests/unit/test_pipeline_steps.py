@@ -86,6 +86,7 @@ def test_every_step_runs_writes_its_result_and_publishes_a_loadable_artifact(
     card = json.loads((published / "model-card.json").read_text())
     assert card["source"]["uri"] == f"file://{source}"
     assert set(card["lineage"]) == {"fetch", "compress", "calibrate", "validate"}
+    assert "dequantized on every forward" in card["execution"]["cuda"]  # where no kernel: said, not hidden
     assert (
         card["files"]["autoglm-quantized.safetensors"]
         == result(work, "compress")["files"]["model/autoglm-quantized.safetensors"]

@@ -13,9 +13,15 @@ from autoglm_pipelines.calibration import collect_input_absmax
 from autoglm_pipelines.loading import load_causal_lm
 from autoglm_pipelines.pruning import prune_2of4, prune_structured_l1
 from autoglm_pipelines.quantization import (
+    CPU_PACKED_MAX_ROWS,
     Int4WeightOnlyLinear,
     Int8DynamicLinear,
     Int8WeightOnlyLinear,
+    KernelSupport,
+    ModuleKind,
+    dequantized_kinds,
+    kernel_path,
+    kernel_support_as,
     load_quantized_weights,
     quantize_int4_groupwise,
     quantize_int8_per_row,
@@ -272,3 +278,101 @@ def test_int4_default_group_size_fits_each_layer_and_an_explicit_one_is_honoured
     assert load_quantized_weights(fresh, tmp_path / "q").group_sizes == plan.group_sizes
     explicit = quantize_model(copy.deepcopy(lm.model), "int4-weight-only", group_size=128)
     assert "does not fit group size 128" in explicit.skipped["model.layers.0.self_attn.q_proj"]
+
+
+# Kernel choice. The machines differ (AVX2-only edge CPUs, AVX512-VNNI servers, GPUs): which kernel
+# runs is decided by a pure function of the kind, the device, the row count and what torch offers.
+VNNI = KernelSupport(cpu_int8_int8=True, cpu_bf16_gemm=True)
+AVX2 = KernelSupport()  # no VNNI, no native bf16: _int_mm is a scalar loop there
+CUDA = KernelSupport(cuda_int8_weight=True, cuda_int4_weight=True, cuda_int8_int8=True)
+
+
+@pytest.mark.parametrize(
+    ("kind", "device", "rows", "support", "path"),
+    [
+        ("int8-dynamic", "cpu", 1, VNNI, "int8-int8"),
+        ("int8-dynamic", "cpu", 256, VNNI, "int8-int8"),
+        ("int8-dynamic", "cpu", 1, AVX2, "packed"),
+        ("int8-dynamic", "cpu", CPU_PACKED_MAX_ROWS, AVX2, "packed"),
+        ("int8-dynamic", "cpu", CPU_PACKED_MAX_ROWS + 1, AVX2, "dequantized"),  # never the scalar loop
+        ("int8-weight-only", "cpu", 1, VNNI, "packed"),
+        ("int8-weight-only", "cpu", 256, VNNI, "dequantized"),
+        ("int4-weight-only", "cpu", CPU_PACKED_MAX_ROWS, AVX2, "packed"),
+        ("int4-weight-only", "cpu", 64, AVX2, "dequantized"),
+        ("int8-weight-only", "cuda", 1, CUDA, "packed"),
+        ("int4-weight-only", "cuda", 512, CUDA, "packed"),
+        ("int8-dynamic", "cuda", 1, CUDA, "int8-int8"),
+        ("int8-weight-only", "cuda", 1, VNNI, "dequantized"),  # a torch without the CUDA kernels
+        ("int8-dynamic", "mps", 1, CUDA, "dequantized"),
+    ],
+)
+def test_kernel_path_for_each_device_and_row_count(
+    kind: ModuleKind, device: str, rows: int, support: KernelSupport, path: str
+) -> None:
+    assert kernel_path(kind, device, rows, support) == path
+
+
+def test_dequantized_kinds_name_what_runs_without_a_kernel() -> None:
+    kinds: set[ModuleKind] = {"int8-weight-only", "int4-weight-only", "int8-dynamic"}
+    assert dequantized_kinds(kinds, "cpu", AVX2) == []
+    assert dequantized_kinds(kinds, "cuda", CUDA) == []
+    assert dequantized_kinds(kinds, "cuda", KernelSupport(cuda_int8_int8=True)) == [
+        "int4-weight-only",
+        "int8-weight-only",
+    ]
+    assert dequantized_kinds(kinds, "mps", CUDA) == sorted(kinds)
+
+
+def _aten_ops(module: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, set[str]]:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen: set[str] = set()
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            seen.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Record():
+        out = module(x)
+    return out, seen
+
+
+@pytest.mark.parametrize("support", [VNNI, AVX2], ids=["vnni", "avx2"])
+@pytest.mark.parametrize("rows", [1, 16, 17, 256])
+def test_int8_dynamic_is_faithful_on_every_path_and_never_crawls(support: KernelSupport, rows: int) -> None:
+    torch.manual_seed(0)
+    w, x = torch.randn(96, 128), torch.randn(rows, 128)
+    module = Int8DynamicLinear.from_float(w, None, torch.float32)
+    with kernel_support_as(support):
+        out, ops = _aten_ops(module, x)
+    # the same integers multiplied on every path: compare with per-token int8 done in fp32
+    scale = x.abs().amax(-1, keepdim=True) / 127
+    xq = torch.round(x / scale).clamp(-127, 127)
+    reference = (xq @ module.weight_int8.float().t()) * scale * module.weight_scale
+    assert torch.allclose(out, reference, rtol=4e-3, atol=1e-3)
+    assert float((out - x @ w.t()).norm() / (x @ w.t()).norm()) < 0.02
+    # without VNNI torch's _int_mm is a scalar loop (~3 ms per row): it must not be called there
+    assert ("_int_mm" in ops) == (support is VNNI)
+
+
+@pytest.mark.parametrize("support", [VNNI, AVX2], ids=["bf16-gemm", "no-bf16-gemm"])
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize("rows", [1, 16, 17, 256])
+def test_weight_only_paths_agree_with_the_dequantized_weight(
+    support: KernelSupport, kind: str, rows: int
+) -> None:
+    torch.manual_seed(0)
+    w, x = torch.randn(64, 128), torch.randn(rows, 128)
+    module = (
+        Int8WeightOnlyLinear.from_float(w, None, torch.bfloat16)
+        if kind == "int8"
+        else Int4WeightOnlyLinear.from_float(w, None, torch.bfloat16, 32)
+    )
+    with kernel_support_as(support):
+        out, ops = _aten_ops(module, x.bfloat16())
+    reference = torch.nn.functional.linear(x, module.dequantized())
+    assert out.dtype == torch.bfloat16
+    assert torch.allclose(out.float(), reference, rtol=0.02, atol=0.1)
+    packed = {"_weight_int8pack_mm", "_weight_int4pack_mm_for_cpu"} & ops
+    assert bool(packed) == (rows <= CPU_PACKED_MAX_ROWS)
