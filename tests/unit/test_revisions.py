@@ -135,7 +135,11 @@ async def test_unloading_while_a_row_decodes_releases_the_weights_when_it_ends(
 async def test_a_second_swap_during_a_swap_is_refused(folders: dict[str, Path], tmp_path: Path) -> None:
     r = router(folders["a"], tmp_path)
     first = asyncio.create_task(r.swap(str(folders["b"]), sha256=None))
-    await asyncio.sleep(0)  # the first swap holds the lock
+    for _ in range(1000):  # let the first swap start: it holds the lock until it has finished
+        if r.describe()["swapping"]:
+            break
+        await asyncio.sleep(0)
+    assert r.describe()["swapping"] == str(folders["b"])
     with pytest.raises(SwapInProgressError, match="in progress"):
         await r.swap(str(folders["a"]), sha256=None)
     assert (await first).name == "rev-b"
