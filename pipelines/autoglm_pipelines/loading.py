@@ -7,7 +7,6 @@ plain safetensors reads. Nothing is ever unpickled: ``use_safetensors=True`` thr
 
 from __future__ import annotations
 
-import functools
 import inspect
 import json
 import shutil
@@ -41,9 +40,14 @@ def cache_kwargs(model: nn.Module, cache: Cache) -> dict[str, Any]:
     return {name: cache, "use_cache": True}
 
 
-@functools.cache
+_FORWARD_PARAMETERS: dict[type[nn.Module], frozenset[str]] = {}
+
+
 def _forward_parameters(cls: type[nn.Module]) -> frozenset[str]:
-    return frozenset(inspect.signature(cls.forward).parameters)
+    """Looked up once per model class (every decode step asks)."""
+    if cls not in _FORWARD_PARAMETERS:
+        _FORWARD_PARAMETERS[cls] = frozenset(inspect.signature(cls.forward).parameters)
+    return _FORWARD_PARAMETERS[cls]
 
 
 def detect_format(path: Path, declared: Format | None) -> Format:
