@@ -15,6 +15,7 @@ embedding / lm_head table is quantized once to int8 (it is a fifth of a small mo
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ import torch.nn.functional as F  # noqa: N812
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+log = logging.getLogger(__name__)
 QUANTIZATION_FILE = "autoglm-quantization.json"
 #: Not ``model.safetensors`` on purpose: plain ``from_pretrained`` must refuse a quantized folder
 #: ("no model.safetensors") rather than load it as a float model with random weights.
@@ -277,6 +279,7 @@ class Int4WeightOnlyLinear(nn.Module):
         )
         self.compute_dtype = dtype
         self._packed: torch.Tensor | None = None
+        self._kernel_refused = False
 
     weight_int4: torch.Tensor
     scales_and_zeros: torch.Tensor
@@ -316,27 +319,49 @@ class Int4WeightOnlyLinear(nn.Module):
         zero = self.scales_and_zeros[..., 1].t().unsqueeze(-1).to(dtype)
         return ((q - 8) * scale + zero).view(self.out_features, self.in_features)
 
-    def _kernel_weight(self, device: torch.device) -> torch.Tensor:
-        if self._packed is None or self._packed.device != device:  # packed once per device, on first use
-            q = self._unpacked()
-            if device.type == "cpu":
-                self._packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
-            else:  # the CUDA kernel takes two 4-bit values per byte, the first in the high nibble
-                pairs = (q[:, 0::2] << 4 | q[:, 1::2]).to(torch.uint8).to(device)
-                self._packed = torch._convert_weight_to_int4pack(pairs, 8)
-        return self._packed
+    def _kernel_weight(self, device: torch.device) -> torch.Tensor | None:
+        """The weight packed for ``device``'s kernel (once, on first use); None where it cannot run."""
+        if self._packed is not None and self._packed.device == device:
+            return self._packed
+        q = self._unpacked()
+        if device.type == "cpu":
+            self._packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+            return self._packed
+        if self._kernel_refused:
+            return None
+        # The CUDA kernel takes two 4-bit values per byte, the first in the high nibble, in tiles of
+        # 16 inputs; no GPU in CI, so the first product is checked against the dequantized weight.
+        tiles = next((t for t in (8, 4, 2) if self.in_features % (16 * t) == 0), None)
+        try:
+            if tiles is None or self.group_size not in (32, 64, 128, 256):
+                raise ValueError(f"shape {self.out_features}x{self.in_features} g{self.group_size}")
+            pairs = (q[:, 0::2] << 4 | q[:, 1::2]).to(torch.uint8).to(device)
+            packed = torch._convert_weight_to_int4pack(pairs, tiles)
+            probe = torch.linspace(-1, 1, self.in_features, device=device, dtype=torch.bfloat16)[None]
+            got = self._int4_kernel(probe, packed).float()
+            want = F.linear(probe.float(), self.dequantized().to(device))
+            if not torch.allclose(got, want, rtol=0.05, atol=0.05 * float(want.abs().max())):
+                raise ValueError("its result differs from the dequantized weight's")
+        except (RuntimeError, ValueError) as exc:
+            self._kernel_refused = True
+            log.warning("int4 kernel refused on %s (%s): this module runs dequantized", device, exc)
+            return None
+        self._packed = packed
+        return packed
+
+    def _int4_kernel(self, x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+        sz = self.scales_and_zeros.to(device=x.device, dtype=x.dtype).contiguous()
+        if x.device.type == "cpu":
+            return torch._weight_int4pack_mm_for_cpu(x.contiguous(), packed, self.group_size, sz)
+        return torch._weight_int4pack_mm(x.contiguous(), packed, self.group_size, sz)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)
         path = kernel_path("int4-weight-only", x2.device.type, x2.shape[0], kernel_support())
-        if path == "packed" and x2.dtype == torch.bfloat16:
-            packed = self._kernel_weight(x2.device)
-            sz = self.scales_and_zeros.to(x2.dtype)
-            if x2.device.type == "cpu":
-                y = torch._weight_int4pack_mm_for_cpu(x2.contiguous(), packed, self.group_size, sz)
-            else:
-                y = torch._weight_int4pack_mm(x2.contiguous(), packed, self.group_size, sz.contiguous())
+        packed = self._kernel_weight(x2.device) if path == "packed" and x2.dtype == torch.bfloat16 else None
+        if packed is not None:
+            y = self._int4_kernel(x2, packed)
         else:
             dense = _dense_dtype(x2)
             y = F.linear(x2.to(dense), self._dequantized_as(dense)).to(x2.dtype)
