@@ -209,6 +209,7 @@ class LMService:
     ) -> tuple[Revision, contextlib.AbstractContextManager[Revision], int]:
         """Check the token limit and the queue, choose the revision and take a lease on it, with no
         await in between: a swap cannot retire the revision before the lease is held."""
+        request_labels(model=self.name)  # a refusal below is counted under this model's name
         chat = request.messages is not None
         max_tokens = request.max_tokens
         if max_tokens is None:
@@ -216,7 +217,7 @@ class LMService:
         if max_tokens > self.limits.max_new_tokens:
             raise TooManyNewTokensError(max_tokens, self.limits.max_new_tokens)
         revision = self.router.choose(request.revision or headers.get(REVISION_HEADER))
-        request_labels(model=self.name, revision=revision.name)
+        request_labels(revision=revision.name)
         engine = revision.engine
         if engine.queue_depth >= engine.max_queue:  # refuse before spending time on tokenizing
             raise QueueFullError(engine.max_queue, retry_after=engine.retry_after())

@@ -302,16 +302,24 @@ def test_an_unknown_model_is_404_naming_the_served_ones(server: ServerProcess) -
 
 
 def test_errors_are_counted_with_the_same_labels_as_everything_else(server: ServerProcess) -> None:
+    def tiny_400s() -> dict[str, float]:
+        text = httpx.get(f"{server.url}/metrics").text
+        return {
+            labels: float(value)
+            for labels, _, value in (ln.rpartition(" ") for ln in text.splitlines())
+            if labels.startswith("autoglm_errors_total")
+            and 'code="400"' in labels
+            and 'model="tiny"' in labels
+        }
+
+    before = tiny_400s()
+    # Refused by the first limit checked (max_new_tokens), before any revision is chosen.
     r = httpx.post(
         f"{server.url}/openai/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 999}
     )
     assert r.status_code == 400
-    lines = [
-        ln
-        for ln in httpx.get(f"{server.url}/metrics").text.splitlines()
-        if ln.startswith("autoglm_errors_total")
-    ]
-    mine = [ln for ln in lines if 'code="400"' in ln and 'model="tiny"' in ln]
-    assert mine, lines
+    after = tiny_400s()
+    grown = [labels for labels, value in after.items() if value == before.get(labels, 0.0) + 1]
+    assert len(grown) == 1, (before, after)
     for label in ("revision=", "prompt_variant=", 'target="edge"'):
-        assert label in mine[0]
+        assert label in grown[0]
