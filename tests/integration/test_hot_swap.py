@@ -7,6 +7,7 @@ name), so every test passes alone and in any order.
 
 from __future__ import annotations
 
+import http.server
 import json
 import shutil
 import threading
@@ -148,18 +149,55 @@ def test_a_bad_artifact_is_refused_and_the_serving_revision_keeps_serving(
     assert complete(server).status_code == 200
 
 
-def test_concurrent_swaps_are_refused_not_interleaved(server: ServerProcess, artifacts: Artifacts) -> None:
-    barrier = threading.Barrier(2)
+class HeldDownload:
+    """An HTTP server on loopback whose one answer (a 404) waits until the test releases it: a load
+    of its URL stays in progress, on the server's side, for exactly as long as the test wants."""
 
-    def swap(uri: Path) -> int:
-        barrier.wait()
-        return load(server, uri).status_code
+    def __init__(self) -> None:
+        self.asked, self.release = threading.Event(), threading.Event()
+        held = self
 
-    with ThreadPoolExecutor(2) as pool:
-        statuses = sorted(pool.map(swap, [artifacts.a, artifacts.c]))
-    assert statuses == [200, 409]
-    assert index(server)["stable"]["revision"] in ("rev-a", "rev-c")
-    assert index(server)["swapping"] is None
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                held.asked.set()
+                held.release.wait(60)
+                self.send_error(404)
+
+            def log_message(self, *_: object) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/model.gguf"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.release.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_concurrent_swaps_are_refused_not_interleaved(artifacts: Artifacts, tmp_path: Path) -> None:
+    held = HeldDownload()
+    proc = ServerProcess(
+        "tiny", str(artifacts.a), "--allow-remote-models", log=tmp_path / "server.log", admin_token=TOKEN
+    ).wait_ready()
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(load, proc, held.url)
+            assert held.asked.wait(60), "the first load never fetched its artifact"
+            assert index(proc)["swapping"] == held.url  # the first swap is in progress, and stays so
+            second = load(proc, artifacts.c)
+            assert second.status_code == 409, second.text
+            assert "in progress" in second.json()["error"]
+            held.release.set()
+            assert first.result().status_code == 422  # its download failed: refused, nothing changed
+        assert index(proc)["stable"]["revision"] == "rev-a"
+        assert index(proc)["swapping"] is None
+        assert load(proc, artifacts.c).status_code == 200  # the lock was released with the first swap
+        assert index(proc)["stable"]["revision"] == "rev-c"
+    finally:
+        held.close()
+        assert proc.stop() == 0
 
 
 def test_a_request_in_flight_finishes_on_the_revision_it_started_on(
