@@ -63,6 +63,14 @@ def run(*args: str, audit: Path, cache: Path, timeout: float = 600) -> subproces
     )
 
 
+def pipeline_run(
+    spec: Path, work: Path, *, audit: Path, cache: Path, decode_tokens: int = 4
+) -> subprocess.CompletedProcess[str]:
+    """``autoglm pipeline run SPEC --workdir WORK`` through :func:`run`."""
+    args = ["pipeline", "run", str(spec), "--workdir", str(work), "--decode-tokens", str(decode_tokens)]
+    return run(*args, audit=audit, cache=cache)
+
+
 def test_run_executes_the_dag_then_resumes_after_an_interruption(tmp_path: Path, cache: Path) -> None:
     source = tiny_glm(tmp_path / "glm")
     spec = write_manifest(
@@ -72,17 +80,7 @@ def test_run_executes_the_dag_then_resumes_after_an_interruption(tmp_path: Path,
         validation={"maxTokens": 512, "sequenceLength": 128, "gates": {"maxP95LatencyMs": 10_000}},
     )
     work = tmp_path / "work"
-    done = run(
-        "pipeline",
-        "run",
-        str(spec),
-        "--workdir",
-        str(work),
-        "--decode-tokens",
-        "4",
-        audit=tmp_path / "a.db",
-        cache=cache,
-    )
+    done = pipeline_run(spec, work, audit=tmp_path / "a.db", cache=cache)
     assert done.returncode == 0, done.stderr
     assert f"published: {work / 'publish' / 'model'}" in done.stdout
     with Ledger(f"sqlite:///{tmp_path / 'a.db'}") as ledger:
@@ -100,17 +98,7 @@ def test_run_executes_the_dag_then_resumes_after_an_interruption(tmp_path: Path,
     first = {s: json.loads((work / s / "STEP.json").read_text())["startedAt"] for s in ("fetch", "validate")}
 
     shutil.rmtree(work / "publish")  # as if the run had been killed during publish
-    again = run(
-        "pipeline",
-        "run",
-        str(spec),
-        "--workdir",
-        str(work),
-        "--decode-tokens",
-        "4",
-        audit=tmp_path / "a.db",
-        cache=cache,
-    )
+    again = pipeline_run(spec, work, audit=tmp_path / "a.db", cache=cache)
     assert again.returncode == 0, again.stderr
     assert again.stderr.count("unchanged, skipped") == 4
     assert "publish: done" in again.stderr
@@ -122,17 +110,7 @@ def test_run_executes_the_dag_then_resumes_after_an_interruption(tmp_path: Path,
 
     unusable = tmp_path / "not-a-database"
     unusable.mkdir()  # sqlite cannot open a folder: the verdict cannot be recorded, so the run fails
-    broken = run(
-        "pipeline",
-        "run",
-        str(spec),
-        "--workdir",
-        str(work),
-        "--decode-tokens",
-        "4",
-        audit=unusable,
-        cache=cache,
-    )
+    broken = pipeline_run(spec, work, audit=unusable, cache=cache)
     assert broken.returncode == 1
     (error,) = [line for line in broken.stderr.splitlines() if line.startswith("Error:")]
     assert "the gates' verdict was not recorded in the audit ledger" in error
@@ -149,17 +127,7 @@ def test_run_exits_1_naming_the_failed_gate(tmp_path: Path, cache: Path) -> None
         validation={"maxTokens": 256, "sequenceLength": 128, "gates": {"maxP95LatencyMs": 0.000001}},
     )
     work = tmp_path / "work"
-    done = run(
-        "pipeline",
-        "run",
-        str(spec),
-        "--workdir",
-        str(work),
-        "--decode-tokens",
-        "4",
-        audit=tmp_path / "a.db",
-        cache=cache,
-    )
+    done = pipeline_run(spec, work, audit=tmp_path / "a.db", cache=cache)
     assert done.returncode == 1
     assert "maxP95LatencyMs FAILED" in done.stderr
     with Ledger(f"sqlite:///{tmp_path / 'a.db'}") as ledger:
@@ -178,17 +146,7 @@ def test_smollm2_runs_through_every_step(tmp_path: Path, cache: Path) -> None:
         calibration={"samples": 2, "sequenceLength": 256},
         validation={"maxTokens": 1024, "sequenceLength": 256, "gates": {"maxQualityLoss": 0.05}},
     )
-    done = run(
-        "pipeline",
-        "run",
-        str(spec),
-        "--workdir",
-        str(tmp_path / "work"),
-        "--decode-tokens",
-        "16",
-        audit=tmp_path / "a.db",
-        cache=cache,
-    )
+    done = pipeline_run(spec, tmp_path / "work", audit=tmp_path / "a.db", cache=cache, decode_tokens=16)
     assert done.returncode == 0, done.stderr
     report = json.loads((tmp_path / "work" / "validate" / "validate.json").read_text())
     assert report["baseline"]["quality"] < 100  # a trained model on English text, not a random one
