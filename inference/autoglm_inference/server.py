@@ -349,9 +349,8 @@ def _plain(value: Any) -> Any:
 
 def install_routes(app: FastAPI, registry: Registry, repository: Any) -> None:
     limits = registry.options.limits
-    app.add_middleware(
-        AdminGuard, token=registry.options.admin_token
-    )  # inside RequestGuard: refusals get ids
+    # Added first, so it runs inside RequestGuard: its refusals get request ids and are counted.
+    app.add_middleware(AdminGuard, token=registry.options.admin_token)
     app.add_middleware(RequestGuard, max_body_bytes=limits.max_body_bytes, target=registry.options.target)
 
     def error_response(status: int, message: str, **headers: str) -> JSONResponse:
