@@ -26,10 +26,17 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
+from autoglm_pipelines import cpugemm
 from autoglm_pipelines.calibration import collect_input_absmax
 from autoglm_pipelines.evaluation import ModelMeasurement, measure
 from autoglm_pipelines.loading import cache_kwargs, load_causal_lm
-from autoglm_pipelines.quantization import KernelSupport, kernel_support, kernel_support_as, quantize_model
+from autoglm_pipelines.quantization import (
+    KernelSupport,
+    kernel_support,
+    kernel_support_as,
+    quantize_model,
+    run_half_weights_in_fp32,
+)
 from autoglm_pipelines.search import compression_config, search
 from autoglm_pipelines.steps import SEARCH_CALIBRATION_WINDOWS, SEARCH_MAX_TOKENS, SMOOTHING_ALPHA
 from autoglm_pipelines.text import read_text, tokenize, windows
@@ -131,7 +138,8 @@ def main() -> None:
         _, batched = throughput(model, batch_prompts, args.batch_new_tokens)
         return m, (prefill, m.decode.decode_tokens_per_second, batched)
 
-    support = KernelSupport() if args.kernels == "avx2" else kernel_support()
+    # An AVX2 CPU: no VNNI, no native bf16, and AutoGLM's AVX2 kernel where it builds.
+    support = KernelSupport(cpu_autoglm=cpugemm.available()) if args.kernels == "avx2" else kernel_support()
     chosen = [v for v in VARIANTS if args.variants is None or v[0] in args.variants.split(",")]
     with kernel_support_as(support):
         base, base_speed = run(lm.model)
@@ -141,6 +149,7 @@ def main() -> None:
             quantize_model(
                 model, method, group_size=group, activation_absmax=absmax, smoothing_alpha=SMOOTHING_ALPHA
             )
+            run_half_weights_in_fp32(model)  # as load_model_folder runs it on this CPU
             results.append((label, *run(model)))
             del model
     rows = [(label, m) for label, m, _ in results]

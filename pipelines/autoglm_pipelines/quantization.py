@@ -27,6 +27,8 @@ import torch.nn.functional as F  # noqa: N812
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from autoglm_pipelines import cpugemm
+
 log = logging.getLogger(__name__)
 QUANTIZATION_FILE = "autoglm-quantization.json"
 #: Not ``model.safetensors`` on purpose: plain ``from_pretrained`` must refuse a quantized folder
@@ -42,7 +44,7 @@ DEFAULT_INT4_GROUP_SIZE = 128
 INT4_GROUP_SIZES = (128, 64, 32)
 
 
-KernelPath = Literal["packed", "int8-int8", "dequantized"]
+KernelPath = Literal["packed", "int8-int8", "autoglm", "dequantized"]
 #: Most activation rows (tokens in one forward) for which the CPU's fused dequantize-matmul kernels
 #: (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``) are used. They are matrix-vector kernels:
 #: 2x faster than fp32 at one row, as fast at 16, 2-3x slower at 256 (576x1536, this project's CPUs).
@@ -60,11 +62,17 @@ class KernelSupport:
     it is a scalar loop (about 3 ms per activation row of a 576x1536 layer on an AVX2 CPU, 100x fp32).
     ``cpu_bf16_gemm``: native bf16 matrix products (AVX512-BF16 or AMX); without them a bf16 GEMM is
     emulated and 10-18x slower than fp32, so dequantized CPU products then run in fp32.
+    ``cpu_autoglm``: AutoGLM's own AVX2 product (``cpugemm``) is built and chosen: only on CPUs without
+    native bf16, where torch has nothing as fast (on CPUs with it torch's kernels measured faster).
+    ``cpu_avx512``: torch's dense GEMMs use AVX-512, twice the width of AutoGLM's AVX2 kernel, so for
+    many rows the dequantized product is faster there.
     The ``cuda_*`` fields say whether torch has a CUDA kernel for each quantized product.
     """
 
     cpu_int8_int8: bool = False
     cpu_bf16_gemm: bool = False
+    cpu_autoglm: bool = False
+    cpu_avx512: bool = False
     cuda_int8_weight: bool = False
     cuda_int4_weight: bool = False
     cuda_int8_int8: bool = False
@@ -75,14 +83,17 @@ def kernel_support() -> KernelSupport:
     global _SUPPORT
     if _SUPPORT is None:
         cpu = torch.backends.cpu
+        bf16 = bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+        bf16 = bf16 and cpu.get_cpu_capability() != "DEFAULT"
         _SUPPORT = KernelSupport(
             cpu_int8_int8=bool(
                 torch.backends.mkldnn.is_available()  # type: ignore[no-untyped-call]
                 and torch.backends.mkldnn.enabled
                 and torch.cpu._is_vnni_supported()
             ),
-            cpu_bf16_gemm=bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-            and cpu.get_cpu_capability() != "DEFAULT",
+            cpu_bf16_gemm=bf16,
+            cpu_autoglm=not bf16 and cpugemm.available(),
+            cpu_avx512=cpu.get_cpu_capability().startswith("AVX512"),
             cuda_int8_weight=_has_kernel("_weight_int8pack_mm", "CUDA"),
             cuda_int4_weight=_has_kernel("_weight_int4pack_mm", "CUDA")
             and _has_kernel("_convert_weight_to_int4pack", "CUDA"),
@@ -102,15 +113,18 @@ def kernel_path(kind: ModuleKind, device_type: str, rows: int, support: KernelSu
     """How a quantized linear of ``kind`` multiplies ``rows`` activation rows on ``device_type``.
 
     Pure: ``support`` is passed in. ``packed``: a fused dequantize-matmul kernel on the stored
-    integers; ``int8-int8``: an integer GEMM on per-token int8 activations; ``dequantized``: the
-    weight is dequantized for this forward and multiplied densely (the portable fallback, and on
-    CPUs the faster choice for many rows).
+    integers; ``int8-int8``: an integer GEMM on per-token int8 activations; ``autoglm``: AutoGLM's
+    AVX2 kernel (``cpugemm``) on the stored weights, in fp32; ``dequantized``: the weight is
+    dequantized for this forward and multiplied densely (the portable fallback, and on AVX-512 CPUs
+    the faster choice for many rows).
     """
     if kind == "int8-embedding":
         raise ValueError("an embedding gathers rows: it has no matmul path")
     if device_type == "cpu":
         if kind == "int8-dynamic" and support.cpu_int8_int8:
             return "int8-int8"
+        if support.cpu_autoglm and (rows <= CPU_PACKED_MAX_ROWS or not support.cpu_avx512):
+            return "autoglm"
         return "packed" if rows <= CPU_PACKED_MAX_ROWS else "dequantized"
     if device_type == "cuda":
         available = {
@@ -164,7 +178,8 @@ def dequantized_kinds(
 EXECUTION_NOTE: dict[str, str] = {
     "cpu": "fused int8/int4 kernels for up to 16 tokens per forward, one dense product on the weight "
     "dequantized per forward above that; int8-dynamic and smoothquant-w8a8 use int8 x int8 products on "
-    "AVX512-VNNI CPUs",
+    "AVX512-VNNI CPUs; on CPUs without native bf16, AutoGLM's AVX2 kernel on the stored weights (fp32 "
+    "activations), where a C compiler built it",
     "cuda": "torch._weight_int8pack_mm, torch._weight_int4pack_mm and torch._int_mm where the serving "
     "torch has them (the server logs at load any kind that has none); without one a kind runs "
     "dequantized: the whole weight is dequantized on every forward, smaller than bf16 but slower",
@@ -191,9 +206,17 @@ class _Int8Linear(nn.Module):
             nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
         )
         self.compute_dtype = dtype
+        self._cpu_packed: tuple[tuple[int, int, int], cpugemm.PackedWeight] | None = None
 
     weight_int8: torch.Tensor
     weight_scale: torch.Tensor
+
+    def _cpu_weight(self) -> cpugemm.PackedWeight:
+        """The weight in ``cpugemm``'s panels, packed on first use and again if the weight changed."""
+        key = (self.weight_int8.data_ptr(), self.weight_int8._version, self.weight_scale._version)
+        if self._cpu_packed is None or self._cpu_packed[0] != key:
+            self._cpu_packed = (key, cpugemm.pack_int8(self.weight_int8, self.weight_scale))
+        return self._cpu_packed[1]
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> Self:
@@ -216,6 +239,9 @@ class Int8WeightOnlyLinear(_Int8Linear):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)
         path = kernel_path("int8-weight-only", x2.device.type, x2.shape[0], kernel_support())
+        if path == "autoglm":
+            y = cpugemm.linear(x2, self._cpu_weight(), self.bias).to(x2.dtype)
+            return y.reshape(*shape[:-1], self.out_features)
         if path == "packed" and x2.dtype in (torch.bfloat16, torch.float16, torch.float32):
             y = torch._weight_int8pack_mm(x2.contiguous(), self.weight_int8, self.weight_scale.to(x2.dtype))
         else:
@@ -251,6 +277,11 @@ class Int8DynamicLinear(_Int8Linear):
             if x2.device.type == "cuda" and rows < CUDA_INT_MM_MIN_ROWS:
                 xq8 = F.pad(xq8, (0, 0, 0, CUDA_INT_MM_MIN_ROWS - rows))
             acc = torch._int_mm(xq8, self.weight_int8.t())[:rows].float()
+        elif path == "autoglm":  # the weight's scale is applied in the kernel, the rows' here
+            y = cpugemm.linear(xq, self._cpu_weight()) * scale
+            if self.bias is not None:
+                y = y + self.bias.float()
+            return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
         elif path == "packed":
             ones = torch.ones(self.out_features, dtype=torch.bfloat16, device=x2.device)
             acc = torch._weight_int8pack_mm(xq.to(torch.bfloat16), self.weight_int8, ones).float()
@@ -280,6 +311,7 @@ class Int4WeightOnlyLinear(nn.Module):
         self.compute_dtype = dtype
         self._packed: torch.Tensor | None = None
         self._kernel_refused = False
+        self._cpu_packed: tuple[tuple[int, int], cpugemm.PackedWeight] | None = None
 
     weight_int4: torch.Tensor
     scales_and_zeros: torch.Tensor
@@ -349,6 +381,13 @@ class Int4WeightOnlyLinear(nn.Module):
         self._packed = packed
         return packed
 
+    def _cpu_weight(self) -> cpugemm.PackedWeight:
+        key = (self.weight_int4._version, self.scales_and_zeros._version)
+        if self._cpu_packed is None or self._cpu_packed[0] != key:
+            packed = cpugemm.pack_int4(self._unpacked(), self.scales_and_zeros, self.group_size)
+            self._cpu_packed = (key, packed)
+        return self._cpu_packed[1]
+
     def _int4_kernel(self, x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
         sz = self.scales_and_zeros.to(device=x.device, dtype=x.dtype).contiguous()
         if x.device.type == "cpu":
@@ -360,6 +399,9 @@ class Int4WeightOnlyLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)
         path = kernel_path("int4-weight-only", x2.device.type, x2.shape[0], kernel_support())
         packed = self._kernel_weight(x2.device) if path == "packed" and x2.dtype == torch.bfloat16 else None
+        if path == "autoglm":
+            y = cpugemm.linear(x2, self._cpu_weight(), self.bias).to(x2.dtype)
+            return y.reshape(*shape[:-1], self.out_features)
         if packed is not None:
             y = self._int4_kernel(x2, packed)
         else:
@@ -370,8 +412,78 @@ class Int4WeightOnlyLinear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features)
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        self._packed = None
+        self._packed = self._cpu_packed = None
         super()._load_from_state_dict(*args, **kwargs)
+
+
+class HalfWeightLinear(nn.Module):
+    """A linear whose fp16 or bf16 weight is multiplied in fp32, where the CPU has no native half GEMM.
+
+    It holds the very ``weight`` and ``bias`` parameters of the ``nn.Linear`` it replaces (a tied
+    lm_head stays tied, and the state dict keeps its keys) and runs AutoGLM's CPU kernel on them,
+    or, for many rows on AVX-512 CPUs, an fp32 product on the weight converted for that forward.
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self._cpu_packed: tuple[tuple[int, int], cpugemm.PackedWeight] | None = None
+
+    def _cpu_weight(self) -> cpugemm.PackedWeight:
+        key = (self.weight.data_ptr(), self.weight._version)
+        if self._cpu_packed is None or self._cpu_packed[0] != key:
+            self._cpu_packed = (key, cpugemm.pack_half(self.weight))
+        return self._cpu_packed[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        path = kernel_path("int8-weight-only", x2.device.type, x2.shape[0], kernel_support())
+        if path == "autoglm":
+            y = cpugemm.linear(x2, self._cpu_weight(), self.bias)
+        else:
+            bias = None if self.bias is None else self.bias.float()
+            y = F.linear(x2.float(), self.weight.float(), bias)
+        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+
+def run_half_weights_in_fp32(model: nn.Module) -> int:
+    """Run an fp16/bf16 model's linears with fp32 activations where the CPU lacks native half GEMMs.
+
+    Without AVX512-BF16/AMX (or AVX512-FP16), torch emulates half-precision products and every
+    other half op, 3-5x slower than fp32 (measured with torch's AVX2 kernels), so there the weights
+    stay in their stored dtype (no extra memory for the linears) and everything else runs in fp32:
+    each linear becomes a ``HalfWeightLinear``, norms and other small parameters become fp32, and
+    the embedding (which may share its table with the lm_head) keeps its table and returns fp32.
+    Returns the number of linears replaced; 0 (nothing changed) on CPUs where torch is fast or
+    AutoGLM's kernel is unavailable. Call it on a model that will run on the CPU.
+    """
+    if not kernel_support().cpu_autoglm:
+        return 0
+    halves = (torch.float16, torch.bfloat16)
+    swapped = 0
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.Linear and module.weight.dtype in halves:
+            _set_module(model, name, HalfWeightLinear(module))
+            swapped += 1
+    if not swapped:
+        return 0
+    for module in model.modules():
+        if isinstance(module, HalfWeightLinear):
+            continue
+        if isinstance(module, nn.Embedding):
+            if module.weight.dtype in halves:
+                module.register_forward_hook(_cast_output_to(torch.float32))
+            continue
+        for param in module.parameters(recurse=False):
+            if param.dtype in halves:
+                param.data = param.data.float()
+        for key, buffer in module.named_buffers(recurse=False):
+            if buffer.dtype in halves:
+                module._buffers[key] = buffer.float()
+    return swapped
 
 
 class Int8Embedding(nn.Module):

@@ -26,7 +26,12 @@ from autoglm_pipelines.distillation import distill, drop_layers
 from autoglm_pipelines.evaluation import decode_benchmark, perplexity
 from autoglm_pipelines.gates import quality_loss
 from autoglm_pipelines.pruning import prune_2of4, prune_structured_l1
-from autoglm_pipelines.quantization import QuantizationPlan, quantize_model, weight_bytes
+from autoglm_pipelines.quantization import (
+    QuantizationPlan,
+    quantize_model,
+    run_half_weights_in_fp32,
+    weight_bytes,
+)
 
 METHODS = ("int8-weight-only", "int4-weight-only", "smoothquant-w8a8", "int8-dynamic")
 GROUP_SIZES = (32, 64, 128)
@@ -177,6 +182,7 @@ def search(
         config = compression_config(method, group, fallback, sparsity, skip_modules)
         candidate = copy.deepcopy(model)
         apply_config(candidate, config, calibration, smoothing_alpha)
+        run_half_weights_in_fp32(candidate)  # measured as the CPU server runs it
         early_loss = quality_loss("perplexity", early_base, perplexity(candidate, early_ids, window=window))
         if early_loss > 2 * tolerable_loss:  # hopeless: do not spend the full evaluation on it
             record = Trial(

@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, Glm4Config, Glm4ForCausalLM
 
+from autoglm_pipelines import cpugemm
 from autoglm_pipelines.calibration import collect_input_absmax
 from autoglm_pipelines.loading import load_causal_lm
 from autoglm_pipelines.pruning import prune_2of4, prune_structured_l1
@@ -284,6 +285,9 @@ def test_int4_default_group_size_fits_each_layer_and_an_explicit_one_is_honoured
 # runs is decided by a pure function of the kind, the device, the row count and what torch offers.
 VNNI = KernelSupport(cpu_int8_int8=True, cpu_bf16_gemm=True)
 AVX2 = KernelSupport()  # no VNNI, no native bf16: _int_mm is a scalar loop there
+OURS = KernelSupport(cpu_autoglm=True)  # the same, with AutoGLM's AVX2 kernel built
+OURS_AVX512 = KernelSupport(cpu_autoglm=True, cpu_avx512=True)  # AVX-512 without bf16 (Skylake-SP)
+needs_kernel = pytest.mark.skipif(not cpugemm.available(), reason="AutoGLM's CPU kernel did not build here")
 CUDA = KernelSupport(cuda_int8_weight=True, cuda_int4_weight=True, cuda_int8_int8=True)
 
 
@@ -299,6 +303,14 @@ CUDA = KernelSupport(cuda_int8_weight=True, cuda_int4_weight=True, cuda_int8_int
         ("int8-weight-only", "cpu", 256, VNNI, "dequantized"),
         ("int4-weight-only", "cpu", CPU_PACKED_MAX_ROWS, AVX2, "packed"),
         ("int4-weight-only", "cpu", 64, AVX2, "dequantized"),
+        ("int8-weight-only", "cpu", 1, OURS, "autoglm"),
+        ("int8-weight-only", "cpu", 256, OURS, "autoglm"),
+        ("int4-weight-only", "cpu", 4096, OURS, "autoglm"),
+        ("int8-dynamic", "cpu", 256, OURS, "autoglm"),
+        ("int8-dynamic", "cpu", 256, KernelSupport(cpu_int8_int8=True, cpu_autoglm=True), "int8-int8"),
+        ("int8-weight-only", "cpu", CPU_PACKED_MAX_ROWS, OURS_AVX512, "autoglm"),
+        ("int8-weight-only", "cpu", CPU_PACKED_MAX_ROWS + 1, OURS_AVX512, "dequantized"),
+        ("int8-weight-only", "cuda", 1, OURS, "dequantized"),
         ("int8-weight-only", "cuda", 1, CUDA, "packed"),
         ("int4-weight-only", "cuda", 512, CUDA, "packed"),
         ("int8-dynamic", "cuda", 1, CUDA, "int8-int8"),
@@ -338,7 +350,11 @@ def _aten_ops(module: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, s
     return out, seen
 
 
-@pytest.mark.parametrize("support", [VNNI, AVX2], ids=["vnni", "avx2"])
+@pytest.mark.parametrize(
+    "support",
+    [VNNI, AVX2, pytest.param(OURS, marks=needs_kernel)],
+    ids=["vnni", "avx2", "avx2-autoglm"],
+)
 @pytest.mark.parametrize("rows", [1, 16, 17, 256])
 def test_int8_dynamic_is_faithful_on_every_path_and_never_crawls(support: KernelSupport, rows: int) -> None:
     torch.manual_seed(0)
@@ -356,7 +372,11 @@ def test_int8_dynamic_is_faithful_on_every_path_and_never_crawls(support: Kernel
     assert ("_int_mm" in ops) == (support is VNNI)
 
 
-@pytest.mark.parametrize("support", [VNNI, AVX2], ids=["bf16-gemm", "no-bf16-gemm"])
+@pytest.mark.parametrize(
+    "support",
+    [VNNI, AVX2, pytest.param(OURS, marks=needs_kernel)],
+    ids=["bf16-gemm", "no-bf16-gemm", "avx2-autoglm"],
+)
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 @pytest.mark.parametrize("rows", [1, 16, 17, 256])
 def test_weight_only_paths_agree_with_the_dequantized_weight(
@@ -375,4 +395,6 @@ def test_weight_only_paths_agree_with_the_dequantized_weight(
     assert out.dtype == torch.bfloat16
     assert torch.allclose(out.float(), reference, rtol=0.02, atol=0.1)
     packed = {"_weight_int8pack_mm", "_weight_int4pack_mm_for_cpu"} & ops
-    assert bool(packed) == (rows <= CPU_PACKED_MAX_ROWS)
+    assert bool(packed) == (rows <= CPU_PACKED_MAX_ROWS and support is not OURS)
+    if support is OURS:  # AutoGLM's kernel: no torch product at all
+        assert not {"mm", "addmm", "linear", "_weight_int8pack_mm"} & ops
