@@ -35,7 +35,7 @@ from autoglm_pipelines.quantization import (
     kernel_support,
     kernel_support_as,
     quantize_model,
-    run_half_weights_in_fp32,
+    run_activations_in_fp32,
 )
 from autoglm_pipelines.search import compression_config, search
 from autoglm_pipelines.steps import SEARCH_CALIBRATION_WINDOWS, SEARCH_MAX_TOKENS, SMOOTHING_ALPHA
@@ -149,7 +149,7 @@ def main() -> None:
             quantize_model(
                 model, method, group_size=group, activation_absmax=absmax, smoothing_alpha=SMOOTHING_ALPHA
             )
-            run_half_weights_in_fp32(model)  # as load_model_folder runs it on this CPU
+            run_activations_in_fp32(model)  # as validate and autoglm serve run it on this CPU
             results.append((label, *run(model)))
             del model
     rows = [(label, m) for label, m, _ in results]

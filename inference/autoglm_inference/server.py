@@ -61,7 +61,7 @@ from autoglm_inference.service import (
     UnavailableError,
 )
 from autoglm_inference.telemetry import Labels, telemetry
-from autoglm_pipelines.quantization import dequantized_kinds, quantized_kinds, run_half_weights_in_fp32
+from autoglm_pipelines.quantization import dequantized_kinds, quantized_kinds, run_activations_in_fp32
 
 log = logging.getLogger(__name__)
 SHA256 = re.compile(r"[0-9a-fA-F]{64}")
@@ -172,9 +172,9 @@ class Registry:
         device = self.device
 
         def make(loaded: LoadedArtifact) -> Engine:
-            if device.type == "cpu" and (swapped := run_half_weights_in_fp32(loaded.model)):
+            if device.type == "cpu" and (swapped := run_activations_in_fp32(loaded.model)):
                 log.info(
-                    "%s: %d fp16/bf16 linears run in fp32 on AutoGLM's CPU kernel (no native half GEMM here)",
+                    "%s: %d modules run with fp32 activations on AutoGLM's CPU kernel (no native half GEMM here)",
                     loaded.artifact.uri,
                     swapped,
                 )

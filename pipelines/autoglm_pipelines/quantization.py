@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,6 +28,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from safetensors.torch import load_model, save_model
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from autoglm_pipelines import cpugemm
 
@@ -92,7 +95,7 @@ def kernel_support() -> KernelSupport:
                 and torch.cpu._is_vnni_supported()
             ),
             cpu_bf16_gemm=bf16,
-            cpu_autoglm=not bf16 and cpugemm.available(),
+            cpu_autoglm=_autoglm_kernel_chosen(bf16),
             cpu_avx512=cpu.get_cpu_capability().startswith("AVX512"),
             cuda_int8_weight=_has_kernel("_weight_int8pack_mm", "CUDA"),
             cuda_int4_weight=_has_kernel("_weight_int4pack_mm", "CUDA")
@@ -103,6 +106,18 @@ def kernel_support() -> KernelSupport:
 
 
 _SUPPORT: KernelSupport | None = None
+#: ``AUTOGLM_CPU_KERNEL``: ``auto`` (default: AutoGLM's kernel on CPUs without native bf16), ``on``
+#: (wherever it builds, e.g. to run an AVX2 CPU's choices on a newer one), ``off`` (torch's kernels).
+CPU_KERNEL_SETTINGS = ("auto", "on", "off")
+
+
+def _autoglm_kernel_chosen(native_bf16: bool) -> bool:
+    setting = os.environ.get("AUTOGLM_CPU_KERNEL", "auto").strip().lower() or "auto"
+    if setting not in CPU_KERNEL_SETTINGS:
+        raise ValueError(f"AUTOGLM_CPU_KERNEL={setting!r}: use one of {', '.join(CPU_KERNEL_SETTINGS)}")
+    if setting == "off" or (setting == "auto" and native_bf16):
+        return False
+    return cpugemm.available()
 
 
 def _has_kernel(op: str, dispatch_key: str) -> bool:
@@ -449,28 +464,38 @@ class HalfWeightLinear(nn.Module):
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
 
-def run_half_weights_in_fp32(model: nn.Module) -> int:
-    """Run an fp16/bf16 model's linears with fp32 activations where the CPU lacks native half GEMMs.
+def run_activations_in_fp32(model: nn.Module) -> int:
+    """Run a half-precision or bf16-activation model with fp32 activations where the CPU lacks native
+    half GEMMs; returns how many modules changed (0: nothing changed).
 
-    Without AVX512-BF16/AMX (or AVX512-FP16), torch emulates half-precision products and every
-    other half op, 3-5x slower than fp32 (measured with torch's AVX2 kernels), so there the weights
-    stay in their stored dtype (no extra memory for the linears) and everything else runs in fp32:
-    each linear becomes a ``HalfWeightLinear``, norms and other small parameters become fp32, and
-    the embedding (which may share its table with the lm_head) keeps its table and returns fp32.
-    Returns the number of linears replaced; 0 (nothing changed) on CPUs where torch is fast or
-    AutoGLM's kernel is unavailable. Call it on a model that will run on the CPU.
+    Without AVX512-BF16/AMX, torch emulates half-precision products and every other half op (fp16
+    and bf16 ``F.linear`` measured 3-5x slower than fp32 with torch's AVX2 kernels, and attention in
+    bf16 slower too), so there the stored weights keep their dtype and everything else runs in fp32:
+    fp16/bf16 linears become ``HalfWeightLinear`` (their very parameters, so ties and state-dict keys
+    stay), quantized linears compute in fp32 on AutoGLM's kernel, norms and other small parameters
+    become fp32, and a half embedding (whose table a tied lm_head shares) returns fp32. Nothing
+    changes on CPUs where torch is fast or where AutoGLM's kernel did not build. Call it on a model
+    that will run on the CPU; the validate step and ``autoglm serve`` on a CPU both do.
     """
     if not kernel_support().cpu_autoglm:
         return 0
     halves = (torch.float16, torch.bfloat16)
-    swapped = 0
+    changed = 0
     for name, module in list(model.named_modules()):
         if type(module) is nn.Linear and module.weight.dtype in halves:
             _set_module(model, name, HalfWeightLinear(module))
-            swapped += 1
-    if not swapped:
+            changed += 1
+        elif (
+            isinstance(module, (_Int8Linear, Int4WeightOnlyLinear, Int8Embedding))
+            and module.compute_dtype in halves
+        ):
+            module.compute_dtype = torch.float32
+            changed += 1
+    if not changed:
         return 0
     for module in model.modules():
+        for handle in _CAST_HOOKS.pop(module, ()):
+            handle.remove()  # the casts to bf16 around modules kept in float: all is fp32 now
         if isinstance(module, HalfWeightLinear):
             continue
         if isinstance(module, nn.Embedding):
@@ -483,7 +508,7 @@ def run_half_weights_in_fp32(model: nn.Module) -> int:
         for key, buffer in module.named_buffers(recurse=False):
             if buffer.dtype in halves:
                 module._buffers[key] = buffer.float()
-    return swapped
+    return changed
 
 
 class Int8Embedding(nn.Module):
@@ -718,8 +743,14 @@ def _to_compute_dtype(model: nn.Module, compute: torch.dtype, keep: list[str]) -
             continue
         module = model.get_submodule(name)
         module.to(dtype)
-        module.register_forward_pre_hook(_cast_inputs_to(dtype))
-        module.register_forward_hook(_cast_output_to(compute))
+        _CAST_HOOKS[module] = (  # removed by run_activations_in_fp32
+            module.register_forward_pre_hook(_cast_inputs_to(dtype)),
+            module.register_forward_hook(_cast_output_to(compute)),
+        )
+
+
+#: The dtype casts ``_to_compute_dtype`` put around modules kept in float, by module.
+_CAST_HOOKS: weakref.WeakKeyDictionary[nn.Module, tuple[RemovableHandle, ...]] = weakref.WeakKeyDictionary()
 
 
 def _own_float_dtype(module: nn.Module) -> torch.dtype | None:

@@ -29,7 +29,7 @@ from autoglm_pipelines.pruning import prune_2of4, prune_structured_l1
 from autoglm_pipelines.quantization import (
     QuantizationPlan,
     quantize_model,
-    run_half_weights_in_fp32,
+    run_activations_in_fp32,
     weight_bytes,
 )
 
@@ -182,7 +182,7 @@ def search(
         config = compression_config(method, group, fallback, sparsity, skip_modules)
         candidate = copy.deepcopy(model)
         apply_config(candidate, config, calibration, smoothing_alpha)
-        run_half_weights_in_fp32(candidate)  # measured as the CPU server runs it
+        run_activations_in_fp32(candidate)  # measured as the CPU server runs it
         early_loss = quality_loss("perplexity", early_base, perplexity(candidate, early_ids, window=window))
         if early_loss > 2 * tolerable_loss:  # hopeless: do not spend the full evaluation on it
             record = Trial(

@@ -32,7 +32,7 @@ from autoglm_pipelines.quantization import (
     EXECUTION_NOTE,
     QUANTIZATION_FILE,
     QuantizationPlan,
-    run_half_weights_in_fp32,
+    run_activations_in_fp32,
     weight_bytes,
 )
 from autoglm_pipelines.results import StepResult, canonical_digest, hash_tree, read_result, write_result
@@ -194,7 +194,7 @@ def validate(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
     spec = model.spec.validation
     baseline, tokenizer, _ = load_model_folder(ctx.folder("fetch") / MODEL_DIR)
     candidate, _, _ = load_model_folder(ctx.folder("compress") / MODEL_DIR)
-    run_half_weights_in_fp32(candidate)  # measured as a CPU server runs it (autoglm serve does the same)
+    run_activations_in_fp32(candidate)  # measured as a CPU server runs it (autoglm serve does the same)
     if spec.metric != "perplexity":
         raise StepFailedError(f"validation metric {spec.metric} is not implemented yet; use perplexity")
     ids = tokenize(

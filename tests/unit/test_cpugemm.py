@@ -19,7 +19,7 @@ from autoglm_pipelines.quantization import (
     kernel_support_as,
     quantize_int4_groupwise,
     quantize_int8_per_row,
-    run_half_weights_in_fp32,
+    run_activations_in_fp32,
 )
 from tests.support.tiny_models import tiny_glm
 
@@ -146,7 +146,7 @@ def test_half_weights_run_in_fp32_keep_their_storage_and_ties(
     with torch.no_grad():
         want = reference.float()(input_ids=ids).logits
     with kernel_support_as(AVX2):
-        swapped = run_half_weights_in_fp32(model)
+        swapped = run_activations_in_fp32(model)
         with torch.no_grad():
             got = model(input_ids=ids).logits
     linears = [m for m in model.modules() if isinstance(m, HalfWeightLinear)]
@@ -163,5 +163,71 @@ def test_half_weights_are_left_alone_where_torch_is_fast(tmp_path: Path) -> None
 
     model = AutoModelForCausalLM.from_pretrained(tiny_glm(tmp_path / "glm"), dtype=torch.bfloat16)
     with kernel_support_as(KernelSupport(cpu_bf16_gemm=True)):
-        assert run_half_weights_in_fp32(model) == 0
+        assert run_activations_in_fp32(model) == 0
     assert not any(isinstance(m, HalfWeightLinear) for m in model.modules())
+
+
+@needs_kernel
+@pytest.mark.parametrize("method", ["int8-weight-only", "int4-weight-only", "smoothquant-w8a8"])
+def test_quantized_models_run_with_fp32_activations_on_the_stored_weights(
+    tmp_path: Path, method: str
+) -> None:
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from autoglm_pipelines.calibration import collect_input_absmax
+    from autoglm_pipelines.quantization import (
+        Int4WeightOnlyLinear,
+        Int8DynamicLinear,
+        Int8Embedding,
+        Int8WeightOnlyLinear,
+        quantize_model,
+    )
+
+    source = _tie(
+        AutoModelForCausalLM.from_pretrained(tiny_glm(tmp_path / "glm"), dtype=torch.float32).eval()
+    )
+    ids = torch.tensor([[3, 14, 15, 92, 6, 5, 35, 8, 97, 9, 31, 41]])
+    model = copy.deepcopy(source)
+    absmax = collect_input_absmax(model, [ids[0]])[0] if method == "smoothquant-w8a8" else None
+    quantize_model(model, method, group_size=32, activation_absmax=absmax)
+    # The oracle: plain transformers in fp32 with each weight replaced by its dequantized value.
+    oracle = copy.deepcopy(source)
+    for name, module in model.named_modules():
+        if isinstance(module, (Int8WeightOnlyLinear, Int4WeightOnlyLinear)):
+            oracle.get_submodule(name).weight.data = module.dequantized()
+        elif isinstance(module, Int8Embedding):
+            oracle.get_submodule(name).weight.data = module.weight_int8.float() * module.weight_scale[:, None]
+    with kernel_support_as(AVX2):
+        changed = run_activations_in_fp32(model)
+        with torch.no_grad():
+            got = model(input_ids=ids).logits
+    assert (changed > 0) == (method != "smoothquant-w8a8")  # W8A8 runs fp32 activations already
+    assert not [n for n, t in model.state_dict().items() if t.dtype in (torch.bfloat16, torch.float16)]
+    assert got.dtype == torch.float32
+    if method == "smoothquant-w8a8":  # activations are quantized per token: compare with float loosely
+        assert any(isinstance(m, Int8DynamicLinear) for m in model.modules())
+        with torch.no_grad():
+            want = source(input_ids=ids).logits
+        assert float((got - want).norm() / want.norm()) < 0.05
+        return
+    with torch.no_grad():
+        want = oracle(input_ids=ids).logits
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("setting", "native_bf16"), [("off", False), ("auto", True), ("on", True), ("bogus", False)]
+)
+def test_the_kernel_setting_chooses_where_autoglm_kernel_runs(
+    monkeypatch: pytest.MonkeyPatch, setting: str, native_bf16: bool
+) -> None:
+    from autoglm_pipelines.quantization import _autoglm_kernel_chosen
+
+    monkeypatch.setenv("AUTOGLM_CPU_KERNEL", setting)
+    if setting == "bogus":
+        with pytest.raises(ValueError, match="AUTOGLM_CPU_KERNEL='bogus': use one of auto, on, off"):
+            _autoglm_kernel_chosen(native_bf16)
+        return
+    assert _autoglm_kernel_chosen(native_bf16) == (setting == "on" and cpugemm.available())
