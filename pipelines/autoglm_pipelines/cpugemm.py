@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "gemm.c"
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c11")
-ABI_VERSION = 1
+ABI_VERSION = 2
 #: Panel width: the packed layouts group output channels by this many.
 PANEL = 16
 #: From this many rows on, the kernel converts each block of panels once into a buffer and reuses it
@@ -117,6 +117,11 @@ def library() -> ctypes.CDLL | None:
                     ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                     ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                     ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_int,
+                ]  # fmt: skip
+                lib.agm_quantize_rows.restype = None
+                lib.agm_quantize_rows.argtypes = [
+                    ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p,
+                    ctypes.c_void_p, ctypes.c_int,
                 ]  # fmt: skip
                 _library = lib
             except (OSError, subprocess.SubprocessError) as exc:
@@ -240,3 +245,20 @@ def linear(
     if status != 0:
         raise MemoryError("AutoGLM's CPU kernel could not allocate its conversion buffer")
     return y
+
+
+def quantize_rows(x: torch.Tensor, *, threads: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric int8 of fp32 ``x`` ``[rows, K]``, in one pass: the integers (as fp32) and
+    the ``[rows, 1]`` scales, equal to ``Int8DynamicLinear``'s torch expression bit for bit."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"AutoGLM's CPU kernels are not available: {_why_not}")
+    x = x.float().contiguous()
+    rows, k = x.shape
+    xq = torch.empty(rows, k, dtype=torch.float32)
+    scale = torch.empty(rows, 1, dtype=torch.float32)
+    if rows:
+        lib.agm_quantize_rows(
+            rows, k, x.data_ptr(), k, xq.data_ptr(), scale.data_ptr(), threads or torch.get_num_threads()
+        )
+    return xq, scale

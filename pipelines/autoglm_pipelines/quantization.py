@@ -283,20 +283,21 @@ class Int8DynamicLinear(_Int8Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).float()
-        scale = x2.abs().amax(dim=-1, keepdim=True).clamp(min=1e-8) / 127.0
-        xq = torch.round(x2 / scale).clamp(-127, 127)
         rows = x2.shape[0]
         path = kernel_path("int8-dynamic", x2.device.type, rows, kernel_support())
+        if path == "autoglm":  # the rows quantized in one pass, the weight's scale applied in the kernel
+            xq, scale = cpugemm.quantize_rows(x2)
+            y = cpugemm.linear(xq, self._cpu_weight()) * scale
+            if self.bias is not None:
+                y = y + self.bias.float()
+            return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        scale = x2.abs().amax(dim=-1, keepdim=True).clamp(min=1e-8) / 127.0
+        xq = torch.round(x2 / scale).clamp(-127, 127)
         if path == "int8-int8":
             xq8 = xq.to(torch.int8)
             if x2.device.type == "cuda" and rows < CUDA_INT_MM_MIN_ROWS:
                 xq8 = F.pad(xq8, (0, 0, 0, CUDA_INT_MM_MIN_ROWS - rows))
             acc = torch._int_mm(xq8, self.weight_int8.t())[:rows].float()
-        elif path == "autoglm":  # the weight's scale is applied in the kernel, the rows' here
-            y = cpugemm.linear(xq, self._cpu_weight()) * scale
-            if self.bias is not None:
-                y = y + self.bias.float()
-            return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
         elif path == "packed":
             ones = torch.ones(self.out_features, dtype=torch.bfloat16, device=x2.device)
             acc = torch._weight_int8pack_mm(xq.to(torch.bfloat16), self.weight_int8, ones).float()

@@ -57,6 +57,8 @@ def tiny_glm(
     )
     torch.manual_seed(seed)
     model = GlmForCausalLM(config).eval()
+    if tie:  # tied for certain: in one clean-clone run the saved checkpoint held two different tables
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     return folder

@@ -231,3 +231,16 @@ def test_the_kernel_setting_chooses_where_autoglm_kernel_runs(
             _autoglm_kernel_chosen(native_bf16)
         return
     assert _autoglm_kernel_chosen(native_bf16) == (setting == "on" and cpugemm.available())
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 7, 300])
+def test_rows_are_quantized_as_int8_dynamic_quantizes_them_bit_for_bit(rows: int) -> None:
+    torch.manual_seed(rows)
+    x = torch.randn(rows, 96) * torch.logspace(-3, 2, 96)  # outlier channels, as SmoothQuant sees
+    x[0, :] = 0.0  # an all-zero row: the scale floor
+    x[-1, 5] = 0.5 * x[-1].abs().max() / 127 * 255  # lands exactly on half a step: ties round to even
+    xq, scale = cpugemm.quantize_rows(x)
+    want_scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-8) / 127.0
+    assert torch.equal(scale, want_scale)
+    assert torch.equal(xq, torch.round(x / want_scale).clamp(-127, 127))

@@ -12,6 +12,7 @@
  * torch has loaded already, libgomp.so.1).
  */
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -194,7 +195,27 @@ static void epilogue(int fmt, int mr, int n0, int N, const float *scale, const f
  * of x run over it. */
 #define KC 256
 
-int agm_abi_version(void) { return 1; }
+int agm_abi_version(void) { return 2; }
+
+/* Per-row symmetric int8 quantization of x[M,K], in one pass over each row: scale[m] =
+ * max(max|x[m]|, 1e-8) / 127 and xq[m, k] = clamp(round_half_even(x[m, k] / scale[m]), -127, 127),
+ * the integers stored as fp32. The same IEEE operations as Int8DynamicLinear's torch expression. */
+void agm_quantize_rows(int M, int K, const float *x, long ldx, float *xq, float *scale, int threads) {
+    if (threads < 1) threads = 1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int m = 0; m < M; m++) {
+        const float *row = x + m * ldx;
+        float *out = xq + (long)m * K;
+        float amax = 0.0f;
+        for (int k = 0; k < K; k++) amax = fmaxf(amax, fabsf(row[k]));
+        const float s = fmaxf(amax, 1e-8f) / 127.0f;
+        for (int k = 0; k < K; k++) {
+            float q = nearbyintf(row[k] / s);
+            out[k] = q > 127.0f ? 127.0f : (q < -127.0f ? -127.0f : q);
+        }
+        scale[m] = s;
+    }
+}
 
 /* y[M,N] = x[M,K] . W^T. fmt: FMT_*. w: panels; scale: int8 [Np] per channel, int4 [P][G][16]
  * scales; shift: int4 [P][G][16] (zero - 8 * scale); bias: [N] or NULL. buffered_rows: from this
