@@ -59,12 +59,7 @@ CPU_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_b
 
 def cpu_flags() -> str:
     """The CPU's vector flags that decide which kernels are fast, and torch's view of them."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        text = ""
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    present = [f for f in CPU_FLAGS if f in line.split()]
+    present = [f for f in CPU_FLAGS if f in cpugemm.cpu_flags()]
     return f"{' '.join(present) or 'unknown'} (torch capability {torch.backends.cpu.get_cpu_capability()})"
 
 

@@ -20,6 +20,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from autoglm_pipelines.loading import TRANSFORMERS_LOCK
 from autoglm_pipelines.quantization import (
     CAST_METHODS,
     QUANTIZATION_FILE,
@@ -75,13 +76,15 @@ def load_model_folder(
     plan = QuantizationPlan.from_json(json.loads(plan_file.read_text())) if plan_file.is_file() else None
     if plan is not None and plan.method not in CAST_METHODS:
         config = AutoConfig.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # type: ignore[no-untyped-call]
+        with TRANSFORMERS_LOCK:
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # type: ignore[no-untyped-call]
         try:
             load_quantized_weights(model, folder)
         except (OSError, ValueError, RuntimeError) as exc:
             raise SourceError(f"{folder}: cannot load the quantized weights: {exc}") from exc
     else:
         dtype = getattr(torch, plan.dtype) if plan is not None else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True)
+        with TRANSFORMERS_LOCK:
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True)
     model.eval()
     return model, tokenizer, plan

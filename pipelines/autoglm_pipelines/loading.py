@@ -11,6 +11,7 @@ import inspect
 import json
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +24,12 @@ from transformers.cache_utils import Cache
 from autoglm_pipelines.uris import SourceError, sha256_file
 
 Format = Literal["huggingface", "gguf", "safetensors"]
+#: Held around every model transformers builds or loads in this process. ``from_pretrained``
+#: replaces ``PreTrainedModel.tie_weights`` with a no-op on the class while it loads
+#: (``transformers.initialization.no_tie_weights``, 5.23 and 5.24), so a model built or loaded by
+#: another thread meanwhile keeps an untied lm_head on the meta device: 80 of 80 loads of a tied
+#: model in two threads at once came out so (two model names loading in one server, say).
+TRANSFORMERS_LOCK = threading.RLock()
 
 
 @dataclass
@@ -81,7 +88,8 @@ def load_causal_lm(
     if not (folder / "config.json").is_file():
         raise SourceError(f"{folder}: no config.json: not a Hugging Face model folder")
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True)
+        with TRANSFORMERS_LOCK:
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as exc:
         raise SourceError(f"{folder}: cannot load the model: {exc}") from exc
@@ -99,7 +107,10 @@ def gguf_as_safetensors(path: Path, *, cache_dir: Path) -> Path:
     if marker.is_file():
         return folder
     try:
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        with TRANSFORMERS_LOCK:
+            model = AutoModelForCausalLM.from_pretrained(
+                path.parent, gguf_file=path.name, dtype=torch.float32
+            )
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise SourceError(f"{path}: not a GGUF model transformers can read: {exc}") from exc
@@ -113,7 +124,8 @@ def gguf_as_safetensors(path: Path, *, cache_dir: Path) -> Path:
         config = model.config
         if hasattr(config, "quantization_config"):
             del config.quantization_config
-        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # type: ignore[no-untyped-call]
+        with TRANSFORMERS_LOCK:
+            plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # type: ignore[no-untyped-call]
         plain.load_state_dict(model.state_dict(), strict=True)
         plain.save_pretrained(partial, safe_serialization=True)
         tokenizer.save_pretrained(partial)

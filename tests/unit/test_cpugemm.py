@@ -244,3 +244,25 @@ def test_rows_are_quantized_as_int8_dynamic_quantizes_them_bit_for_bit(rows: int
     want_scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-8) / 127.0
     assert torch.equal(scale, want_scale)
     assert torch.equal(xq, torch.round(x / want_scale).clamp(-127, 127))
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_the_packed_weight_follows_a_reload(kind: str) -> None:
+    from autoglm_pipelines.quantization import Int4WeightOnlyLinear, Int8WeightOnlyLinear
+
+    def make(seed: int) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        w = torch.randn(48, 64)
+        if kind == "int8":
+            return Int8WeightOnlyLinear.from_float(w, None, torch.float32)
+        return Int4WeightOnlyLinear.from_float(w, None, torch.float32, 32)
+
+    module, other = make(0), make(1)
+    x = torch.randn(20, 64)
+    with kernel_support_as(AVX2), torch.no_grad():
+        first = module(x)
+        module.load_state_dict(other.state_dict())  # in place: the packed copy must not go stale
+        second = module(x)
+    assert torch.allclose(first, F.linear(x, make(0).dequantized()), rtol=1e-5, atol=1e-4)
+    assert torch.allclose(second, F.linear(x, other.dequantized()), rtol=1e-5, atol=1e-4)

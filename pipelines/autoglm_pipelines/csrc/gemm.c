@@ -6,10 +6,10 @@
  * is faster than its fp32 GEMM on CPUs without AVX512-VNNI/BF16 (see cpugemm.py).
  *
  * Few rows: each 16-column panel is converted to fp32 in registers and multiplied by up to six rows
- * at a time (weight bytes dominate: fewer bytes, faster). Many rows: a block of panels is converted
- * once into a buffer that stays in cache, and every six rows of x run over it (compute dominates:
- * the conversion is amortised over the rows). Threads split the panels (OpenMP: the one runtime
- * torch has loaded already, libgomp.so.1).
+ * at a time (weight bytes dominate: fewer bytes, faster). Many rows: x is packed six rows at a time,
+ * each panel is converted once into a buffer, and every six rows run over 256 inputs of it at a time
+ * while that slice stays in L1 (compute dominates: the conversion is amortised over the rows).
+ * Threads split the panels (OpenMP: the one runtime torch has loaded already, libgomp.so.1).
  */
 #include <immintrin.h>
 #include <math.h>
@@ -84,9 +84,9 @@ INLINE void load_w(const int fmt, const uint8_t *p, __m256 *lo, __m256 *hi) {
 INLINE void tile(const int fmt, const int mr, int k0, int k1, int group, const float *x, long ldx,
                  const uint8_t *wp, const float *sp, const float *bp, float *out, int accumulate) {
     const long rb = row_bytes(fmt);
-    /* fp32 panels are the buffered path, whose rows of x come packed: [k][MR] */
+    /* fp32 panels come only from the buffered path, whose x is packed [k][MR] (the caller passes
+     * ldx = 1): x[i, k] is at i * ldx + k * kstride either way */
     const long kstride = fmt == FMT_F32 ? MR : 1;
-    if (fmt == FMT_F32) ldx = 1;
     ROWS(DECLARE)
     if (accumulate) {
         ROWS(LOAD_C)
@@ -154,8 +154,7 @@ static void unpack_panel(int fmt, int K, int group, const uint8_t *wp, const flo
             break;
         }
         case FMT_F16: load_w(FMT_F16, wp + k * rb, &lo, &hi); break;
-        case FMT_BF16: load_w(FMT_BF16, wp + k * rb, &lo, &hi); break;
-        default: load_w(FMT_F32, wp + k * rb, &lo, &hi); break;
+        default: load_w(FMT_BF16, wp + k * rb, &lo, &hi); break;
         }
         _mm256_store_ps(buf + k * NR, lo);
         _mm256_store_ps(buf + k * NR + 8, hi);
