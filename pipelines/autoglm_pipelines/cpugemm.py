@@ -93,10 +93,11 @@ def _build(target: Path, compiler: str) -> None:
 def library() -> ctypes.CDLL | None:
     """The compiled kernel library, built on first use; None (and ``why_unavailable``) where it cannot be."""
     global _library, _tried, _why_not
+    if _tried:  # every product asks: no lock once decided
+        return _library
     with _lock:
         if _tried:
             return _library
-        _tried = True
         missing = [f for f in REQUIRED_FLAGS if f not in cpu_flags()]
         compiler = _compiler()
         if missing:
@@ -128,6 +129,7 @@ def library() -> ctypes.CDLL | None:
                 _why_not = f"the kernel did not build or load: {exc}"
         if _library is None:
             log.warning("AutoGLM's CPU kernels are not available (%s): torch's kernels are used", _why_not)
+        _tried = True  # last: the lock-free check above must not see a decision half made
         return _library
 
 
