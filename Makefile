@@ -87,7 +87,8 @@ test-e2e: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy -p autoglm_api -p autoglm_operator -p autoglm_pipelines -p autoglm_inference -p autoglm_feedback
+	$(BIN)/lint-imports --no-cache --no-logo
+	$(BIN)/mypy -p autoglm_api -p autoglm_core -p autoglm_modeling -p autoglm_operator -p autoglm_pipelines -p autoglm_inference -p autoglm_feedback
 
 crds: $(STAMP)
 	$(BIN)/autoglm crds -o crds/autoglm.io_autoglmmodels.yaml -o charts/autoglm/crds/autoglm.io_autoglmmodels.yaml

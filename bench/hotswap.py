@@ -25,6 +25,7 @@ import httpx
 import psutil
 from serving_common import Load, closed_loop, int8_artifact, one_request, percentile, prompts
 
+from autoglm_core.paths import DEFAULT_CACHE_DIR
 from autoglm_inference.process import ServerProcess
 
 CLIENTS = 8
@@ -84,7 +85,7 @@ def main() -> None:
     parser.add_argument("--steady", type=float, default=20)
     parser.add_argument("--overload", type=float, default=30)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--cache-dir", type=Path, default=Path(".cache/autoglm"))
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
     args = parser.parse_args()
 
     a, sha_a = int8_artifact(args.cache_dir, "bench-a")

@@ -18,14 +18,14 @@ from pathlib import Path
 
 from sqlalchemy import create_engine
 
-from autoglm_operator.audit.ledger import (
+from autoglm_core.audit.ledger import (
     SQLITE_JOURNAL_MODE,
     SQLITE_SYNCHRONOUS,
     Ledger,
     audit_records,
     metadata,
 )
-from autoglm_operator.audit.records import GATE_PASSED, AuditRecord, record_to_row
+from autoglm_core.audit.records import GATE_PASSED, AuditRecord, record_to_row
 
 TARGET_RATIO = 0.5
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from serving_common import closed_loop, int8_artifact, percentile, prompts
 
+from autoglm_core.paths import DEFAULT_CACHE_DIR
 from autoglm_inference.process import ServerProcess
 
 TARGET_SPEEDUP = 3.0
@@ -31,7 +32,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2, help="requests per client")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--cache-dir", type=Path, default=Path(".cache/autoglm"))
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
     args = parser.parse_args()
 
     artifact, _ = int8_artifact(args.cache_dir, "bench-a")

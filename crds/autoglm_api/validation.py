@@ -208,6 +208,31 @@ def validate_text(text: str) -> list[DocumentResult]:
     return [validate_document(doc, i) for i, doc in enumerate(load_documents(text))]
 
 
+class ManifestError(ValueError):
+    """A manifest that cannot be read, or is not exactly one valid AutoGLMModel; the message is one
+    line naming the file and what is wrong."""
+
+
+def load_manifest(source: str) -> AutoGLMModel:
+    """The one AutoGLMModel in file ``source`` (``-`` for stdin), validated as the API server would.
+
+    Raises ManifestError when it cannot be read, holds no or several AutoGLMModels, or is invalid.
+    """
+    label = "<stdin>" if source == "-" else source
+    try:
+        results = validate_text(read_source(source))
+    except UnreadableManifestError as exc:
+        raise ManifestError(f"{label}: {exc}") from exc
+    models = [r for r in results if not r.skipped]
+    if len(models) != 1:
+        raise ManifestError(f"{label}: expected one AutoGLMModel document, found {len(models)}")
+    (result,) = models
+    if result.problems or result.model is None:
+        problems = "; ".join(str(p) for p in result.problems) or "not an AutoGLMModel"
+        raise ManifestError(f"{label}: invalid AutoGLMModel: {problems}")
+    return result.model
+
+
 def problems_from_error(exc: ValidationError) -> list[Problem]:
     """Turn pydantic's errors into field-path problems, one per failed check."""
     problems: list[Problem] = []

@@ -26,10 +26,11 @@ from urllib.parse import urlparse
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from autoglm_inference.artifact import ArtifactError
-from autoglm_pipelines.uris import DEFAULT_PVC_ROOT, PVC_ROOT_ENV, SourceError, resolve
+from autoglm_core.card import ArtifactError
+from autoglm_core.uris import DEFAULT_PVC_ROOT, PVC_ROOT_ENV, SourceError, resolve
+from autoglm_inference.options import ADMIN_TOKEN_ENV
 
-ADMIN_TOKEN_ENV = "AUTOGLM_ADMIN_TOKEN"
+__all__ = ["ADMIN_TOKEN_ENV", "AccessDeniedError", "AdminGuard", "ModelPolicy", "admin_token", "authorize"]
 REPOSITORY_PREFIX = "/v2/repository"
 REMOTE_SCHEMES = ("http", "https", "s3", "gs")
 

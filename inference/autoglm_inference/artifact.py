@@ -9,37 +9,17 @@ Nothing here unpickles: weights are safetensors only.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from autoglm_pipelines.artifacts import MODEL_CARD, load_model_folder
-from autoglm_pipelines.loading import gguf_as_safetensors
-from autoglm_pipelines.results import hash_tree
-from autoglm_pipelines.uris import SourceError, resolve
+from autoglm_core.card import Artifact, ArtifactError, verify
+from autoglm_core.uris import SourceError, resolve
+from autoglm_modeling.folders import load_model_folder
+from autoglm_modeling.loading import gguf_as_safetensors
 
-REVISION_LENGTH = 12
-
-
-class ArtifactError(Exception):
-    """An artifact that cannot be served; ``status`` 409 for a digest mismatch, 422 when unusable."""
-
-    def __init__(self, message: str, *, status: int = 422) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-@dataclass(frozen=True)
-class Artifact:
-    uri: str
-    folder: Path
-    digest: str
-    revision: str
-    card: dict[str, Any] | None
+__all__ = ["Artifact", "ArtifactError", "LoadedArtifact", "load", "locate", "verify"]
 
 
 @dataclass
@@ -62,49 +42,6 @@ def locate(uri: str, *, cache_dir: Path) -> Path:
     if not folder.is_dir():
         raise ArtifactError(f"{uri}: not a model folder (expected config.json, tokenizer and safetensors)")
     return folder
-
-
-def verify(uri: str, folder: Path, expected_sha256: str | None = None) -> Artifact:
-    """Check the folder against its model card (and the card against ``expected_sha256``)."""
-    card_file = folder / MODEL_CARD
-    card: dict[str, Any] | None = None
-    if card_file.is_file():
-        raw = card_file.read_bytes()
-        digest = hashlib.sha256(raw).hexdigest()
-        if expected_sha256 and expected_sha256.lower() != digest:
-            raise ArtifactError(
-                f"{uri}: sha256 {digest} of {MODEL_CARD} does not match the requested {expected_sha256}",
-                status=409,
-            )
-        try:
-            card = json.loads(raw)
-            files = dict(card["files"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ArtifactError(f"{uri}: {MODEL_CARD} is not a valid model card: {exc}") from exc
-        actual = hash_tree(folder)
-        unlisted = sorted(set(actual) - set(files) - {MODEL_CARD})
-        if unlisted:  # it would be loaded (a chat template, a generation config) without being pinned
-            raise ArtifactError(
-                f"{uri}: {', '.join(unlisted)} not listed in {MODEL_CARD}; refusing unverified files"
-            )
-        for name, sha in sorted(files.items()):
-            if name == MODEL_CARD:
-                continue  # a card cannot hash itself
-            if name not in actual:
-                raise ArtifactError(f"{uri}: {name} is listed in {MODEL_CARD} but missing")
-            if actual[name] != sha:
-                raise ArtifactError(f"{uri}: {name} has sha256 {actual[name]}, the model card says {sha}")
-        revision = str(card.get("revision") or digest[:REVISION_LENGTH])
-    else:
-        tree = json.dumps(hash_tree(folder), sort_keys=True).encode()
-        digest = hashlib.sha256(tree).hexdigest()
-        if expected_sha256 and expected_sha256.lower() != digest:
-            raise ArtifactError(
-                f"{uri}: no {MODEL_CARD}; the digest of its files is {digest}, not the requested {expected_sha256}",
-                status=409,
-            )
-        revision = digest[:REVISION_LENGTH]
-    return Artifact(uri=uri, folder=folder, digest=digest, revision=revision, card=card)
 
 
 def load(uri: str, *, cache_dir: Path, expected_sha256: str | None = None) -> LoadedArtifact:

@@ -25,7 +25,7 @@ from typing import Literal, Protocol
 import torch
 from torch import nn
 
-from autoglm_inference.energy import EnergyMeter, EnergyReading, Method
+from autoglm_core.energy import EnergyMeter, EnergyReading, Method
 from autoglm_inference.generation import DecodeBatch, Sampling
 from autoglm_inference.limits import QueueFullError
 

@@ -20,7 +20,7 @@ from torch.nn import functional
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from autoglm_pipelines.loading import cache_kwargs
+from autoglm_modeling.loading import cache_kwargs
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,7 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         command = [
-            sys.executable, "-m", "autoglm_operator", "serve",
+            sys.executable, "-m", "autoglm_inference",
             "--model-name", name, "--model-uri", uri,
             "--host", "127.0.0.1", "--http-port", str(self.port), "--threads", str(threads), *args,
         ]  # fmt: skip

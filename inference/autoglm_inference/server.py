@@ -30,19 +30,17 @@ import time
 import uuid
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from autoglm_core.energy import EnergyMeter
 from autoglm_inference.access import AccessDeniedError, AdminGuard, ModelPolicy
 from autoglm_inference.artifact import ArtifactError, LoadedArtifact
-from autoglm_inference.energy import EnergyMeter
 from autoglm_inference.engine import Engine
-from autoglm_inference.limits import LimitError, Limits, QueueFullError
+from autoglm_inference.limits import LimitError, QueueFullError
 from autoglm_inference.middleware import (
     REQUEST_ID_HEADER,
     ClientGoneError,
@@ -50,6 +48,7 @@ from autoglm_inference.middleware import (
     count_stream_error,
     until_done_or_gone,
 )
+from autoglm_inference.options import ServerOptions
 from autoglm_inference.prompts import PromptVariants, UnknownVariantError
 from autoglm_inference.revisions import NoCanaryError, Router, SwapInProgressError, UnknownRevisionError
 from autoglm_inference.service import (
@@ -61,30 +60,22 @@ from autoglm_inference.service import (
     UnavailableError,
 )
 from autoglm_inference.telemetry import Labels, telemetry
-from autoglm_pipelines.quantization import dequantized_kinds, quantized_kinds, run_activations_in_fp32
+from autoglm_modeling.quantization import dequantized_kinds, quantized_kinds, run_activations_in_fp32
 
 log = logging.getLogger(__name__)
 SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 
 
-@dataclass(frozen=True)
-class ServerOptions:
-    host: str = "127.0.0.1"  # a container or chart sets 0.0.0.0 explicitly
-    http_port: int = 8080
-    max_batch_size: int = 8
-    max_batch_delay_ms: float = 10.0
-    continuous_batching: bool = True
-    threads: int | None = None
-    target: str = "local"
-    cache_dir: Path = Path(".cache/autoglm")
-    limits: Limits = field(default_factory=Limits)
-    prompt_variants: Path | None = None
-    device: str = "cpu"  # cpu, cuda, cuda:N or auto (cuda when one is visible)
-    #: Bearer token of the repository routes; None: they answer only to loopback clients.
-    admin_token: str | None = field(default=None, repr=False)
-    #: Where ``load`` may open models (paths, file:// or pkg://); empty: the start-up model's folder.
-    model_roots: tuple[str, ...] = ()
-    allow_remote_models: bool = False  # http(s)://, s3://, gs:// in load
+def _energy_meter(device: torch.device) -> EnergyMeter:
+    """NVML's counter of ``device`` when it is a GPU (found by its UUID), else RAPL or the CPU model."""
+    if device.type != "cuda":
+        return EnergyMeter()
+    index = device.index or 0
+    try:
+        uuid: str | None = str(torch.cuda.get_device_properties(index).uuid)
+    except Exception:  # an old driver or torch without the property: NVML's index instead
+        uuid = None
+    return EnergyMeter(gpu_index=index, gpu_uuid=uuid)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -145,7 +136,7 @@ class Registry:
         self.device = resolve_device(options.device)
         self.services: dict[str, LMService] = {}
         self.prompts = PromptVariants(options.prompt_variants)
-        self.meter = EnergyMeter(gpu_index=(self.device.index or 0) if self.device.type == "cuda" else None)
+        self.meter = _energy_meter(self.device)
         if self.device.type == "cuda" and self.meter.method != "nvml":
             log.warning(
                 "no NVML energy counter for %s (pip install nvidia-ml-py): energy is CPU-time modelled",

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from autoglm_inference.energy import EnergyMeter
-from autoglm_pipelines.loading import cache_kwargs
-from autoglm_pipelines.quantization import weight_bytes
+from autoglm_core.energy import EnergyMeter
+from autoglm_modeling.loading import cache_kwargs
+from autoglm_modeling.quantization import weight_bytes
 
 
 @torch.no_grad()

@@ -1,6 +1,6 @@
 """Run a pipeline on this machine: the same steps as the Argo WorkflowTemplate, as subprocesses.
 
-Each step is ``python -m autoglm_operator pipeline STEP --spec WORKDIR/spec.yaml --workdir WORKDIR``
+Each step is ``python -m autoglm_pipelines STEP --spec WORKDIR/spec.yaml --workdir WORKDIR``
 (so a crash or an out-of-memory kill in one step cannot take the runner down), in the order of
 ``dag.pipeline_steps``. Steps whose inputs are unchanged skip themselves, so re-running after an
 interruption resumes where it stopped.
@@ -21,6 +21,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from autoglm_api.resource import AutoGLMModel
 from autoglm_pipelines.dag import pipeline_steps
+from autoglm_pipelines.results import StepResult, read_result
 
 SPEC_FILE = "spec.yaml"
 
@@ -52,9 +53,10 @@ def run_local(
         for step in steps:
             task = progress.add_task(f"{step.name}: running", total=1)
             command = [
-                sys.executable, "-m", "autoglm_operator", "pipeline", step.name,
+                sys.executable, "-m", "autoglm_pipelines", step.name,
                 "--spec", str(spec_file), "--workdir", str(workdir), *(extra_args or []),
             ]  # fmt: skip
+            before = read_result(workdir / step.name)
             started = time.perf_counter()
             done = subprocess.run(command, capture_output=True, text=True, check=False)
             elapsed = time.perf_counter() - started
@@ -63,13 +65,23 @@ def run_local(
                 run.steps[step.name] = f"Failed: {reason}"
                 progress.update(task, completed=1, description=f"[red]{step.name}: {reason}")
                 return run
-            reused = "reused" in done.stdout
+            reused = _reused(before, read_result(workdir / step.name))
             run.steps[step.name] = "Reused" if reused else "Succeeded"
             note = "unchanged, skipped" if reused else f"done in {elapsed:.1f}s"
             progress.update(task, completed=1, description=f"[green]{step.name}: {note}")
     run.succeeded = True
     run.published = _published(workdir)
     return run
+
+
+def _reused(before: StepResult | None, after: StepResult | None) -> bool:
+    """Whether the step skipped itself: its STEP.json is the same success it was before it ran."""
+    return (
+        before is not None
+        and after is not None
+        and after.status == "Succeeded"
+        and (after.started_at, after.inputs_digest) == (before.started_at, before.inputs_digest)
+    )
 
 
 def _published(workdir: Path) -> Path | None:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 from autoglm_api.spec import Gates
 
@@ -59,3 +60,31 @@ def evaluate_gates(
             ">=",
         ),
     ]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the gates decided about a candidate, as the audit ledger records it."""
+
+    decision: Literal["GatePassed", "GateFailed"]
+    reason: str
+    #: The gates and the figures they judged: the record's evidence.
+    evidence: dict[str, Any]
+
+    @property
+    def passed(self) -> bool:
+        return self.decision == "GatePassed"
+
+
+def verdict_of(report: Mapping[str, Any]) -> Verdict:
+    """The verdict of a validate report (``validate.json``): passed only when every gate passed."""
+    failed = [g["name"] for g in report["gates"] if not g["passed"]]
+    evidence = {
+        "gates": report["gates"],
+        "qualityLoss": report["qualityLoss"],
+        "sizeReduction": report["sizeReduction"],
+        "decodeSpeedup": report.get("decodeSpeedup"),
+    }
+    if failed:
+        return Verdict("GateFailed", "gate failed: " + ", ".join(failed), evidence)
+    return Verdict("GatePassed", "all gates passed", evidence)

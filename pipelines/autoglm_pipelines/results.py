@@ -7,31 +7,22 @@ retries cheap.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from autoglm_pipelines.uris import sha256_file
+from autoglm_core.digests import hash_tree
 
 RESULT_FILE = "STEP.json"
+#: The validate step's report: figures of baseline and candidate, and each gate's verdict.
+VALIDATE_REPORT = "validate.json"
 
 
-def canonical_digest(value: Any) -> str:
-    """SHA-256 of canonical JSON: the identity of a step's inputs."""
-    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def hash_tree(folder: Path) -> dict[str, str]:
-    """SHA-256 of every file under ``folder`` except STEP.json, by relative path."""
-    return {
-        str(p.relative_to(folder)): sha256_file(p)
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != RESULT_FILE and not p.name.endswith(".partial")
-    }
+def step_files(folder: Path) -> dict[str, str]:
+    """SHA-256 of every file a step wrote in ``folder``, by relative path (STEP.json left out)."""
+    return hash_tree(folder, exclude={RESULT_FILE})
 
 
 @dataclass
@@ -94,6 +85,6 @@ def completed(folder: Path, inputs_digest: str) -> StepResult | None:
     result = read_result(folder)
     if result is None or result.status != "Succeeded" or result.inputs_digest != inputs_digest:
         return None
-    if hash_tree(folder) != result.files:
+    if step_files(folder) != result.files:
         return None
     return result

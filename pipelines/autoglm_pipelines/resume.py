@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from autoglm_api.resource import AutoGLMModel
+from autoglm_core.digests import canonical_digest, sha256_file
+from autoglm_core.uris import SourceError, resolve
 from autoglm_pipelines.dag import pipeline_steps
-from autoglm_pipelines.results import StepResult, canonical_digest, completed, hash_tree, read_result
-from autoglm_pipelines.uris import SourceError, resolve, sha256_file
+from autoglm_pipelines.results import StepResult, completed, read_result, step_files
 
 
 def _data(m: AutoGLMModel) -> dict[str, Any]:
@@ -60,7 +61,7 @@ def _local_digest(uri: str) -> str | None:
         path = resolve(uri, cache_dir=Path("."))
     except SourceError:
         return None  # the step itself will report it
-    return sha256_file(path) if path.is_file() else canonical_digest(hash_tree(path))
+    return sha256_file(path) if path.is_file() else canonical_digest(step_files(path))
 
 
 def reusable(
@@ -77,6 +78,6 @@ def reusable(
     earlier = completed(workdir / step, digest)
     if earlier is not None and "artifactFiles" in earlier.metrics:
         artifact = Path(str(earlier.metrics.get("artifact", "")))
-        if not artifact.is_dir() or hash_tree(artifact) != earlier.metrics["artifactFiles"]:
+        if not artifact.is_dir() or step_files(artifact) != earlier.metrics["artifactFiles"]:
             return None
     return earlier

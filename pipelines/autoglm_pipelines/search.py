@@ -21,17 +21,17 @@ import optuna
 import torch
 from torch import nn
 
-from autoglm_pipelines.calibration import collect_input_absmax
-from autoglm_pipelines.distillation import distill, drop_layers
-from autoglm_pipelines.evaluation import decode_benchmark, perplexity
-from autoglm_pipelines.gates import quality_loss
-from autoglm_pipelines.pruning import prune_2of4, prune_structured_l1
-from autoglm_pipelines.quantization import (
+from autoglm_modeling.quantization import (
     QuantizationPlan,
     quantize_model,
     run_activations_in_fp32,
     weight_bytes,
 )
+from autoglm_pipelines.calibration import collect_input_absmax
+from autoglm_pipelines.distillation import distill, drop_layers
+from autoglm_pipelines.evaluation import decode_benchmark, perplexity
+from autoglm_pipelines.gates import quality_loss
+from autoglm_pipelines.pruning import prune_2of4, prune_structured_l1
 
 METHODS = ("int8-weight-only", "int4-weight-only", "smoothquant-w8a8", "int8-dynamic")
 GROUP_SIZES = (32, 64, 128)

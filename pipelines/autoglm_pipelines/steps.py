@@ -21,13 +21,13 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from autoglm_api.resource import AutoGLMModel
-from autoglm_pipelines.artifacts import load_model_folder, save_model_folder, write_model_card
-from autoglm_pipelines.calibration import collect_input_absmax
-from autoglm_pipelines.dag import pipeline_steps
-from autoglm_pipelines.evaluation import measure
-from autoglm_pipelines.gates import evaluate_gates, quality_loss
-from autoglm_pipelines.loading import load_causal_lm
-from autoglm_pipelines.quantization import (
+from autoglm_core.card import write_model_card
+from autoglm_core.digests import canonical_digest, sha256_file
+from autoglm_core.revision import artifact_revision
+from autoglm_core.uris import SourceError, TransientSourceError, resolve
+from autoglm_modeling.folders import load_model_folder, save_model_folder
+from autoglm_modeling.loading import load_causal_lm
+from autoglm_modeling.quantization import (
     CAST_METHODS,
     EXECUTION_NOTE,
     QUANTIZATION_FILE,
@@ -35,16 +35,17 @@ from autoglm_pipelines.quantization import (
     run_activations_in_fp32,
     weight_bytes,
 )
-from autoglm_pipelines.results import StepResult, canonical_digest, hash_tree, read_result, write_result
+from autoglm_pipelines.calibration import collect_input_absmax
+from autoglm_pipelines.dag import pipeline_steps
+from autoglm_pipelines.evaluation import measure
+from autoglm_pipelines.gates import evaluate_gates, quality_loss
+from autoglm_pipelines.results import VALIDATE_REPORT, StepResult, read_result, step_files, write_result
 from autoglm_pipelines.resume import inputs_digest, reusable
-from autoglm_pipelines.revision import artifact_revision
 from autoglm_pipelines.search import apply_config
 from autoglm_pipelines.search import search as run_search
 from autoglm_pipelines.text import read_text, tokenize, windows
-from autoglm_pipelines.uris import SourceError, TransientSourceError, resolve, sha256_file
 
 MODEL_DIR = "model"
-VALIDATE_REPORT = "validate.json"
 CALIBRATION_FILE = "activations.safetensors"
 #: The float model's per-channel activation maxima that SmoothQuant's migration was computed from.
 SMOOTHING_FILE = "smoothquant-activations.safetensors"
@@ -106,7 +107,7 @@ def fetch(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
             "uri": source.uri,
             "format": source.format,
             # a folder's identity: the SHA-256 of its files' hashes
-            "sha256": sha256_file(path) if path.is_file() else canonical_digest(hash_tree(path)),
+            "sha256": sha256_file(path) if path.is_file() else canonical_digest(step_files(path)),
         },
     )
 
@@ -249,7 +250,7 @@ def publish(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
     card = {
         "model": model.namespaced_name,
         "revision": artifact_revision(model.spec),
-        "loading": "autoglm_pipelines.artifacts.load_model_folder(folder); quantized weights are in "
+        "loading": "autoglm_modeling.folders.load_model_folder(folder); quantized weights are in "
         "autoglm-quantized.safetensors, which plain transformers does not load (autoglm-quantization.json "
         "tells which modules to rebuild)",
         "source": fetched["parameters"] if fetched else None,
@@ -267,7 +268,7 @@ def publish(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
         shutil.rmtree(target)
     partial.rename(target)
     return StepOutcome(
-        metrics={"artifact": str(target), "artifactFiles": hash_tree(target)},
+        metrics={"artifact": str(target), "artifactFiles": step_files(target)},
         parameters={"output": str(target)},
     )
 
@@ -356,7 +357,7 @@ def run_step(model: AutoGLMModel, step: str, ctx: StepContext) -> tuple[StepResu
         inputs_digest=digest,
         started_at=started.isoformat(),
         duration_seconds=time.perf_counter() - start,
-        files=hash_tree(folder),
+        files=step_files(folder),
         metrics=outcome.metrics,
         parameters=outcome.parameters,
     )

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from autoglm_pipelines.uris import SourceError
+from autoglm_core.uris import SourceError
 
 
 def read_text(path: Path) -> str:

@@ -36,8 +36,8 @@ from hera.workflows import (
 from hera.workflows.models import Backoff, Metadata, WorkflowMetadata
 
 from autoglm_api.resource import AutoGLMModel
+from autoglm_core.revision import artifact_revision
 from autoglm_pipelines.dag import EXIT_TRANSIENT, Step, pipeline_steps
-from autoglm_pipelines.revision import artifact_revision
 
 # The image built from this repository; clusters set their registry's reference with --image.
 DEFAULT_IMAGE = "autoglm:0.1.0"

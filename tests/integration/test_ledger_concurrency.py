@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
-from autoglm_operator.audit import GATE_PASSED, Ledger
-from autoglm_operator.audit.ledger import metadata
+from autoglm_core.audit import GATE_PASSED, Ledger
+from autoglm_core.audit.ledger import metadata
 
 pytestmark = pytest.mark.integration
 

@@ -15,8 +15,8 @@ import yaml
 
 from autoglm_api.resource import AutoGLMModel
 from autoglm_api.validation import validate_text
-from autoglm_operator.audit import Ledger
-from autoglm_pipelines.revision import artifact_revision
+from autoglm_core.audit import Ledger
+from autoglm_core.revision import artifact_revision
 from tests.support.tiny_models import tiny_glm
 
 pytestmark = pytest.mark.integration

@@ -10,7 +10,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GlmConfig, GlmForCausalLM, PreTrainedTokenizerFast
 
-from autoglm_pipelines.loading import TRANSFORMERS_LOCK
+from autoglm_modeling.loading import TRANSFORMERS_LOCK
 
 
 def hamlet_path() -> Path:
@@ -67,7 +67,7 @@ def tiny_glm(
 
 def with_model_card(folder: Path, revision: str) -> str:
     """Write a model card as ``autoglm pipeline publish`` does; return its SHA-256 (the artifact digest)."""
-    from autoglm_pipelines.artifacts import write_model_card
+    from autoglm_core.card import write_model_card
 
     return write_model_card(folder, {"model": "test/tiny", "revision": revision})
 

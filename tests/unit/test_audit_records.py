@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from autoglm_operator.audit.records import (
+from autoglm_core.audit.records import (
     EMPTY_HEAD,
     GATE_PASSED,
     GENESIS_HASH,

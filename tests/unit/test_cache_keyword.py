@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from autoglm_pipelines.loading import cache_kwargs
+from autoglm_modeling.loading import cache_kwargs
 from tests.support.tiny_models import tiny_glm
 
 

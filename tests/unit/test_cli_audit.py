@@ -12,7 +12,7 @@ import pytest
 import yaml
 from click.testing import CliRunner, Result
 
-from autoglm_operator.audit import URL_ENV, Ledger
+from autoglm_core.audit import URL_ENV, Ledger
 from autoglm_operator.cli.audit import audit_group, parse_time_bound
 from autoglm_operator.cli.main import cli
 

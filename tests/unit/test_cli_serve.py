@@ -82,3 +82,26 @@ def test_an_empty_admin_token_file_is_refused(tmp_path: Path) -> None:
     code, output = serve("--model-uri", str(tmp_path), "--admin-token-file", str(token))
     assert code == 1
     assert "admin token file is empty" in output
+
+
+def test_the_command_line_declares_no_default_of_its_own() -> None:
+    """Every default of ``autoglm serve`` is ServerOptions' or Limits' (one place declares them)."""
+    from autoglm_inference.cli import serve_command
+    from autoglm_inference.limits import Limits
+    from autoglm_inference.options import ServerOptions
+
+    defaults = {p.name: p.default for p in serve_command.params}
+    server, limits = ServerOptions(), Limits()
+    for name in (
+        "host",
+        "http_port",
+        "max_batch_size",
+        "max_batch_delay_ms",
+        "device",
+        "target",
+        "cache_dir",
+    ):
+        assert defaults[name] == getattr(server, name), name
+    assert defaults["continuous"] == server.continuous_batching
+    for name in ("max_prompt_tokens", "max_new_tokens", "max_body_bytes", "max_queue"):
+        assert defaults[name] == getattr(limits, name), name

@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from autoglm_pipelines import cpugemm
-from autoglm_pipelines.quantization import (
+from autoglm_modeling import cpugemm
+from autoglm_modeling.quantization import (
     HalfWeightLinear,
     KernelSupport,
     kernel_support_as,
@@ -94,8 +94,8 @@ def test_without_a_compiler_the_kernel_is_unavailable_and_torch_runs(tmp_path: P
     # A fresh process: the build is attempted once per process.
     code = (
         "import json, torch\n"
-        "from autoglm_pipelines import cpugemm\n"
-        "from autoglm_pipelines.quantization import Int8WeightOnlyLinear, kernel_support\n"
+        "from autoglm_modeling import cpugemm\n"
+        "from autoglm_modeling.quantization import Int8WeightOnlyLinear, kernel_support\n"
         "m = Int8WeightOnlyLinear.from_float(torch.randn(32, 64), None, torch.bfloat16)\n"
         "y = m(torch.randn(20, 64).bfloat16())\n"
         "print(json.dumps([cpugemm.available(), cpugemm.why_unavailable(), kernel_support().cpu_autoglm,"
@@ -176,14 +176,14 @@ def test_quantized_models_run_with_fp32_activations_on_the_stored_weights(
 
     from transformers import AutoModelForCausalLM
 
-    from autoglm_pipelines.calibration import collect_input_absmax
-    from autoglm_pipelines.quantization import (
+    from autoglm_modeling.quantization import (
         Int4WeightOnlyLinear,
         Int8DynamicLinear,
         Int8Embedding,
         Int8WeightOnlyLinear,
         quantize_model,
     )
+    from autoglm_pipelines.calibration import collect_input_absmax
 
     source = _tie(
         AutoModelForCausalLM.from_pretrained(tiny_glm(tmp_path / "glm"), dtype=torch.float32).eval()
@@ -223,7 +223,7 @@ def test_quantized_models_run_with_fp32_activations_on_the_stored_weights(
 def test_the_kernel_setting_chooses_where_autoglm_kernel_runs(
     monkeypatch: pytest.MonkeyPatch, setting: str, native_bf16: bool
 ) -> None:
-    from autoglm_pipelines.quantization import _autoglm_kernel_chosen
+    from autoglm_modeling.quantization import _autoglm_kernel_chosen
 
     monkeypatch.setenv("AUTOGLM_CPU_KERNEL", setting)
     if setting == "bogus":
@@ -249,7 +249,7 @@ def test_rows_are_quantized_as_int8_dynamic_quantizes_them_bit_for_bit(rows: int
 @needs_kernel
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 def test_the_packed_weight_follows_a_reload(kind: str) -> None:
-    from autoglm_pipelines.quantization import Int4WeightOnlyLinear, Int8WeightOnlyLinear
+    from autoglm_modeling.quantization import Int4WeightOnlyLinear, Int8WeightOnlyLinear
 
     def make(seed: int) -> torch.nn.Module:
         torch.manual_seed(seed)

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 import torch
 
-from autoglm_pipelines.artifacts import load_model_folder
+from autoglm_modeling.folders import load_model_folder
+from autoglm_modeling.loading import load_causal_lm
 from autoglm_pipelines.distillation import distill, kept_layers, make_student
-from autoglm_pipelines.loading import load_causal_lm
 from autoglm_pipelines.text import tokenize, windows
 from tests.support.tiny_models import hamlet_path, tiny_glm
 from tests.unit.test_pipeline_steps import manifest, result, step

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from autoglm_inference import energy
-from autoglm_inference.energy import EnergyMeter
+from autoglm_core import energy
+from autoglm_core.energy import EnergyMeter
 
 
 def fake_pynvml(millijoules: list[int]) -> types.ModuleType:
@@ -64,3 +64,14 @@ def test_rapl_counters_are_read_from_powercap(monkeypatch: pytest.MonkeyPatch, t
         (root / "intel-rapl:0" / "energy_uj").write_text(str(7_000_000))
     assert m.reading is not None
     assert m.reading.joules == pytest.approx(2.0)  # sub-zones and psys (which includes the package) not added
+
+
+def test_a_gpu_is_found_by_its_uuid_when_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch's cuda:N is NVML's device with the same UUID (NVML's index ignores CUDA_VISIBLE_DEVICES)."""
+    module = fake_pynvml([0, 1_000])
+    asked: list[str] = []
+    module.nvmlDeviceGetHandleByUUID = lambda uuid: asked.append(uuid) or "by-uuid"  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "pynvml", module)
+    meter = EnergyMeter(gpu_index=3, gpu_uuid="1f2e")
+    assert meter.method == "nvml"
+    assert asked == ["GPU-1f2e"]

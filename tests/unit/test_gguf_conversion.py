@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from transformers import AutoTokenizer
 
-import autoglm_pipelines.loading as loading
-from autoglm_pipelines.loading import gguf_as_safetensors, load_causal_lm
+import autoglm_modeling.loading as loading
+from autoglm_modeling.loading import gguf_as_safetensors, load_causal_lm
 from tests.support.tiny_models import tiny_gguf
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from autoglm_inference.energy import EnergyMeter, EnergyReading
+from autoglm_core.energy import EnergyMeter, EnergyReading
 from autoglm_inference.engine import Engine, Job, run_jobs
 from autoglm_inference.generation import DecodeBatch, Sampling
 from autoglm_inference.limits import QueueFullError

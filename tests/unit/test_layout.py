@@ -9,8 +9,16 @@ from pathlib import Path
 
 import pytest
 
-PACKAGES = ["autoglm_api", "autoglm_operator", "autoglm_pipelines", "autoglm_inference", "autoglm_feedback"]
-FOLDERS = ["crds", "operator", "pipelines", "inference", "feedback"]
+PACKAGES = [
+    "autoglm_api",
+    "autoglm_core",
+    "autoglm_modeling",
+    "autoglm_operator",
+    "autoglm_pipelines",
+    "autoglm_inference",
+    "autoglm_feedback",
+]
+FOLDERS = ["crds", "core", "modeling", "operator", "pipelines", "inference", "feedback"]
 
 
 @pytest.mark.parametrize("folder", FOLDERS)
@@ -43,5 +51,31 @@ def test_console_script_lists_its_subcommands() -> None:
     exe = shutil.which("autoglm", path=str(Path(sys.executable).parent))
     assert exe, "the autoglm console script is not installed next to this Python"
     out = subprocess.run([exe, "--help"], capture_output=True, text=True, check=True).stdout
-    for command in ("validate", "crds", "audit"):
+    for command in ("validate", "crds", "audit", "pipeline", "serve"):
         assert f"  {command}" in out, out
+
+
+@pytest.mark.parametrize(
+    ("module", "forbidden"),
+    [
+        ("autoglm_core.audit", ("torch", "transformers", "autoglm_modeling")),
+        ("autoglm_core.card", ("torch", "transformers")),
+        ("autoglm_pipelines.cli", ("torch", "transformers", "hera")),
+        ("autoglm_inference.cli", ("torch", "transformers", "kserve")),
+        ("autoglm_operator.cli.main", ("torch", "transformers", "kserve", "hera", "optuna")),
+    ],
+)
+def test_light_modules_import_without_the_model_libraries(module: str, forbidden: tuple[str, ...]) -> None:
+    """The ledger, the card check and the command line start in well under a second: they import
+    no model library (the commands import them when they run)."""
+    code = f"import sys, {module}; print(' '.join(sorted(m for m in sys.modules if m.partition('.')[0] in {forbidden!r})))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"{module} imported {out.stdout.strip()}"
+
+
+def test_python_m_runs_the_pipeline_and_the_server_alone() -> None:
+    """The local runner and the supervisor start ``python -m autoglm_pipelines`` / ``-m autoglm_inference``."""
+    for package, expected in (("autoglm_pipelines", "render"), ("autoglm_inference", "--model-uri")):
+        out = subprocess.run([sys.executable, "-m", package, "--help"], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        assert expected in out.stdout

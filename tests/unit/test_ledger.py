@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, inspect
 
-from autoglm_operator.audit import (
+from autoglm_core.audit import (
     DEFAULT_URL,
     GATE_FAILED,
     GATE_PASSED,
@@ -26,7 +26,8 @@ from autoglm_operator.audit import (
     LedgerUnavailableError,
     resolve_url,
 )
-from autoglm_operator.audit.records import canonical_json, compute_hash, record_from_row
+from autoglm_core.audit.records import compute_hash, record_from_row
+from autoglm_core.digests import canonical_json
 
 T0 = datetime(2025, 3, 1, 9, 0, tzinfo=UTC)
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from autoglm_pipelines.artifacts import load_model_folder
-from autoglm_pipelines.loading import load_causal_lm
+from autoglm_modeling.folders import load_model_folder
+from autoglm_modeling.loading import load_causal_lm
 from tests.support.tiny_models import tiny_glm
 
 

@@ -13,8 +13,8 @@ import yaml
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM
 
+from autoglm_modeling.folders import load_model_folder
 from autoglm_operator.cli.main import cli
-from autoglm_pipelines.artifacts import load_model_folder
 from tests.support.tiny_models import tiny_glm
 
 STEPS = ("fetch", "compress", "calibrate", "validate", "publish")

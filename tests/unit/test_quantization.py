@@ -9,11 +9,9 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, Glm4Config, Glm4ForCausalLM
 
-from autoglm_pipelines import cpugemm
-from autoglm_pipelines.calibration import collect_input_absmax
-from autoglm_pipelines.loading import load_causal_lm
-from autoglm_pipelines.pruning import prune_2of4, prune_structured_l1
-from autoglm_pipelines.quantization import (
+from autoglm_modeling import cpugemm
+from autoglm_modeling.loading import load_causal_lm
+from autoglm_modeling.quantization import (
     CPU_PACKED_MAX_ROWS,
     Int4WeightOnlyLinear,
     Int8DynamicLinear,
@@ -30,7 +28,9 @@ from autoglm_pipelines.quantization import (
     save_quantized,
     weight_bytes,
 )
-from autoglm_pipelines.smoothing import FOLDABLE_NORMS, smooth_model
+from autoglm_modeling.smoothing import FOLDABLE_NORMS, smooth_model
+from autoglm_pipelines.calibration import collect_input_absmax
+from autoglm_pipelines.pruning import prune_2of4, prune_structured_l1
 from tests.support.tiny_models import tiny_glm
 
 

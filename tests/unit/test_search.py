@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from autoglm_pipelines.loading import load_causal_lm
+from autoglm_modeling.loading import load_causal_lm
 from autoglm_pipelines.search import Trial, _dominates, search
 from autoglm_pipelines.text import tokenize, windows
 from tests.support.tiny_models import hamlet_path, tiny_glm

@@ -1,7 +1,7 @@
 """``autoglm audit``: append to, query and verify the audit ledger from a shell.
 
 Every input is checked while the command line is parsed, so bad input exits 2 with a one-line error
-before the database is opened; only ``autoglm_operator.audit.ledger`` touches the database.
+before the database is opened; only ``autoglm_core.audit.ledger`` touches the database.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from autoglm_operator.audit.ledger import (
+from autoglm_core.audit.ledger import (
     DEFAULT_URL,
     SUPPORTED_URLS,
     URL_ENV,
@@ -31,7 +31,7 @@ from autoglm_operator.audit.ledger import (
     LedgerUnavailableError,
     resolve_url,
 )
-from autoglm_operator.audit.records import (
+from autoglm_core.audit.records import (
     ACTOR_FORMS,
     KNOWN_DECISIONS,
     USER_ACTOR_PREFIX,

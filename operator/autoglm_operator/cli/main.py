@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import click
 
+from autoglm_inference.cli import serve_command
 from autoglm_operator.cli.audit import audit_group
 from autoglm_operator.cli.crds import crds_command
-from autoglm_operator.cli.pipeline import pipeline_group
-from autoglm_operator.cli.serve import serve_command
 from autoglm_operator.cli.validate import validate_command
+from autoglm_pipelines.cli import pipeline_group
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

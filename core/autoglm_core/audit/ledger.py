@@ -56,7 +56,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
 
-from autoglm_operator.audit.records import (
+from autoglm_core.audit.records import (
     ACTOR_OPERATOR,
     GENESIS_HASH,
     MAX_IDEMPOTENCY_KEY_LENGTH,

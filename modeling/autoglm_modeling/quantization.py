@@ -30,7 +30,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from autoglm_pipelines import cpugemm
+from autoglm_modeling import cpugemm
 
 log = logging.getLogger(__name__)
 QUANTIZATION_FILE = "autoglm-quantization.json"
@@ -652,7 +652,7 @@ def quantize_model(
     if method == "smoothquant-w8a8":
         if not activation_absmax:
             raise ValueError("smoothquant-w8a8 needs activation statistics from calibration data")
-        from autoglm_pipelines.smoothing import smooth_model
+        from autoglm_modeling.smoothing import smooth_model
 
         smoothed = smooth_model(model, activation_absmax, alpha=smoothing_alpha)
     if method in ("none", "fp16", "bf16"):

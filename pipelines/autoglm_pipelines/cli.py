@@ -1,4 +1,5 @@
-"""``autoglm pipeline ...``: the compression pipeline of one AutoGLMModel manifest.
+"""``autoglm pipeline ...`` (also ``python -m autoglm_pipelines``): the compression pipeline of one
+AutoGLMModel manifest.
 
 ``render`` prints the Argo WorkflowTemplate that runs the pipeline in a cluster. Every subcommand
 reads its manifest with :func:`load_manifest`, so a bad manifest ends the same way everywhere: one
@@ -7,7 +8,6 @@ line on stderr and exit status 2.
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING
 
 import click
 
+from autoglm_api import validation
 from autoglm_api.resource import AutoGLMModel
-from autoglm_api.validation import UnreadableManifestError, read_source, validate_text
+from autoglm_core.paths import CACHE_ENV, DEFAULT_CACHE_DIR, cache_dir
 
 if TYPE_CHECKING:
     from autoglm_pipelines.steps import StepContext
@@ -31,20 +32,11 @@ class ManifestError(click.ClickException):
 
 
 def load_manifest(source: str) -> AutoGLMModel:
-    """The one AutoGLMModel in file ``source`` (``-`` for stdin), validated as the API server would."""
-    label = "<stdin>" if source == "-" else source
+    """:func:`autoglm_api.validation.load_manifest`, its error as the CLI reports it."""
     try:
-        results = validate_text(read_source(source))
-    except UnreadableManifestError as exc:
-        raise ManifestError(f"{label}: {exc}") from exc
-    models = [r for r in results if not r.skipped]
-    if len(models) != 1:
-        raise ManifestError(f"{label}: expected one AutoGLMModel document, found {len(models)}")
-    (result,) = models
-    if result.problems or result.model is None:
-        problems = "; ".join(str(p) for p in result.problems) or "not an AutoGLMModel"
-        raise ManifestError(f"{label}: invalid AutoGLMModel: {problems}")
-    return result.model
+        return validation.load_manifest(source)
+    except validation.ManifestError as exc:
+        raise ManifestError(str(exc)) from exc
 
 
 @click.group("pipeline")
@@ -91,8 +83,6 @@ def render_command(manifest: str, image: str | None, output: Path | None) -> Non
     click.echo(f"wrote {output}", err=True)
 
 
-CACHE_ENV = "AUTOGLM_CACHE_DIR"
-DEFAULT_CACHE = ".cache/autoglm"
 STEP_NAMES = ("fetch", "search", "compress", "calibrate", "validate", "publish")
 
 
@@ -109,7 +99,7 @@ def _run_options(command: Callable[..., None]) -> Callable[..., None]:
             "--cache-dir",
             type=click.Path(file_okay=False, path_type=Path),
             default=None,
-            help=f"Cache for converted checkpoints and downloads. Default: ${CACHE_ENV}, else {DEFAULT_CACHE}.",
+            help=f"Cache for converted checkpoints and downloads. Default: ${CACHE_ENV}, else {DEFAULT_CACHE_DIR}.",
         ),
         click.option(
             "--decode-tokens",
@@ -138,11 +128,12 @@ def _step_options(command: Callable[..., None]) -> Callable[..., None]:
     return spec(_run_options(command))
 
 
-def _context(workdir: Path, cache_dir: Path | None, decode_tokens: int, output: Path | None) -> StepContext:
+def _context(workdir: Path, cache: Path | None, decode_tokens: int, output: Path | None) -> StepContext:
     from autoglm_pipelines.steps import StepContext
 
-    cache = cache_dir or Path(os.environ.get(CACHE_ENV, DEFAULT_CACHE))
-    return StepContext(workdir=workdir, cache_dir=cache, decode_tokens=decode_tokens, output=output)
+    return StepContext(
+        workdir=workdir, cache_dir=cache_dir(cache), decode_tokens=decode_tokens, output=output
+    )
 
 
 def _make_step_command(step: str) -> click.Command:
@@ -237,65 +228,20 @@ def run_command(
     click.echo(f"published: {outcome.published}")
 
 
-class VerdictNotRecordedError(click.ClickException):
-    """The gates' verdict could not be written to the audit ledger: the run fails (one line, exit 1)."""
-
-
 def _record_verdict(model: AutoGLMModel, workdir: Path, decode_tokens: int, output: Path | None) -> None:
-    """Append GatePassed or GateFailed, with the gates and figures as evidence, when validate reported.
+    from autoglm_pipelines.verdicts import VerdictNotRecordedError, record_verdict
 
-    The record is keyed by the revision and validate's inputs, so a re-run that reuses validate finds
-    the verdict already recorded instead of recording it again.
-    """
-    import hashlib
-    import json
-
-    from autoglm_operator.audit import ACTOR_PIPELINE, GATE_FAILED, GATE_PASSED, Ledger
-    from autoglm_operator.audit.ledger import LedgerError, resolve_url, safe_url
-    from autoglm_pipelines.results import read_result
-    from autoglm_pipelines.resume import inputs_digest
-    from autoglm_pipelines.revision import artifact_revision
-
-    # Only a verdict on this spec's inputs: a report left by an earlier run is not this run's.
-    done = read_result(workdir / "validate")
-    current = inputs_digest(model, "validate", workdir, decode_tokens=decode_tokens, output=output)
-    if done is None or done.inputs_digest != current:
-        return
     try:
-        report = json.loads((workdir / "validate" / "validate.json").read_text())
-    except (OSError, ValueError):
-        return  # the pipeline stopped before validate: no gate verdict to record
-    failed = [g for g in report["gates"] if not g["passed"]]
-    reason = "all gates passed" if not failed else "gate failed: " + ", ".join(g["name"] for g in failed)
-    evidence = {
-        "gates": report["gates"],
-        "qualityLoss": report["qualityLoss"],
-        "sizeReduction": report["sizeReduction"],
-        "decodeSpeedup": report.get("decodeSpeedup"),
-        "report": str(workdir / "validate" / "validate.json"),
-    }
-    namespace, name = model.metadata.namespace or "default", model.metadata.name or ""
-    revision = artifact_revision(model.spec)
-    verdict_of = json.dumps([namespace, name, revision, current]).encode()
-    key = f"verdict:{revision[:64]}:{hashlib.sha256(verdict_of).hexdigest()}"
-    url = resolve_url(None, os.environ)
-    try:
-        with Ledger(url) as ledger:
-            record = ledger.append(
-                namespace,
-                name,
-                GATE_FAILED if failed else GATE_PASSED,
-                reason,
-                revision=revision,
-                actor=ACTOR_PIPELINE,
-                evidence=evidence,
-                idempotency_key=key,
-            )
-    except (LedgerError, ValueError) as exc:
-        raise VerdictNotRecordedError(
-            f"the gates' verdict was not recorded in the audit ledger ({safe_url(url)}): {exc}; "
-            "fix the ledger and run again (finished steps are reused)"
-        ) from exc
-    click.echo(
-        f"audit: {record.decision} is seq {record.seq} ({record.id}) for revision {revision}", err=True
-    )
+        record = record_verdict(model, workdir, decode_tokens=decode_tokens, output=output)
+    except VerdictNotRecordedError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if record is not None:
+        click.echo(
+            f"audit: {record.decision} is seq {record.seq} ({record.id}) for revision {record.revision}",
+            err=True,
+        )
+
+
+def main() -> None:
+    """``python -m autoglm_pipelines``: the pipeline's commands alone (what the local runner starts)."""
+    pipeline_group(prog_name="python -m autoglm_pipelines")

@@ -17,6 +17,8 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
 
+from autoglm_core.digests import sha256_file
+
 PVC_ROOT_ENV = "AUTOGLM_PVC_ROOT"
 DEFAULT_PVC_ROOT = "/mnt/pvc"  # where KServe's storage initializer mounts pvc:// URIs
 _CHUNK = 1 << 20
@@ -28,14 +30,6 @@ class SourceError(Exception):
 
 class TransientSourceError(SourceError):
     """A remote source that failed in a way a retry may fix (a refused connection, a timeout)."""
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def resolve(uri: str, *, cache_dir: Path, sha256: str | None = None, revision: str | None = None) -> Path:

@@ -6,13 +6,10 @@ targets, rollout or feedback does not rebuild the artifact.
 
 from __future__ import annotations
 
-import hashlib
-import json
-
 from autoglm_api.spec import AutoGLMModelSpec
+from autoglm_core.digests import canonical_digest, short_id
 
 ARTIFACT_SPEC_PARTS = ("source", "compression", "calibration", "validation")
-REVISION_LENGTH = 12
 
 
 def artifact_revision(spec: AutoGLMModelSpec) -> str:
@@ -24,5 +21,4 @@ def artifact_revision(spec: AutoGLMModelSpec) -> str:
     """
     data = spec.to_json()
     parts = {key: data[key] for key in ARTIFACT_SPEC_PARTS if key in data}
-    canonical = json.dumps(parts, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:REVISION_LENGTH]
+    return short_id(canonical_digest(parts))

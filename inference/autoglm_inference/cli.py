@@ -1,4 +1,8 @@
-"""``autoglm serve``: the KServe model server for one causal LM (what every target runs)."""
+"""``autoglm serve`` (also ``python -m autoglm_inference``): the KServe model server for one causal LM.
+
+Its defaults are :class:`~autoglm_inference.options.ServerOptions`' and
+:class:`~autoglm_inference.limits.Limits`'; nothing is declared twice.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,11 @@ from pathlib import Path
 
 import click
 
-ADMIN_TOKEN_ENV = "AUTOGLM_ADMIN_TOKEN"  # autoglm_inference.access reads it; named here for --help
+from autoglm_inference.limits import Limits
+from autoglm_inference.options import ADMIN_TOKEN_ENV, ServerOptions
+
+_SERVER = ServerOptions()
+_LIMITS = Limits()
 
 
 @click.command("serve")
@@ -20,31 +28,36 @@ ADMIN_TOKEN_ENV = "AUTOGLM_ADMIN_TOKEN"  # autoglm_inference.access reads it; na
 @click.option(
     "--sha256", default=None, help="Expected SHA-256 of the artifact's model card; refuse anything else."
 )
-@click.option("--host", default="127.0.0.1", show_default=True,
+@click.option("--host", default=_SERVER.host, show_default=True,
               help="Address to listen on; a container or pod sets 0.0.0.0.")  # fmt: skip
-@click.option("--http-port", type=click.IntRange(1, 65535), default=8080, show_default=True)
-@click.option("--max-batch-size", type=click.IntRange(1, 256), default=8, show_default=True,
+@click.option("--http-port", type=click.IntRange(1, 65535), default=_SERVER.http_port, show_default=True)
+@click.option("--max-batch-size", type=click.IntRange(1, 256), default=_SERVER.max_batch_size, show_default=True,
               help="Requests decoded together; 1 turns batching off.")  # fmt: skip
-@click.option("--max-batch-delay-ms", type=click.FloatRange(0, 10_000), default=10.0, show_default=True,
+@click.option("--max-batch-delay-ms", type=click.FloatRange(0, 10_000), default=_SERVER.max_batch_delay_ms, show_default=True,
               help="How long an idle server waits for more requests before it starts a batch.")  # fmt: skip
-@click.option("--continuous/--no-continuous", default=True, show_default=True,
+@click.option("--continuous/--no-continuous", default=_SERVER.continuous_batching, show_default=True,
               help="Let new requests join a running batch between decode steps.")  # fmt: skip
-@click.option("--max-queue", type=click.IntRange(1), default=64, show_default=True,
+@click.option("--max-queue", type=click.IntRange(1), default=_LIMITS.max_queue, show_default=True,
               help="Requests that may wait for a batch slot; more get 429 with Retry-After.")  # fmt: skip
-@click.option("--max-prompt-tokens", type=click.IntRange(1), default=2048, show_default=True)
-@click.option("--max-new-tokens", type=click.IntRange(1), default=512, show_default=True)
-@click.option("--max-body-bytes", type=click.IntRange(1), default=1 << 20, show_default=True)
+@click.option(
+    "--max-prompt-tokens", type=click.IntRange(1), default=_LIMITS.max_prompt_tokens, show_default=True
+)
+@click.option("--max-new-tokens", type=click.IntRange(1), default=_LIMITS.max_new_tokens, show_default=True)
+@click.option("--max-body-bytes", type=click.IntRange(1), default=_LIMITS.max_body_bytes, show_default=True)
 @click.option(
     "--threads", type=click.IntRange(1), default=None, help="torch threads (default: torch's choice)."
 )
-@click.option("--device", default="cpu", show_default=True,
+@click.option("--device", default=_SERVER.device, show_default=True,
               help="cpu, cuda, cuda:N, or auto (cuda when torch sees one). Energy on a GPU comes from NVML.")  # fmt: skip
 @click.option(
-    "--target", default="local", show_default=True, help="Pool label on metrics: cloud-gpu, edge, local."
+    "--target",
+    default=_SERVER.target,
+    show_default=True,
+    help="Pool label on metrics: cloud-gpu, edge, local.",
 )
 @click.option("--prompt-variants", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="YAML/JSON file naming the active system-prompt variant; re-read when it changes.")  # fmt: skip
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=Path(".cache/autoglm"),
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=_SERVER.cache_dir,
               show_default=True, help="GGUF conversions and downloads; always a model root.")  # fmt: skip
 @click.option("--admin-token-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="File holding the bearer token the /v2/repository routes (load, unload, promote, rollback, "
@@ -86,8 +99,7 @@ def serve_command(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from autoglm_inference.access import AccessDeniedError, admin_token
     from autoglm_inference.artifact import ArtifactError
-    from autoglm_inference.limits import Limits
-    from autoglm_inference.server import ServerOptions, serve
+    from autoglm_inference.server import serve
 
     try:
         options = ServerOptions(
@@ -109,3 +121,8 @@ def serve_command(
         serve(model_name, model_uri, options, sha256=sha256)
     except (ArtifactError, AccessDeniedError, ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+def main() -> None:
+    """``python -m autoglm_inference``: the server alone, as a container or a supervisor starts it."""
+    serve_command(prog_name="python -m autoglm_inference")

@@ -6,7 +6,7 @@ code that reads or writes the audit tables.
 
 from __future__ import annotations
 
-from autoglm_operator.audit.ledger import (
+from autoglm_core.audit.ledger import (
     DEFAULT_URL,
     URL_ENV,
     Ledger,
@@ -16,7 +16,7 @@ from autoglm_operator.audit.ledger import (
     LedgerUnavailableError,
     resolve_url,
 )
-from autoglm_operator.audit.records import (
+from autoglm_core.audit.records import (
     ACTOR_OPERATOR,
     ACTOR_PIPELINE,
     CANARY_ADVANCED,
@@ -35,10 +35,10 @@ from autoglm_operator.audit.records import (
     JsonObject,
     JsonValue,
     VerifyResult,
-    canonical_json,
     compute_hash,
     verify_chain,
 )
+from autoglm_core.digests import canonical_json
 
 __all__ = [
     "ACTOR_OPERATOR",

@@ -51,19 +51,20 @@ def _rapl_counters() -> list[Path]:
     return found
 
 
-def _nvml_handle(gpu_index: int) -> Any | None:
-    """NVML's handle of GPU ``gpu_index`` when pynvml is installed and the counter reads, else None."""
+def _nvml_handle(gpu_index: int, gpu_uuid: str | None) -> Any | None:
+    """NVML's handle of the GPU when pynvml is installed and the counter reads, else None.
+
+    By ``gpu_uuid`` when given (torch's ``cuda:N`` is NVML's device with the same UUID; NVML's own
+    index ignores CUDA_VISIBLE_DEVICES), else by ``gpu_index``.
+    """
     try:
         import pynvml  # type: ignore[import-untyped,unused-ignore]
 
         pynvml.nvmlInit()
-        handle = None
-        try:  # torch's cuda:N is NVML's device with the same UUID (CUDA_VISIBLE_DEVICES renumbers)
-            import torch
-
-            uuid = str(torch.cuda.get_device_properties(gpu_index).uuid)
-            handle = pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
-        except Exception:
+        if gpu_uuid:
+            uuid = gpu_uuid if gpu_uuid.startswith("GPU-") else f"GPU-{gpu_uuid}"
+            handle = pynvml.nvmlDeviceGetHandleByUUID(uuid)
+        else:
             handle = pynvml.nvmlDeviceGetHandleByIndex(gpu_index)
         pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)
     except Exception:  # not installed, no driver, or a GPU without the counter
@@ -81,10 +82,16 @@ class EnergyMeter:
     """``with meter.measure() as m: ...`` then ``m.reading``: NVML for ``gpu_index``, else RAPL when
     readable, else the CPU-time model."""
 
-    def __init__(self, watts_per_core: float | None = None, *, gpu_index: int | None = None) -> None:
+    def __init__(
+        self,
+        watts_per_core: float | None = None,
+        *,
+        gpu_index: int | None = None,
+        gpu_uuid: str | None = None,
+    ) -> None:
         env = os.environ.get(WATTS_PER_CORE_ENV)
         self.watts_per_core = watts_per_core or (float(env) if env else DEFAULT_WATTS_PER_CORE)
-        self._nvml = _nvml_handle(gpu_index) if gpu_index is not None else None
+        self._nvml = _nvml_handle(gpu_index, gpu_uuid) if gpu_index is not None else None
         self._counters = [] if self._nvml is not None else _rapl_counters()
 
     @property

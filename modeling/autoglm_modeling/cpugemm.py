@@ -31,6 +31,8 @@ from typing import Literal
 
 import torch
 
+from autoglm_core.paths import kernel_dir
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "gemm.c"
@@ -60,14 +62,6 @@ def cpu_flags() -> set[str]:
         return set()
     line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
     return set(line.partition(":")[2].split())
-
-
-def kernel_dir() -> Path:
-    explicit = os.environ.get("AUTOGLM_KERNEL_DIR")
-    if explicit:
-        return Path(explicit)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "autoglm" / "kernels"
 
 
 def _compiler() -> str | None:

@@ -21,7 +21,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import Cache
 
-from autoglm_pipelines.uris import SourceError, sha256_file
+from autoglm_core.digests import sha256_file
+from autoglm_core.uris import SourceError
 
 Format = Literal["huggingface", "gguf", "safetensors"]
 #: Held around every model transformers builds or loads in this process. ``from_pretrained``

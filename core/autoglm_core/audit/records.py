@@ -24,6 +24,9 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Final, TypeAlias
 
+from autoglm_api.base import DNS_1123_LABEL_PATTERN, DNS_1123_SUBDOMAIN_PATTERN, MAX_LABEL_LENGTH
+from autoglm_core.digests import canonical_json
+
 JsonValue: TypeAlias = "str | int | float | bool | list[JsonValue] | dict[str, JsonValue] | None"
 JsonObject: TypeAlias = "dict[str, JsonValue]"
 
@@ -59,9 +62,8 @@ ACTOR_FORMS: Final = "'operator', 'pipeline' or 'user:<name>'"
 
 DECISION_PATTERN: Final = re.compile(r"^[A-Z][A-Za-z0-9]{1,63}$")
 # Kubernetes names: a namespace is a DNS-1123 label, an object name a DNS-1123 subdomain.
-NAMESPACE_PATTERN: Final = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-_LABEL: Final = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
-MODEL_PATTERN: Final = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*$")
+NAMESPACE_PATTERN: Final = re.compile(DNS_1123_LABEL_PATTERN)
+MODEL_PATTERN: Final = re.compile(DNS_1123_SUBDOMAIN_PATTERN)
 _USER_NAME_PATTERN: Final = re.compile(r"^[^\s\x00]{1,253}$")
 _HASH_PATTERN: Final = re.compile(r"^[0-9a-f]{64}$")
 MAX_REVISION_LENGTH: Final = 255
@@ -92,7 +94,7 @@ def validate_decision(decision: str) -> str:
 
 def validate_namespace(namespace: str) -> str:
     """Return ``namespace`` if it is a valid Kubernetes namespace name; raise ValueError otherwise."""
-    if NAMESPACE_PATTERN.fullmatch(namespace):
+    if len(namespace) <= MAX_LABEL_LENGTH and NAMESPACE_PATTERN.fullmatch(namespace):
         return namespace
     raise ValueError(
         f"namespace {namespace!r} is not a DNS-1123 label: use 1-63 lowercase letters, digits and '-', "
@@ -199,11 +201,6 @@ def _normalize_json(value: object, path: str) -> JsonValue:
         f"{path} is a {type(value).__name__}, which is not JSON-serialisable: use an object, array, string, "
         "number, true/false or null"
     )
-
-
-def canonical_json(value: object) -> str:
-    """The one serialisation that is hashed: sorted keys, no whitespace, UTF-8 text kept as is."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 def format_time(moment: datetime) -> str:

@@ -6,10 +6,8 @@ to rebuild as quantized ones before the weights are read.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
-from typing import Any
 
 import torch
 from transformers import (
@@ -20,30 +18,15 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from autoglm_pipelines.loading import TRANSFORMERS_LOCK
-from autoglm_pipelines.quantization import (
+from autoglm_core.uris import SourceError
+from autoglm_modeling.loading import TRANSFORMERS_LOCK
+from autoglm_modeling.quantization import (
     CAST_METHODS,
     QUANTIZATION_FILE,
     QuantizationPlan,
     load_quantized_weights,
     save_quantized,
 )
-from autoglm_pipelines.results import hash_tree
-from autoglm_pipelines.uris import SourceError
-
-#: The published artifact's card: lineage, metrics and the SHA-256 of every other file in the folder.
-MODEL_CARD = "model-card.json"
-
-
-def write_model_card(folder: Path, card: dict[str, Any]) -> str:
-    """Write ``card`` into ``folder`` with ``files`` (the SHA-256 of every other file) filled in.
-
-    Returns the card's own SHA-256: the artifact digest, which pins every file through the card.
-    """
-    files = {name: sha for name, sha in hash_tree(folder).items() if name != MODEL_CARD}
-    raw = json.dumps({**card, "files": files}, indent=2, default=str).encode("utf-8")
-    (folder / MODEL_CARD).write_bytes(raw)
-    return hashlib.sha256(raw).hexdigest()
 
 
 def save_model_folder(

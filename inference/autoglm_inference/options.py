@@ -1,0 +1,37 @@
+"""What ``autoglm serve`` can be told, with its defaults: the one place they are declared.
+
+Torch-free, so the command line reads its defaults (and ``--help`` prints them) without loading
+the model libraries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+from autoglm_core.paths import DEFAULT_CACHE_DIR
+from autoglm_inference.limits import Limits
+
+#: The environment variable holding the repository routes' bearer token.
+ADMIN_TOKEN_ENV: Final = "AUTOGLM_ADMIN_TOKEN"
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    host: str = "127.0.0.1"  # a container or chart sets 0.0.0.0 explicitly
+    http_port: int = 8080
+    max_batch_size: int = 8
+    max_batch_delay_ms: float = 10.0
+    continuous_batching: bool = True
+    threads: int | None = None
+    target: str = "local"
+    cache_dir: Path = DEFAULT_CACHE_DIR
+    limits: Limits = field(default_factory=Limits)
+    prompt_variants: Path | None = None
+    device: str = "cpu"  # cpu, cuda, cuda:N or auto (cuda when one is visible)
+    #: Bearer token of the repository routes; None: they answer only to loopback clients.
+    admin_token: str | None = field(default=None, repr=False)
+    #: Where ``load`` may open models (paths, file:// or pkg://); empty: the start-up model's folder.
+    model_roots: tuple[str, ...] = ()
+    allow_remote_models: bool = False  # http(s)://, s3://, gs:// in load
