@@ -132,7 +132,7 @@ def main() -> None:
         m = measure(model, ids, window=args.window, prompt_tokens=64, new_tokens=args.new_tokens)
         prefill, _ = throughput(model, prefill_prompt, 2)
         _, batched = throughput(model, batch_prompts, args.batch_new_tokens)
-        return m, (prefill, m.decode.decode_tokens_per_second, batched)
+        return m, (prefill, m.decode_tokens_per_second, batched)
 
     # An AVX2 CPU: no VNNI, no native bf16, and AutoGLM's AVX2 kernel where it builds.
     support = KernelSupport(cpu_autoglm=cpugemm.available()) if args.kernels == "avx2" else kernel_support()
@@ -152,7 +152,7 @@ def main() -> None:
 
     print(f"SmolLM2-135M-Instruct, {ids.numel()} Hamlet tokens ({args.window}-token windows), "
           f"decode {args.new_tokens} new tokens at batch 1, {args.threads} threads")  # fmt: skip
-    print(f"measured memory read bandwidth: {bandwidth:.1f} GB/s; energy: {base.decode.energy_method}")
+    print(f"measured memory read bandwidth: {bandwidth:.1f} GB/s; energy: {base.energy_method}")
     header = f"{'variant':24} {'ppl':>8} {'ppl x':>7} {'bytes x':>8} {'decode x':>9} {'prefill x':>10} "
     header += f"{'tok/s':>7} {'p95 ms':>7} {'J/tok':>6} {'roofline':>9}"
     print(header)

@@ -27,6 +27,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from autoglm_core.card import ArtifactError
+from autoglm_core.errors import AutoGLMError
 from autoglm_core.uris import DEFAULT_PVC_ROOT, PVC_ROOT_ENV, SourceError, resolve
 from autoglm_inference.options import ADMIN_TOKEN_ENV
 
@@ -35,12 +36,10 @@ REPOSITORY_PREFIX = "/v2/repository"
 REMOTE_SCHEMES = ("http", "https", "s3", "gs")
 
 
-class AccessDeniedError(Exception):
+class AccessDeniedError(AutoGLMError):
     """A refused repository call or model URI: 401 (no usable credentials) or 403 (not allowed)."""
 
-    def __init__(self, message: str, *, status: int = 403) -> None:
-        super().__init__(message)
-        self.status = status
+    default_status = 403
 
 
 def is_loopback(host: str | None) -> bool:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+from autoglm_core.errors import AutoGLMError
 
 
 @dataclass(frozen=True)
@@ -18,17 +21,16 @@ class Limits:
                 raise ValueError(f"{name} must be positive, got {value}")
 
 
-class LimitError(Exception):
+class LimitError(AutoGLMError):
     """A request beyond a limit; ``status`` is the HTTP code, ``limit`` the limit's name."""
 
-    status = 400
+    default_status = 400
 
     def __init__(self, limit: str, message: str) -> None:
         super().__init__(message)
         self.limit = limit
-        self.message = message
 
-    def to_json(self) -> dict[str, object]:
+    def to_json(self) -> dict[str, Any]:
         return {"error": self.message, "limit": self.limit}
 
 
@@ -56,7 +58,7 @@ class TooManyNewTokensError(LimitError):
 
 
 class BodyTooLargeError(LimitError):
-    status = 413
+    default_status = 413
 
     def __init__(self, size: int | None, limit: int) -> None:
         got = f"{size} bytes" if size is not None else "more than that"
@@ -66,7 +68,7 @@ class BodyTooLargeError(LimitError):
 
 
 class QueueFullError(LimitError):
-    status = 429
+    default_status = 429
 
     def __init__(self, limit: int, *, retry_after: float, reason: str | None = None) -> None:
         super().__init__(
@@ -74,3 +76,6 @@ class QueueFullError(LimitError):
             reason or f"{limit} requests are already waiting (max_queue); retry after {retry_after:.0f}s",
         )
         self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, round(self.retry_after)))}

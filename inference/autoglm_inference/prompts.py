@@ -24,13 +24,17 @@ from typing import Any
 
 import yaml
 
+from autoglm_core.errors import AutoGLMError
+
 log = logging.getLogger(__name__)
 
 NONE = "none"
 
 
-class UnknownVariantError(ValueError):
-    pass
+class UnknownVariantError(AutoGLMError, ValueError):
+    """A prompt variant the variants file does not name (400)."""
+
+    default_status = 400
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from autoglm_core.errors import AutoGLMError
 from autoglm_inference.artifact import ArtifactError, LoadedArtifact, load
 from autoglm_inference.engine import Engine, Job
 
@@ -32,20 +33,22 @@ WARMUP_TOKENS = 4
 DRAIN_TIMEOUT_S = 600.0
 
 
-class SwapInProgressError(Exception):
-    status = 409
+class SwapInProgressError(AutoGLMError):
+    """A repository operation on a model name while another one runs (409, retry)."""
+
+    default_status = 409
 
 
-class UnknownRevisionError(LookupError):
+class UnknownRevisionError(AutoGLMError, LookupError):
     """A model name or pinned revision this server does not serve (404)."""
 
-    status = 404
+    default_status = 404
 
 
-class NoCanaryError(Exception):
+class NoCanaryError(AutoGLMError):
     """Promote, rollback or weigh with no canary loaded, or a canary before any stable (409)."""
 
-    status = 409
+    default_status = 409
 
 
 @dataclass

@@ -10,15 +10,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Annotated, Any, Self
 
 from jinja2 import TemplateError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
+from autoglm_core.errors import AutoGLMError
 from autoglm_inference.engine import Finished, Job, Token
 from autoglm_inference.generation import Sampling
 from autoglm_inference.limits import (
@@ -41,86 +54,111 @@ REVISION_HEADER = "x-autoglm-revision"
 VARIANT_HEADER = "x-autoglm-prompt-variant"
 
 
-class BadRequestError(ValueError):
-    status = 400
+class BadRequestError(AutoGLMError, ValueError):
+    """A request that is not what the route takes: the message names the field and what is allowed."""
+
+    default_status = 400
 
 
-class GenerationError(RuntimeError):
+class GenerationError(AutoGLMError, RuntimeError):
     """The model failed while generating (500)."""
 
-    status = 500
+    default_status = 500
 
 
-class UnavailableError(RuntimeError):
+class UnavailableError(AutoGLMError, RuntimeError):
     """The revision was unloaded before the request ran (503, retry)."""
 
-    status = 503
+    default_status = 503
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "1"}
 
 
-@dataclass
-class GenerateRequest:
-    prompt: str | None = None
-    messages: list[dict[str, str]] | None = None
-    max_tokens: int | None = None  # None: the server's default (16 for text, 64 for chat, within the limit)
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    prompt_variant: str | None = None
-    revision: str | None = None
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # OpenAI's optional "name" and the like
 
-    def __post_init__(self) -> None:
+    role: StrictStr
+    content: StrictStr
+
+
+#: What each field must be, said once: a bad value gets "<this>, got <value>".
+FIELD_RULES: dict[str, str] = {
+    "prompt": "'prompt' must be a string",
+    "messages": "'messages' must be a non-empty list of {role, content} strings",
+    "max_tokens": "'max_tokens' must be a positive integer",
+    "temperature": "'temperature' must be a number from 0 to 2",
+    "top_p": "'top_p' must be a number in (0, 1]",
+    "seed": "'seed' must be an integer from 0 to 2**63-1",
+    "stop": "'stop' must be a string or a list of at most 4 non-empty strings",
+    "prompt_variant": "'prompt_variant' must be a string",
+}
+#: The fields a request body may set (``revision`` is chosen by the server, never by the body).
+BODY_FIELDS = frozenset(FIELD_RULES)
+
+
+class GenerateRequest(BaseModel):
+    """One generation as every protocol asks for it; ``from_json`` reads a request body.
+
+    Strict types: ``"0.5"`` is not a temperature and ``true`` is not a token count.
+    """
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    prompt: StrictStr | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    #: None: the server's default (16 for text, 64 for chat, within the limit).
+    max_tokens: StrictInt | None = Field(default=None, ge=1)
+    temperature: StrictFloat = Field(default=0.0, ge=0, le=2)
+    top_p: StrictFloat = Field(default=1.0, gt=0, le=1)
+    seed: StrictInt | None = Field(default=None, ge=0, lt=2**63)
+    stop: list[Annotated[StrictStr, Field(min_length=1)]] = Field(default_factory=list, max_length=4)
+    prompt_variant: StrictStr | None = None
+    revision: StrictStr | None = None
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _one_stop(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _prompt_or_messages(self) -> Self:
         if (self.prompt is None) == (self.messages is None):
-            raise BadRequestError("give exactly one of 'prompt' (text) or 'messages' (chat)")
-        if self.prompt is not None and not isinstance(self.prompt, str):
-            raise BadRequestError("'prompt' must be a string")
-        if self.messages is not None and not (
-            isinstance(self.messages, list)
-            and self.messages
-            and all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in self.messages
+            raise PydanticCustomError(
+                "prompt_or_messages", "give exactly one of 'prompt' (text) or 'messages' (chat)"
             )
-        ):
-            raise BadRequestError("'messages' must be a non-empty list of {role, content} strings")
-        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
-            raise BadRequestError(f"'max_tokens' must be a positive integer, got {self.max_tokens!r}")
-        if not _is_number(self.temperature) or not 0 <= self.temperature <= 2:
-            raise BadRequestError(f"'temperature' must be a number from 0 to 2, got {self.temperature!r}")
-        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
-            raise BadRequestError(f"'top_p' must be a number in (0, 1], got {self.top_p!r}")
-        self.temperature, self.top_p = float(self.temperature), float(self.top_p)
-        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**63):
-            raise BadRequestError(f"'seed' must be an integer from 0 to 2**63-1, got {self.seed!r}")
-        if self.prompt_variant is not None and not isinstance(self.prompt_variant, str):
-            raise BadRequestError(f"'prompt_variant' must be a string, got {self.prompt_variant!r}")
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        if (
-            not isinstance(self.stop, list)
-            or not all(isinstance(s, str) and s for s in self.stop)
-            or len(self.stop) > 4
-        ):
-            raise BadRequestError("'stop' must be a string or a list of at most 4 non-empty strings")
+        return self
 
     @classmethod
     def from_json(cls, body: Any, *, defaults: dict[str, Any] | None = None) -> GenerateRequest:
+        """Validate a request body; a null field means its default. Raises BadRequestError naming
+        every bad field on one line."""
         if not isinstance(body, dict):
             raise BadRequestError("the request must be a JSON object")
-        known = {"prompt", "messages", "max_tokens", "temperature", "top_p", "seed", "stop", "prompt_variant"}
-        values = {**(defaults or {}), **{k: v for k, v in body.items() if k in known and v is not None}}
+        values = {**(defaults or {}), **{k: v for k, v in body.items() if k in BODY_FIELDS and v is not None}}
         try:
-            return cls(**values)
-        except TypeError as exc:
-            raise BadRequestError(str(exc)) from exc
+            return cls.model_validate(values)
+        except ValidationError as exc:
+            raise BadRequestError(_field_errors(exc)) from exc
+
+    def chat_messages(self) -> list[dict[str, str]]:
+        return [{"role": m.role, "content": m.content} for m in self.messages or []]
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def _field_errors(exc: ValidationError) -> str:
+    problems: dict[str, str] = {}
+    for err in exc.errors(include_url=False):
+        field = str(err["loc"][0]) if err["loc"] else ""
+        if field in FIELD_RULES:
+            problems.setdefault(field, f"{FIELD_RULES[field]}, got {_shown(err['input'])}")
+        else:
+            problems.setdefault(field, err["msg"])
+    return "; ".join(problems.values())
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+def _shown(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, str | int | float | bool | list | dict) else repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 @dataclass
@@ -268,7 +306,7 @@ class LMService:
             # The tokenizer's own special tokens (BOS, GLM's [gMASK]<sop>) as the model was trained with.
             return NONE, [int(i) for i in tokenizer(request.prompt)["input_ids"]]
         variant, text = self.prompts.resolve(request.prompt_variant or pinned)
-        messages, applied = with_system_prompt(request.messages, text)
+        messages, applied = with_system_prompt(request.chat_messages(), text)
         ids: Any
         if getattr(tokenizer, "chat_template", None):
             try:
@@ -284,7 +322,7 @@ class LMService:
 
 
 def _prompt_chars(request: GenerateRequest) -> int:
-    return len(request.prompt or "") + sum(len(m["content"]) for m in request.messages or [])
+    return len(request.prompt or "") + sum(len(m.content) for m in request.messages or [])
 
 
 def stop_token_ids(revision: Revision) -> frozenset[int]:

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -18,6 +19,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from autoglm_core.camel import field_errors
 from autoglm_core.uris import SourceError
 from autoglm_modeling.loading import TRANSFORMERS_LOCK
 from autoglm_modeling.quantization import (
@@ -56,7 +58,7 @@ def load_model_folder(
         raise SourceError(f"{folder}: no config.json: not a model folder (did the step before this one run?)")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     plan_file = folder / QUANTIZATION_FILE
-    plan = QuantizationPlan.from_json(json.loads(plan_file.read_text())) if plan_file.is_file() else None
+    plan = _read_plan(plan_file) if plan_file.is_file() else None
     if plan is not None and plan.method not in CAST_METHODS:
         config = AutoConfig.from_pretrained(folder)
         with TRANSFORMERS_LOCK:
@@ -71,3 +73,12 @@ def load_model_folder(
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True)
     model.eval()
     return model, tokenizer, plan
+
+
+def _read_plan(path: Path) -> QuantizationPlan:
+    try:
+        return QuantizationPlan.from_json(json.loads(path.read_text()))
+    except ValidationError as exc:
+        raise SourceError(f"{path}: not a valid quantization plan: {field_errors(exc)}") from exc
+    except ValueError as exc:
+        raise SourceError(f"{path}: not JSON: {exc}") from exc

@@ -20,16 +20,18 @@ import os
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Self
 
 import torch
 import torch.nn.functional as F  # noqa: N812
+from pydantic import Field
 from safetensors.torch import load_model, save_model
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from autoglm_core.camel import CamelModel
 from autoglm_modeling import cpugemm
 
 log = logging.getLogger(__name__)
@@ -577,45 +579,22 @@ def quantize_int4_groupwise(weight: torch.Tensor, group_size: int) -> tuple[torc
     return q, scales_and_zeros
 
 
-@dataclass
-class QuantizationPlan:
-    """What ``quantize_model`` did: the method, the module kinds by name, and what was left in float."""
+class QuantizationPlan(CamelModel):
+    """What ``quantize_model`` did: the method, the module kinds by name, and what was left in float.
+
+    Saved beside the weights as ``autoglm-quantization.json`` (camelCase keys).
+    """
 
     method: str
     dtype: str
     group_size: int | None = None
-    modules: dict[str, ModuleKind] = field(default_factory=dict)
-    skipped: dict[str, str] = field(default_factory=dict)
-    tied: bool = False
+    modules: dict[str, ModuleKind] = Field(default_factory=dict)
+    skipped: dict[str, str] = Field(default_factory=dict)
+    tied: bool = Field(default=False, alias="tiedEmbedding")
     #: SmoothQuant: which layer groups had their activation outliers migrated into the weights.
-    smoothing: dict[str, str] = field(default_factory=dict)
+    smoothing: dict[str, str] = Field(default_factory=dict)
     #: int4: the group size of each module (the default picks per layer).
-    group_sizes: dict[str, int] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "method": self.method,
-            "dtype": self.dtype,
-            "groupSize": self.group_size,
-            "modules": self.modules,
-            "skipped": self.skipped,
-            "tiedEmbedding": self.tied,
-            "smoothing": self.smoothing,
-            "groupSizes": self.group_sizes,
-        }
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> QuantizationPlan:
-        return cls(
-            method=data["method"],
-            dtype=data["dtype"],
-            group_size=data.get("groupSize"),
-            modules=dict(data.get("modules", {})),
-            skipped=dict(data.get("skipped", {})),
-            tied=bool(data.get("tiedEmbedding", False)),
-            smoothing=dict(data.get("smoothing", {})),
-            group_sizes={k: int(v) for k, v in data.get("groupSizes", {}).items()},
-        )
+    group_sizes: dict[str, int] = Field(default_factory=dict)
 
 
 def _skipped(name: str, skip: list[str]) -> bool:

@@ -13,16 +13,16 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
+from autoglm_core.camel import CamelModel
 
-@dataclass(frozen=True)
-class DistillationReport:
+
+class DistillationReport(CamelModel, frozen=True):
     steps: int
     student_layers: int
     teacher_layers: int
@@ -31,9 +31,6 @@ class DistillationReport:
     kl_last: float
     hidden_mse_last: float
     lm_loss_last: float
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _layers(model: nn.Module) -> nn.ModuleList:

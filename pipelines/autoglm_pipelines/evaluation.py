@@ -9,13 +9,12 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 from transformers import DynamicCache
 
+from autoglm_core.camel import CamelModel
 from autoglm_core.energy import EnergyMeter
 from autoglm_modeling.loading import cache_kwargs
 from autoglm_modeling.quantization import weight_bytes
@@ -39,8 +38,7 @@ def perplexity(model: nn.Module, ids: torch.Tensor, *, window: int) -> float:
     return math.exp(nll / count)
 
 
-@dataclass(frozen=True)
-class DecodeStats:
+class DecodeStats(CamelModel, frozen=True):
     prefill_tokens_per_second: float
     decode_tokens_per_second: float
     p50_token_latency_ms: float
@@ -95,31 +93,18 @@ def _greedy(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> tuple[float
     return prefill, steps
 
 
-@dataclass(frozen=True)
-class ModelMeasurement:
+class ModelMeasurement(DecodeStats, frozen=True):
+    """Quality, weight bytes and decode figures of one model, as the validate report lists them."""
+
     quality: float
     weight_bytes: int
-    decode: DecodeStats
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "quality": self.quality,
-            "weightBytes": self.weight_bytes,
-            "decodeTokensPerSecond": self.decode.decode_tokens_per_second,
-            "prefillTokensPerSecond": self.decode.prefill_tokens_per_second,
-            "p50TokenLatencyMs": self.decode.p50_token_latency_ms,
-            "p95TokenLatencyMs": self.decode.p95_token_latency_ms,
-            "joulesPerToken": self.decode.joules_per_token,
-            "energyMethod": self.decode.energy_method,
-        }
 
 
 def measure(
     model: nn.Module, ids: torch.Tensor, *, window: int, prompt_tokens: int = 64, new_tokens: int = 128
 ) -> ModelMeasurement:
     """Perplexity on ``ids`` plus decode speed from a prompt taken from its start."""
+    decode = decode_benchmark(model, ids[:prompt_tokens], new_tokens=new_tokens)
     return ModelMeasurement(
-        quality=perplexity(model, ids, window=window),
-        weight_bytes=weight_bytes(model),
-        decode=decode_benchmark(model, ids[:prompt_tokens], new_tokens=new_tokens),
+        quality=perplexity(model, ids, window=window), weight_bytes=weight_bytes(model), **dict(decode)
     )

@@ -3,23 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from autoglm_api.spec import Gates
+from autoglm_core.camel import CamelModel
 
 
-@dataclass(frozen=True)
-class GateResult:
+class GateResult(CamelModel, frozen=True):
     name: str
     value: float
     threshold: float
     passed: bool
     #: How value and threshold compare when the gate passes, for messages: "<=" or ">=".
-    comparison: str
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+    comparison: Literal["<=", ">="]
 
     def describe(self) -> str:
         verdict = "passed" if self.passed else "FAILED"
@@ -39,25 +36,25 @@ def evaluate_gates(
     """Every gate with its measured value, threshold and verdict."""
     return [
         GateResult(
-            "maxQualityLoss",
-            quality_loss,
-            gates.max_quality_loss,
-            quality_loss <= gates.max_quality_loss,
-            "<=",
+            name="maxQualityLoss",
+            value=quality_loss,
+            threshold=gates.max_quality_loss,
+            passed=quality_loss <= gates.max_quality_loss,
+            comparison="<=",
         ),
         GateResult(
-            "maxP95LatencyMs",
-            p95_token_latency_ms,
-            gates.max_p95_latency_ms,
-            p95_token_latency_ms <= gates.max_p95_latency_ms,
-            "<=",
+            name="maxP95LatencyMs",
+            value=p95_token_latency_ms,
+            threshold=gates.max_p95_latency_ms,
+            passed=p95_token_latency_ms <= gates.max_p95_latency_ms,
+            comparison="<=",
         ),
         GateResult(
-            "minSizeReduction",
-            size_reduction,
-            gates.min_size_reduction,
-            size_reduction >= gates.min_size_reduction,
-            ">=",
+            name="minSizeReduction",
+            value=size_reduction,
+            threshold=gates.min_size_reduction,
+            passed=size_reduction >= gates.min_size_reduction,
+            comparison=">=",
         ),
     ]
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from pydantic import Field, ValidationError, field_serializer
+
+from autoglm_core.camel import CamelModel
 from autoglm_core.digests import hash_tree
 
 RESULT_FILE = "STEP.json"
@@ -25,44 +27,20 @@ def step_files(folder: Path) -> dict[str, str]:
     return hash_tree(folder, exclude={RESULT_FILE})
 
 
-@dataclass
-class StepResult:
+class StepResult(CamelModel):
     step: str
-    status: str  # Succeeded | Failed
+    status: Literal["Succeeded", "Failed"]
+    reason: str = ""
     inputs_digest: str
     started_at: str
     duration_seconds: float
-    files: dict[str, str] = field(default_factory=dict)
-    metrics: dict[str, Any] = field(default_factory=dict)
-    parameters: dict[str, Any] = field(default_factory=dict)
-    reason: str = ""
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    files: dict[str, str] = Field(default_factory=dict)
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "step": self.step,
-            "status": self.status,
-            "reason": self.reason,
-            "inputsDigest": self.inputs_digest,
-            "startedAt": self.started_at,
-            "durationSeconds": round(self.duration_seconds, 3),
-            "parameters": self.parameters,
-            "metrics": self.metrics,
-            "files": self.files,
-        }
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> StepResult:
-        return cls(
-            step=data["step"],
-            status=data["status"],
-            reason=data.get("reason", ""),
-            inputs_digest=data["inputsDigest"],
-            started_at=data["startedAt"],
-            duration_seconds=float(data["durationSeconds"]),
-            parameters=dict(data.get("parameters", {})),
-            metrics=dict(data.get("metrics", {})),
-            files=dict(data.get("files", {})),
-        )
+    @field_serializer("duration_seconds")
+    def _milliseconds(self, seconds: float) -> float:
+        return round(seconds, 3)
 
 
 def write_result(folder: Path, result: StepResult) -> None:
@@ -76,7 +54,7 @@ def write_result(folder: Path, result: StepResult) -> None:
 def read_result(folder: Path) -> StepResult | None:
     try:
         return StepResult.from_json(json.loads((folder / RESULT_FILE).read_text()))
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, ValidationError):
         return None
 
 

@@ -14,13 +14,14 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
 import torch
+from pydantic import Field
 from torch import nn
 
+from autoglm_core.camel import CamelModel
 from autoglm_modeling.quantization import (
     QuantizationPlan,
     quantize_model,
@@ -48,8 +49,7 @@ STARTING_POINTS: list[dict[str, Any]] = [
 EARLY_WINDOWS = 1
 
 
-@dataclass
-class Trial:
+class Trial(CamelModel):
     number: int
     config: dict[str, Any]
     quality_loss: float
@@ -58,30 +58,11 @@ class Trial:
     feasible: bool
     cut_early: bool = False
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "number": self.number,
-            "config": self.config,
-            "qualityLoss": self.quality_loss,
-            "sizeReduction": self.size_reduction,
-            "decodeSpeedup": self.decode_speedup,
-            "feasible": self.feasible,
-            "cutEarly": self.cut_early,
-        }
 
-
-@dataclass
-class SearchResult:
+class SearchResult(CamelModel):
     chosen: Trial | None
     pareto: list[Trial]
-    trials: list[Trial] = field(default_factory=list)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "chosen": self.chosen.to_json() if self.chosen else None,
-            "pareto": [t.to_json() for t in self.pareto],
-            "trials": [t.to_json() for t in self.trials],
-        }
+    trials: list[Trial] = Field(default_factory=list)
 
 
 def compression_config(
@@ -186,18 +167,24 @@ def search(
         early_loss = quality_loss("perplexity", early_base, perplexity(candidate, early_ids, window=window))
         if early_loss > 2 * tolerable_loss:  # hopeless: do not spend the full evaluation on it
             record = Trial(
-                trial.number, config, early_loss, base_bytes / weight_bytes(candidate), 0.0, False, True
+                number=trial.number,
+                config=config,
+                quality_loss=early_loss,
+                size_reduction=base_bytes / weight_bytes(candidate),
+                decode_speedup=0.0,
+                feasible=False,
+                cut_early=True,
             )
         else:
             loss = quality_loss("perplexity", base_quality, perplexity(candidate, ids, window=window))
             speed = decode_benchmark(candidate, ids[:32], new_tokens=decode_tokens).decode_tokens_per_second
             record = Trial(
-                trial.number,
-                config,
-                loss,
-                base_bytes / weight_bytes(candidate),
-                speed / base_speed,
-                loss <= tolerable_loss,
+                number=trial.number,
+                config=config,
+                quality_loss=loss,
+                size_reduction=base_bytes / weight_bytes(candidate),
+                decode_speedup=speed / base_speed,
+                feasible=loss <= tolerable_loss,
             )
         trials.append(record)
         trial.set_constraint("qualityLoss", record.quality_loss - tolerable_loss)  # feasible when <= 0

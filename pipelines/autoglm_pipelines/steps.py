@@ -209,7 +209,7 @@ def validate(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
     gates = evaluate_gates(
         spec.gates,
         quality_loss=loss,
-        p95_token_latency_ms=cand.decode.p95_token_latency_ms,
+        p95_token_latency_ms=cand.p95_token_latency_ms,
         size_reduction=reduction,
     )
     report = {
@@ -219,7 +219,7 @@ def validate(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
         "candidate": cand.to_json(),
         "qualityLoss": loss,
         "sizeReduction": reduction,
-        "decodeSpeedup": cand.decode.decode_tokens_per_second / base.decode.decode_tokens_per_second,
+        "decodeSpeedup": cand.decode_tokens_per_second / base.decode_tokens_per_second,
         "gates": [g.to_json() for g in gates],
         "passed": all(g.passed for g in gates),
     }
@@ -347,7 +347,12 @@ def run_step(model: AutoGLMModel, step: str, ctx: StepContext) -> tuple[StepResu
         known = isinstance(exc, StepFailedError | SourceError)
         reason = str(exc) if known else f"{type(exc).__name__}: {' '.join(str(exc).split())[:500]}"
         failure = StepResult(
-            step, "Failed", digest, started.isoformat(), time.perf_counter() - start, reason=reason
+            step=step,
+            status="Failed",
+            inputs_digest=digest,
+            started_at=started.isoformat(),
+            duration_seconds=time.perf_counter() - start,
+            reason=reason,
         )
         write_result(folder, failure)
         raise StepFailedError(reason, transient=isinstance(exc, TransientSourceError)) from exc

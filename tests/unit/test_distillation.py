@@ -68,7 +68,7 @@ def test_compress_distils_a_pruned_student_then_quantizes(teacher_dir: Path, tmp
         assert code == 0, out
     metrics = result(work, "compress")["metrics"]
     assert metrics["distillation"]["steps"] == 6
-    assert metrics["distillation"]["student_layers"] == 2
+    assert metrics["distillation"]["studentLayers"] == 2
     assert metrics["pruning"]["intermediateSize"]["after"] == 96
     model, _, plan = load_model_folder(work / "compress" / "model")
     assert plan is not None

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from autoglm_pipelines.executor import _reused
 from autoglm_pipelines.results import StepResult
 
-EARLIER = StepResult("fetch", "Succeeded", "d" * 64, "2026-12-01T10:00:00+00:00", 3.0)
+EARLIER = StepResult(
+    step="fetch",
+    status="Succeeded",
+    inputs_digest="d" * 64,
+    started_at="2026-12-01T10:00:00+00:00",
+    duration_seconds=3.0,
+)
+
+
+def replace(result: StepResult, **changes: object) -> StepResult:
+    return result.model_copy(update=changes)
 
 
 def test_an_untouched_success_is_reused() -> None:

@@ -398,3 +398,36 @@ def test_weight_only_paths_agree_with_the_dequantized_weight(
     assert bool(packed) == (rows <= CPU_PACKED_MAX_ROWS and support is not OURS)
     if support is OURS:  # AutoGLM's kernel: no torch product at all
         assert not {"mm", "addmm", "linear", "_weight_int8pack_mm"} & ops
+
+
+def test_the_plan_file_is_camel_case_and_reads_back_equal(tiny: Path, tmp_path: Path) -> None:
+    import json
+
+    from autoglm_modeling.folders import save_model_folder
+
+    lm = load_causal_lm(tiny, None, cache_dir=tmp_path)
+    plan = quantize_model(lm.model, "int4-weight-only", group_size=32)
+    save_model_folder(lm.model, lm.tokenizer, tmp_path / "q", plan)
+    on_disk = json.loads((tmp_path / "q" / "autoglm-quantization.json").read_text())
+    assert {"method", "dtype", "groupSize", "modules", "skipped", "tiedEmbedding", "groupSizes"} <= set(
+        on_disk
+    )
+    from autoglm_modeling.quantization import QuantizationPlan
+
+    assert QuantizationPlan.from_json(on_disk) == plan
+
+
+def test_a_corrupt_plan_file_is_a_one_line_error_naming_the_field(tiny: Path, tmp_path: Path) -> None:
+    import json
+
+    from autoglm_core.uris import SourceError
+    from autoglm_modeling.folders import load_model_folder, save_model_folder
+
+    lm = load_causal_lm(tiny, None, cache_dir=tmp_path)
+    plan = quantize_model(lm.model, "int8-weight-only")
+    save_model_folder(lm.model, lm.tokenizer, tmp_path / "q", plan)
+    plan_file = tmp_path / "q" / "autoglm-quantization.json"
+    plan_file.write_text(json.dumps({**plan.to_json(), "groupSize": "large"}))
+    with pytest.raises(SourceError, match=r"not a valid quantization plan: groupSize: ") as caught:
+        load_model_folder(tmp_path / "q")
+    assert "\n" not in str(caught.value)

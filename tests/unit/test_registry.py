@@ -115,3 +115,57 @@ async def test_a_second_repository_operation_on_a_name_is_refused_while_one_runs
             pass
     async with registry.exclusive("m", "an unload"):  # free again
         pass
+
+
+def test_a_model_is_loaded_by_kserve_load_and_a_failed_load_registers_nothing(
+    folders: dict[str, Path], tmp_path: Path
+) -> None:
+    from autoglm_inference.kserve_model import CausalLMModel
+    from autoglm_inference.service import UnavailableError
+
+    registry = Registry(ServerOptions(cache_dir=tmp_path))
+    broken = CausalLMModel("broken", str(tmp_path / "missing"), registry)
+    with pytest.raises(ArtifactError, match="does not exist"):
+        broken.load()
+    assert not broken.ready
+    assert "broken" not in registry.services
+    with pytest.raises(UnavailableError, match="not loaded"):
+        _ = broken.service
+
+    model = CausalLMModel("good", str(folders["a"]), registry)
+    assert model.load() is True
+    assert model.ready
+    assert registry.get("good") is model.service
+    assert model.service.router.table.stable.name == "rev-a"
+    model.service.router.table.stable.engine.stop()
+
+
+def test_every_server_error_is_one_base_class_with_its_status() -> None:
+    """The server maps AutoGLMError alone: each kind carries its status (and headers)."""
+    from autoglm_core.errors import AutoGLMError
+    from autoglm_inference.access import AccessDeniedError
+    from autoglm_inference.limits import BodyTooLargeError, QueueFullError
+    from autoglm_inference.prompts import UnknownVariantError
+    from autoglm_inference.revisions import NoCanaryError, UnknownRevisionError
+    from autoglm_inference.service import BadRequestError, GenerationError, UnavailableError
+
+    cases = [
+        (BadRequestError("x"), 400),
+        (UnknownVariantError("x"), 400),
+        (AccessDeniedError("x", status=401), 401),
+        (AccessDeniedError("x"), 403),
+        (UnknownRevisionError("x"), 404),
+        (SwapInProgressError("x"), 409),
+        (NoCanaryError("x"), 409),
+        (BodyTooLargeError(10, 5), 413),
+        (ArtifactError("x"), 422),
+        (QueueFullError(4, retry_after=2.4), 429),
+        (GenerationError("x"), 500),
+        (UnavailableError("x"), 503),
+    ]
+    for error, status in cases:
+        assert isinstance(error, AutoGLMError)
+        assert error.status == status, type(error).__name__
+    assert QueueFullError(4, retry_after=2.4).headers() == {"Retry-After": "2"}
+    assert UnavailableError("x").headers() == {"Retry-After": "1"}
+    assert BodyTooLargeError(10, 5).to_json()["limit"] == "max_body_bytes"

@@ -45,7 +45,9 @@ def test_search_returns_a_feasible_non_dominated_choice(tiny: Path, tmp_path: Pa
 
 def test_dominance_needs_better_on_one_objective_and_no_worse_on_the_other() -> None:
     def t(size: float, speed: float) -> Trial:
-        return Trial(0, {}, 0.0, size, speed, True)
+        return Trial(
+            number=0, config={}, quality_loss=0.0, size_reduction=size, decode_speedup=speed, feasible=True
+        )
 
     assert _dominates(t(4, 2), t(3, 2))
     assert not _dominates(t(4, 1), t(3, 2))

@@ -1,0 +1,158 @@
+"""The served model names of one server process: device, energy meter, engines, prompt variants.
+
+Shared by kserve's model repository (``CausalLMModel.load`` creates a name's service here) and the
+repository routes that hot-swap what a name serves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable
+
+import torch
+
+from autoglm_core.energy import EnergyMeter
+from autoglm_inference.access import ModelPolicy
+from autoglm_inference.artifact import ArtifactError, LoadedArtifact
+from autoglm_inference.engine import Engine
+from autoglm_inference.options import ServerOptions
+from autoglm_inference.prompts import PromptVariants
+from autoglm_inference.revisions import Router, SwapInProgressError, UnknownRevisionError
+from autoglm_inference.service import LMService
+from autoglm_inference.telemetry import Labels, telemetry
+from autoglm_modeling.quantization import dequantized_kinds, quantized_kinds, run_activations_in_fp32
+
+log = logging.getLogger(__name__)
+
+
+def _energy_meter(device: torch.device) -> EnergyMeter:
+    """NVML's counter of ``device`` when it is a GPU (found by its UUID), else RAPL or the CPU model."""
+    if device.type != "cuda":
+        return EnergyMeter()
+    index = device.index or 0
+    try:
+        uuid: str | None = str(torch.cuda.get_device_properties(index).uuid)
+    except Exception:  # an old driver or torch without the property: NVML's index instead
+        uuid = None
+    return EnergyMeter(gpu_index=index, gpu_uuid=uuid)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"unknown device {name!r}: use cpu, cuda, cuda:N or auto") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but torch sees no CUDA device; use cpu or auto")
+    return device
+
+
+class _EngineObserver:
+    def __init__(self, labels: Labels) -> None:
+        self.labels = labels
+
+    def on_prefill(self, size: int) -> None:
+        telemetry().prefill_size.record(size, self.labels.attrs())
+
+    def on_step(self, rows: int, seconds: float) -> None:
+        telemetry().batch_size.record(rows, self.labels.attrs())
+
+
+class Registry:
+    """The served model names; shared by kserve's repository and our routes."""
+
+    def __init__(self, options: ServerOptions, *, startup_uri: str | None = None) -> None:
+        self.options = options
+        self.policy = ModelPolicy.build(
+            options.model_roots,
+            cache_dir=options.cache_dir,
+            startup_uri=startup_uri,
+            allow_remote=options.allow_remote_models,
+        )
+        self.device = resolve_device(options.device)
+        self.services: dict[str, LMService] = {}
+        self.prompts = PromptVariants(options.prompt_variants)
+        self.meter = _energy_meter(self.device)
+        if self.device.type == "cuda" and self.meter.method != "nvml":
+            log.warning(
+                "no NVML energy counter for %s (pip install nvidia-ml-py): energy is CPU-time modelled",
+                self.device,
+            )
+        # One decode step at a time on the device: each step's energy reading is then its own.
+        self.step_lock = threading.Lock()
+        self._busy: dict[str, str] = {}
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self, name: str, what: str) -> AsyncIterator[None]:
+        """One repository operation per model name at a time; a second one gets 409."""
+        if name in self._busy:
+            raise SwapInProgressError(
+                f"{name}: {self._busy[name]} is in progress; retry when it has finished"
+            )
+        self._busy[name] = what
+        try:
+            yield
+        finally:
+            del self._busy[name]
+
+    def make_engine_for(self, name: str) -> Callable[[LoadedArtifact], Engine]:
+        device = self.device
+
+        def make(loaded: LoadedArtifact) -> Engine:
+            if device.type == "cpu" and (swapped := run_activations_in_fp32(loaded.model)):
+                log.info(
+                    "%s: %d modules run with fp32 activations on AutoGLM's CPU kernel (no native half GEMM here)",
+                    loaded.artifact.uri,
+                    swapped,
+                )
+            if device.type != "cpu":
+                try:
+                    loaded.model.to(device)  # type: ignore[arg-type]
+                except Exception as exc:  # e.g. CPU-only packed int4/int8 weights
+                    raise ArtifactError(f"{loaded.artifact.uri}: cannot run on {device}: {exc}") from exc
+            if slow := dequantized_kinds(quantized_kinds(loaded.model), device):
+                log.warning(
+                    "%s: %s run dequantized on %s (this torch has no kernel for them there): "
+                    "smaller than bf16 but slower",
+                    loaded.artifact.uri,
+                    ", ".join(slow),
+                    device,
+                )
+            labels = Labels(name, loaded.artifact.revision, "-", self.options.target)
+            engine = Engine(
+                loaded.model,
+                max_batch_size=self.options.max_batch_size,
+                max_batch_delay_ms=self.options.max_batch_delay_ms,
+                max_queue=self.options.limits.max_queue,
+                continuous=self.options.continuous_batching,
+                meter=self.meter,
+                observer=_EngineObserver(labels),
+                name=f"{name}@{loaded.artifact.revision}",
+                step_lock=self.step_lock,
+            )
+            key = id(engine)
+            telemetry().watch_queue(key, labels, lambda: engine.queue_depth)
+            engine.on_stop.append(lambda: telemetry().unwatch_queue(key))
+            return engine
+
+        return make
+
+    def create(self, name: str, uri: str, sha256: str | None = None) -> LMService:
+        router = Router.load_first(
+            name, uri, sha256=sha256, make_engine=self.make_engine_for(name), cache_dir=self.options.cache_dir
+        )
+        service = LMService(
+            name, router, prompts=self.prompts, limits=self.options.limits, target=self.options.target
+        )
+        self.services[name] = service
+        return service
+
+    def get(self, name: str) -> LMService:
+        service = self.services.get(name)
+        if service is None:
+            raise UnknownRevisionError(f"model {name!r} is not served; served: {sorted(self.services)}")
+        return service

@@ -1,0 +1,148 @@
+"""OpenAI-compatible routes under ``/openai/v1``: completions and chat completions (``stream: true``
+as server-sent events) and the model list. kserve's own OpenAI routes need vLLM and only see models
+present at start-up, so these are ours."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from autoglm_inference.middleware import count_stream_error, until_done_or_gone
+from autoglm_inference.registry import Registry
+from autoglm_inference.routes.deps import json_body, registry_of
+from autoglm_inference.service import (
+    BadRequestError,
+    GenerateRequest,
+    Generation,
+    GenerationError,
+    LMService,
+    UnavailableError,
+)
+
+router = APIRouter(prefix="/openai/v1", tags=["openai"])
+
+
+def openai_service(registry: Registry, body: Any) -> LMService:
+    if not isinstance(body, dict) or not isinstance(body.get("model"), str):
+        raise BadRequestError("'model' (the served model name) is required")
+    if body.get("n") not in (None, 1):
+        raise BadRequestError(f"'n' must be 1 (one choice per request), got {body.get('n')!r}")
+    return registry.get(body["model"])
+
+
+@router.get("/models")
+async def openai_models(registry: Annotated[Registry, Depends(registry_of)]) -> dict[str, Any]:
+    return {
+        "object": "list",
+        "data": [{"id": n, "object": "model", "owned_by": "autoglm"} for n in sorted(registry.services)],
+    }
+
+
+@router.post("/completions")
+async def completions(request: Request, registry: Annotated[Registry, Depends(registry_of)]) -> Any:
+    received = time.perf_counter()  # latency starts here, before tokenizing
+    body = await json_body(request)
+    service = openai_service(registry, body)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise BadRequestError("'prompt' must be one string")
+    generation = await service.start_async(
+        GenerateRequest.from_json({**body, "prompt": prompt}), dict(request.headers), received=received
+    )
+    return await openai_reply(generation, body, chat=False)
+
+
+@router.post("/chat/completions")
+async def chat_completions(request: Request, registry: Annotated[Registry, Depends(registry_of)]) -> Any:
+    received = time.perf_counter()
+    body = await json_body(request)
+    service = openai_service(registry, body)
+    if "max_completion_tokens" in body and "max_tokens" not in body:
+        body["max_tokens"] = body["max_completion_tokens"]
+    generation = await service.start_async(
+        GenerateRequest.from_json({k: v for k, v in body.items() if k != "prompt"}),
+        dict(request.headers),
+        received=received,
+    )
+    return await openai_reply(generation, body, chat=True)
+
+
+async def openai_reply(generation: Generation, body: dict[str, Any], *, chat: bool) -> Any:
+    created = int(time.time())
+    ident = ("chatcmpl-" if chat else "cmpl-") + generation.request_id
+    base = {"id": ident, "created": created, "model": generation.service.name}
+    if not body.get("stream"):
+        try:
+            result = await until_done_or_gone(generation.result())
+        finally:
+            generation.close()
+        choice: dict[str, Any] = {"index": 0, "finish_reason": result.finish_reason}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": result.text}
+        else:
+            choice.update(text=result.text, logprobs=None)
+        usage = {
+            "prompt_tokens": result.prompt_tokens,
+            "completion_tokens": result.completion_tokens,
+            "total_tokens": result.prompt_tokens + result.completion_tokens,
+        }
+        payload = {
+            **base,
+            "object": "chat.completion" if chat else "text_completion",
+            "choices": [choice],
+            "usage": usage,
+        }
+        return JSONResponse(payload, headers=generation.headers())
+
+    obj = "chat.completion.chunk" if chat else "text_completion"
+
+    def event(data: dict[str, Any]) -> str:
+        return f"data: {json.dumps(data)}\n\n"
+
+    def chunk(delta: str | None, finish: str | None) -> str:
+        if chat:
+            choice = {
+                "index": 0,
+                "delta": {"content": delta} if delta is not None else {},
+                "finish_reason": finish,
+            }
+        else:
+            choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
+        return event({**base, "object": obj, "choices": [choice]})
+
+    # Wait for the first text before the status line goes out, so a request that fails before it
+    # produced anything (unloaded while queued, a failed prefill) gets its real status code.
+    deltas = generation.deltas()
+    try:
+        first_delta: str | None = await until_done_or_gone(anext(deltas))
+    except StopAsyncIteration:
+        first_delta = None
+    except BaseException:
+        generation.close()
+        raise
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            if chat:
+                first = {"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}
+                yield event({**base, "object": obj, "choices": [first]})
+            if first_delta is not None:
+                yield chunk(first_delta, None)
+                async for delta in deltas:
+                    yield chunk(delta, None)
+            yield chunk(None, generation.finish_reason or "stop")
+            yield "data: [DONE]\n\n"
+        except (GenerationError, UnavailableError) as exc:  # the status line is gone: say it in-band
+            count_stream_error(generation.labels.attrs(), exc.status)
+            yield event({"error": {"message": str(exc), "code": exc.status}})
+        finally:
+            generation.close()
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers=generation.headers())
