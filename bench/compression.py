@@ -5,6 +5,9 @@ KV cache (128 new tokens after a 64-token prompt); prefill of that prompt. Print
 the fp32 baseline measured in the same run, the machine's measured memory read bandwidth, and each
 variant's decode speed as a fraction of its roofline (bandwidth / weight bytes read per token).
 
+Each variant is saved as the pipeline publishes it (a compressed-tensors folder for the quantized
+ones) and loaded back as ``autoglm serve`` loads it before it is measured.
+
 A second table gives what many rows cost, where the kernels differ most: prefill tokens/s of one
 ``--prefill-tokens`` prompt, and decode tokens/s with ``--batch`` rows in the batch beside batch 1,
 each as a ratio to fp32 in the same run. Both tables name the CPU flags they ran on and which
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -29,6 +33,7 @@ from transformers import DynamicCache
 from autoglm_core.paths import DEFAULT_CACHE_DIR
 from autoglm_core.uris import resolve
 from autoglm_modeling import cpugemm
+from autoglm_modeling.folders import load_model_folder, save_model_folder
 from autoglm_modeling.loading import cache_kwargs, load_causal_lm
 from autoglm_modeling.quantization import (
     KernelSupport,
@@ -142,9 +147,13 @@ def main() -> None:
         results = [("fp32 (baseline)", base, base_speed)]
         for label, method, group in chosen:
             model = copy.deepcopy(lm.model)
-            quantize_model(
+            plan = quantize_model(
                 model, method, group_size=group, activation_absmax=absmax, smoothing_alpha=SMOOTHING_ALPHA
             )
+            with tempfile.TemporaryDirectory() as folder:  # measured as published and served
+                save_model_folder(model, lm.tokenizer, Path(folder), plan)
+                del model
+                model, _, _ = load_model_folder(Path(folder))
             run_activations_in_fp32(model)  # as validate and autoglm serve run it on this CPU
             results.append((label, *run(model)))
             del model
@@ -158,7 +167,7 @@ def main() -> None:
     print(header)
     for label, m in rows:
         roofline = bandwidth * 1e9 / m.weight_bytes  # tokens/s if every weight byte is read once per token
-        d, b = m.decode, base.decode
+        d, b = m, base
         print(
             f"{label:24} {m.quality:8.3f} {m.quality / base.quality:7.4f} {m.weight_bytes / base.weight_bytes:8.3f} "
             f"{d.decode_tokens_per_second / b.decode_tokens_per_second:9.2f} "

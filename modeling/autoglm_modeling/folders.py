@@ -1,13 +1,17 @@
-"""Model folders as the pipeline passes them between steps: config, tokenizer, safetensors weights.
+"""Model folders as the pipeline passes them between steps and publishes them: config, tokenizer,
+safetensors weights.
 
-A quantized folder also holds ``autoglm-quantization.json``, which tells the loader which modules
-to rebuild as quantized ones before the weights are read.
+Quantized models are written in the compressed-tensors format (``quantization_config`` in
+``config.json``; see ``ctformat``), which transformers, vLLM and llm-compressor read; bf16/fp16 are
+plain checkpoints. ``autoglm-quantization.json`` beside them keeps AutoGLM's plan (method, what was
+skipped and why, SmoothQuant's migrated layers) as lineage; the format alone is enough to load.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from pydantic import ValidationError
@@ -21,14 +25,9 @@ from transformers import (
 
 from autoglm_core.camel import field_errors
 from autoglm_core.uris import SourceError
+from autoglm_modeling import ctformat
 from autoglm_modeling.loading import TRANSFORMERS_LOCK
-from autoglm_modeling.quantization import (
-    CAST_METHODS,
-    QUANTIZATION_FILE,
-    QuantizationPlan,
-    load_quantized_weights,
-    save_quantized,
-)
+from autoglm_modeling.quantization import CAST_METHODS, QUANTIZATION_FILE, QuantizationPlan
 
 
 def save_model_folder(
@@ -47,7 +46,8 @@ def save_model_folder(
     model.config.save_pretrained(folder)
     if model.generation_config is not None:
         model.generation_config.save_pretrained(folder)
-    save_quantized(model, plan, folder)
+    ctformat.save(model, plan, folder)
+    (folder / QUANTIZATION_FILE).write_text(json.dumps(plan.to_json(), indent=2))
 
 
 def load_model_folder(
@@ -59,14 +59,19 @@ def load_model_folder(
     tokenizer = AutoTokenizer.from_pretrained(folder)
     plan_file = folder / QUANTIZATION_FILE
     plan = _read_plan(plan_file) if plan_file.is_file() else None
-    if plan is not None and plan.method not in CAST_METHODS:
+    config_data = _read_config(folder)
+    if ctformat.is_compressed_tensors(config_data):
         config = AutoConfig.from_pretrained(folder)
+        quantization_config = config_data["quantization_config"]
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config  # built plain, then our modules take the stored tensors
+        dtype = getattr(torch, plan.dtype) if plan is not None else _compute_dtype(quantization_config)
         with TRANSFORMERS_LOCK:
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # type: ignore[no-untyped-call]
         try:
-            load_quantized_weights(model, folder)
+            plan = ctformat.load_into(model, folder, quantization_config, dtype, hint=plan)
         except (OSError, ValueError, RuntimeError) as exc:
-            raise SourceError(f"{folder}: cannot load the quantized weights: {exc}") from exc
+            raise SourceError(f"{folder}: cannot load the compressed-tensors weights: {exc}") from exc
     else:
         dtype = getattr(torch, plan.dtype) if plan is not None else torch.float32
         with TRANSFORMERS_LOCK:
@@ -82,3 +87,34 @@ def _read_plan(path: Path) -> QuantizationPlan:
         raise SourceError(f"{path}: not a valid quantization plan: {field_errors(exc)}") from exc
     except ValueError as exc:
         raise SourceError(f"{path}: not JSON: {exc}") from exc
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    try:
+        data = json.loads((folder / "config.json").read_text())
+    except ValueError as exc:
+        raise SourceError(f"{folder}/config.json: not JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise SourceError(f"{folder}/config.json: not a JSON object")
+    return data
+
+
+def _compute_dtype(quantization_config: dict[str, Any]) -> torch.dtype:
+    """What ``quantize_model`` computes in: fp32 around int8 x int8 products, else bf16."""
+    groups = quantization_config.get("config_groups") or {}
+    dynamic = any(isinstance(g, dict) and g.get("input_activations") for g in groups.values())
+    return torch.float32 if dynamic else torch.bfloat16
+
+
+def artifact_format(folder: Path) -> dict[str, str]:
+    """What the model card says about a saved folder's format and who loads it."""
+    config = _read_config(folder)
+    if ctformat.is_compressed_tensors(config):
+        q = config["quantization_config"]
+        return {
+            "format": f"compressed-tensors ({q.get('format')}, compressed-tensors {q.get('version')})",
+            "loading": "transformers AutoModelForCausalLM.from_pretrained(folder) with the compressed-tensors "
+            "package (int8 W8A16 and W8A8); vLLM; autoglm serve. Asymmetric 4-bit: compressed-tensors' "
+            "ModelCompressor (transformers 5.24 cannot place packed zero points)",
+        }
+    return {"format": "safetensors", "loading": "transformers AutoModelForCausalLM.from_pretrained(folder)"}

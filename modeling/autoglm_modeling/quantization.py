@@ -17,8 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,6 @@ import torch.nn.functional as F  # noqa: N812
 from pydantic import Field
 from safetensors.torch import load_model, save_model
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from autoglm_core.camel import CamelModel
 from autoglm_modeling import cpugemm
@@ -283,13 +281,17 @@ class Int8WeightOnlyLinear(_Int8Linear):
             y = cpugemm.linear(x2, self._cpu_weight(), self.bias).to(x2.dtype)
             return y.reshape(*shape[:-1], self.out_features)
         if path == "packed" and x2.dtype in (torch.bfloat16, torch.float16, torch.float32):
-            y = torch._weight_int8pack_mm(x2.contiguous(), self.weight_int8, self.weight_scale.to(x2.dtype))
+            y = torch._weight_int8pack_mm(
+                x2.contiguous(), self.weight_int8, _in_dtype(self, "weight_scale", x2.dtype)
+            )
         else:
             dense = _dense_dtype(x2)
             if dense == torch.float16:  # integer sums can pass fp16's range: scale the weight first
                 y = F.linear(x2, self.dequantized().to(dense))
             else:  # int8 values are exact in bf16; one scale per output column after the product
-                y = F.linear(x2.to(dense), self.weight_int8.to(dense)) * self.weight_scale.to(dense)
+                y = F.linear(x2.to(dense), self.weight_int8.to(dense)) * _in_dtype(
+                    self, "weight_scale", dense
+                )
             y = y.to(x2.dtype)
         if self.bias is not None:
             y = y + self.bias
@@ -335,17 +337,29 @@ class Int8DynamicLinear(_Int8Linear):
 
 
 class Int4WeightOnlyLinear(nn.Module):
-    """Group-wise asymmetric 4-bit weights: ``w = (q - 8) * scale + zero`` per group of inputs."""
+    """Group-wise asymmetric 4-bit weights with integer zero points, as compressed-tensors stores
+    them: ``w = (q - z) * scale`` per group of inputs, q and z in [0, 15].
+
+    The kernels take ``(q - 8) * scale + zero`` (``scales_and_zeros``, derived once and cached).
+    """
 
     def __init__(
-        self, in_features: int, out_features: int, *, bias: bool, dtype: torch.dtype, group_size: int
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        bias: bool,
+        dtype: torch.dtype,
+        group_size: int,
+        scale_dtype: torch.dtype = torch.bfloat16,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         groups = in_features // group_size
         # Two 4-bit values per byte, low nibble first, in input order: portable, not a kernel layout.
         self.register_buffer("weight_int4", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
-        self.register_buffer("scales_and_zeros", torch.zeros(groups, out_features, 2, dtype=torch.float32))
+        self.register_buffer("weight_scale", torch.ones(out_features, groups, dtype=scale_dtype))
+        self.register_buffer("weight_zero_point", torch.full((out_features, groups), 8, dtype=torch.uint8))
         self.bias = (
             nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
         )
@@ -353,9 +367,11 @@ class Int4WeightOnlyLinear(nn.Module):
         self._packed: torch.Tensor | None = None
         self._kernel_refused = False
         self._cpu_packed = _CpuPacked()
+        self._derived: tuple[tuple[int, ...], torch.Tensor] | None = None
 
     weight_int4: torch.Tensor
-    scales_and_zeros: torch.Tensor
+    weight_scale: torch.Tensor
+    weight_zero_point: torch.Tensor
 
     @staticmethod
     def supports(in_features: int, out_features: int, group_size: int) -> bool:
@@ -368,12 +384,23 @@ class Int4WeightOnlyLinear(nn.Module):
         module = cls(
             weight.shape[1], weight.shape[0], bias=bias is not None, dtype=dtype, group_size=group_size
         )
-        q, scales_and_zeros = quantize_int4_groupwise(weight, group_size)
+        q, scale, point = quantize_int4_with_points(weight, group_size)
         module.weight_int4.copy_(q[:, 0::2] | (q[:, 1::2] << 4))
-        module.scales_and_zeros.copy_(scales_and_zeros)
+        module.weight_scale.copy_(scale)  # bf16-exact by construction
+        module.weight_zero_point.copy_(point)
         if bias is not None and module.bias is not None:
             module.bias.data.copy_(bias.detach().to(dtype))
         return module
+
+    @property
+    def scales_and_zeros(self) -> torch.Tensor:
+        """``[groups, out, 2]`` fp32 (scale, (8 - z) * scale): the layout of torch's int4 CPU kernel."""
+        stamp = _versions(self.weight_scale, self.weight_zero_point)
+        if self._derived is None or self._derived[0] != stamp:
+            scale = self.weight_scale.float()
+            zero = (8 - self.weight_zero_point.float()) * scale
+            self._derived = (stamp, torch.stack((scale.t(), zero.t()), dim=-1).contiguous())
+        return self._derived[1]
 
     def _unpacked(self) -> torch.Tensor:
         low, high = self.weight_int4 & 0xF, self.weight_int4 >> 4
@@ -381,16 +408,18 @@ class Int4WeightOnlyLinear(nn.Module):
 
     def dequantized(self) -> torch.Tensor:
         q = self._unpacked().to(torch.float32).view(self.out_features, -1, self.group_size)
-        scale = self.scales_and_zeros[..., 0].t().unsqueeze(-1)
-        zero = self.scales_and_zeros[..., 1].t().unsqueeze(-1)
-        return ((q - 8) * scale + zero).reshape(self.out_features, self.in_features)
+        point = self.weight_zero_point.float().unsqueeze(-1)
+        return ((q - point) * self.weight_scale.float().unsqueeze(-1)).reshape(
+            self.out_features, self.in_features
+        )
 
     def _dequantized_as(self, dtype: torch.dtype) -> torch.Tensor:
         # Fewer passes over the weight than ``dequantized``: it runs on every many-row forward.
         q = self._unpacked().to(dtype).view(self.out_features, -1, self.group_size)
-        scale = self.scales_and_zeros[..., 0].t().unsqueeze(-1).to(dtype)
-        zero = self.scales_and_zeros[..., 1].t().unsqueeze(-1).to(dtype)
-        return ((q - 8) * scale + zero).view(self.out_features, self.in_features)
+        point = self.weight_zero_point.to(dtype).unsqueeze(-1)
+        return ((q - point) * self.weight_scale.to(dtype).unsqueeze(-1)).view(
+            self.out_features, self.in_features
+        )
 
     def _kernel_weight(self, device: torch.device) -> torch.Tensor | None:
         """The weight packed for ``device``'s kernel (once, on first use); None where it cannot run."""
@@ -424,12 +453,22 @@ class Int4WeightOnlyLinear(nn.Module):
 
     def _cpu_weight(self) -> cpugemm.PackedWeight:
         return self._cpu_packed.get(
-            _versions(self.weight_int4, self.scales_and_zeros),
+            _versions(self.weight_int4, self.weight_scale, self.weight_zero_point),
             lambda: cpugemm.pack_int4(self._unpacked(), self.scales_and_zeros, self.group_size),
         )
 
+    def _scales_and_zeros_as(self, dtype: torch.dtype) -> torch.Tensor:
+        derived = self.scales_and_zeros
+        if dtype == derived.dtype:
+            return derived
+        cached = self.__dict__.get("_sz_as")
+        if cached is None or cached[0] is not derived or cached[1] != dtype:
+            cached = (derived, dtype, derived.to(dtype))
+            self.__dict__["_sz_as"] = cached
+        return cached[2]
+
     def _int4_kernel(self, x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-        sz = self.scales_and_zeros.to(device=x.device, dtype=x.dtype).contiguous()
+        sz = self._scales_and_zeros_as(x.dtype).to(x.device).contiguous()
         if x.device.type == "cpu":
             return torch._weight_int4pack_mm_for_cpu(x.contiguous(), packed, self.group_size, sz)
         return torch._weight_int4pack_mm(x.contiguous(), packed, self.group_size, sz)
@@ -513,8 +552,7 @@ def run_activations_in_fp32(model: nn.Module) -> int:
     if not changed:
         return 0
     for module in model.modules():
-        for handle in _CAST_HOOKS.pop(module, ()):
-            handle.remove()  # the casts to bf16 around modules kept in float: all is fp32 now
+        _remove_kept_casts(module)  # the casts to bf16 around modules kept in float: all is fp32 now
         if isinstance(module, HalfWeightLinear):
             continue
         if isinstance(module, nn.Embedding):
@@ -548,6 +586,23 @@ class Int8Embedding(nn.Module):
         return rows * self.weight_scale[ids].unsqueeze(-1).to(self.compute_dtype)
 
 
+def _in_dtype(module: nn.Module, name: str, dtype: torch.dtype) -> torch.Tensor:
+    """Buffer ``name`` of ``module`` in ``dtype``: converted once and kept until the buffer changes."""
+    tensor: torch.Tensor = getattr(module, name)
+    if tensor.dtype == dtype:
+        return tensor
+    cache: dict[tuple[str, torch.dtype], tuple[tuple[int, int, str], torch.Tensor]] = (
+        module.__dict__.setdefault("_autoglm_converted", {})
+    )
+    stamp = (tensor._version, tensor.data_ptr(), str(tensor.device))
+    hit = cache.get((name, dtype))
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    converted = tensor.to(dtype)
+    cache[(name, dtype)] = (stamp, converted)
+    return converted
+
+
 def _kernel_exact(scale: torch.Tensor) -> torch.Tensor:
     # The kernels take scales in the activation dtype (bf16): quantizing with the very scale they
     # will use avoids a systematic per-channel error of up to 0.4% (it cost 1% perplexity on SmolLM2).
@@ -562,21 +617,35 @@ def quantize_int8_per_row(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return q, scale
 
 
-def quantize_int4_groupwise(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Asymmetric 4-bit per group: q in [0, 15], ``w ~= (q - 8) * scale + zero``.
+def quantize_int4_with_points(
+    weight: torch.Tensor, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric 4-bit per group with an integer zero point, as GPTQ, AWQ and compressed-tensors
+    store it: ``w ~= (q - z) * scale`` with q, z in [0, 15] (0.0 stays exactly 0.0).
 
-    Returns q as uint8 ``[out, in]`` and ``scales_and_zeros`` ``[in / group, out, 2]``, the layout
-    of PyTorch's int4 CPU kernel.
+    Returns q as uint8 ``[out, in]``, the scale ``[out, in / group]`` (fp32 holding bf16-exact
+    values, so the kernels that take bf16 use this very scale) and z as uint8 ``[out, in / group]``.
     """
     w = weight.detach().to(torch.float32)
     out_features, in_features = w.shape
     groups = w.view(out_features, in_features // group_size, group_size)
-    low, high = groups.amin(dim=-1, keepdim=True), groups.amax(dim=-1, keepdim=True)
+    # The range always holds 0.0 (as compressed-tensors and GPTQ take it), so the zero point is one
+    # of the 16 levels: a group of only positive weights would otherwise need z < 0 and be clipped.
+    low = groups.amin(dim=-1, keepdim=True).clamp(max=0)
+    high = groups.amax(dim=-1, keepdim=True).clamp(min=0)
     scale = _kernel_exact(((high - low) / 15.0).clamp(min=1e-12))
-    zero = _kernel_exact(low + 8 * scale)
-    q = torch.round((groups - zero) / scale + 8).clamp(0, 15).to(torch.uint8).view(out_features, in_features)
-    scales_and_zeros = torch.stack((scale.squeeze(-1).t(), zero.squeeze(-1).t()), dim=-1).contiguous()
-    return q, scales_and_zeros
+    point = torch.round(-low / scale).clamp(0, 15)
+    q = torch.round(groups / scale + point).clamp(0, 15).to(torch.uint8).view(out_features, in_features)
+    return q, scale.squeeze(-1), point.squeeze(-1).to(torch.uint8)
+
+
+def quantize_int4_groupwise(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_int4_with_points`` in the layout of PyTorch's int4 CPU kernel: q as uint8
+    ``[out, in]`` and ``scales_and_zeros`` ``[in / group, out, 2]``, with ``w ~= (q - 8) * scale +
+    zero`` and ``zero = (8 - z) * scale`` (exact in fp32)."""
+    q, scale, point = quantize_int4_with_points(weight, group_size)
+    zero = (8 - point.float()) * scale
+    return q, torch.stack((scale.t(), zero.t()), dim=-1).contiguous()
 
 
 class QuantizationPlan(CamelModel):
@@ -636,7 +705,8 @@ def quantize_model(
         smoothed = smooth_model(model, activation_absmax, alpha=smoothing_alpha)
     if method in ("none", "fp16", "bf16"):
         dtype = {"none": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[method]
-        model.to(dtype)
+        for param in model.parameters():  # buffers (rotary inv_freq) stay fp32, as from_pretrained makes them
+            param.data = param.data.to(dtype)
         return QuantizationPlan(method=method, dtype=str(dtype).removeprefix("torch."))
     if method not in ("int8-weight-only", "int4-weight-only", *DYNAMIC_METHODS):
         raise ValueError(f"quantization method {method!r} is not implemented yet")
@@ -653,33 +723,24 @@ def quantize_model(
     embed = _input_embedding(model)
     head = _output_head(model)
     tied = embed is not None and head is not None and head[1].weight is embed[1].weight
-    table: Int8Embedding | None = None
-    if (
-        embed is not None
-        and not _skipped(embed[0], skip)
-        and not (tied and head is not None and _skipped(head[0], skip))
-    ):
-        name, emb = embed
-        table = Int8Embedding(emb.num_embeddings, emb.embedding_dim, dtype=compute)
-        q, scale = quantize_int8_per_row(emb.weight)
-        table.weight_int8.copy_(q)
-        table.weight_scale.copy_(scale)
-        _set_module(model, name, table)
-        plan.modules[name] = "int8-embedding"
+    head_skipped = head is not None and _skipped(head[0], skip)
+    if tied and head is not None and not head_skipped:
+        # A quantized head cannot be tied to a float table: it gets its own int8 copy (the output
+        # projection runs at every decoded token), and the model is saved untied.
+        head[1].weight = nn.Parameter(head[1].weight.detach().to(torch.float32).clone(), requires_grad=False)
+        config = getattr(model, "config", None)
+        if config is not None:
+            config.tie_word_embeddings = False
+            text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+            text_config.tie_word_embeddings = False
+    if embed is not None and not _skipped(embed[0], skip) and not (tied and head_skipped):
+        # The table stays in float, as compressed-tensors, transformers and vLLM expect: bf16 (a
+        # gather, no product), its rows cast to the compute dtype on the way out.
+        own = embed[1].weight.dtype
+        embed[1].to(torch.bfloat16 if own == torch.float32 else own)
     for name, linear in list(_linears(model)):
         if _skipped(name, skip):
             plan.skipped[name] = "in skipModules"
-            continue
-        if tied and head is not None and name == head[0]:
-            if table is None:
-                plan.skipped[name] = "tied to an embedding kept in float"
-                continue
-            cls = Int8DynamicLinear if dynamic else Int8WeightOnlyLinear
-            shared = cls(linear.in_features, linear.out_features, bias=False, dtype=compute)
-            shared.weight_int8, shared.weight_scale = table.weight_int8, table.weight_scale
-            _set_module(model, name, shared)
-            plan.modules[name] = "int8-dynamic" if dynamic else "int8-weight-only"
-            plan.tied = True
             continue
         if method == "int4-weight-only" and name != (head[0] if head else None):
             # An explicit group size is honoured exactly; the default takes the largest that fits.
@@ -733,40 +794,74 @@ def _to_compute_dtype(model: nn.Module, compute: torch.dtype, keep: list[str]) -
     the activations between modules stay in ``compute`` (what the quantized kernels take).
     """
     dtypes = {name: _own_float_dtype(model.get_submodule(name)) for name in keep}
-    model.to(compute)
+    kept = {
+        id(m)
+        for name, dtype in dtypes.items()
+        if dtype not in (None, compute)
+        for m in model.get_submodule(name).modules()
+    }
+    _cast_floats(model, compute, skip=kept)  # kept modules are never rounded through the compute dtype
     for name, dtype in dtypes.items():
         if dtype is None or dtype == compute:
             continue
         module = model.get_submodule(name)
-        module.to(dtype)
-        _CAST_HOOKS[module] = (  # removed by run_activations_in_fp32
-            module.register_forward_pre_hook(_cast_inputs_to(dtype)),
-            module.register_forward_hook(_cast_output_to(compute)),
-        )
+        # Removed by run_activations_in_fp32 (found by their type, so a deep copy's are too).
+        module.register_forward_pre_hook(_cast_inputs_to(dtype, kept=True))
+        module.register_forward_hook(_cast_output_to(compute, kept=True))
 
 
-#: The dtype casts ``_to_compute_dtype`` put around modules kept in float, by module.
-_CAST_HOOKS: weakref.WeakKeyDictionary[nn.Module, tuple[RemovableHandle, ...]] = weakref.WeakKeyDictionary()
+def _cast_floats(model: nn.Module, dtype: torch.dtype, *, skip: Collection[int] = ()) -> None:
+    """``model.to(dtype)`` for parameters only. Buffers stay as they are: the rotary ``inv_freq`` fp32,
+    as ``from_pretrained(dtype=...)`` leaves it (bf16 frequencies moved logits by about 1% on a tiny
+    GLM), and the quantized modules' scales and zeros fp32, exactly as stored (a kernel that takes
+    them in bf16 gets a cached copy, ``_in_dtype``)."""
+    for module in model.modules():
+        if id(module) in skip:
+            continue
+        for param in module.parameters(recurse=False):
+            if param.is_floating_point():
+                param.data = param.data.to(dtype)
 
 
 def _own_float_dtype(module: nn.Module) -> torch.dtype | None:
     return next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
 
 
-def _cast_inputs_to(dtype: torch.dtype) -> Any:
-    def hook(_module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        return tuple(
-            a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args
+class _Cast:
+    """A dtype cast hook; a class rather than a closure so that the casts ``_to_compute_dtype`` put
+    around modules kept in float (``kept``) can be found and removed, in a deep copy too."""
+
+    def __init__(self, dtype: torch.dtype, *, kept: bool = False) -> None:
+        self.dtype, self.kept = dtype, kept
+
+    def _to(self, value: Any) -> Any:
+        return (
+            value.to(self.dtype) if isinstance(value, torch.Tensor) and value.is_floating_point() else value
         )
 
-    return hook
+
+class _CastInputs(_Cast):
+    def __call__(self, _module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        return tuple(self._to(a) for a in args)
 
 
-def _cast_output_to(dtype: torch.dtype) -> Any:
-    def hook(_module: nn.Module, _args: tuple[Any, ...], output: Any) -> Any:
-        return output.to(dtype) if isinstance(output, torch.Tensor) and output.is_floating_point() else output
+class _CastOutput(_Cast):
+    def __call__(self, _module: nn.Module, _args: tuple[Any, ...], output: Any) -> Any:
+        return self._to(output)
 
-    return hook
+
+def _cast_inputs_to(dtype: torch.dtype, *, kept: bool = False) -> _CastInputs:
+    return _CastInputs(dtype, kept=kept)
+
+
+def _cast_output_to(dtype: torch.dtype, *, kept: bool = False) -> _CastOutput:
+    return _CastOutput(dtype, kept=kept)
+
+
+def _remove_kept_casts(module: nn.Module) -> None:
+    for hooks in (module._forward_pre_hooks, module._forward_hooks):
+        for key in [k for k, hook in hooks.items() if isinstance(hook, _Cast) and hook.kept]:
+            del hooks[key]
 
 
 def _input_embedding(model: nn.Module) -> tuple[str, nn.Embedding] | None:

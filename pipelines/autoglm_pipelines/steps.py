@@ -25,7 +25,7 @@ from autoglm_core.card import write_model_card
 from autoglm_core.digests import canonical_digest, sha256_file
 from autoglm_core.revision import artifact_revision
 from autoglm_core.uris import SourceError, TransientSourceError, resolve
-from autoglm_modeling.folders import load_model_folder, save_model_folder
+from autoglm_modeling.folders import artifact_format, load_model_folder, save_model_folder
 from autoglm_modeling.loading import load_causal_lm
 from autoglm_modeling.quantization import (
     CAST_METHODS,
@@ -250,9 +250,7 @@ def publish(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
     card = {
         "model": model.namespaced_name,
         "revision": artifact_revision(model.spec),
-        "loading": "autoglm_modeling.folders.load_model_folder(folder); quantized weights are in "
-        "autoglm-quantized.safetensors, which plain transformers does not load (autoglm-quantization.json "
-        "tells which modules to rebuild)",
+        **artifact_format(partial),
         "source": fetched["parameters"] if fetched else None,
         "compression": model.spec.compression.to_json(),
         "validation": report.metrics,

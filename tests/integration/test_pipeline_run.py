@@ -77,7 +77,12 @@ def test_run_executes_the_dag_then_resumes_after_an_interruption(tmp_path: Path,
         tmp_path / "m.yaml",
         f"file://{source}",
         calibration={"samples": 4, "sequenceLength": 64},
-        validation={"maxTokens": 512, "sequenceLength": 128, "gates": {"maxP95LatencyMs": 10_000}},
+        # The tiny GLM is mostly its table and head, and the table stays bf16: 1.7x, not a real model's 2.8x.
+        validation={
+            "maxTokens": 512,
+            "sequenceLength": 128,
+            "gates": {"maxP95LatencyMs": 10_000, "minSizeReduction": 1.5},
+        },
     )
     work = tmp_path / "work"
     done = pipeline_run(spec, work, audit=tmp_path / "a.db", cache=cache)
@@ -124,7 +129,11 @@ def test_run_exits_1_naming_the_failed_gate(tmp_path: Path, cache: Path) -> None
         tmp_path / "m.yaml",
         f"file://{source}",
         calibration={"samples": 2, "sequenceLength": 64},
-        validation={"maxTokens": 256, "sequenceLength": 128, "gates": {"maxP95LatencyMs": 0.000001}},
+        validation={
+            "maxTokens": 256,
+            "sequenceLength": 128,
+            "gates": {"maxP95LatencyMs": 0.000001, "minSizeReduction": 1.5},
+        },
     )
     work = tmp_path / "work"
     done = pipeline_run(spec, work, audit=tmp_path / "a.db", cache=cache)
@@ -151,7 +160,8 @@ def test_smollm2_runs_through_every_step(tmp_path: Path, cache: Path) -> None:
     report = json.loads((tmp_path / "work" / "validate" / "validate.json").read_text())
     assert report["baseline"]["quality"] < 100  # a trained model on English text, not a random one
     assert report["qualityLoss"] < 0.05
-    assert report["sizeReduction"] > 3.5
+    # int8 linears and head, the embedding table in bf16 (as compressed-tensors expects): 2.9x fp32
+    assert report["sizeReduction"] > 2.8
     card = json.loads((tmp_path / "work" / "publish" / "model" / "model-card.json").read_text())
     assert card["source"]["sha256"]
     assert card["lineage"]["fetch"]["metrics"]["architecture"] == "LlamaForCausalLM"

@@ -13,8 +13,10 @@ import yaml
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM
 
+from autoglm_modeling import cpugemm
 from autoglm_modeling.folders import load_model_folder
 from autoglm_operator.cli.main import cli
+from tests.support.roundtrip import fp32_logits
 from tests.support.tiny_models import tiny_glm
 
 STEPS = ("fetch", "compress", "calibrate", "validate", "publish")
@@ -37,7 +39,8 @@ def manifest(tmp_path: Path, source: Path, **spec: Any) -> Path:
             "validation": {
                 "maxTokens": 512,
                 "sequenceLength": 128,
-                "gates": {"maxQualityLoss": 0.5, "maxP95LatencyMs": 10_000, "minSizeReduction": 2.0},
+                # the tiny GLM is mostly its table (kept bf16) and head: 1.7x, not a real model's 2.8x
+                "gates": {"maxQualityLoss": 0.5, "maxP95LatencyMs": 10_000, "minSizeReduction": 1.5},
             },
             **spec,
         },
@@ -67,8 +70,8 @@ def test_every_step_runs_writes_its_result_and_publishes_a_loadable_artifact(
         assert code == 0, out
         assert f"{name}: Succeeded" in out
         assert result(work, name)["status"] == "Succeeded"
-    assert result(work, "compress")["metrics"]["sizeReduction"] > 3.5
-    assert "model/autoglm-quantized.safetensors" in result(work, "compress")["files"]
+    assert result(work, "compress")["metrics"]["sizeReduction"] > 1.5  # the tiny GLM: mostly its bf16 table
+    assert "model/model.safetensors" in result(work, "compress")["files"]
     report = json.loads((work / "validate" / "validate.json").read_text())
     assert report["metric"] == "perplexity"
     assert report["passed"] is True
@@ -87,10 +90,8 @@ def test_every_step_runs_writes_its_result_and_publishes_a_loadable_artifact(
     assert card["source"]["uri"] == f"file://{source}"
     assert set(card["lineage"]) == {"fetch", "compress", "calibrate", "validate"}
     assert "dequantized on every forward" in card["execution"]["cuda"]  # where no kernel: said, not hidden
-    assert (
-        card["files"]["autoglm-quantized.safetensors"]
-        == result(work, "compress")["files"]["model/autoglm-quantized.safetensors"]
-    )
+    assert card["format"].startswith("compressed-tensors (pack-quantized")
+    assert card["files"]["model.safetensors"] == result(work, "compress")["files"]["model/model.safetensors"]
     served, tokenizer, plan = load_model_folder(published)
     compressed, _, _ = load_model_folder(work / "compress" / "model")
     ids = tokenizer("Something is rotten in the state of Denmark", return_tensors="pt").input_ids
@@ -109,7 +110,7 @@ def test_rerun_reuses_unchanged_steps_and_redoes_changed_or_tampered_ones(
     code, out = step("compress", spec, work)
     assert (code, "reused" in out) == (0, True)
 
-    weights = work / "compress" / "model" / "autoglm-quantized.safetensors"
+    weights = work / "compress" / "model" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-8] + b"corrupt!")
     code, out = step("compress", spec, work)
     assert (code, "reused" in out) == (0, False)  # the files no longer match their hashes: redone
@@ -153,7 +154,7 @@ def test_other_methods_compress_and_reload(tmp_path: Path, source: Path, method:
         assert code == 0, out
     compressed = result(work, "compress")
     assert compressed["parameters"]["quantization"]["method"] == method
-    assert compressed["metrics"]["sizeReduction"] > 3.5
+    assert compressed["metrics"]["sizeReduction"] > 1.9  # the tiny GLM: mostly its bf16 table
     if method == "smoothquant-w8a8":
         assert compressed["metrics"]["smoothedGroups"] == 6  # 2 layers x (q/k/v, gate/up, down)
         assert "model/smoothquant-activations.safetensors" in compressed["files"]
@@ -185,7 +186,7 @@ def test_pruning_runs_before_quantization(
     if pruning["method"] == "structured-l1":
         assert model.config.intermediate_size == 64
         assert model.get_submodule("model.layers.0.mlp.down_proj").in_features == 64
-        assert result(work, "compress")["metrics"]["sizeReduction"] > 5
+        assert result(work, "compress")["metrics"]["sizeReduction"] > 2.5
 
 
 def test_bad_source_fails_fetch_with_one_line(tmp_path: Path) -> None:
@@ -244,14 +245,20 @@ def test_publish_to_an_output_that_was_deleted_is_redone(tmp_path: Path, source:
     assert (out_dir / "model-card.json").is_file()
 
 
-def test_plain_transformers_refuses_a_quantized_folder_instead_of_loading_random_weights(
+@pytest.mark.skipif(not cpugemm.available(), reason="fp32 activations run on AutoGLM's CPU kernel")
+def test_plain_transformers_loads_the_compressed_folder_with_the_weights_autoglm_validated(
     tmp_path: Path, source: Path
 ) -> None:
     spec, work = manifest(tmp_path, source), tmp_path / "work"
     for name in ("fetch", "compress"):
         assert step(name, spec, work)[0] == 0
-    with pytest.raises(OSError, match=r"model\.safetensors|no file named"):
-        AutoModelForCausalLM.from_pretrained(work / "compress" / "model")
+    folder = work / "compress" / "model"
+    ours, tokenizer, _ = load_model_folder(folder)
+    theirs = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ids = tokenizer("Something is rotten in the state of Denmark", return_tensors="pt").input_ids
+    with torch.no_grad():
+        want = theirs(ids).logits.float()
+    assert torch.allclose(fp32_logits(ours, ids), want, rtol=1e-4, atol=1e-4)
 
 
 def test_bf16_is_a_standard_checkpoint_loaded_in_bf16(tmp_path: Path, source: Path) -> None:
