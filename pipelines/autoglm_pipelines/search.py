@@ -23,15 +23,17 @@ from torch import nn
 
 from autoglm_core.camel import CamelModel
 from autoglm_modeling.quantization import (
+    Int4Solver,
     QuantizationPlan,
     quantize_model,
     run_activations_in_fp32,
     weight_bytes,
 )
-from autoglm_pipelines.calibration import collect_input_absmax
+from autoglm_pipelines.calibration import Statistics, collect_input_absmax
 from autoglm_pipelines.distillation import distill, drop_layers
 from autoglm_pipelines.evaluation import decode_benchmark, perplexity
 from autoglm_pipelines.gates import quality_loss
+from autoglm_pipelines.gptq import gptq_int4
 from autoglm_pipelines.pruning import prune_2of4, prune_structured_l1
 
 METHODS = ("int8-weight-only", "int4-weight-only", "smoothquant-w8a8", "int8-dynamic")
@@ -65,6 +67,20 @@ class SearchResult(CamelModel):
     trials: list[Trial] = Field(default_factory=list)
 
 
+class GptqSolver:
+    """GPTQ with one layer's Hessian, as ``quantize_model`` calls an int4 solver."""
+
+    name = "gptq"
+
+    def __init__(self, hessian: torch.Tensor) -> None:
+        self.hessian = hessian
+
+    def __call__(
+        self, weight: torch.Tensor, group_size: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return gptq_int4(weight, self.hessian, group_size)
+
+
 def compression_config(
     method: str, group_size: int | None, fallback: str, sparsity: float, keep: tuple[str, ...] = ()
 ) -> dict[str, Any]:
@@ -80,14 +96,21 @@ def compression_config(
 
 
 def apply_config(
-    model: nn.Module, config: dict[str, Any], calibration: torch.Tensor | None, alpha: float
+    model: nn.Module,
+    config: dict[str, Any],
+    calibration: torch.Tensor | None,
+    alpha: float,
+    statistics: Statistics | None = None,
 ) -> tuple[QuantizationPlan, dict[str, Any]]:
     """Compress ``model`` in place as ``config`` (``spec.compression``'s shape) says.
 
     Pruning first; then distillation from the unpruned float model (the teacher) on the
-    ``calibration`` windows; then, for SmoothQuant, the activation ranges of the student; then
-    quantization. Returns the quantization plan and a report of the pruning and distillation (and,
-    for SmoothQuant, the activation ranges the migration used, under ``smoothingAbsmax``).
+    ``calibration`` windows; then quantization. ``statistics`` are the calibrate step's, recorded
+    once on the source model: SmoothQuant's activation ranges and GPTQ's Hessians come from them
+    while the model's layers are still the source's. After pruning or distillation the ranges are
+    measured again on the student (``calibration`` windows), and a layer whose inputs changed shape
+    is rounded to nearest. Returns the quantization plan and a report of the pruning and
+    distillation (and, for SmoothQuant, the ranges the migration used, under ``smoothingAbsmax``).
     """
     distillation = config.get("distillation") or {}
     teacher = copy.deepcopy(model) if distillation.get("enabled") else None
@@ -117,11 +140,25 @@ def apply_config(
         distilled = report.to_json()
         del teacher
     q = config["quantization"]
+    changed = bool(pruning) or bool(distilled)
     absmax = None
     if q["method"] == "smoothquant-w8a8":
-        if calibration is None:
+        if statistics is not None and not changed:
+            absmax = statistics.absmax
+        elif calibration is not None:
+            absmax, _ = collect_input_absmax(model, calibration)
+        else:
             raise ValueError("smoothquant-w8a8 needs calibration data")
-        absmax, _ = collect_input_absmax(model, calibration)
+    solvers: dict[str, Int4Solver] = {}
+    if q.get("algorithm", "rtn") == "gptq":
+        if statistics is None or not statistics.hessians:
+            raise ValueError(
+                "algorithm gptq needs the calibration inputs' Hessians (the calibrate step records them)"
+            )
+        for name, module in model.named_modules():
+            h = statistics.hessians.get(name)
+            if isinstance(module, nn.Linear) and h is not None and h.shape[0] == module.in_features:
+                solvers[name] = GptqSolver(h)
     plan = quantize_model(
         model,
         q["method"],
@@ -129,6 +166,7 @@ def apply_config(
         group_size=q.get("groupSize"),
         activation_absmax=absmax,
         smoothing_alpha=alpha,
+        int4_solvers=solvers,
     )
     return plan, {"pruning": pruning, "distillation": distilled, "smoothingAbsmax": absmax}
 
@@ -141,6 +179,7 @@ def search(
     tolerable_loss: float,
     max_trials: int,
     calibration: torch.Tensor | None,
+    statistics: Statistics | None = None,
     skip_modules: tuple[str, ...] = (),
     smoothing_alpha: float = 0.7,
     decode_tokens: int = 32,
@@ -162,7 +201,7 @@ def search(
         sparsity = trial.suggest_categorical("sparsity", SPARSITIES)
         config = compression_config(method, group, fallback, sparsity, skip_modules)
         candidate = copy.deepcopy(model)
-        apply_config(candidate, config, calibration, smoothing_alpha)
+        apply_config(candidate, config, calibration, smoothing_alpha, statistics)
         run_activations_in_fp32(candidate)  # measured as the CPU server runs it
         early_loss = quality_loss("perplexity", early_base, perplexity(candidate, early_ids, window=window))
         if early_loss > 2 * tolerable_loss:  # hopeless: do not spend the full evaluation on it

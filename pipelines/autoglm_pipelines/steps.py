@@ -35,7 +35,7 @@ from autoglm_modeling.quantization import (
     run_activations_in_fp32,
     weight_bytes,
 )
-from autoglm_pipelines.calibration import collect_input_absmax
+from autoglm_pipelines.calibration import Statistics, collect_statistics
 from autoglm_pipelines.dag import pipeline_steps
 from autoglm_pipelines.evaluation import measure
 from autoglm_pipelines.gates import evaluate_gates, quality_loss
@@ -47,6 +47,8 @@ from autoglm_pipelines.text import read_text, tokenize, windows
 
 MODEL_DIR = "model"
 CALIBRATION_FILE = "activations.safetensors"
+#: GPTQ's input Hessians (written only when the spec asks for GPTQ).
+HESSIAN_FILE = "hessians.safetensors"
 #: The float model's per-channel activation maxima that SmoothQuant's migration was computed from.
 SMOOTHING_FILE = "smoothquant-activations.safetensors"
 SEARCH_REPORT = "search.json"
@@ -138,10 +140,11 @@ def compress(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
         )
         config = {**config, **chosen, "quantization": {**chosen["quantization"], "skipModules": skip}}
     method = config["quantization"]["method"]
-    needs_data = method == "smoothquant-w8a8" or spec.distillation.enabled
+    changes_layers = spec.distillation.enabled or config["pruning"]["method"] != "none"
+    needs_data = spec.distillation.enabled or (method == "smoothquant-w8a8" and changes_layers)
     calibration = calibration_batches(model, tokenizer, ctx) if needs_data else None
     try:
-        plan, report = apply_config(lm, config, calibration, SMOOTHING_ALPHA)
+        plan, report = apply_config(lm, config, calibration, SMOOTHING_ALPHA, calibration_statistics(ctx))
     except ValueError as exc:
         raise StepFailedError(f"compression with {method}: {exc}") from exc
     save_model_folder(lm, tokenizer, ctx.folder("compress") / MODEL_DIR, plan)
@@ -164,19 +167,31 @@ def compress(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
     )
 
 
+def needs_hessians(model: AutoGLMModel) -> bool:
+    """GPTQ reads the calibration inputs' Hessians; nothing else does (they are large: in^2 floats)."""
+    return model.spec.compression.quantization.algorithm == "gptq"
+
+
+def calibration_statistics(ctx: StepContext) -> Statistics:
+    """What the calibrate step recorded on the source model."""
+    folder = ctx.folder("calibrate")
+    if not (folder / CALIBRATION_FILE).is_file():
+        raise StepFailedError(f"{folder / CALIBRATION_FILE} is missing: run the calibrate step first")
+    return Statistics.load(folder / CALIBRATION_FILE, folder / HESSIAN_FILE)
+
+
 @torch.no_grad()
 def calibrate(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
+    """Record, once, on the source model, the activation statistics compression uses: per-channel
+    input ranges (SmoothQuant, static ranges) and, for GPTQ, each layer's input Hessian."""
     spec = model.spec.calibration
-    lm, tokenizer, _ = load_model_folder(ctx.folder("compress") / MODEL_DIR)
+    lm, tokenizer, _ = load_model_folder(ctx.folder("fetch") / MODEL_DIR)
     batches = calibration_batches(model, tokenizer, ctx)
-    absmax, mean_nll = collect_input_absmax(lm, batches)
+    stats = collect_statistics(lm, batches, hessians=needs_hessians(model))
+    absmax, mean_nll = stats.absmax, stats.mean_nll
     folder = ctx.folder("calibrate")
     folder.mkdir(parents=True, exist_ok=True)
-    # Per-input-channel absolute maxima of every linear layer: static activation ranges, and the
-    # activation side of SmoothQuant's scale migration.
-    save_file(
-        {f"{name}.input_absmax": t.contiguous() for name, t in absmax.items()}, str(folder / CALIBRATION_FILE)
-    )
+    stats.save(folder / CALIBRATION_FILE, folder / HESSIAN_FILE if stats.hessians else None)
     peaks = {name: float(t.max()) for name, t in absmax.items()}
     outlier = max(peaks, key=peaks.__getitem__) if peaks else None
     return StepOutcome(
@@ -186,6 +201,7 @@ def calibrate(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
             "meanNll": mean_nll,
             "layers": len(absmax),
             "largestActivation": {"module": outlier, "absmax": peaks.get(outlier or "", 0.0)},
+            "hessians": len({id(h) for h in stats.hessians.values()}),
         },
         parameters=spec.to_json(),
     )
@@ -277,6 +293,7 @@ def search(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
     text = read_text(resolve(validation.dataset, cache_dir=ctx.cache_dir))
     ids = tokenize(tokenizer, text, max_tokens=min(validation.max_tokens, SEARCH_MAX_TOKENS))
     calibration = calibration_batches(model, tokenizer, ctx)[:SEARCH_CALIBRATION_WINDOWS]
+    statistics = calibration_statistics(ctx)
     result = run_search(
         lm,
         ids,
@@ -284,6 +301,7 @@ def search(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
         tolerable_loss=spec.tolerable_loss,
         max_trials=spec.max_trials,
         calibration=calibration,
+        statistics=statistics,
         skip_modules=tuple(model.spec.compression.quantization.skip_modules),
         smoothing_alpha=SMOOTHING_ALPHA,
         decode_tokens=min(ctx.decode_tokens, 32),
@@ -328,6 +346,9 @@ def run_step(model: AutoGLMModel, step: str, ctx: StepContext) -> tuple[StepResu
         return earlier, True
     digest = inputs_digest(model, step, ctx.workdir, decode_tokens=ctx.decode_tokens, output=ctx.output)
     folder = ctx.folder(step)
+    # A step's folder holds what this run writes, nothing left by an earlier run with other inputs
+    # (a stale Hessian file, a previous method's extra weights) that would be hashed as its output.
+    shutil.rmtree(folder, ignore_errors=True)
     started = datetime.now(UTC)
     start = time.perf_counter()
     try:

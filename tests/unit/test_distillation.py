@@ -63,7 +63,7 @@ def test_compress_distils_a_pruned_student_then_quantizes(teacher_dir: Path, tmp
         },
     }
     spec, work = manifest(tmp_path, teacher_dir, compression=compression), tmp_path / "work"
-    for name in ("fetch", "compress"):
+    for name in ("fetch", "calibrate", "compress"):
         code, out = step(name, spec, work)
         assert code == 0, out
     metrics = result(work, "compress")["metrics"]

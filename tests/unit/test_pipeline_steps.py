@@ -19,7 +19,7 @@ from autoglm_operator.cli.main import cli
 from tests.support.roundtrip import fp32_logits
 from tests.support.tiny_models import tiny_glm
 
-STEPS = ("fetch", "compress", "calibrate", "validate", "publish")
+STEPS = ("fetch", "calibrate", "compress", "validate", "publish")
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,7 @@ def test_rerun_reuses_unchanged_steps_and_redoes_changed_or_tampered_ones(
     tmp_path: Path, source: Path
 ) -> None:
     spec, work = manifest(tmp_path, source), tmp_path / "work"
-    for name in ("fetch", "compress"):
+    for name in ("fetch", "calibrate", "compress"):
         assert step(name, spec, work)[0] == 0
     code, out = step("compress", spec, work)
     assert (code, "reused" in out) == (0, True)
@@ -127,7 +127,7 @@ def test_impossible_gate_fails_validate_and_keeps_the_report(tmp_path: Path, sou
     gates = {"maxQualityLoss": 0.5, "maxP95LatencyMs": 10_000, "minSizeReduction": 100.0}
     spec = manifest(tmp_path, source, validation={"maxTokens": 512, "sequenceLength": 128, "gates": gates})
     work = tmp_path / "work"
-    for name in ("fetch", "compress", "calibrate"):
+    for name in ("fetch", "calibrate", "compress"):
         assert step(name, spec, work)[0] == 0
     code, out = step("validate", spec, work)
     assert code == 1
@@ -149,7 +149,7 @@ def test_other_methods_compress_and_reload(tmp_path: Path, source: Path, method:
     if method.startswith("int4"):
         quantization["groupSize"] = 32
     spec, work = manifest(tmp_path, source, compression={"quantization": quantization}), tmp_path / "work"
-    for name in ("fetch", "compress", "calibrate"):
+    for name in ("fetch", "calibrate", "compress"):
         code, out = step(name, spec, work)
         assert code == 0, out
     compressed = result(work, "compress")
@@ -175,7 +175,7 @@ def test_pruning_runs_before_quantization(
 ) -> None:
     spec = manifest(tmp_path, source, compression={"pruning": pruning})
     work = tmp_path / "work"
-    for name in ("fetch", "compress"):
+    for name in ("fetch", "calibrate", "compress"):
         code, out = step(name, spec, work)
         assert code == 0, out
     report = result(work, "compress")["metrics"]["pruning"]
@@ -225,7 +225,7 @@ def test_a_download_that_fails_exits_75_so_argo_retries_it(tmp_path: Path) -> No
 def test_compress_reruns_when_the_calibration_it_reads_changes(tmp_path: Path, source: Path) -> None:
     compression = {"quantization": {"method": "smoothquant-w8a8"}}
     spec, work = manifest(tmp_path, source, compression=compression), tmp_path / "work"
-    for name in ("fetch", "compress"):
+    for name in ("fetch", "calibrate", "compress"):
         assert step(name, spec, work)[0] == 0
     fewer = manifest(
         tmp_path, source, compression=compression, calibration={"samples": 1, "sequenceLength": 32}
@@ -250,7 +250,7 @@ def test_plain_transformers_loads_the_compressed_folder_with_the_weights_autoglm
     tmp_path: Path, source: Path
 ) -> None:
     spec, work = manifest(tmp_path, source), tmp_path / "work"
-    for name in ("fetch", "compress"):
+    for name in ("fetch", "calibrate", "compress"):
         assert step(name, spec, work)[0] == 0
     folder = work / "compress" / "model"
     ours, tokenizer, _ = load_model_folder(folder)
@@ -264,7 +264,7 @@ def test_plain_transformers_loads_the_compressed_folder_with_the_weights_autoglm
 def test_bf16_is_a_standard_checkpoint_loaded_in_bf16(tmp_path: Path, source: Path) -> None:
     spec = manifest(tmp_path, source, compression={"quantization": {"method": "bf16"}})
     work = tmp_path / "work"
-    for name in ("fetch", "compress"):
+    for name in ("fetch", "calibrate", "compress"):
         assert step(name, spec, work)[0] == 0
     model, _, plan = load_model_folder(work / "compress" / "model")
     assert plan is not None
@@ -283,3 +283,34 @@ def test_a_truncated_checkpoint_fails_the_next_step_with_one_line(tmp_path: Path
     assert "compress: failed:" in out
     assert "Traceback" not in out
     assert result(work, "compress")["status"] == "Failed"
+
+
+def test_gptq_uses_the_hessians_calibrate_recorded_on_the_source_model(tmp_path: Path, source: Path) -> None:
+    gptq = {"quantization": {"method": "int4-weight-only", "groupSize": 32, "algorithm": "gptq"}}
+    spec, work = manifest(tmp_path, source, compression=gptq), tmp_path / "work"
+    for name in ("fetch", "calibrate", "compress"):
+        code, out = step(name, spec, work)
+        assert code == 0, out
+    assert "hessians.safetensors" in result(work, "calibrate")["files"]
+    assert (
+        result(work, "calibrate")["metrics"]["hessians"] == 2 * 4 + 1
+    )  # per layer qkv, o, gate_up, down; the head
+    _, _, plan = load_model_folder(work / "compress" / "model")
+    assert plan is not None
+    int4 = [n for n, kind in plan.modules.items() if kind == "int4-weight-only"]
+    assert int4
+    assert plan.rounding == dict.fromkeys(int4, "gptq")
+
+    rtn = manifest(
+        tmp_path, source, compression={"quantization": {"method": "int4-weight-only", "groupSize": 32}}
+    )
+    assert step("calibrate", rtn, work)[0] == 0  # round to nearest needs no Hessians
+    assert "hessians.safetensors" not in result(work, "calibrate")["files"]
+
+
+def test_compress_without_calibration_says_which_step_to_run(tmp_path: Path, source: Path) -> None:
+    spec, work = manifest(tmp_path, source), tmp_path / "work"
+    assert step("fetch", spec, work)[0] == 0
+    code, out = step("compress", spec, work)
+    assert code == 1
+    assert "run the calibrate step first" in out

@@ -57,7 +57,7 @@ def test_dominance_needs_better_on_one_objective_and_no_worse_on_the_other() -> 
 def test_search_step_feeds_its_choice_to_compress(tiny: Path, tmp_path: Path) -> None:
     compression: dict[str, Any] = {"search": {"enabled": True, "maxTrials": 4, "tolerableLoss": 0.3}}
     spec, work = manifest(tmp_path, tiny, compression=compression), tmp_path / "work"
-    for name in ("fetch", "search", "compress"):
+    for name in ("fetch", "calibrate", "search", "compress"):
         code, out = step(name, spec, work)
         assert code == 0, out
     chosen = json.loads((work / "search" / "search.json").read_text())["chosen"]
@@ -75,6 +75,7 @@ def test_search_without_a_feasible_configuration_fails_with_a_reason(
     compression: dict[str, Any] = {"search": {"enabled": True, "maxTrials": 3, "tolerableLoss": 1e-9}}
     spec, work = manifest(tmp_path, tiny, compression=compression), tmp_path / "work"
     assert step("fetch", spec, work)[0] == 0
+    assert step("calibrate", spec, work)[0] == 0
     code, out = step("search", spec, work)
     assert code == 1
     assert "no configuration kept quality loss within 1e-09 in 3 trials" in out

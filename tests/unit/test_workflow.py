@@ -156,11 +156,14 @@ def test_publish_output_is_the_workflows_published_model(minimal: dict[str, Any]
 def test_search_task_only_when_search_is_enabled(minimal: dict[str, Any]) -> None:
     without = _tasks(_render(_model(minimal)))
     assert "search" not in without
-    assert without["compress"]["depends"] == "fetch"
+    # calibrate runs on the source model, before anything is compressed
+    assert without["calibrate"]["depends"] == "fetch"
+    assert without["compress"]["depends"] == "fetch && calibrate"
+    assert without["validate"]["depends"] == "fetch && compress"
     minimal["spec"]["compression"] = {"search": {"enabled": True}}
     with_search = _tasks(_render(_model(minimal)))
-    assert with_search["search"]["depends"] == "fetch"
-    assert with_search["compress"]["depends"] == "fetch && search"
+    assert with_search["search"]["depends"] == "fetch && calibrate"
+    assert with_search["compress"]["depends"] == "fetch && calibrate && search"
 
 
 def test_retries_backoff_deadlines_and_resources_per_step() -> None:
