@@ -105,6 +105,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/compression.py
 	$(BIN)/python bench/serving.py
 	$(BIN)/python bench/hotswap.py
+	$(BIN)/python bench/canary.py
 
 clean:
 	rm -rf $(VENV) .venv-latest .autoglm .pytest_cache .mypy_cache .ruff_cache

@@ -10,8 +10,10 @@ What each method becomes (``quantization_config`` in ``config.json``, one config
   group size;
 - ``int8-dynamic`` and ``smoothquant-w8a8``: W8A8, int8 per channel and dynamic per-token int8
   activations, ``int-quantized`` (the smoothing is already folded into the weights and norms);
-- the int8 embedding table: int8 per row on the ``Embedding`` target; a tied ``lm_head`` is listed
-  in ``ignore`` (it is the same tensor, tied again on load).
+- the embedding table stays float (bf16): transformers and vLLM load no quantized ``Embedding``;
+  a tied head is saved untied with its own int8 copy (``tie_word_embeddings: false``). (A
+  checkpoint from elsewhere that quantizes the table int8 is read onto ``Int8Embedding``, and a
+  head holding the same integers shares them in memory.)
 
 The reader maps each scheme back onto the module that runs it fastest here (``Int8WeightOnlyLinear``,
 ``Int4WeightOnlyLinear``, ``Int8DynamicLinear``, ``Int8Embedding``); a scheme none of them holds
@@ -83,10 +85,11 @@ def compressed_state(
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
         if isinstance(module, Int8Embedding):
-            _add(groups, "int8-embedding", {"weights": _INT8_CHANNEL, "format": "pack-quantized"}, name)
-            tensors.update(_packed_int8(prefix, module.weight_int8, module.weight_scale))
-            done.update(f"{prefix}{n}" for n, _ in module.named_buffers(recurse=False))
-        elif isinstance(module, _Int8Linear):
+            raise FormatError(
+                f"{name}: an int8 embedding table is not publishable: transformers and vLLM load only a "
+                "float table (quantize_model keeps it bf16); quantize the model again"
+            )
+        if isinstance(module, _Int8Linear):
             if isinstance(module, Int8DynamicLinear):
                 scheme = {
                     "weights": _INT8_CHANNEL,

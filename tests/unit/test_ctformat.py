@@ -188,3 +188,16 @@ def test_a_reloaded_model_keeps_the_dtypes_and_bytes_it_was_validated_with(
     want = {k: t.dtype for k, t in quantized.state_dict().items()}
     assert {k: t.dtype for k, t in loaded.state_dict().items()} == want
     assert want["model.embed_tokens.weight"] == torch.bfloat16
+
+
+def test_an_int8_embedding_table_is_refused_with_the_reason(source: Path) -> None:
+    """transformers and vLLM load no quantized Embedding: such a model is not published half-loadable."""
+    from autoglm_modeling.ctformat import FormatError, compressed_state
+    from autoglm_modeling.quantization import Int8Embedding
+
+    model, _, _ = load_model_folder(source)
+    plan = quantize_model(model, "int8-weight-only")
+    table = model.get_input_embeddings()
+    model.model.embed_tokens = Int8Embedding(table.num_embeddings, table.embedding_dim, dtype=torch.bfloat16)
+    with pytest.raises(FormatError, match="int8 embedding table is not publishable"):
+        compressed_state(model, plan)
