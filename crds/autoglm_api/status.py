@@ -39,6 +39,11 @@ class Revisions(ApiModel):
 
     stable: RevisionId | None = Field(default=None, description="Revision serving all traffic.")
     candidate: RevisionId | None = Field(default=None, description="Revision under validation or canary.")
+    rejected: RevisionId | None = Field(
+        default=None,
+        description="The last candidate that failed its pipeline or gates, or was rolled back: not tried again "
+        "until the spec changes or a retry is asked for.",
+    )
 
 
 class CanaryStatus(ApiModel):
@@ -46,6 +51,8 @@ class CanaryStatus(ApiModel):
 
     step: int | None = Field(default=None, ge=0, description="Index of the current canary step.")
     weight: int = Field(default=0, ge=0, le=100, description="Percent of traffic on the candidate.")
+    failures: int = Field(default=0, ge=0, description="Failed analysis intervals in this canary so far.")
+    step_started_at: datetime | None = Field(default=None, description="When the current canary step began.")
 
 
 class TargetStatus(ApiModel):

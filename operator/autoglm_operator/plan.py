@@ -1,0 +1,348 @@
+"""The reconcile core: ``plan(model, observed, now) -> Plan``. Pure: no I/O, no clock reads.
+
+From the AutoGLMModel (spec, status) and what the backends observed (the pipeline run of the
+revision the spec asks for, what the target serves, the newest canary analysis, manual intents),
+it returns the actions to take, the new status and the decisions for the audit ledger, each with
+its evidence and an idempotency key (model, revision, step, kind), so a decision is recorded once
+even when the process dies between acting and recording. The embedded loop (``autoglm run``) and
+the kopf operator both drive it.
+
+This first part covers one target: revisions content-addressed by the pipeline's revision id, a
+new candidate while stable keeps serving, a candidate superseded by a newer spec, the pipeline's
+and the gates' failures, canary steps advanced on Successful analyses after their pause, held on
+Inconclusive ones, rolled back at ``failureLimit`` Failed ones, promotion after the last step,
+the first rollout on offline gates alone, and the manual intents promote, abort and retry. Not
+yet: the uncompressed source canaried as the first baseline, and one rollout across several
+targets with a precision each (the closed-loop issue lists both).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+from autoglm_api.resource import AutoGLMModel
+from autoglm_api.spec import CanaryStep
+from autoglm_api.status import AutoGLMModelStatus, CanaryStatus
+from autoglm_core.revision import artifact_revision
+from autoglm_operator.canary import AnalysisResult
+
+PipelinePhase = Literal["Running", "Succeeded", "Failed"]
+IntentKind = Literal["promote", "abort", "retry"]
+
+# Decision kinds (the ledger's); the first are the ledger's known ones.
+PIPELINE_STARTED = "PipelineStarted"
+PIPELINE_FAILED = "PipelineFailed"
+GATE_FAILED = "GateFailed"
+CANARY_STARTED = "CanaryStarted"
+CANARY_ADVANCED = "CanaryAdvanced"
+CANARY_FAILED_INTERVAL = "CanaryIntervalFailed"
+PROMOTED = "Promoted"
+ROLLED_BACK = "RolledBack"
+SUPERSEDED = "Superseded"
+MANUAL_OVERRIDE = "ManualOverride"
+
+
+@dataclass(frozen=True)
+class PipelineRun:
+    """The pipeline run of one revision, as the pipeline backend observed it."""
+
+    revision: str
+    phase: PipelinePhase
+    #: Set when it succeeded: whether every gate passed, and the published artifact.
+    gates_passed: bool | None = None
+    artifact_uri: str | None = None
+    reason: str = ""
+    #: Runs of this revision started so far (a retry starts the next one).
+    attempt: int = 1
+
+
+@dataclass(frozen=True)
+class Serving:
+    """What the target serves: the stable revision and the canary with its weight."""
+
+    stable: str | None = None
+    canary: str | None = None
+    weight: int = 0
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """The newest judged interval of a canary: for which revision and step, and its result."""
+
+    revision: str
+    step: int
+    at: datetime
+    result: AnalysisResult
+
+
+@dataclass(frozen=True)
+class Intent:
+    """A person's request, observed (an annotation in a cluster, a local command here)."""
+
+    kind: IntentKind
+    actor: str
+    at: datetime
+    revision: str | None = None
+
+
+@dataclass(frozen=True)
+class Observed:
+    pipeline: PipelineRun | None = None
+    serving: Serving = field(default_factory=Serving)
+    analysis: Analysis | None = None
+    intents: tuple[Intent, ...] = ()
+
+
+@dataclass(frozen=True)
+class Action:
+    """One thing for the backends to do; ``kind`` names it, the rest are its arguments."""
+
+    kind: Literal["StartPipeline", "LoadCanary", "SetWeight", "Promote", "Unload"]
+    revision: str
+    weight: int | None = None
+    uri: str | None = None
+    attempt: int | None = None
+
+
+@dataclass(frozen=True)
+class DecisionRecord:
+    kind: str
+    revision: str
+    reason: str
+    actor: str = "operator"
+    evidence: dict[str, Any] = field(default_factory=dict)
+    idempotency_key: str = ""
+
+
+@dataclass(frozen=True)
+class Plan:
+    actions: tuple[Action, ...]
+    status: AutoGLMModelStatus
+    decisions: tuple[DecisionRecord, ...]
+
+
+_DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)")
+_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def duration(text: str) -> timedelta:
+    """``1h30m``, ``5m``, ``250ms``: the API's duration strings."""
+    parts = _DURATION.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise ValueError(f"duration {text!r}: use numbers with ms, s, m or h, e.g. 30s, 5m, 1h30m")
+    return timedelta(seconds=sum(float(n) * _UNIT[u] for n, u in parts))
+
+
+class _Planner:
+    def __init__(self, model: AutoGLMModel, observed: Observed, now: datetime) -> None:
+        self.model, self.observed, self.now = model, observed, now
+        self.status = (model.status or AutoGLMModelStatus()).model_copy(deep=True)
+        self.actions: list[Action] = []
+        self.decisions: list[DecisionRecord] = []
+        self.name = model.namespaced_name
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def decide(self, kind: str, revision: str, reason: str, *, step: int | str = "-", **extra: Any) -> None:
+        actor = str(extra.pop("actor", "operator"))
+        key = f"{self.name}:{revision}:{step}:{kind}"
+        self.decisions.append(DecisionRecord(kind, revision, reason, actor, extra, key))
+
+    @property
+    def steps(self) -> list[CanaryStep]:
+        rollout = self.model.spec.rollout
+        return [] if rollout.strategy == "immediate" else list(rollout.steps)
+
+    def set_revisions(self, **changes: str | None) -> None:
+        self.status.revisions = self.status.revisions.model_copy(update=changes)
+
+    def end_canary(self) -> None:
+        self.status.canary = CanaryStatus()
+
+    def pause_of(self, step: int) -> timedelta:
+        pause = self.steps[step].pause or self.model.spec.rollout.analysis.interval
+        return duration(pause)
+
+    # -- the plan -------------------------------------------------------------------------------
+
+    def run(self) -> Plan:
+        desired = artifact_revision(self.model.spec)
+        revisions = self.status.revisions
+        if self._intents(desired):
+            return self._plan()
+        if desired == revisions.stable and revisions.candidate is None:
+            self.status.phase = "Serving"
+            return self._plan()
+        if revisions.candidate is not None and revisions.candidate != desired:
+            self._supersede(revisions.candidate, desired)
+        if desired == self.status.revisions.rejected:
+            self.status.phase = "Serving" if self.status.revisions.stable else "Failed"
+            return self._plan()  # held until the spec changes or a retry is asked for
+        if self.status.revisions.candidate is None and desired != self.status.revisions.stable:
+            self.set_revisions(candidate=desired)
+        candidate = self.status.revisions.candidate
+        if candidate is not None:
+            self._advance(candidate)
+        return self._plan()
+
+    def _plan(self) -> Plan:
+        self.status.observed_generation = self.model.metadata.generation
+        return Plan(tuple(self.actions), self.status, tuple(self.decisions))
+
+    def _supersede(self, old: str, new: str) -> None:
+        serving = self.observed.serving
+        if serving.canary == old:
+            self.actions += [Action("SetWeight", old, weight=0), Action("Unload", old)]
+        self.decide(SUPERSEDED, old, f"the spec now asks for revision {new}", replaced_by=new)
+        self.set_revisions(candidate=None)
+        self.end_canary()
+
+    def _advance(self, candidate: str) -> None:
+        run = self.observed.pipeline if (self.observed.pipeline or None) else None
+        if run is None or run.revision != candidate:
+            self.status.phase = "Compressing"
+            self.actions.append(Action("StartPipeline", candidate, attempt=1))
+            self.decide(
+                PIPELINE_STARTED, candidate, "the spec asks for a revision not built yet", step="attempt-1"
+            )
+            return
+        if run.phase == "Running":
+            self.status.phase = "Compressing"
+            return
+        if run.phase == "Failed" or run.gates_passed is False:
+            kind = PIPELINE_FAILED if run.phase == "Failed" else GATE_FAILED
+            if kind == PIPELINE_FAILED:  # the pipeline records the gates' verdict itself
+                self.decide(
+                    kind, candidate, run.reason or "the pipeline failed", step=f"attempt-{run.attempt}"
+                )
+            self._reject(candidate)
+            return
+        self._rollout(candidate, run)
+
+    def _reject(self, candidate: str) -> None:
+        self.set_revisions(candidate=None, rejected=candidate)
+        self.end_canary()
+        self.status.phase = "Serving" if self.status.revisions.stable else "Failed"
+
+    def _rollout(self, candidate: str, run: PipelineRun) -> None:
+        serving, canary = self.observed.serving, self.status.canary
+        stable = self.status.revisions.stable
+        if stable is None or not self.steps:  # nothing to compare with, or no canary asked for
+            why = (
+                "first rollout: offline gates alone (no stable revision to compare with)"
+                if stable is None
+                else ("rollout strategy immediate: offline gates alone")
+            )
+            self._promote(candidate, run, why, uri=run.artifact_uri)
+            return
+        self.status.phase = "RollingOut"
+        if serving.canary != candidate:
+            if canary.step is None:  # a new canary; after a restart with the step set, load it again
+                self.status.canary = CanaryStatus(
+                    step=0, weight=self.steps[0].weight, step_started_at=self.now
+                )
+                self.decide(CANARY_STARTED, candidate, f"canary at {self.steps[0].weight}%", step=0)
+            step = self.status.canary.step or 0
+            self.actions.append(
+                Action("LoadCanary", candidate, weight=self.steps[step].weight, uri=run.artifact_uri)
+            )
+            return
+        step = canary.step or 0
+        analysis = self.observed.analysis
+        if analysis is None or analysis.revision != candidate or analysis.step != step:
+            return  # nothing judged at this step yet: hold
+        started = canary.step_started_at or self.now
+        if analysis.at < started:
+            return  # judged before this step began
+        outcome = analysis.result.outcome
+        limits = self.model.spec.rollout.analysis
+        if outcome == "Failed":
+            failures = canary.failures + 1
+            self.status.canary = canary.model_copy(update={"failures": failures})
+            self.decide(
+                CANARY_FAILED_INTERVAL, candidate, analysis.result.reason,
+                step=f"{step}@{analysis.at.isoformat()}", analysis=analysis.result.to_json(),
+            )  # fmt: skip
+            if failures >= max(limits.failure_limit, 1):
+                self._rollback(candidate, f"{failures} failed analysis intervals: {analysis.result.reason}",
+                               analysis=analysis.result.to_json())  # fmt: skip
+            return
+        if outcome == "Inconclusive":
+            return  # hold the weight; never promote on missing data
+        if self.now - started < self.pause_of(step):
+            return  # the step's pause has not passed
+        if step + 1 >= len(self.steps):
+            self._promote(candidate, run, f"every canary step passed its analysis (last: {analysis.result.reason})",
+                          analysis=analysis.result.to_json())  # fmt: skip
+            return
+        weight = self.steps[step + 1].weight
+        self.status.canary = CanaryStatus(
+            step=step + 1, weight=weight, failures=canary.failures, step_started_at=self.now
+        )
+        self.actions.append(Action("SetWeight", candidate, weight=weight))
+        self.decide(
+            CANARY_ADVANCED,
+            candidate,
+            f"canary to {weight}%",
+            step=step + 1,
+            analysis=analysis.result.to_json(),
+        )
+
+    def _promote(self, candidate: str, run: PipelineRun | None, reason: str, *, actor: str = "operator",
+                 uri: str | None = None, **evidence: Any) -> None:  # fmt: skip
+        self.actions.append(Action("Promote", candidate, uri=uri))
+        previous = self.status.revisions.stable
+        if previous is not None and previous != candidate:
+            self.actions.append(Action("Unload", previous))
+        self.decide(PROMOTED, candidate, reason, actor=actor, previous=previous, **evidence)
+        self.set_revisions(stable=candidate, candidate=None)
+        self.end_canary()
+        self.status.phase = "Serving"
+
+    def _rollback(self, candidate: str, reason: str, *, actor: str = "operator", **evidence: Any) -> None:
+        if self.observed.serving.canary == candidate:
+            self.actions += [Action("SetWeight", candidate, weight=0), Action("Unload", candidate)]
+        self.decide(
+            ROLLED_BACK, candidate, reason, actor=actor, stable=self.status.revisions.stable, **evidence
+        )
+        self._reject(candidate)
+
+    def _intents(self, desired: str) -> bool:
+        """Apply manual intents (newest last); True when one decided this reconcile."""
+        acted = False
+        for intent in self.observed.intents:
+            candidate = self.status.revisions.candidate
+            target = intent.revision or candidate or desired
+            step = f"intent@{intent.at.isoformat()}"
+            if intent.kind == "promote" and candidate is not None and target == candidate:
+                run = self.observed.pipeline
+                if run is None or run.revision != candidate or run.gates_passed is not True:
+                    continue  # only a validated candidate can be promoted by hand
+                self.decide(MANUAL_OVERRIDE, candidate, f"promote asked by {intent.actor}", step=step,
+                            actor=intent.actor, intent="promote")  # fmt: skip
+                self._promote(
+                    candidate, run, f"promoted by {intent.actor}", actor=intent.actor, uri=run.artifact_uri
+                )
+                acted = True
+            elif intent.kind == "abort" and candidate is not None and target == candidate:
+                self.decide(MANUAL_OVERRIDE, candidate, f"abort asked by {intent.actor}", step=step,
+                            actor=intent.actor, intent="abort")  # fmt: skip
+                self._rollback(candidate, f"aborted by {intent.actor}", actor=intent.actor)
+                acted = True
+            elif intent.kind == "retry" and self.status.revisions.rejected == target == desired:
+                attempt = (self.observed.pipeline.attempt + 1) if self.observed.pipeline else 1
+                self.decide(MANUAL_OVERRIDE, target, f"retry asked by {intent.actor}", step=step,
+                            actor=intent.actor, intent="retry")  # fmt: skip
+                self.set_revisions(rejected=None, candidate=target)
+                self.status.phase = "Compressing"
+                self.actions.append(Action("StartPipeline", target, attempt=attempt))
+                acted = True
+        return acted
+
+
+def plan(model: AutoGLMModel, observed: Observed, now: datetime) -> Plan:
+    """The actions, the new status and the decisions for ``model`` given what was ``observed``."""
+    return _Planner(model, observed, now).run()

@@ -1,0 +1,275 @@
+"""The reconcile core through every transition of one target's rollout: pure, so driven step by step."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from autoglm_api.resource import AutoGLMModel
+from autoglm_api.validation import load_manifest
+from autoglm_core.revision import artifact_revision
+from autoglm_operator.canary import AnalysisResult
+from autoglm_operator.plan import Analysis, Intent, Observed, PipelineRun, Plan, Serving, duration, plan
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "autoglm-model.yaml"
+T0 = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+URI = "file:///artifacts/x"
+
+
+def example(quantization: str = "int8-weight-only") -> AutoGLMModel:
+    model = load_manifest(str(EXAMPLE))
+    spec = model.spec.model_copy(deep=True)
+    spec.compression.quantization.method = quantization  # type: ignore[assignment]
+    return model.model_copy(update={"spec": spec})
+
+
+def applied(model: AutoGLMModel, result: Plan) -> AutoGLMModel:
+    """The model with the plan's status written back (what the loop stores between reconciles)."""
+    return model.model_copy(update={"status": result.status})
+
+
+def succeeded(revision: str) -> PipelineRun:
+    return PipelineRun(revision, "Succeeded", gates_passed=True, artifact_uri=URI)
+
+
+def judged(revision: str, step: int, outcome: str, at: datetime) -> Analysis:
+    return Analysis(revision, step, at, AnalysisResult(outcome, f"{outcome} at step {step}"))  # type: ignore[arg-type]
+
+
+def kinds(result: Plan) -> list[str]:
+    return [a.kind for a in result.actions]
+
+
+def serving_stable(stable_model: AutoGLMModel, now: datetime = T0) -> AutoGLMModel:
+    """A model whose first revision was promoted: stable serving, nothing rolling out."""
+    rev = artifact_revision(stable_model.spec)
+    first = plan(stable_model, Observed(), now)
+    done = plan(applied(stable_model, first), Observed(pipeline=succeeded(rev)), now)
+    assert done.status.revisions.stable == rev
+    return applied(stable_model, done)
+
+
+def test_a_new_model_starts_its_pipeline_once_and_waits_for_it() -> None:
+    model = example()
+    rev = artifact_revision(model.spec)
+    first = plan(model, Observed(), T0)
+    assert kinds(first) == ["StartPipeline"]
+    assert first.status.phase == "Compressing"
+    assert first.status.revisions.candidate == rev
+    (decision,) = first.decisions
+    assert decision.kind == "PipelineStarted"
+    # A restart before the backend reports asks again with the same idempotency key: one record.
+    again = plan(applied(model, first), Observed(), T0)
+    assert again.decisions[0].idempotency_key == decision.idempotency_key
+    running = plan(applied(model, first), Observed(pipeline=PipelineRun(rev, "Running")), T0)
+    assert running.actions == ()
+    assert running.status.phase == "Compressing"
+
+
+@pytest.mark.parametrize(
+    ("run", "decision"),
+    [
+        (lambda rev: PipelineRun(rev, "Failed", reason="OOM in compress"), ["PipelineFailed"]),
+        (
+            lambda rev: PipelineRun(rev, "Succeeded", gates_passed=False),
+            [],
+        ),  # the pipeline records GateFailed
+    ],
+)
+def test_a_failed_pipeline_or_gate_rejects_the_revision_and_holds(run, decision) -> None:  # type: ignore[no-untyped-def]
+    model = example()
+    rev = artifact_revision(model.spec)
+    started = applied(model, plan(model, Observed(), T0))
+    failed = plan(started, Observed(pipeline=run(rev)), T0)
+    assert [d.kind for d in failed.decisions] == decision
+    assert failed.status.revisions.rejected == rev
+    assert failed.status.revisions.candidate is None
+    assert failed.status.phase == "Failed"  # nothing serves yet
+    held = plan(applied(model, failed), Observed(pipeline=run(rev)), T0 + timedelta(hours=1))
+    assert held.actions == ()  # not rebuilt until the spec changes or a retry is asked for
+    retry = Intent("retry", "user:ana", T0 + timedelta(hours=2))
+    retried = plan(
+        applied(model, failed), Observed(pipeline=run(rev), intents=(retry,)), T0 + timedelta(hours=2)
+    )
+    assert [(a.kind, a.attempt) for a in retried.actions] == [("StartPipeline", 2)]
+    assert retried.decisions[0].actor == "user:ana"
+
+
+def test_the_first_rollout_goes_to_100_percent_on_its_offline_gates() -> None:
+    model = example()
+    rev = artifact_revision(model.spec)
+    started = applied(model, plan(model, Observed(), T0))
+    done = plan(started, Observed(pipeline=succeeded(rev)), T0)
+    assert [(a.kind, a.uri) for a in done.actions] == [("Promote", URI)]
+    assert done.status.revisions.stable == rev
+    assert done.status.phase == "Serving"
+    (promoted,) = done.decisions
+    assert "first rollout: offline gates alone" in promoted.reason
+    unchanged = plan(applied(model, done), Observed(pipeline=succeeded(rev), serving=Serving(stable=rev)), T0)
+    assert unchanged.actions == ()
+    assert unchanged.decisions == ()  # re-applying the same spec does nothing
+
+
+def canary_started(stable_rev_model: AutoGLMModel) -> tuple[AutoGLMModel, str, str]:
+    """Stable serving; the spec changed to int4: the new candidate's canary at step 0."""
+    stable = serving_stable(stable_rev_model)
+    old = stable.status.revisions.stable if stable.status else None
+    assert old is not None
+    new_model = example("int4-weight-only").model_copy(update={"status": stable.status})
+    new = artifact_revision(new_model.spec)
+    building = plan(new_model, Observed(serving=Serving(stable=old)), T0)
+    assert kinds(building) == ["StartPipeline"]
+    loaded = plan(
+        applied(new_model, building), Observed(pipeline=succeeded(new), serving=Serving(stable=old)), T0
+    )
+    assert [(a.kind, a.weight) for a in loaded.actions] == [("LoadCanary", 10)]
+    assert [d.kind for d in loaded.decisions] == ["CanaryStarted"]
+    return applied(new_model, loaded), old, new
+
+
+def test_a_good_canary_advances_after_each_pause_then_is_promoted() -> None:
+    model, old, new = canary_started(example())
+    serving = Serving(stable=old, canary=new, weight=10)
+    run = succeeded(new)
+    early = plan(
+        model,
+        Observed(run, serving, judged(new, 0, "Successful", T0 + timedelta(seconds=10))),
+        T0 + timedelta(seconds=10),
+    )
+    assert early.actions == ()  # step 0 pauses 30s
+    t1 = T0 + timedelta(seconds=31)
+    step1 = plan(model, Observed(run, serving, judged(new, 0, "Successful", t1)), t1)
+    assert [(a.kind, a.weight) for a in step1.actions] == [("SetWeight", 50)]
+    model = applied(model, step1)
+    serving = Serving(stable=old, canary=new, weight=50)
+    t2 = t1 + timedelta(minutes=1, seconds=1)
+    step2 = plan(model, Observed(run, serving, judged(new, 1, "Successful", t2)), t2)
+    assert [(a.kind, a.weight) for a in step2.actions] == [("SetWeight", 100)]
+    model = applied(model, step2)
+    t3 = t2 + timedelta(seconds=11)  # the last step holds one analysis interval (10s)
+    done = plan(
+        model,
+        Observed(run, Serving(stable=old, canary=new, weight=100), judged(new, 2, "Successful", t3)),
+        t3,
+    )
+    assert [(a.kind, a.revision) for a in done.actions] == [("Promote", new), ("Unload", old)]
+    assert done.status.revisions.stable == new
+    assert done.status.canary.step is None
+
+
+def test_inconclusive_analyses_hold_the_weight_forever() -> None:
+    model, old, new = canary_started(example())
+    serving = Serving(stable=old, canary=new, weight=10)
+    for minutes in (1, 10, 100):
+        t = T0 + timedelta(minutes=minutes)
+        held = plan(model, Observed(succeeded(new), serving, judged(new, 0, "Inconclusive", t)), t)
+        assert held.actions == ()
+        assert held.status.canary.weight == 10
+        assert held.status.revisions.candidate == new
+
+
+def test_failure_limit_failed_intervals_roll_back_and_leave_stable_untouched() -> None:
+    model, old, new = canary_started(example())
+    serving = Serving(stable=old, canary=new, weight=10)
+    t1 = T0 + timedelta(seconds=10)
+    first = plan(model, Observed(succeeded(new), serving, judged(new, 0, "Failed", t1)), t1)
+    assert first.actions == ()
+    assert first.status.canary.failures == 1
+    model = applied(model, first)
+    t2 = t1 + timedelta(seconds=10)
+    second = plan(model, Observed(succeeded(new), serving, judged(new, 0, "Failed", t2)), t2)
+    assert [(a.kind, a.revision, a.weight) for a in second.actions] == [
+        ("SetWeight", new, 0),
+        ("Unload", new, None),
+    ]
+    assert [d.kind for d in second.decisions] == ["CanaryIntervalFailed", "RolledBack"]
+    assert second.status.revisions.stable == old
+    assert second.status.revisions.rejected == new
+    assert second.status.phase == "Serving"
+    # The same observation again (a restart): the same interval is recorded under the same key.
+    keys = {d.idempotency_key for d in first.decisions} | {d.idempotency_key for d in second.decisions}
+    assert len(keys) == 3
+
+
+def test_a_spec_change_during_a_canary_supersedes_the_candidate() -> None:
+    model, old, candidate = canary_started(example())
+    newer = example("int8-dynamic").model_copy(update={"status": model.status})
+    newest = artifact_revision(newer.spec)
+    result = plan(newer, Observed(succeeded(candidate), Serving(stable=old, canary=candidate, weight=10)), T0)
+    assert [(a.kind, a.revision) for a in result.actions] == [
+        ("SetWeight", candidate),
+        ("Unload", candidate),
+        ("StartPipeline", newest),
+    ]
+    assert [d.kind for d in result.decisions] == ["Superseded", "PipelineStarted"]
+    assert result.status.revisions.candidate == newest
+    assert result.status.revisions.stable == old
+
+
+def test_manual_promote_and_abort_are_recorded_with_who_asked() -> None:
+    model, old, new = canary_started(example())
+    serving = Serving(stable=old, canary=new, weight=10)
+    promote = Intent("promote", "user:ana", T0)
+    promoted = plan(model, Observed(succeeded(new), serving, intents=(promote,)), T0)
+    assert [a.kind for a in promoted.actions] == ["Promote", "Unload"]
+    assert [(d.kind, d.actor) for d in promoted.decisions] == [
+        ("ManualOverride", "user:ana"),
+        ("Promoted", "user:ana"),
+    ]
+    abort = Intent("abort", "user:bo", T0)
+    aborted = plan(model, Observed(succeeded(new), serving, intents=(abort,)), T0)
+    assert [(a.kind, a.weight) for a in aborted.actions] == [("SetWeight", 0), ("Unload", None)]
+    assert aborted.status.revisions.rejected == new
+    assert aborted.status.revisions.stable == old
+
+
+def test_a_restart_mid_canary_reloads_the_candidate_at_its_step_without_a_new_decision() -> None:
+    model, old, new = canary_started(example())
+    t1 = T0 + timedelta(seconds=31)
+    step1 = applied(
+        model,
+        plan(model, Observed(succeeded(new), Serving(old, new, 10), judged(new, 0, "Successful", t1)), t1),
+    )
+    # The servers were restarted: only stable is back.
+    after = plan(step1, Observed(succeeded(new), Serving(stable=old)), t1 + timedelta(seconds=5))
+    assert [(a.kind, a.weight) for a in after.actions] == [("LoadCanary", 50)]
+    assert after.decisions == ()
+    assert after.status.canary.step == 1
+
+
+def test_durations() -> None:
+    assert duration("1h30m") == timedelta(minutes=90)
+    assert duration("250ms") == timedelta(milliseconds=250)
+    with pytest.raises(ValueError, match="use numbers with ms, s, m or h"):
+        duration("5 minutes")
+
+
+OUTCOMES = st.sampled_from(["Successful", "Failed", "Inconclusive", None])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(OUTCOMES, st.integers(1, 120), st.booleans()), min_size=1, max_size=25))
+def test_never_promoted_without_a_successful_last_step_and_stable_always_serves(steps: list) -> None:  # type: ignore[type-arg]
+    model, _old, new = canary_started(example())
+    now = T0
+    for outcome, seconds, loaded in steps:
+        now += timedelta(seconds=seconds)
+        status = model.status
+        assert status is not None
+        step = status.canary.step if status.canary.step is not None else 0
+        serving = Serving(
+            stable=status.revisions.stable, canary=new if loaded else None, weight=status.canary.weight
+        )
+        analysis = judged(new, step, outcome, now) if outcome else None
+        result = plan(model, Observed(succeeded(new), serving, analysis), now)
+        if any(a.kind == "Promote" for a in result.actions):
+            assert analysis is not None
+            assert analysis.result.outcome == "Successful"
+            assert step == 2  # the last canary step
+            assert loaded
+        assert result.status.revisions.stable is not None  # once something was stable, it still serves
+        model = applied(model, result)
