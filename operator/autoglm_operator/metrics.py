@@ -1,0 +1,106 @@
+"""The canary's figures from the model servers' own ``/metrics``, without a Prometheus.
+
+``parse(text)`` reads one scrape (the Prometheus text format, parsed by ``prometheus_client``'s
+parser) into per-revision counters; ``figures(later, earlier, model, revision)`` turns the
+difference of two scrapes into the judge's :class:`~autoglm_operator.canary.Figures`, what
+``increase(...[window])`` gives in PromQL. Pure except ``scrape``, which fetches one page.
+
+Counted as requests: generations that finished (``autoglm_request_duration_seconds_count``) plus
+requests answered with an error (``autoglm_errors_total``); latency is the request-duration
+histogram; joules per token the energy counter over generated tokens.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from autoglm_operator.canary import Figures, Histogram
+
+DURATION = "autoglm_request_duration_seconds"
+ERRORS = "autoglm_errors"
+TOKENS = "autoglm_tokens"
+ENERGY = "autoglm_energy_joules"
+
+
+class MetricsUnavailableError(Exception):
+    """The server's /metrics could not be read; the analysis is Inconclusive, not Failed."""
+
+
+@dataclass
+class Counters:
+    """One revision's cumulative counters in one scrape (summed over variants and targets)."""
+
+    finished: float = 0.0
+    errors: float = 0.0
+    #: Cumulative bucket counts by upper bound in seconds (+Inf included).
+    buckets: dict[float, float] = field(default_factory=dict)
+    tokens_out: float = 0.0
+    joules: float = 0.0
+
+
+Scrape = dict[tuple[str, str], Counters]  # (model, revision) -> counters
+
+
+def parse(text: str) -> Scrape:
+    """Per (model, revision) counters of one ``/metrics`` page."""
+    out: Scrape = defaultdict(Counters)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = sample.labels
+            key = (labels.get("model", ""), labels.get("revision", ""))
+            if not key[1]:
+                continue
+            counters = out[key]
+            if sample.name == f"{DURATION}_count":
+                counters.finished += sample.value
+            elif sample.name == f"{DURATION}_bucket":
+                bound = float(labels["le"])
+                counters.buckets[bound] = counters.buckets.get(bound, 0.0) + sample.value
+            elif sample.name == f"{ERRORS}_total":
+                counters.errors += sample.value
+            elif sample.name == f"{TOKENS}_total" and labels.get("direction") == "out":
+                counters.tokens_out += sample.value
+            elif sample.name == f"{ENERGY}_total":
+                counters.joules += sample.value
+    return dict(out)
+
+
+def figures(later: Scrape, earlier: Scrape | None, model: str, revision: str) -> Figures | None:
+    """What ``revision`` of ``model`` served between two scrapes (all of ``later`` when ``earlier``
+    is None); None when the later scrape does not know the revision."""
+    now = later.get((model, revision))
+    if now is None:
+        return None
+    before = (earlier or {}).get((model, revision), Counters())
+    finished = max(now.finished - before.finished, 0.0)
+    errors = max(now.errors - before.errors, 0.0)
+    latency = None
+    if now.buckets:
+        bounds = sorted(now.buckets)
+        cumulative = [max(now.buckets[b] - before.buckets.get(b, 0.0), 0.0) for b in bounds]
+        latency = Histogram.from_cumulative([b * 1000 for b in bounds], cumulative)
+    tokens = now.tokens_out - before.tokens_out
+    joules = now.joules - before.joules
+    return Figures(
+        requests=round(finished + errors),
+        errors=round(errors),
+        latency=latency,
+        joules_per_token=joules / tokens if tokens > 0 else None,
+    )
+
+
+def scrape(url: str, *, timeout: float = 5.0) -> Scrape:
+    """Fetch and parse ``url`` (a server's ``/metrics``); MetricsUnavailableError when it cannot."""
+    try:
+        response = httpx.get(url, timeout=timeout)
+        response.raise_for_status()
+    except httpx.HTTPError as exc:
+        raise MetricsUnavailableError(f"{url}: {exc}") from exc
+    try:
+        return parse(response.text)
+    except ValueError as exc:
+        raise MetricsUnavailableError(f"{url}: not the Prometheus text format: {exc}") from exc
