@@ -387,7 +387,12 @@ def test_the_model_object_under_test_is_what_the_server_loads(artifacts: Artifac
 
 
 def test_the_repository_routes_need_the_admin_token_and_inference_does_not(server: ServerProcess) -> None:
-    for method, route in [("POST", "models/tiny/unload"), ("POST", "models/tiny/rollback"), ("GET", "index")]:
+    routes = [
+        ("POST", "models/tiny/unload"),
+        ("POST", "models/tiny/rollback"),
+        ("POST", "models/tiny/weight"),
+    ]
+    for method, route in [*routes, ("GET", "index")]:
         url = f"{server.url}/v2/repository/{route}"
         missing = httpx.request(method, url)  # from loopback, but the server has a token
         assert missing.status_code == 401, missing.text

@@ -2,7 +2,8 @@
 
 ``POST models/NAME/load`` with ``{"parameters": {"uri": ..., "sha256": ..., "canaryWeight": ...}}``
 (an atomic hot-swap, or a canary beside the stable revision), ``unload``, ``promote``,
-``rollback`` and ``GET|POST index``. They need the admin token (``AdminGuard``), or come from
+``rollback``, ``weight`` (``{"parameters": {"canaryWeight": N}}``: move the canary's share) and
+``GET|POST index``. They need the admin token (``AdminGuard``), or come from
 loopback when there is none, and open only models under the model roots.
 """
 
@@ -108,3 +109,21 @@ async def rollback(name: str, registry: Annotated[Registry, Depends(registry_of)
         service = registry.get(name)
         revision = service.router.rollback()
     return JSONResponse({"name": name, "rolledBack": revision.name, **service.router.describe()})
+
+
+@router.post("/models/{name}/weight")
+async def weight(
+    name: str, request: Request, registry: Annotated[Registry, Depends(registry_of)]
+) -> JSONResponse:
+    """Move the canary to ``{"parameters": {"canaryWeight": 0..100}}`` percent of unpinned traffic."""
+    body = await json_body(request)
+    parameters = body.get("parameters") if isinstance(body, dict) else None
+    value = parameters.get("canaryWeight") if isinstance(parameters, dict) else None
+    if not (isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= 100):
+        raise BadRequestError(
+            f'the body must be {{"parameters": {{"canaryWeight": 0..100}}}}, got {body!r}'[:300]
+        )
+    async with registry.exclusive(name, "a weight change"):
+        service = registry.get(name)
+        service.router.set_weight(float(value))
+    return JSONResponse({"name": name, **service.router.describe()})
