@@ -1,0 +1,153 @@
+"""The pipeline backend of the embedded loop: one ``autoglm pipeline run`` process per revision, in
+``ROOT/REVISION/``, observed through the steps' ``STEP.json`` files.
+
+``start(model, action)`` is idempotent: a revision whose run is alive, or whose run already
+published, is not started again (a restart of the loop never builds twice); a retry (a higher
+``attempt``) starts over in the same folder, where unchanged steps are reused. ``observe(revision)``
+gives the core's :class:`~autoglm_operator.plan.PipelineRun`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from autoglm_api.resource import AutoGLMModel
+from autoglm_operator.plan import Action, PipelineRun
+
+PID_FILE = "pipeline.pid"
+ATTEMPT_FILE = "attempt"
+LOG_FILE = "pipeline.log"
+SPEC_FILE = "spec.yaml"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie child has exited: reap it
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        return done == 0
+    except ChildProcessError:
+        return True  # not our child: it exists
+
+
+class LocalPipelines:
+    def __init__(self, root: Path, *, extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None):
+        self.root = root
+        self.extra_args = extra_args
+        self.env = env
+        #: The runs this process started (a restarted loop finds the others by their pid files).
+        self._processes: dict[str, subprocess.Popen[bytes]] = {}
+
+    def _running(self, revision: str) -> bool:
+        process = self._processes.get(revision)
+        if process is not None:
+            return process.poll() is None
+        pid = self._pid(revision)
+        return pid is not None and _alive(pid)
+
+    def close(self) -> None:
+        """Stop the runs this process started (the loop is stopping; a restart reuses their steps)."""
+        for process in self._processes.values():
+            if process.poll() is None:
+                process.terminate()
+                process.wait(30)
+        self._processes.clear()
+
+    def folder(self, revision: str) -> Path:
+        return self.root / revision
+
+    def _pid(self, revision: str) -> int | None:
+        try:
+            return int((self.folder(revision) / PID_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _attempt(self, revision: str) -> int:
+        try:
+            return int((self.folder(revision) / ATTEMPT_FILE).read_text())
+        except (OSError, ValueError):
+            return 0
+
+    def start(self, model: AutoGLMModel, action: Action) -> None:
+        revision, attempt = action.revision, action.attempt or 1
+        folder = self.folder(revision)
+        if self._running(revision):
+            return
+        current = self.observe(revision)
+        if current is not None and attempt <= self._attempt(revision):
+            return  # this attempt ran already (or is done): never twice
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / SPEC_FILE).write_text(yaml.safe_dump(model.to_json(), sort_keys=False))
+        command = [
+            sys.executable, "-m", "autoglm_operator", "pipeline", "run", str(folder / SPEC_FILE),
+            "--workdir", str(folder / "work"), *self.extra_args,
+        ]  # fmt: skip
+        with (folder / LOG_FILE).open("a") as log:
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        self._processes[revision] = process
+        (folder / PID_FILE).write_text(str(process.pid))
+        (folder / ATTEMPT_FILE).write_text(str(attempt))
+
+    def observe(self, revision: str) -> PipelineRun | None:
+        folder = self.folder(revision)
+        if not folder.is_dir():
+            return None
+        attempt = max(self._attempt(revision), 1)
+        if self._running(revision):
+            return PipelineRun(revision, "Running", attempt=attempt)
+        work = folder / "work"
+        published = _result(work / "publish")
+        if published is not None and published.get("status") == "Succeeded":
+            uri = str(published.get("metrics", {}).get("artifact", ""))
+            return PipelineRun(revision, "Succeeded", gates_passed=True, artifact_uri=uri, attempt=attempt)
+        report = _json(work / "validate" / "validate.json")
+        if report is not None and report.get("passed") is False:
+            failed = [g["name"] for g in report.get("gates", []) if not g.get("passed")]
+            return PipelineRun(
+                revision,
+                "Succeeded",
+                gates_passed=False,
+                reason="gate failed: " + ", ".join(failed),
+                attempt=attempt,
+            )
+        for step in ("fetch", "calibrate", "search", "compress", "validate", "publish"):
+            result = _result(work / step)
+            if result is not None and result.get("status") == "Failed":
+                return PipelineRun(
+                    revision, "Failed", reason=f"{step}: {result.get('reason', '')}", attempt=attempt
+                )
+        tail = _tail(folder / LOG_FILE)
+        return PipelineRun(
+            revision, "Failed", reason=f"the pipeline process ended without a result: {tail}", attempt=attempt
+        )
+
+
+def _json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _result(step: Path) -> dict[str, Any] | None:
+    return _json(step / "STEP.json")
+
+
+def _tail(path: Path) -> str:
+    try:
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    except OSError:
+        return "no log"
+    return lines[-1][:300] if lines else "no output"
