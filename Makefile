@@ -54,7 +54,7 @@ demo: $(STAMP)
 	$(BIN)/autoglm audit --db $(DEMO_DB) verify
 	@echo "== autoglm serve on the published int8 artifact: chat, streaming, V1, V2, an in-server canary, metrics"
 	$(BIN)/python examples/serve_demo.py .autoglm/demo-pipeline/publish/model
-	@echo "== not built yet: autoglm run (the operator's loop: canary analysis and feedback around pipeline and server); see the open issues"
+	@echo "== not in this demo yet: autoglm run (a first version of the embedded loop exists: autoglm run MANIFEST); the feedback loop is not built; see the open issues"
 
 # Tests run in a random order (pytest-randomly); the seed is printed, and `make test SEED=N` repeats it.
 ifndef SEED

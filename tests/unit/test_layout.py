@@ -51,7 +51,7 @@ def test_console_script_lists_its_subcommands() -> None:
     exe = shutil.which("autoglm", path=str(Path(sys.executable).parent))
     assert exe, "the autoglm console script is not installed next to this Python"
     out = subprocess.run([exe, "--help"], capture_output=True, text=True, check=True).stdout
-    for command in ("validate", "crds", "audit", "pipeline", "serve"):
+    for command in ("validate", "crds", "audit", "pipeline", "serve", "run"):
         assert f"  {command}" in out, out
 
 

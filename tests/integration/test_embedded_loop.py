@@ -1,0 +1,81 @@
+"""`autoglm run` on a tiny GLM: the first revision goes live on its offline gates; an edit is
+canaried against it on demo traffic and promoted; every decision is in the ledger once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from autoglm_core.audit import Ledger
+from autoglm_operator.embedded import EmbeddedLoop, LoopOptions
+from tests.support.tiny_models import tiny_glm
+
+pytestmark = pytest.mark.integration
+
+
+def write(path: Path, source: Path, method: str) -> Path:
+    doc: dict[str, Any] = {
+        "apiVersion": "autoglm.io/v1alpha1",
+        "kind": "AutoGLMModel",
+        "metadata": {"name": "tiny", "namespace": "ml"},
+        "spec": {
+            "source": {"uri": f"file://{source}"},
+            "compression": {"quantization": {"method": method}},
+            "calibration": {"samples": 4, "sequenceLength": 64},
+            "validation": {
+                "maxTokens": 512,
+                "sequenceLength": 128,
+                "gates": {"maxQualityLoss": 0.5, "maxP95LatencyMs": 10_000, "minSizeReduction": 1.5},
+            },
+            "targets": [{"name": "local"}],
+            "rollout": {
+                "strategy": "canary",
+                "steps": [{"weight": 50, "pause": "2s"}, {"weight": 100}],
+                "analysis": {
+                    "interval": "1s",
+                    "failureLimit": 2,
+                    "minRequests": 3,
+                    "maxErrorRate": 0.5,
+                    "maxP95LatencyMs": 60_000,
+                    "maxJoulesPerToken": 1000,
+                },
+            },
+        },
+    }
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_first_rollout_then_a_canary_promoted_on_live_figures(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AUTOGLM_CACHE_DIR", str(tmp_path / "cache"))
+    audit = f"sqlite:///{tmp_path / 'state' / 'audit.db'}"
+    monkeypatch.setenv("AUTOGLM_AUDIT_URL", audit)  # the pipeline's GatePassed goes to the same ledger
+    source = tiny_glm(tmp_path / "glm", init_std=0.3, seed=3)
+    manifest = write(tmp_path / "m.yaml", source, "int8-weight-only")
+    options = LoopOptions(
+        state_dir=tmp_path / "state", traffic_rate=6, tick_seconds=0.5, timeout_seconds=400,
+        audit_url=audit, pipeline_args=("--decode-tokens", "4"), log=lambda _line: None,
+    )  # fmt: skip
+    loop = EmbeddedLoop(manifest, options)
+    try:
+        first = loop.run()
+        assert first.phase == "Serving"
+        old = first.revisions.stable
+        assert old is not None
+        write(manifest, source, "int4-weight-only")  # an edit: a new revision, canaried against old
+        second = loop.run()
+        assert second.revisions.stable not in (None, old), second
+        assert second.revisions.rejected is None
+    finally:
+        loop.close()
+    with Ledger(audit) as ledger:
+        kinds = [r.decision for r in ledger.query(namespace="ml", model="tiny", limit=100)]
+    assert kinds.count("Promoted") == 2
+    assert "CanaryStarted" in kinds
+    assert "CanaryAdvanced" in kinds
+    assert kinds.count("GatePassed") == 2  # recorded by the pipeline runs themselves
