@@ -118,9 +118,11 @@ def compressed_state(
             done.update(f"{prefix}{n}" for n, _ in module.named_buffers(recurse=False))
         elif isinstance(module, nn.Linear) and name in plan.skipped:
             ignore.append(name)
-    for key, value in model.state_dict().items():
-        if key not in done and key not in tensors and not _is_alias(model, key, tensors):
+    written: set[int] = set()  # a tied parameter (a float model's lm_head) is written once, first name
+    for key, value in model.state_dict(keep_vars=True).items():
+        if key not in done and key not in tensors and id(value) not in written:
             tensors[key] = value.detach().contiguous()
+            written.add(id(value))
     formats = {scheme["format"] for scheme, _ in groups.values()}
     config = QuantizationConfig(
         config_groups={
@@ -180,13 +182,6 @@ def _packed_int4(prefix: str, module: Int4WeightOnlyLinear) -> dict[str, torch.T
         f"{prefix}weight_zero_point": pack_to_int32(point.contiguous(), 4, packed_dim=0),
         f"{prefix}weight_shape": torch.tensor([module.out_features, module.in_features]),
     }
-
-
-def _is_alias(model: nn.Module, key: str, written: dict[str, torch.Tensor]) -> bool:
-    """A tied parameter (e.g. ``lm_head.weight`` of a float model): written once, under its first name."""
-    state = model.state_dict(keep_vars=True)
-    tensor = state[key]
-    return any(v is tensor for k, v in state.items() if k != key and k in written)
 
 
 # -- reading -------------------------------------------------------------------------------------

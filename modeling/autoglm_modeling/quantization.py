@@ -14,19 +14,16 @@ embedding / lm_head table is quantized once to int8 (it is a fifth of a small mo
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal, Self
 
 import torch
 import torch.nn.functional as F  # noqa: N812
 from pydantic import Field
-from safetensors.torch import load_model, save_model
 from torch import nn
 
 from autoglm_core.camel import CamelModel
@@ -36,7 +33,6 @@ log = logging.getLogger(__name__)
 QUANTIZATION_FILE = "autoglm-quantization.json"
 #: Not ``model.safetensors`` on purpose: plain ``from_pretrained`` must refuse a quantized folder
 #: ("no model.safetensors") rather than load it as a float model with random weights.
-WEIGHTS_FILE = "autoglm-quantized.safetensors"
 #: Methods that only cast the weights: their folders are standard Hugging Face checkpoints.
 CAST_METHODS = ("none", "fp16", "bf16")
 ModuleKind = Literal["int8-weight-only", "int4-weight-only", "int8-dynamic", "int8-embedding"]
@@ -919,65 +915,3 @@ def weight_bytes(model: nn.Module) -> int:
             seen.add(key)
             total += tensor.nbytes
     return total
-
-
-def save_quantized(model: nn.Module, plan: QuantizationPlan, folder: Path) -> None:
-    """Write the weights (shared tensors once) and the plan the loader needs to rebuild the modules."""
-    folder.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(folder / WEIGHTS_FILE))
-    (folder / QUANTIZATION_FILE).write_text(json.dumps(plan.to_json(), indent=2))
-
-
-def rebuild_quantized(model: nn.Module, plan: QuantizationPlan) -> None:
-    """Swap ``model``'s modules for the quantized ones ``plan`` names, ready for ``load_model``."""
-    dtype = getattr(torch, plan.dtype)
-    if plan.method in ("none", "fp16", "bf16"):
-        model.to(dtype)
-        return
-    table: Int8Embedding | None = None
-    for name, kind in plan.modules.items():
-        old = model.get_submodule(name)
-        if kind == "int8-embedding":
-            assert isinstance(old, nn.Embedding)
-            table = Int8Embedding(old.num_embeddings, old.embedding_dim, dtype=dtype)
-            _set_module(model, name, table)
-    for name, kind in plan.modules.items():
-        old = model.get_submodule(name)
-        if not isinstance(old, nn.Linear):
-            continue
-        has_bias = old.bias is not None
-        new: nn.Module
-        if kind == "int4-weight-only":
-            size = plan.group_sizes.get(name, plan.group_size)
-            if size is None:
-                raise ValueError(f"{name}: int4 module without a group size in the quantization plan")
-            new = Int4WeightOnlyLinear(
-                old.in_features, old.out_features, bias=has_bias, dtype=dtype, group_size=size
-            )
-        else:
-            cls = Int8DynamicLinear if kind == "int8-dynamic" else Int8WeightOnlyLinear
-            new = cls(old.in_features, old.out_features, bias=has_bias, dtype=dtype)
-            head = _output_head(model)
-            if plan.tied and table is not None and head is not None and name == head[0]:
-                new.weight_int8, new.weight_scale = table.weight_int8, table.weight_scale
-        _set_module(model, name, new)
-    _to_compute_dtype(model, dtype, _float_kept(model, plan))
-
-
-def load_quantized_weights(model: nn.Module, folder: Path) -> QuantizationPlan:
-    """Rebuild ``model`` (freshly made from its config) as saved in ``folder`` and load the weights."""
-    plan = QuantizationPlan.from_json(json.loads((folder / QUANTIZATION_FILE).read_text()))
-    rebuild_quantized(model, plan)
-    missing, unexpected = load_model(model, str(folder / WEIGHTS_FILE), strict=False)
-    if unexpected or [m for m in missing if not _is_tied_alias(model, m)]:
-        raise ValueError(
-            f"{folder}: weights do not match the model: missing {missing}, unexpected {unexpected}"
-        )
-    return plan
-
-
-def _is_tied_alias(model: nn.Module, key: str) -> bool:
-    # safetensors stores a shared tensor once; the other names of it are reported missing.
-    state = model.state_dict(keep_vars=True)
-    tensor = state.get(key)
-    return tensor is not None and any(v is tensor for k, v in state.items() if k != key)

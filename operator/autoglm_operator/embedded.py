@@ -37,7 +37,7 @@ from autoglm_operator.backends.local_pipeline import LocalPipelines
 from autoglm_operator.backends.local_serving import LocalServing
 from autoglm_operator.canary import judge
 from autoglm_operator.metrics import MetricsUnavailableError, Scrape, figures, scrape
-from autoglm_operator.plan import Analysis, Observed, Plan, Serving, plan
+from autoglm_operator.plan import Action, Analysis, Observed, Plan, Serving, plan
 
 Until = Literal["serving", "promoted"]
 STATUS_FILE = "status.json"
@@ -74,6 +74,8 @@ class EmbeddedLoop:
     server: ServerProcess | None = None
     _canary: _Canary = field(default_factory=_Canary)
     _stop: threading.Event = field(default_factory=threading.Event)
+    #: The model name while a canary runs (set by each tick): what the demo traffic asks for.
+    _traffic_to: str | None = None
 
     def __post_init__(self) -> None:
         self.options.state_dir.mkdir(parents=True, exist_ok=True)
@@ -107,7 +109,7 @@ class EmbeddedLoop:
         run = self.pipelines.observe(building)
         serving = Serving()
         if self.server is not None:
-            serving = LocalServing(model.metadata.name or "", self.server.url).observe()
+            serving = self._serving(model.metadata.name or "").observe()
         analysis = None
         candidate, step = status.revisions.candidate, status.canary.step
         if (
@@ -118,6 +120,10 @@ class EmbeddedLoop:
         ):
             analysis = self._analyse(model, candidate, step, status.revisions.stable, now)
         return Observed(pipeline=run, serving=serving, analysis=analysis)
+
+    def _serving(self, name: str) -> LocalServing:
+        assert self.server is not None
+        return LocalServing(name, self.server.url, headers=self.server.admin_headers)
 
     def _analyse(
         self, model: AutoGLMModel, candidate: str, step: int, stable: str | None, now: datetime
@@ -158,7 +164,7 @@ class EmbeddedLoop:
                 ).wait_ready()
                 self.options.log(f"serving {name} at {self.server.url}")
             elif self.server is not None:
-                LocalServing(name, self.server.url, headers=self.server.admin_headers).apply(action)
+                self._serving(name).apply(action)
 
     def record(self, model: AutoGLMModel, result: Plan) -> None:
         if not result.decisions:
@@ -172,30 +178,24 @@ class EmbeddedLoop:
                 )  # fmt: skip
                 self.options.log(f"decision: {d.kind} {d.revision}: {d.reason}")
 
-    def tick(self, now: datetime) -> Plan:
+    def tick(self, now: datetime) -> tuple[AutoGLMModel, Plan]:
         model = self.load()
         result = plan(model, self.observe(model, now), now)
         self.act(model, result)
         self.record(model, result)
         self.save(result.status)
-        return result
+        self._traffic_to = model.metadata.name if result.status.revisions.candidate else None
+        return model, result
 
     # -- the loop ---------------------------------------------------------------------------------
 
     def _traffic(self) -> None:
         rng = random.Random(0)
         while not self._stop.wait(1.0 / self.options.traffic_rate):
-            server = self.server
-            if server is None:
+            server, name = self.server, self._traffic_to
+            if server is None or name is None:
                 continue
-            model = self.load()
-            if model.status is None or model.status.revisions.candidate is None:
-                continue
-            body = {
-                "model": model.metadata.name,
-                "prompt": rng.choice(self.options.traffic_prompts),
-                "max_tokens": 8,
-            }
+            body = {"model": name, "prompt": rng.choice(self.options.traffic_prompts), "max_tokens": 8}
             with contextlib.suppress(httpx.HTTPError):  # a swap or a stop in between: the next one
                 httpx.post(f"{server.url}/openai/v1/completions", json=body, timeout=60)
 
@@ -205,8 +205,6 @@ class EmbeddedLoop:
         stable = model.status.revisions.stable if model.status else None
         run = self.pipelines.observe(stable) if stable else None
         if self.server is None and run is not None and run.artifact_uri:
-            from autoglm_operator.plan import Action
-
             self.act(
                 model,
                 Plan(
@@ -227,9 +225,9 @@ class EmbeddedLoop:
         deadline = time.monotonic() + self.options.timeout_seconds
         try:
             while time.monotonic() < deadline:
-                result = self.tick(datetime.now(UTC))
+                model, result = self.tick(datetime.now(UTC))
                 status = result.status
-                desired = artifact_revision(self.load().spec)
+                desired = artifact_revision(model.spec)
                 if status.revisions.stable == desired and status.revisions.candidate is None:
                     return status
                 if status.revisions.rejected == desired:

@@ -26,23 +26,25 @@ from typing import Any, Literal
 from autoglm_api.resource import AutoGLMModel
 from autoglm_api.spec import CanaryStep
 from autoglm_api.status import AutoGLMModelStatus, CanaryStatus
+from autoglm_core.audit import (
+    CANARY_ADVANCED,
+    GATE_FAILED,
+    MANUAL_OVERRIDE,
+    PIPELINE_STARTED,
+    PROMOTED,
+    ROLLED_BACK,
+)
 from autoglm_core.revision import artifact_revision
 from autoglm_operator.canary import AnalysisResult
 
 PipelinePhase = Literal["Running", "Succeeded", "Failed"]
 IntentKind = Literal["promote", "abort", "retry"]
 
-# Decision kinds (the ledger's); the first are the ledger's known ones.
-PIPELINE_STARTED = "PipelineStarted"
+# Decision kinds besides the ledger's known ones (PipelineStarted, Promoted, ...).
 PIPELINE_FAILED = "PipelineFailed"
-GATE_FAILED = "GateFailed"
 CANARY_STARTED = "CanaryStarted"
-CANARY_ADVANCED = "CanaryAdvanced"
 CANARY_FAILED_INTERVAL = "CanaryIntervalFailed"
-PROMOTED = "Promoted"
-ROLLED_BACK = "RolledBack"
 SUPERSEDED = "Superseded"
-MANUAL_OVERRIDE = "ManualOverride"
 
 
 @dataclass(frozen=True)
@@ -201,7 +203,7 @@ class _Planner:
         self.end_canary()
 
     def _advance(self, candidate: str) -> None:
-        run = self.observed.pipeline if (self.observed.pipeline or None) else None
+        run = self.observed.pipeline
         if run is None or run.revision != candidate:
             self.status.phase = "Compressing"
             self.actions.append(Action("StartPipeline", candidate, attempt=1))
@@ -236,7 +238,7 @@ class _Planner:
                 if stable is None
                 else ("rollout strategy immediate: offline gates alone")
             )
-            self._promote(candidate, run, why, uri=run.artifact_uri)
+            self._promote(candidate, why, uri=run.artifact_uri)
             return
         self.status.phase = "RollingOut"
         if serving.canary != candidate:
@@ -275,7 +277,7 @@ class _Planner:
         if self.now - started < self.pause_of(step):
             return  # the step's pause has not passed
         if step + 1 >= len(self.steps):
-            self._promote(candidate, run, f"every canary step passed its analysis (last: {analysis.result.reason})",
+            self._promote(candidate, f"every canary step passed its analysis (last: {analysis.result.reason})",
                           analysis=analysis.result.to_json())  # fmt: skip
             return
         weight = self.steps[step + 1].weight
@@ -291,7 +293,7 @@ class _Planner:
             analysis=analysis.result.to_json(),
         )
 
-    def _promote(self, candidate: str, run: PipelineRun | None, reason: str, *, actor: str = "operator",
+    def _promote(self, candidate: str, reason: str, *, actor: str = "operator",
                  uri: str | None = None, **evidence: Any) -> None:  # fmt: skip
         self.actions.append(Action("Promote", candidate, uri=uri))
         previous = self.status.revisions.stable
@@ -324,7 +326,7 @@ class _Planner:
                 self.decide(MANUAL_OVERRIDE, candidate, f"promote asked by {intent.actor}", step=step,
                             actor=intent.actor, intent="promote")  # fmt: skip
                 self._promote(
-                    candidate, run, f"promoted by {intent.actor}", actor=intent.actor, uri=run.artifact_uri
+                    candidate, f"promoted by {intent.actor}", actor=intent.actor, uri=run.artifact_uri
                 )
                 acted = True
             elif intent.kind == "abort" and candidate is not None and target == candidate:

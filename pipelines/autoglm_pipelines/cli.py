@@ -17,7 +17,8 @@ import click
 
 from autoglm_api import validation
 from autoglm_api.resource import AutoGLMModel
-from autoglm_core.paths import CACHE_ENV, DEFAULT_CACHE_DIR, cache_dir
+from autoglm_core.paths import CACHE_ENV, DEFAULT_CACHE_DIR
+from autoglm_core.paths import cache_dir as resolve_cache_dir
 
 if TYPE_CHECKING:
     from autoglm_pipelines.steps import StepContext
@@ -132,7 +133,7 @@ def _context(workdir: Path, cache: Path | None, decode_tokens: int, output: Path
     from autoglm_pipelines.steps import StepContext
 
     return StepContext(
-        workdir=workdir, cache_dir=cache_dir(cache), decode_tokens=decode_tokens, output=output
+        workdir=workdir, cache_dir=resolve_cache_dir(cache), decode_tokens=decode_tokens, output=output
     )
 
 

@@ -4,49 +4,34 @@ canaried against it on demo traffic and promoted; every decision is in the ledge
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
-import yaml
 
 from autoglm_core.audit import Ledger
 from autoglm_operator.embedded import EmbeddedLoop, LoopOptions
 from tests.support.tiny_models import tiny_glm
+from tests.unit.test_pipeline_steps import manifest
 
 pytestmark = pytest.mark.integration
 
 
-def write(path: Path, source: Path, method: str) -> Path:
-    doc: dict[str, Any] = {
-        "apiVersion": "autoglm.io/v1alpha1",
-        "kind": "AutoGLMModel",
-        "metadata": {"name": "tiny", "namespace": "ml"},
-        "spec": {
-            "source": {"uri": f"file://{source}"},
-            "compression": {"quantization": {"method": method}},
-            "calibration": {"samples": 4, "sequenceLength": 64},
-            "validation": {
-                "maxTokens": 512,
-                "sequenceLength": 128,
-                "gates": {"maxQualityLoss": 0.5, "maxP95LatencyMs": 10_000, "minSizeReduction": 1.5},
-            },
-            "targets": [{"name": "local"}],
-            "rollout": {
-                "strategy": "canary",
-                "steps": [{"weight": 50, "pause": "2s"}, {"weight": 100}],
-                "analysis": {
-                    "interval": "1s",
-                    "failureLimit": 2,
-                    "minRequests": 3,
-                    "maxErrorRate": 0.5,
-                    "maxP95LatencyMs": 60_000,
-                    "maxJoulesPerToken": 1000,
-                },
-            },
-        },
-    }
-    path.write_text(yaml.safe_dump(doc))
-    return path
+ROLLOUT = {
+    "strategy": "canary",
+    "steps": [{"weight": 50, "pause": "2s"}, {"weight": 100}],
+    "analysis": {
+        "interval": "1s",
+        "failureLimit": 2,
+        "minRequests": 3,
+        "maxErrorRate": 0.5,
+        "maxP95LatencyMs": 60_000,
+        "maxJoulesPerToken": 1000,
+    },
+}
+
+
+def write(tmp_path: Path, source: Path, method: str) -> Path:
+    """The pipeline tests' tiny manifest, with a fast canary."""
+    return manifest(tmp_path, source, compression={"quantization": {"method": method}}, rollout=ROLLOUT)
 
 
 def test_first_rollout_then_a_canary_promoted_on_live_figures(
@@ -56,18 +41,18 @@ def test_first_rollout_then_a_canary_promoted_on_live_figures(
     audit = f"sqlite:///{tmp_path / 'state' / 'audit.db'}"
     monkeypatch.setenv("AUTOGLM_AUDIT_URL", audit)  # the pipeline's GatePassed goes to the same ledger
     source = tiny_glm(tmp_path / "glm", init_std=0.3, seed=3)
-    manifest = write(tmp_path / "m.yaml", source, "int8-weight-only")
+    path = write(tmp_path, source, "int8-weight-only")
     options = LoopOptions(
         state_dir=tmp_path / "state", traffic_rate=6, tick_seconds=0.5, timeout_seconds=400,
         audit_url=audit, pipeline_args=("--decode-tokens", "4"), log=lambda _line: None,
     )  # fmt: skip
-    loop = EmbeddedLoop(manifest, options)
+    loop = EmbeddedLoop(path, options)
     try:
         first = loop.run()
         assert first.phase == "Serving"
         old = first.revisions.stable
         assert old is not None
-        write(manifest, source, "int4-weight-only")  # an edit: a new revision, canaried against old
+        write(tmp_path, source, "int4-weight-only")  # an edit: a new revision, canaried against old
         second = loop.run()
         assert second.revisions.stable not in (None, old), second
         assert second.revisions.rejected is None
