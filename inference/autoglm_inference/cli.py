@@ -69,6 +69,8 @@ _LIMITS = Limits()
                    "and --model-uri itself may always be loaded again.")  # fmt: skip
 @click.option("--allow-remote-models", is_flag=True, default=False,
               help="Let a repository load fetch http(s)://, s3:// and gs:// URIs (off: only local roots).")  # fmt: skip
+@click.option("--test-faults", type=click.Path(dir_okay=False, path_type=Path), default=None, hidden=True,
+              help="Tests only (refused unless AUTOGLM_ENABLE_TEST_FAULTS=1): per-revision injected faults.")  # fmt: skip
 def serve_command(
     model_name: str,
     model_uri: str,
@@ -90,6 +92,7 @@ def serve_command(
     admin_token_file: Path | None,
     model_roots: tuple[str, ...],
     allow_remote_models: bool,
+    test_faults: Path | None,
 ) -> None:
     """Serve MODEL_URI over KServe V1, Open Inference V2 and OpenAI-compatible routes.
 
@@ -117,6 +120,7 @@ def serve_command(
             admin_token=admin_token(admin_token_file),
             model_roots=model_roots,
             allow_remote_models=allow_remote_models,
+            test_faults=test_faults,
         )
         serve(model_name, model_uri, options, sha256=sha256)
     except (ArtifactError, AccessDeniedError, ValueError, OSError) as exc:

@@ -35,3 +35,5 @@ class ServerOptions:
     #: Where ``load`` may open models (paths, file:// or pkg://); empty: the start-up model's folder.
     model_roots: tuple[str, ...] = ()
     allow_remote_models: bool = False  # http(s)://, s3://, gs:// in load
+    #: Tests only (``autoglm_inference.faults``): per-revision injected latency, errors and energy.
+    test_faults: Path | None = None

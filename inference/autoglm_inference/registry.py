@@ -17,6 +17,7 @@ from autoglm_core.energy import EnergyMeter
 from autoglm_inference.access import ModelPolicy
 from autoglm_inference.artifact import ArtifactError, LoadedArtifact
 from autoglm_inference.engine import Engine
+from autoglm_inference.faults import Faults
 from autoglm_inference.options import ServerOptions
 from autoglm_inference.prompts import PromptVariants
 from autoglm_inference.revisions import Router, SwapInProgressError, UnknownRevisionError
@@ -85,6 +86,7 @@ class Registry:
         # One decode step at a time on the device: each step's energy reading is then its own.
         self.step_lock = threading.Lock()
         self._busy: dict[str, str] = {}
+        self.faults = Faults(options.test_faults) if options.test_faults else None
 
     @contextlib.asynccontextmanager
     async def exclusive(self, name: str, what: str) -> AsyncIterator[None]:
@@ -146,8 +148,9 @@ class Registry:
             name, uri, sha256=sha256, make_engine=self.make_engine_for(name), cache_dir=self.options.cache_dir
         )
         service = LMService(
-            name, router, prompts=self.prompts, limits=self.options.limits, target=self.options.target
-        )
+            name, router, prompts=self.prompts, limits=self.options.limits, target=self.options.target,
+            faults=self.faults,
+        )  # fmt: skip
         self.services[name] = service
         return service
 

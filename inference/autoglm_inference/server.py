@@ -28,6 +28,7 @@ from fastapi.responses import JSONResponse
 
 from autoglm_core.errors import AutoGLMError
 from autoglm_inference.access import AdminGuard
+from autoglm_inference.faults import MetricsDown
 from autoglm_inference.kserve_model import CausalLMModel, ModelRepository, ModelServer, RESTServer, kserve
 from autoglm_inference.middleware import ClientGoneError, RequestGuard
 from autoglm_inference.options import ServerOptions
@@ -56,6 +57,8 @@ def install_routes(app: FastAPI, registry: Registry, model_repository: Any) -> N
     # Added first, so it runs inside RequestGuard: its refusals get request ids and are counted.
     app.add_middleware(AdminGuard, token=registry.options.admin_token)
     app.add_middleware(RequestGuard, max_body_bytes=limits.max_body_bytes, target=registry.options.target)
+    if registry.faults is not None:  # tests only: outermost, so /metrics can be taken down
+        app.add_middleware(MetricsDown, faults=registry.faults)
     app.add_exception_handler(AutoGLMError, _on_error)
     app.add_exception_handler(ClientGoneError, _on_client_gone)
     attach(app, registry, model_repository)

@@ -33,6 +33,8 @@ from pydantic_core import PydanticCustomError
 
 from autoglm_core.errors import AutoGLMError
 from autoglm_inference.engine import Finished, Job, Token
+from autoglm_inference.faults import NONE as NO_FAULT
+from autoglm_inference.faults import Fault, Faults
 from autoglm_inference.generation import Sampling
 from autoglm_inference.limits import (
     ContextTooLongError,
@@ -191,13 +193,21 @@ class LMService:
     """One served model name: its revisions, prompt variants and limits."""
 
     def __init__(
-        self, name: str, router: Router, *, prompts: PromptVariants, limits: Limits, target: str = "local"
+        self,
+        name: str,
+        router: Router,
+        *,
+        prompts: PromptVariants,
+        limits: Limits,
+        target: str = "local",
+        faults: Faults | None = None,
     ) -> None:
         self.name = name
         self.router = router
         self.prompts = prompts
         self.limits = limits
         self.target = target
+        self.faults = faults  # tests only
 
     async def start_async(
         self,
@@ -256,6 +266,8 @@ class LMService:
             raise TooManyNewTokensError(max_tokens, self.limits.max_new_tokens)
         revision = self.router.choose(request.revision or headers.get(REVISION_HEADER))
         request_labels(revision=revision.name)
+        if self.faults is not None and self.faults.fails(revision.name):
+            raise GenerationError(f"an injected test fault failed this request to {revision.name}")
         engine = revision.engine
         if engine.queue_depth >= engine.max_queue:  # refuse before spending time on tokenizing
             raise QueueFullError(engine.max_queue, retry_after=engine.retry_after())
@@ -291,7 +303,8 @@ class LMService:
         )
         labels = Labels(self.name, revision.name, variant, self.target)
         revision.engine.submit(job)
-        return Generation(self, request, revision, lease, job, labels)
+        fault = self.faults.of(revision.name) if self.faults is not None else NO_FAULT
+        return Generation(self, request, revision, lease, job, labels, fault)
 
     def _render(
         self, revision: Revision, request: GenerateRequest, pinned: str | None
@@ -362,8 +375,10 @@ class Generation:
         lease: contextlib.AbstractContextManager[Revision],
         job: Job,
         labels: Labels,
+        fault: Fault = NO_FAULT,
     ) -> None:
         self.service = service
+        self.fault = fault
         self.request = request
         self.revision = revision
         self.job = job
@@ -410,6 +425,7 @@ class Generation:
                         yield full[shown : len(full) - hold]
                         shown = len(full) - hold
                 elif isinstance(event, Finished):
+                    await self._injected_delay()
                     if event.reason == "error":
                         raise GenerationError(f"generation failed: {event.error}")
                     if event.reason == "unavailable":
@@ -422,6 +438,12 @@ class Generation:
                     return
         finally:
             self.close()
+
+    async def _injected_delay(self) -> None:
+        """Tests only: hold the answer until it took ``latency_factor`` times its generation time."""
+        if self.fault.latency_factor > 1:
+            took = time.perf_counter() - self.job.submitted_at
+            await asyncio.sleep(took * (self.fault.latency_factor - 1))
 
     def _cut_at_stop(self, text: str) -> bool:
         cut = _first_stop(text, self.request.stop)
@@ -478,11 +500,12 @@ class Generation:
             last = job.finished_at or now
             if tokens > 1:
                 t.inter_token_latency.record((last - job.first_token_at) / (tokens - 1), attrs)
+        joules = job.joules * self.fault.joules_factor
         energy_attrs = self.labels.attrs(method=job.energy_method)
-        t.energy.add(job.joules, energy_attrs)
-        t.energy_per_request.record(job.joules, energy_attrs)
+        t.energy.add(joules, energy_attrs)
+        t.energy_per_request.record(joules, energy_attrs)
         if tokens:
-            t.energy_per_token.record(job.joules / tokens, energy_attrs)
+            t.energy_per_token.record(joules / tokens, energy_attrs)
         self._span.set_attribute("completion_tokens", tokens)
         self._span.set_attribute("finish_reason", self.finish_reason or "cancelled")
         self._span.set_attribute("energy_joules", job.joules)
