@@ -8,8 +8,8 @@ server. ``autoglm serve --test-faults FILE`` reads, per revision::
 
 - ``latencyFactor``: a request to that revision is held until it took this many times as long as its
   generation did (the request latency the metrics and the client see grows by that factor);
-- ``errorRate``: this share of its requests is answered 500 before anything runs (seeded, so a test
-  run repeats);
+- ``errorRate``: this share of its requests is answered 500 before anything runs, spread evenly
+  (at 10%: the 5th, 15th, 25th, ... request), so a short test sees its errors early and repeats;
 - ``joulesFactor``: the energy charged to its requests is multiplied by this;
 - ``metricsDown``: ``GET /metrics`` answers 503 (a metrics source that is down).
 
@@ -21,8 +21,8 @@ with it by a stray flag.
 from __future__ import annotations
 
 import json
+import math
 import os
-import random
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,7 +76,7 @@ class Faults:
         self._mtime: tuple[int, int] | None = None
         self._faults: dict[str, Fault] = {}
         self._metrics_down = False
-        self._rng = random.Random(0)
+        self._served: dict[str, int] = {}
         self._refresh()
 
     def _refresh(self) -> None:
@@ -103,10 +103,14 @@ class Faults:
             return self._faults.get(revision, NONE)
 
     def fails(self, revision: str) -> bool:
-        """Whether this request to ``revision`` is one of the injected errors."""
+        """Whether this request to ``revision`` is one of the injected errors: request n fails when
+        round(n x rate) steps up, so n requests carry round(n x rate) errors."""
         rate = self.of(revision).error_rate
+        if rate <= 0:
+            return False
         with self._lock:
-            return rate > 0 and self._rng.random() < rate
+            n = self._served[revision] = self._served.get(revision, 0) + 1
+        return math.floor(n * rate + 0.5) > math.floor((n - 1) * rate + 0.5)
 
     @property
     def metrics_down(self) -> bool:

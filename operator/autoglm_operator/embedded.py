@@ -7,15 +7,15 @@ since the step began (scraped from the server's ``/metrics``, judged by ``canary
 under its idempotency key, so a restart never records one twice); and saves the status, so running
 again resumes where it stopped. The server is started with the first promoted artifact.
 
-First version: one target, served by one ``autoglm serve`` process on loopback, demo traffic from a
-text file at ``traffic_rate`` requests per second. Not yet: rich live progress, the ``rollout``
-commands, several targets.
+One target, served by one ``autoglm serve`` process on loopback; demo traffic at ``traffic_rate``
+requests per second; manual intents (``autoglm rollout promote|abort|retry``) read from the state
+directory (``backends.local_state``). Not yet: several targets with a precision each, the
+uncompressed source as the first canary's baseline, PromQL.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import random
 import threading
 import time
@@ -23,24 +23,24 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import IO, Literal
 
 import httpx
 
 from autoglm_api.resource import AutoGLMModel
-from autoglm_api.status import AutoGLMModelStatus
+from autoglm_api.status import AutoGLMModelStatus, Decision, TargetStatus
 from autoglm_api.validation import load_manifest
 from autoglm_core.audit import Ledger
 from autoglm_core.revision import artifact_revision
 from autoglm_inference.process import ServerProcess
 from autoglm_operator.backends.local_pipeline import LocalPipelines
 from autoglm_operator.backends.local_serving import LocalServing
-from autoglm_operator.canary import judge
+from autoglm_operator.backends.local_state import LocalState
+from autoglm_operator.canary import Figures, judge
 from autoglm_operator.metrics import MetricsUnavailableError, Scrape, figures, scrape
-from autoglm_operator.plan import Action, Analysis, Observed, Plan, Serving, plan
+from autoglm_operator.plan import Action, Analysis, Observed, Plan, Serving, duration, plan
 
-Until = Literal["serving", "promoted"]
-STATUS_FILE = "status.json"
+Until = Literal["serving", "promoted", "forever"]
 
 
 @dataclass
@@ -56,6 +56,8 @@ class LoopOptions:
     pipeline_args: tuple[str, ...] = ()
     server_args: tuple[str, ...] = ()
     log: Callable[[str], None] = print
+    #: Called after every tick with the model, what was observed and the plan (live progress).
+    on_tick: Callable[[AutoGLMModel, Observed, Plan], None] | None = None
 
 
 @dataclass
@@ -65,6 +67,8 @@ class _Canary:
     key: tuple[str, int] | None = None
     since: Scrape | None = None
     started: datetime | None = None
+    #: When the newest interval was judged: the next one is judged ``analysis.interval`` later.
+    judged: datetime | None = None
 
 
 @dataclass
@@ -74,32 +78,32 @@ class EmbeddedLoop:
     server: ServerProcess | None = None
     _canary: _Canary = field(default_factory=_Canary)
     _stop: threading.Event = field(default_factory=threading.Event)
+    #: Set by ``stop()``: a ``forever`` loop returns at its next tick.
+    _halt: threading.Event = field(default_factory=threading.Event)
     #: The model name while a canary runs (set by each tick): what the demo traffic asks for.
     _traffic_to: str | None = None
 
     def __post_init__(self) -> None:
         self.options.state_dir.mkdir(parents=True, exist_ok=True)
+        self.state = LocalState(self.options.state_dir)
         self.pipelines = LocalPipelines(
             self.options.state_dir / "pipelines", extra_args=self.options.pipeline_args
         )
+        self._lock: IO[str] | None = None
+        self._pending: list[Path] = []
+
+    @property
+    def audit_url(self) -> str:
+        return self.options.audit_url or f"sqlite:///{self.options.state_dir / 'audit.db'}"
 
     # -- state ------------------------------------------------------------------------------------
 
-    def _status_file(self) -> Path:
-        return self.options.state_dir / STATUS_FILE
-
     def load(self) -> AutoGLMModel:
         model = load_manifest(str(self.manifest))
-        try:
-            status = AutoGLMModelStatus.model_validate(json.loads(self._status_file().read_text()))
-        except (OSError, ValueError):
-            status = AutoGLMModelStatus()
-        return model.model_copy(update={"status": status})
+        return model.model_copy(update={"status": self.state.status() or AutoGLMModelStatus()})
 
     def save(self, status: AutoGLMModelStatus) -> None:
-        partial = self._status_file().with_suffix(".partial")
-        partial.write_text(json.dumps(status.model_dump(mode="json", by_alias=True), indent=2))
-        partial.replace(self._status_file())
+        self.state.save_status(status)
 
     # -- one tick ---------------------------------------------------------------------------------
 
@@ -119,7 +123,10 @@ class EmbeddedLoop:
             and serving.canary == candidate
         ):
             analysis = self._analyse(model, candidate, step, status.revisions.stable, now)
-        return Observed(pipeline=run, serving=serving, analysis=analysis)
+        pending = self.state.pending()
+        self._pending = [path for path, _ in pending]
+        intents = tuple(intent for _, intent in pending)
+        return Observed(pipeline=run, serving=serving, analysis=analysis, intents=intents)
 
     def _serving(self, name: str) -> LocalServing:
         assert self.server is not None
@@ -127,21 +134,38 @@ class EmbeddedLoop:
 
     def _analyse(
         self, model: AutoGLMModel, candidate: str, step: int, stable: str | None, now: datetime
-    ) -> Analysis:
+    ) -> Analysis | None:
+        """The next interval's verdict, once ``analysis.interval`` has passed since the last one
+        (None before: nothing new to judge). The figures are those since the step began."""
         assert self.server is not None
         name = model.metadata.name or ""
+        limits = model.spec.rollout.analysis
+        if self._canary.key != (candidate, step):  # a new step (or a restart): judge from here on
+            self._canary = _Canary((candidate, step), None, now)
+        last = self._canary.judged or self._canary.started or now
+        started = self._canary.since is not None or self._canary.judged is not None
+        if started and now - last < duration(limits.interval):
+            return None
         try:
-            current = scrape(f"{self.server.url}/metrics")
+            current: Scrape | None = scrape(f"{self.server.url}/metrics")
         except MetricsUnavailableError:
             current = None
-        if self._canary.key != (candidate, step):  # a new step: judge from here on
-            self._canary = _Canary((candidate, step), current, now)
-        limits = model.spec.rollout.analysis
-        if current is None:
-            return Analysis(candidate, step, now, judge(None, None, limits))
-        mine = figures(current, self._canary.since, name, candidate)
-        theirs = figures(current, self._canary.since, name, stable) if stable else None
-        return Analysis(candidate, step, now, judge(mine, theirs, limits))
+        if self._canary.since is None and current is not None:
+            self._canary.since, self._canary.started = current, now  # the step's figures start here
+            return None
+        self._canary.judged = now
+        mine = theirs = None
+        if current is not None:
+            mine = figures(current, self._canary.since, name, candidate)
+            theirs = figures(current, self._canary.since, name, stable) if stable else None
+        result = judge(mine, theirs, limits)
+        self.state.save_analysis({
+            "revision": candidate, "step": step, "at": now.isoformat(), "stable": stable,
+            "since": self._canary.started.isoformat() if self._canary.started else None,
+            "candidateFigures": _figures_json(mine), "stableFigures": _figures_json(theirs),
+            **result.to_json(),
+        })  # fmt: skip
+        return Analysis(candidate, step, now, result)
 
     def act(self, model: AutoGLMModel, result: Plan) -> None:
         name = model.metadata.name or ""
@@ -162,29 +186,57 @@ class EmbeddedLoop:
                     log=self.options.state_dir / "server.log",
                     model_roots=[self.options.state_dir],
                 ).wait_ready()
+                self.state.set_server(self.server.url, self.server.process.pid)
                 self.options.log(f"serving {name} at {self.server.url}")
             elif self.server is not None:
                 self._serving(name).apply(action)
 
-    def record(self, model: AutoGLMModel, result: Plan) -> None:
-        if not result.decisions:
-            return
-        namespace, name = model.metadata.namespace or "default", model.metadata.name or ""
-        with Ledger(self.options.audit_url or f"sqlite:///{self.options.state_dir / 'audit.db'}") as ledger:
-            for d in result.decisions:
-                ledger.append(
-                    namespace, name, d.kind, d.reason[:4000], revision=d.revision, actor=d.actor,
-                    evidence=d.evidence, idempotency_key=d.idempotency_key[:255],
-                )  # fmt: skip
-                self.options.log(f"decision: {d.kind} {d.revision}: {d.reason}")
+    def record(self, model: AutoGLMModel, result: Plan) -> AutoGLMModelStatus:
+        """Append the decisions (each once, by its key); the status with the newest as lastDecision."""
+        status = result.status
+        if result.decisions:
+            namespace, name = model.metadata.namespace or "default", model.metadata.name or ""
+            with Ledger(self.audit_url) as ledger:
+                for d in result.decisions:
+                    record = ledger.append(
+                        namespace, name, d.kind, d.reason[:4000], revision=d.revision, actor=d.actor,
+                        evidence=d.evidence, idempotency_key=d.idempotency_key[:255],
+                    )  # fmt: skip
+                    self.options.log(f"decision: {d.kind} {d.revision}: {d.reason}")
+            status = status.model_copy(
+                update={"last_decision": Decision(kind=record.decision, time=record.time,
+                                                  audit_id=record.id, reason=record.reason[:32768])}
+            )  # fmt: skip
+        for intent, why in result.ignored:
+            self.options.log(f"intent {intent.kind} from {intent.actor} changed nothing: {why}")
+        self.state.done(self._pending, ignored={i.at.isoformat(): why for i, why in result.ignored})
+        self._pending = []
+        return status
+
+    def _targets(self, model: AutoGLMModel, status: AutoGLMModelStatus) -> AutoGLMModelStatus:
+        target = model.spec.targets[0].name if model.spec.targets else "local"
+        server = self.server
+        ready = server is not None and server.alive
+        entry = TargetStatus(
+            name=target, revision=status.revisions.stable, url=server.url if server else None,
+            ready=ready, replicas=1 if ready else 0,
+        )  # fmt: skip
+        return status.model_copy(update={"targets": [entry]})
 
     def tick(self, now: datetime) -> tuple[AutoGLMModel, Plan]:
+        if self.server is not None and not self.server.alive:
+            self.options.log(f"the server exited ({self.server.process.returncode}): starting it again")
+            self.server = None
+            self._resume_server()
         model = self.load()
-        result = plan(model, self.observe(model, now), now)
+        observed = self.observe(model, now)
+        result = plan(model, observed, now)
         self.act(model, result)
-        self.record(model, result)
-        self.save(result.status)
-        self._traffic_to = model.metadata.name if result.status.revisions.candidate else None
+        status = self._targets(model, self.record(model, result))
+        self.save(status)
+        self._traffic_to = model.metadata.name if status.revisions.candidate else None
+        if self.options.on_tick is not None:
+            self.options.on_tick(model, observed, result)
         return model, result
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -215,7 +267,15 @@ class EmbeddedLoop:
             )
 
     def run(self) -> AutoGLMModelStatus:
-        """Tick until ``until`` holds (or the timeout); the server keeps running in ``self.server``."""
+        """Tick until ``until`` holds (or the timeout); the server keeps running in ``self.server``.
+        ``forever`` ticks until interrupted (Ctrl-C, or ``stop()`` from another thread)."""
+        if self._lock is None:
+            model = load_manifest(str(self.manifest))
+            self._lock = self.state.claim(model.namespaced_name, self.manifest)
+            stale = self.state.stale_server()
+            if stale is not None:  # left by a loop that was killed: this one starts its own
+                self.options.log(f"stopping the server (pid {stale}) a killed loop left running")
+                self.state.stop_server(stale)
         self._resume_server()
         self._stop.clear()
         traffic = None
@@ -224,10 +284,14 @@ class EmbeddedLoop:
             traffic.start()
         deadline = time.monotonic() + self.options.timeout_seconds
         try:
-            while time.monotonic() < deadline:
+            while self.options.until == "forever" or time.monotonic() < deadline:
                 model, result = self.tick(datetime.now(UTC))
                 status = result.status
                 desired = artifact_revision(model.spec)
+                if self.options.until == "forever":
+                    if self._halt.wait(self.options.tick_seconds):
+                        return status
+                    continue
                 if status.revisions.stable == desired and status.revisions.candidate is None:
                     return status
                 if status.revisions.rejected == desired:
@@ -243,9 +307,26 @@ class EmbeddedLoop:
             if traffic is not None:
                 traffic.join(5)
 
+    def stop(self) -> None:
+        self._halt.set()
+
     def close(self) -> None:
+        """Stop the server and the pipelines this loop started; the state stays for a resume."""
         self._stop.set()
         self.pipelines.close()
         if self.server is not None:
             self.server.stop()
             self.server = None
+        if self._lock is not None:
+            self.state.release(self._lock)
+            self._lock = None
+
+
+def _figures_json(f: Figures | None) -> dict[str, float | int | None] | None:
+    if f is None:
+        return None
+    p95 = f.latency.quantile(0.95) if f.latency is not None and f.latency.total else None
+    return {
+        "requests": f.requests, "errors": f.errors, "p95LatencyMs": p95,
+        "joulesPerToken": f.joules_per_token, "feedbackScore": f.feedback_score,
+    }  # fmt: skip

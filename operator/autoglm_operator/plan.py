@@ -124,6 +124,8 @@ class Plan:
     actions: tuple[Action, ...]
     status: AutoGLMModelStatus
     decisions: tuple[DecisionRecord, ...]
+    #: Intents that changed nothing, each with why (told to whoever asked; not ledger decisions).
+    ignored: tuple[tuple[Intent, str], ...] = ()
 
 
 _DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)")
@@ -144,6 +146,7 @@ class _Planner:
         self.status = (model.status or AutoGLMModelStatus()).model_copy(deep=True)
         self.actions: list[Action] = []
         self.decisions: list[DecisionRecord] = []
+        self.ignored: list[tuple[Intent, str]] = []
         self.name = model.namespaced_name
 
     # -- helpers --------------------------------------------------------------------------------
@@ -192,7 +195,7 @@ class _Planner:
 
     def _plan(self) -> Plan:
         self.status.observed_generation = self.model.metadata.generation
-        return Plan(tuple(self.actions), self.status, tuple(self.decisions))
+        return Plan(tuple(self.actions), self.status, tuple(self.decisions), tuple(self.ignored))
 
     def _supersede(self, old: str, new: str) -> None:
         serving = self.observed.serving
@@ -319,9 +322,17 @@ class _Planner:
             candidate = self.status.revisions.candidate
             target = intent.revision or candidate or desired
             step = f"intent@{intent.at.isoformat()}"
-            if intent.kind == "promote" and candidate is not None and target == candidate:
+            if intent.kind in ("promote", "abort") and (candidate is None or target != candidate):
+                what = f"revision {target}" if intent.revision else "a candidate"
+                self.ignored.append((intent, f"{intent.kind}: there is no {what} being rolled out "
+                                             f"(candidate: {candidate or 'none'})"))  # fmt: skip
+            elif intent.kind == "promote":
+                assert candidate is not None
                 run = self.observed.pipeline
                 if run is None or run.revision != candidate or run.gates_passed is not True:
+                    self.ignored.append(
+                        (intent, f"promote: {candidate} has not passed its pipeline and gates yet")
+                    )
                     continue  # only a validated candidate can be promoted by hand
                 self.decide(MANUAL_OVERRIDE, candidate, f"promote asked by {intent.actor}", step=step,
                             actor=intent.actor, intent="promote")  # fmt: skip
@@ -329,7 +340,8 @@ class _Planner:
                     candidate, f"promoted by {intent.actor}", actor=intent.actor, uri=run.artifact_uri
                 )
                 acted = True
-            elif intent.kind == "abort" and candidate is not None and target == candidate:
+            elif intent.kind == "abort":
+                assert candidate is not None
                 self.decide(MANUAL_OVERRIDE, candidate, f"abort asked by {intent.actor}", step=step,
                             actor=intent.actor, intent="abort")  # fmt: skip
                 self._rollback(candidate, f"aborted by {intent.actor}", actor=intent.actor)
@@ -342,6 +354,11 @@ class _Planner:
                 self.status.phase = "Compressing"
                 self.actions.append(Action("StartPipeline", target, attempt=attempt))
                 acted = True
+            elif intent.kind == "retry":
+                rejected = self.status.revisions.rejected
+                why = (f"retry: {target} is not the rejected revision the manifest asks for "
+                       f"(rejected: {rejected or 'none'}, manifest: {desired})")  # fmt: skip
+                self.ignored.append((intent, why))
         return acted
 
 

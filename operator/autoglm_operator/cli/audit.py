@@ -152,7 +152,7 @@ def _checked(validator: Callable[[str], object]) -> Callable[[click.Context, cli
     return callback
 
 
-def _default_actor() -> str:
+def default_actor() -> str:
     try:
         actor = USER_ACTOR_PREFIX + getpass.getuser()
         return validate_actor(actor)
@@ -230,7 +230,7 @@ def append_command(
 ) -> None:
     """Append one decision and print its seq, id and hash."""
     namespace, model = model_ref
-    actor = actor or _default_actor()
+    actor = actor or default_actor()
     with _opened_ledger(ctx) as ledger:
         try:
             record = ledger.append(
@@ -298,10 +298,10 @@ def query_command(
             yaml.safe_dump([r.to_json() for r in records], sort_keys=False, allow_unicode=True), nl=False
         )
     else:
-        _print_table(records)
+        print_records(records)
 
 
-def _print_table(records: list[AuditRecord]) -> None:
+def print_records(records: list[AuditRecord]) -> None:
     if not records:
         click.echo("No audit records match.")
         return

@@ -7,6 +7,7 @@ import click
 from autoglm_inference.cli import serve_command
 from autoglm_operator.cli.audit import audit_group
 from autoglm_operator.cli.crds import crds_command
+from autoglm_operator.cli.rollout import rollout_group
 from autoglm_operator.cli.run import run_command
 from autoglm_operator.cli.validate import validate_command
 from autoglm_pipelines.cli import pipeline_group
@@ -27,3 +28,4 @@ cli.add_command(audit_group)
 cli.add_command(pipeline_group)
 cli.add_command(serve_command)
 cli.add_command(run_command)
+cli.add_command(rollout_group)

@@ -3,19 +3,76 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+if TYPE_CHECKING:
+    from autoglm_api.resource import AutoGLMModel
+    from autoglm_operator.plan import Observed, Plan
+
+
+def progress_table(
+    model: AutoGLMModel, observed: Observed, result: Plan, analysis: dict[str, Any] | None
+) -> Table:
+    """The live view: phase, revisions, pipeline, canary step and weight, the newest analysis."""
+    status = result.status
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="bold")
+    table.add_column()
+    revisions = status.revisions
+    table.add_row("model", Text(f"{model.namespaced_name}  phase {status.phase}"))
+    table.add_row("revisions", Text(f"stable {revisions.stable or '-'}  candidate {revisions.candidate or '-'}"
+                                    f"  rejected {revisions.rejected or '-'}"))  # fmt: skip
+    run = observed.pipeline
+    if run is not None and revisions.candidate == run.revision:
+        table.add_row(
+            "pipeline", Text(f"{run.revision} attempt {run.attempt}: {run.phase} {run.reason}".strip())
+        )
+    canary = status.canary
+    if canary.step is not None:
+        steps = len(model.spec.rollout.steps)
+        table.add_row(
+            "canary",
+            Text(f"step {canary.step + 1}/{steps} at {canary.weight}%  failed intervals {canary.failures}"),
+        )
+    if analysis and revisions.candidate == analysis.get("revision"):
+        mine, theirs = analysis.get("candidateFigures") or {}, analysis.get("stableFigures") or {}
+        table.add_row("analysis", Text(f"{analysis.get('outcome')}: {analysis.get('reason')}"))
+        for label, figures in (("candidate", mine), ("stable", theirs)):
+            if figures:
+                table.add_row(f"  {label}", Text(_figures_line(figures)))
+    if status.last_decision is not None:
+        d = status.last_decision
+        table.add_row("last decision", Text(f"{d.kind}: {d.reason[:160]}"))
+    return table
+
+
+def _figures_line(f: dict[str, Any]) -> str:
+    def num(key: str, fmt: str) -> str:
+        value = f.get(key)
+        return "-" if value is None else format(value, fmt)
+
+    rate = f["errors"] / f["requests"] if f.get("requests") else None
+    return (f"{f.get('requests', 0)} requests, errors {'-' if rate is None else format(rate, '.1%')}, "
+            f"p95 {num('p95LatencyMs', '.0f')} ms, {num('joulesPerToken', '.3g')} J/token")  # fmt: skip
 
 
 @click.command("run")
 @click.argument("manifest", metavar="MANIFEST", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=Path(".autoglm/run"),
               show_default=True, help="Pipelines, the server's log, the saved status and the audit ledger.")  # fmt: skip
-@click.option("--until", type=click.Choice(["serving", "promoted"]), default="promoted", show_default=True,
-              help="Stop once something serves, or once the manifest's revision is promoted (or rejected).")  # fmt: skip
+@click.option("--until", type=click.Choice(["serving", "promoted", "forever"]), default="promoted", show_default=True,
+              help="Stop once something serves, once the manifest's revision is promoted (or rejected), or never "
+                   "(Ctrl-C stops; edits of the manifest are rolled out as they are saved).")  # fmt: skip
 @click.option("--traffic", "traffic_rate", type=click.FloatRange(0, 100), default=2.0, show_default=True,
               help="Demo requests per second during a canary, so it has data to judge; 0 when real clients send it.")  # fmt: skip
-@click.option("--timeout", "timeout_seconds", type=click.FloatRange(1), default=1800.0, show_default=True)
+@click.option("--timeout", "timeout_seconds", type=click.FloatRange(1), default=1800.0, show_default=True,
+              help="Give up after this many seconds (not with --until forever).")  # fmt: skip
 @click.option("--decode-tokens", type=click.IntRange(2, 4096), default=32, show_default=True,
               help="New tokens per decode measurement in validate.")  # fmt: skip
 def run_command(
@@ -30,8 +87,16 @@ def run_command(
     and promote or roll back, recording every decision in the audit ledger (STATE_DIR/audit.db).
 
     Running again resumes from the saved status; editing the manifest rolls out the change.
+    `autoglm rollout status|history|promote|abort|retry` works against the same STATE_DIR.
     """
+    from autoglm_operator.backends.local_state import StateError
     from autoglm_operator.embedded import EmbeddedLoop, LoopOptions
+
+    console = Console(stderr=True)
+    live = Live(Text("starting"), console=console, refresh_per_second=4, transient=False)
+
+    def on_tick(model: AutoGLMModel, observed: Observed, result: Plan) -> None:
+        live.update(progress_table(model, observed, result, loop.state.analysis()))
 
     options = LoopOptions(
         state_dir=state_dir,
@@ -39,17 +104,23 @@ def run_command(
         traffic_rate=traffic_rate,
         timeout_seconds=timeout_seconds,
         pipeline_args=("--decode-tokens", str(decode_tokens)),
-        log=lambda line: click.echo(line, err=True),
+        log=lambda line: live.console.print(Text(line)),
+        on_tick=on_tick,
     )
     loop = EmbeddedLoop(manifest, options)
+    url = None
     try:
-        status = loop.run()
-    except TimeoutError as exc:
+        with live:
+            status = loop.run()
+        url = loop.server.url if loop.server else None
+    except KeyboardInterrupt:
+        console.print(f"stopped: the state is kept in {state_dir}; run again to resume")
+        raise SystemExit(130) from None
+    except (TimeoutError, StateError) as exc:
         raise click.ClickException(str(exc)) from exc
     finally:
-        url = loop.server.url if loop.server else None
         loop.close()
     revisions = status.revisions
     click.echo(f"phase {status.phase}: stable {revisions.stable}, rejected {revisions.rejected}")
     if url:
-        click.echo(f"served at {url} until this command ended")
+        click.echo(f"served at {url} until this command ended (autoglm run --until forever keeps it up)")

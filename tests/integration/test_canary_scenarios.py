@@ -1,0 +1,252 @@
+"""Canary scenarios of the embedded loop on real servers and real pipelines (a tiny GLM).
+
+A stable revision is rolled out once; then each scenario edits the manifest into a new candidate
+(a new calibration sample count: a new revision) which the real `autoglm serve` makes worse in one
+way with its test-only fault injection: twice the latency, 10% errors, joules per token over the
+limit, or its metrics source down. Each is judged on live demo traffic, and each scenario's ledger
+is read back with `autoglm audit query`, as an operator would read it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from autoglm_api.status import AutoGLMModelStatus
+from autoglm_api.validation import load_manifest
+from autoglm_core.revision import artifact_revision
+from autoglm_inference.faults import ENABLE_ENV
+from autoglm_operator.backends.local_state import LocalState
+from autoglm_operator.cli.main import cli
+from autoglm_operator.embedded import EmbeddedLoop, LoopOptions
+from tests.support.tiny_models import tiny_glm
+from tests.unit.test_pipeline_steps import manifest
+
+pytestmark = pytest.mark.integration
+
+FAILURE_LIMIT = 2
+MAX_JOULES_PER_TOKEN = 2.0  # the tiny GLM spends about 0.05 J per token on the CPU-time model
+ROLLOUT = {
+    "strategy": "canary",
+    "steps": [{"weight": 50, "pause": "6s"}, {"weight": 100, "pause": "2s"}],
+    "analysis": {
+        "interval": "1s",
+        "failureLimit": FAILURE_LIMIT,
+        "minRequests": 3,
+        "maxErrorRate": 0.05,
+        "maxP95LatencyMs": 60_000,
+        "maxJoulesPerToken": MAX_JOULES_PER_TOKEN,
+    },
+}
+
+
+@dataclass
+class World:
+    root: Path
+    source: Path
+    faults: Path
+    audit: str
+    loop: EmbeddedLoop
+
+    def edit(self, samples: int) -> str:
+        """Rewrite the manifest into a new candidate; its revision."""
+        path = manifest(
+            self.root, self.source, calibration={"samples": samples, "sequenceLength": 64}, rollout=ROLLOUT
+        )
+        return artifact_revision(load_manifest(str(path)).spec)
+
+    def fault(self, revision: str | None = None, *, metrics_down: bool = False, **fault: float) -> None:
+        data = json.loads(self.faults.read_text())
+        if revision is not None:
+            data.setdefault("revisions", {})[revision] = fault
+        data["metricsDown"] = metrics_down
+        self.faults.write_text(json.dumps(data))
+
+    def records(self, revision: str | None = None) -> list[dict[str, Any]]:
+        """`autoglm audit query --model ml/tiny -o json`, as a person would run it."""
+        args = ["audit", "--db", self.audit, "query", "--model", "ml/tiny", "-o", "json"]
+        result = CliRunner().invoke(cli, [*args, *(["--revision", revision] if revision else [])])
+        assert result.exit_code == 0, result.output
+        records: list[dict[str, Any]] = json.loads(result.output)
+        return records
+
+
+def _options(state: Path, audit: str, faults: Path) -> LoopOptions:
+    return LoopOptions(
+        state_dir=state, traffic_rate=8, tick_seconds=0.25, timeout_seconds=300, audit_url=audit,
+        pipeline_args=("--decode-tokens", "4"), server_args=("--test-faults", str(faults)),
+        log=lambda _line: None,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    root = tmp_path_factory.mktemp("scenarios")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(ENABLE_ENV, "1")
+        env.setenv("AUTOGLM_CACHE_DIR", str(root / "cache"))
+        audit = f"sqlite:///{root / 'audit.db'}"
+        env.setenv("AUTOGLM_AUDIT_URL", audit)  # the pipelines' GatePassed go to the same ledger
+        faults = root / "faults.json"
+        faults.write_text("{}")
+        source = tiny_glm(root / "glm", init_std=0.3, seed=3)
+        path = manifest(root, source, rollout=ROLLOUT)
+        loop = EmbeddedLoop(path, _options(root / "state", audit, faults))
+        try:
+            first = loop.run()  # the first rollout: on its offline gates alone
+            assert first.phase == "Serving"
+            yield World(root, source, faults, audit, loop)
+        finally:
+            loop.close()
+
+
+def _kinds(records: list[dict[str, Any]]) -> list[str]:
+    return [r["decision"] for r in records]
+
+
+def _rolled_back(world: World, revision: str, stable: str | None, metric: str) -> None:
+    status = world.loop.run()
+    assert status.revisions.rejected == revision
+    assert status.revisions.stable == stable  # untouched
+    assert status.revisions.candidate is None
+    assert world.loop.server is not None
+    records = world.records(revision)
+    kinds = _kinds(records)
+    assert "Promoted" not in kinds
+    assert kinds.count("CanaryIntervalFailed") == FAILURE_LIMIT
+    assert kinds[-1] == "RolledBack"
+    rollback = records[-1]
+    assert metric in rollback["reason"]
+    checks = {c["metric"]: c for c in rollback["evidence"]["analysis"]["checks"]}
+    assert checks[metric]["passed"] is False
+    assert checks[metric]["value"] is not None
+    failed = [r for r in records if r["decision"] == "CanaryIntervalFailed"]
+    # within failureLimit intervals: the failures are consecutive analyses, none passed in between
+    assert all(r["evidence"]["analysis"]["outcome"] == "Failed" for r in failed)
+
+
+def test_a_good_candidate_is_promoted(world: World) -> None:
+    revision = world.edit(samples=5)
+    status = world.loop.run()
+    assert status.revisions.stable == revision
+    kinds = _kinds(world.records(revision))
+    assert kinds == ["PipelineStarted", "GatePassed", "CanaryStarted", "CanaryAdvanced", "Promoted"]
+    promoted = world.records(revision)[-1]
+    assert promoted["evidence"]["analysis"]["outcome"] == "Successful"
+
+
+def test_twice_the_latency_is_rolled_back(world: World) -> None:
+    stable = world.loop.load().status.revisions.stable  # type: ignore[union-attr]
+    revision = world.edit(samples=6)
+    world.fault(revision, latencyFactor=2.0)
+    _rolled_back(world, revision, stable, "latencyVsStable")
+
+
+def test_ten_percent_errors_are_rolled_back(world: World) -> None:
+    stable = world.loop.load().status.revisions.stable  # type: ignore[union-attr]
+    revision = world.edit(samples=7)
+    world.fault(revision, errorRate=0.1)
+    _rolled_back(world, revision, stable, "errorRate")
+
+
+def test_joules_per_token_over_the_limit_are_rolled_back(world: World) -> None:
+    stable = world.loop.load().status.revisions.stable  # type: ignore[union-attr]
+    revision = world.edit(samples=8)
+    world.fault(revision, joulesFactor=200.0)
+    _rolled_back(world, revision, stable, "joulesPerToken")
+
+
+def test_the_metrics_source_down_holds_the_canary(world: World) -> None:
+    revision = world.edit(samples=9)
+    world.fault(metrics_down=True)
+    state = LocalState(world.loop.options.state_dir)
+    done: list[AutoGLMModelStatus] = []
+    runner = threading.Thread(target=lambda: done.append(world.loop.run()))
+    runner.start()
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            status, analysis = state.status(), state.analysis()
+            if status and status.canary.step == 0 and analysis and analysis.get("revision") == revision:
+                break
+            time.sleep(0.2)
+        time.sleep(10)  # longer than the step's pause and failureLimit intervals together
+        status = state.status()
+        assert status is not None
+        assert (status.revisions.candidate, status.canary.step, status.canary.weight) == (revision, 0, 50)
+        assert status.canary.failures == 0
+        assert state.analysis()["outcome"] == "Inconclusive"  # type: ignore[index]
+        assert _kinds(world.records(revision))[-1] == "CanaryStarted"  # no advance, no promotion
+    finally:
+        world.fault(metrics_down=False)  # the source comes back: the canary goes on
+        runner.join(120)
+    assert done
+    assert done[0].revisions.stable == revision
+    assert _kinds(world.records(revision))[-1] == "Promoted"
+
+
+def test_killing_autoglm_run_mid_canary_resumes_at_the_same_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AUTOGLM_CACHE_DIR", str(tmp_path / "cache"))
+    audit = f"sqlite:///{tmp_path / 'state' / 'audit.db'}"
+    monkeypatch.setenv("AUTOGLM_AUDIT_URL", audit)
+    source = tiny_glm(tmp_path / "glm", init_std=0.3, seed=3)
+    slow = {**ROLLOUT, "steps": [{"weight": 50, "pause": "30s"}, {"weight": 100, "pause": "2s"}]}
+    path = manifest(tmp_path, source, rollout=slow)
+    command = [sys.executable, "-m", "autoglm_operator", "run", str(path), "--state-dir", str(tmp_path / "state"),
+               "--traffic", "8", "--decode-tokens", "4", "--timeout", "300"]  # fmt: skip
+    assert subprocess.run(command, capture_output=True, check=False, timeout=300).returncode == 0
+    path = manifest(tmp_path, source, rollout=slow, calibration={"samples": 5, "sequenceLength": 64})
+    revision = artifact_revision(load_manifest(str(path)).spec)
+    state = LocalState(tmp_path / "state")
+    killed = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            status = state.status()
+            if status and status.revisions.candidate == revision and status.canary.step == 0:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("the canary did not start")
+        time.sleep(2)  # mid-step
+        orphan = state.loop().get("serverPid")
+        os.kill(killed.pid, signal.SIGKILL)  # no clean-up at all: the server is left running
+        killed.wait(30)
+    finally:
+        if killed.poll() is None:
+            killed.kill()
+    before = state.status()
+    assert before is not None
+    assert (before.canary.step, before.canary.weight) == (0, 50)
+    started = json.loads((tmp_path / "state/pipelines" / revision / "work/publish/STEP.json").read_text())
+    fast = manifest(tmp_path, source, rollout=ROLLOUT, calibration={"samples": 5, "sequenceLength": 64})
+    assert artifact_revision(load_manifest(str(fast)).spec) == revision  # rollout is not in the revision
+    resumed = subprocess.run(command, capture_output=True, text=True, check=False, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "a killed loop left running" in resumed.stderr
+    assert orphan is not None
+    with pytest.raises(ProcessLookupError):
+        os.kill(orphan, 0)  # the orphaned server was stopped
+    after = state.status()
+    assert after is not None
+    assert after.revisions.stable == revision
+    again = json.loads((tmp_path / "state/pipelines" / revision / "work/publish/STEP.json").read_text())
+    assert again["startedAt"] == started["startedAt"]  # not built twice
+    result = CliRunner().invoke(cli, ["audit", "--db", audit, "query", "--model", "ml/tiny",
+                                      "--revision", revision, "-o", "json"])  # fmt: skip
+    kinds = [r["decision"] for r in json.loads(result.output)]
+    assert kinds == ["PipelineStarted", "GatePassed", "CanaryStarted", "CanaryAdvanced", "Promoted"]
