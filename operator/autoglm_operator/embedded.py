@@ -273,7 +273,8 @@ class EmbeddedLoop:
             model = load_manifest(str(self.manifest))
             self._lock = self.state.claim(model.namespaced_name, self.manifest)
             stale = self.state.stale_server()
-            if stale is not None:  # left by a loop that was killed: this one starts its own
+            mine = self.server.process.pid if self.server is not None else None
+            if stale is not None and stale != mine:  # left by a loop that was killed: start our own
                 self.options.log(f"stopping the server (pid {stale}) a killed loop left running")
                 self.state.stop_server(stale)
         self._resume_server()
@@ -306,6 +307,9 @@ class EmbeddedLoop:
             self._stop.set()
             if traffic is not None:
                 traffic.join(5)
+            if self._lock is not None:  # not ticking any more: `autoglm rollout` sees a stopped loop
+                self.state.release(self._lock, server_kept=self.server is not None)
+                self._lock = None
 
     def stop(self) -> None:
         self._halt.set()
@@ -317,6 +321,7 @@ class EmbeddedLoop:
         if self.server is not None:
             self.server.stop()
             self.server = None
+            self.state.clear_server()
         if self._lock is not None:
             self.state.release(self._lock)
             self._lock = None

@@ -153,7 +153,10 @@ class _Planner:
 
     def decide(self, kind: str, revision: str, reason: str, *, step: int | str = "-", **extra: Any) -> None:
         actor = str(extra.pop("actor", "operator"))
-        key = f"{self.name}:{revision}:{step}:{kind}"
+        run = self.observed.pipeline
+        attempt = run.attempt if run is not None and run.revision == revision else 1
+        # The attempt keeps a retried revision's decisions apart from its earlier attempt's.
+        key = f"{self.name}:{revision}@{attempt}:{step}:{kind}"
         self.decisions.append(DecisionRecord(kind, revision, reason, actor, extra, key))
 
     @property

@@ -60,10 +60,10 @@ class World:
     audit: str
     loop: EmbeddedLoop
 
-    def edit(self, samples: int) -> str:
+    def edit(self, samples: int, rollout: dict[str, Any] = ROLLOUT) -> str:
         """Rewrite the manifest into a new candidate; its revision."""
         path = manifest(
-            self.root, self.source, calibration={"samples": samples, "sequenceLength": 64}, rollout=ROLLOUT
+            self.root, self.source, calibration={"samples": samples, "sequenceLength": 64}, rollout=rollout
         )
         return artifact_revision(load_manifest(str(path)).spec)
 
@@ -195,6 +195,78 @@ def test_the_metrics_source_down_holds_the_canary(world: World) -> None:
     assert done
     assert done[0].revisions.stable == revision
     assert _kinds(world.records(revision))[-1] == "Promoted"
+
+
+def _in_canary(state: LocalState, revision: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = state.status()
+        if status and status.revisions.candidate == revision and status.canary.step == 0:
+            return
+        time.sleep(0.2)
+    pytest.fail(f"{revision} did not reach its canary")
+
+
+def test_abort_retry_and_promote_by_hand_with_autoglm_rollout(world: World) -> None:
+    slow = {**ROLLOUT, "steps": [{"weight": 50, "pause": "10m"}, {"weight": 100}]}
+    revision = world.edit(samples=10, rollout=slow)
+    state_dir = world.loop.options.state_dir
+    state = LocalState(state_dir)
+
+    def rollout(command: str, *args: str) -> Any:
+        extra = {"status": [], "history": ["--db", world.audit]}.get(
+            command, ["--db", world.audit, "--wait", "60"]
+        )
+        return CliRunner().invoke(
+            cli, ["rollout", command, "tiny", "--state-dir", str(state_dir), *extra, *args]
+        )
+
+    def start() -> tuple[threading.Thread, list[AutoGLMModelStatus]]:
+        done: list[AutoGLMModelStatus] = []
+        thread = threading.Thread(target=lambda: done.append(world.loop.run()))
+        thread.start()
+        return thread, done
+
+    runner, done = start()
+    _in_canary(state, revision)
+    shown = rollout("status")
+    assert shown.exit_code == 0, shown.output
+    assert "phase: RollingOut" in shown.output
+    assert "loop: running" in shown.output
+    assert f"candidate: {revision}" in shown.output
+    aborted = rollout("abort", "--actor", "user:alice")
+    runner.join(60)
+    assert aborted.exit_code == 0, aborted.output
+    assert "user:alice  RolledBack" in aborted.output  # the ledger's row, as the command prints it
+    assert done[0].revisions.rejected == revision
+
+    queued = rollout("retry", "--actor", "user:bob")  # the loop is stopped: queued for its next run
+    assert queued.exit_code == 0, queued.output
+    assert "queued" in queued.output
+    runner, done = start()
+    _in_canary(state, revision)  # built again (unchanged steps reused) and canaried again
+    refused = rollout("retry", "--actor", "user:bob")
+    assert refused.exit_code != 0
+    assert "not the rejected revision" in refused.output
+    promoted = rollout("promote", "--actor", "user:carol")
+    runner.join(60)
+    assert promoted.exit_code == 0, promoted.output
+    assert done[0].revisions.stable == revision
+
+    records = world.records(revision)
+    overrides = [(r["actor"], r["evidence"]["intent"]) for r in records if r["decision"] == "ManualOverride"]
+    assert overrides == [("user:alice", "abort"), ("user:bob", "retry"), ("user:carol", "promote")]
+    assert _kinds(records).count("CanaryStarted") == 2  # one per attempt, each recorded once
+    assert [r["actor"] for r in records if r["decision"] in ("RolledBack", "Promoted")] == [
+        "user:alice",
+        "user:carol",
+    ]
+    history = rollout("history")
+    assert "user:carol" in history.output
+    assert "ManualOverride" in history.output
+    wrong = CliRunner().invoke(cli, ["rollout", "status", "other", "--state-dir", str(state_dir)])
+    assert wrong.exit_code != 0
+    assert "holds the rollout of ml/tiny, not other" in wrong.output
 
 
 def test_killing_autoglm_run_mid_canary_resumes_at_the_same_step(

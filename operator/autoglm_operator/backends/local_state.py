@@ -109,6 +109,12 @@ class LocalState:
         data["url"], data["serverPid"] = url, pid
         _write(self.root / LOOP_FILE, data)
 
+    def clear_server(self) -> None:
+        data = self.loop()
+        if data.pop("url", None) or data.pop("serverPid", None):
+            data.pop("serverPid", None)
+            _write(self.root / LOOP_FILE, data)
+
     def stale_server(self) -> int | None:
         """The pid of a server a killed loop left running (call while holding the lock)."""
         pid = self.loop().get("serverPid")
@@ -130,9 +136,10 @@ class LocalState:
                 time.sleep(0.1)
             os.kill(pid, signal.SIGKILL)
 
-    def release(self, handle: IO[str]) -> None:
+    def release(self, handle: IO[str], *, server_kept: bool = False) -> None:
+        """Give the directory up; ``server_kept``: the loop's server still runs (its URL stays)."""
         data = self.loop()
-        for key in ("pid", "url", "serverPid"):
+        for key in ("pid",) if server_kept else ("pid", "url", "serverPid"):
             data.pop(key, None)
         _write(self.root / LOOP_FILE, data)
         handle.close()
