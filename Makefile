@@ -33,28 +33,27 @@ $(STAMP): pyproject.toml $(LOCK)
 
 venv: $(STAMP)
 
-# What is built so far, run for real on the bundled example. The closed loop (`autoglm run`) is not
-# built yet, and the last line says so.
-DEMO_DB := sqlite:///.autoglm/demo-audit.db
+# The closed loop on the bundled example, for real: SmolLM2-135M compressed to int8, validated and
+# served (the first rollout goes live on its offline gates); then an edit that turns compression off,
+# canaried against the int8 stable on demo traffic and rolled back on its own; the ledger's account;
+# then the server's protocols on the promoted artifact. A fresh state directory each time.
+DEMO_STATE := .autoglm/demo
 demo: $(STAMP)
-	@echo "== autoglm validate -o yaml examples/autoglm-model.yaml (the object as the API server would store it)"
-	$(BIN)/autoglm validate -o yaml examples/autoglm-model.yaml
 	@echo "== autoglm validate examples/*.yaml"
 	$(BIN)/autoglm validate examples/*.yaml
-	@echo "== the audit ledger: record the validation, list the model's decisions, verify the chain"
-	$(BIN)/autoglm audit --db $(DEMO_DB) append --model ml/support-glm --decision SpecValidated \
-	  --actor user:demo --reason "examples/autoglm-model.yaml passed autoglm validate" \
-	  --evidence "{\"file\": \"examples/autoglm-model.yaml\", \"sha256\": \"$$(sha256sum examples/autoglm-model.yaml | cut -c1-64)\"}"
-	@echo "== the compression pipeline on SmolLM2-135M: fetch -> calibrate -> compress (int8) -> validate (gates) -> publish"
-	AUTOGLM_AUDIT_URL=$(DEMO_DB) $(BIN)/autoglm pipeline run examples/autoglm-model.yaml --workdir .autoglm/demo-pipeline
-	$(BIN)/python -c "import json; r = json.load(open('.autoglm/demo-pipeline/validate/validate.json')); \
-	  print('perplexity x%.4f  weight bytes x%.3f  decode x%.2f' % (r['candidate']['quality'] / r['baseline']['quality'], \
-	  1 / r['sizeReduction'], r['decodeSpeedup']))"
-	$(BIN)/autoglm audit --db $(DEMO_DB) query --model ml/support-glm --limit 5
-	$(BIN)/autoglm audit --db $(DEMO_DB) verify
-	@echo "== autoglm serve on the published int8 artifact: chat, streaming, V1, V2, an in-server canary, metrics"
-	$(BIN)/python examples/serve_demo.py .autoglm/demo-pipeline/publish/model
-	@echo "== not in this demo yet: autoglm run (a first version of the embedded loop exists: autoglm run MANIFEST); the feedback loop is not built; see the open issues"
+	rm -rf $(DEMO_STATE)
+	@echo "== autoglm run examples/autoglm-model.yaml: pipeline (fetch, calibrate, compress int8, validate, publish), then served"
+	$(BIN)/autoglm run examples/autoglm-model.yaml --state-dir $(DEMO_STATE) --until promoted --traffic 8
+	@echo "== an edit (examples/edits/autoglm-model-uncompressed.yaml): compression off; canaried against the int8 stable"
+	$(BIN)/autoglm run examples/edits/autoglm-model-uncompressed.yaml --state-dir $(DEMO_STATE) --until promoted --traffic 8
+	@echo "== autoglm rollout history / status: what the loop decided, as the audit ledger has it"
+	$(BIN)/autoglm rollout history support-glm --state-dir $(DEMO_STATE)
+	$(BIN)/autoglm rollout status support-glm --state-dir $(DEMO_STATE)
+	$(BIN)/autoglm audit --db sqlite:///$(DEMO_STATE)/audit.db verify
+	@echo "== autoglm serve on the stable int8 artifact: chat, streaming, V1, V2, an in-server canary, metrics"
+	$(BIN)/python examples/serve_demo.py $(DEMO_STATE)/pipelines/$$($(BIN)/python -c \
+	  "import json; print(json.load(open('$(DEMO_STATE)/status.json'))['revisions']['stable'])")/work/publish/model
+	@echo "== not in this demo yet: the source model as the first canary's baseline, several targets, PromQL, the operator and the feedback loop (open issues)"
 
 # Tests run in a random order (pytest-randomly); the seed is printed, and `make test SEED=N` repeats it.
 ifndef SEED

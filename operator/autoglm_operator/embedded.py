@@ -16,6 +16,7 @@ uncompressed source as the first canary's baseline, PromQL.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import random
 import threading
 import time
@@ -31,6 +32,7 @@ from autoglm_api.resource import AutoGLMModel
 from autoglm_api.status import AutoGLMModelStatus, Decision, TargetStatus
 from autoglm_api.validation import load_manifest
 from autoglm_core.audit import Ledger
+from autoglm_core.audit.ledger import URL_ENV
 from autoglm_core.revision import artifact_revision
 from autoglm_inference.process import ServerProcess
 from autoglm_operator.backends.local_pipeline import LocalPipelines
@@ -87,7 +89,9 @@ class EmbeddedLoop:
         self.options.state_dir.mkdir(parents=True, exist_ok=True)
         self.state = LocalState(self.options.state_dir)
         self.pipelines = LocalPipelines(
-            self.options.state_dir / "pipelines", extra_args=self.options.pipeline_args
+            self.options.state_dir / "pipelines",
+            extra_args=self.options.pipeline_args,
+            env={URL_ENV: self.audit_url},  # the pipeline's GatePassed/GateFailed in the same ledger
         )
         self._lock: IO[str] | None = None
         self._pending: list[Path] = []
@@ -236,7 +240,7 @@ class EmbeddedLoop:
         self.save(status)
         self._traffic_to = model.metadata.name if status.revisions.candidate else None
         if self.options.on_tick is not None:
-            self.options.on_tick(model, observed, result)
+            self.options.on_tick(model, observed, dataclasses.replace(result, status=status))
         return model, result
 
     # -- the loop ---------------------------------------------------------------------------------

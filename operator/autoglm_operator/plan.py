@@ -189,11 +189,12 @@ class _Planner:
         if desired == self.status.revisions.rejected:
             self.status.phase = "Serving" if self.status.revisions.stable else "Failed"
             return self._plan()  # held until the spec changes or a retry is asked for
-        if self.status.revisions.candidate is None and desired != self.status.revisions.stable:
+        new = self.status.revisions.candidate is None and desired != self.status.revisions.stable
+        if new:
             self.set_revisions(candidate=desired)
         candidate = self.status.revisions.candidate
         if candidate is not None:
-            self._advance(candidate)
+            self._advance(candidate, new)
         return self._plan()
 
     def _plan(self) -> Plan:
@@ -208,7 +209,7 @@ class _Planner:
         self.set_revisions(candidate=None)
         self.end_canary()
 
-    def _advance(self, candidate: str) -> None:
+    def _advance(self, candidate: str, new: bool) -> None:
         run = self.observed.pipeline
         if run is None or run.revision != candidate:
             self.status.phase = "Compressing"
@@ -217,6 +218,12 @@ class _Planner:
                 PIPELINE_STARTED, candidate, "the spec asks for a revision not built yet", step="attempt-1"
             )
             return
+        if new and run.attempt == 1:
+            # Started by a process that died before it saved the candidate: record the start again
+            # (the same key: the ledger keeps the first record if there was one).
+            self.decide(
+                PIPELINE_STARTED, candidate, "the spec asks for a revision not built yet", step="attempt-1"
+            )
         if run.phase == "Running":
             self.status.phase = "Compressing"
             return
@@ -247,18 +254,26 @@ class _Planner:
             self._promote(candidate, why, uri=run.artifact_uri)
             return
         self.status.phase = "RollingOut"
-        if serving.canary != candidate:
-            if canary.step is None:  # a new canary; after a restart with the step set, load it again
-                self.status.canary = CanaryStatus(
-                    step=0, weight=self.steps[0].weight, step_started_at=self.now
+        if canary.step is None:
+            # A new canary, or one whose start a restart did not save (then it may be loaded already;
+            # its decision has the same key, so the ledger keeps one record).
+            self.status.canary = CanaryStatus(step=0, weight=self.steps[0].weight, step_started_at=self.now)
+            self.decide(CANARY_STARTED, candidate, f"canary at {self.steps[0].weight}%", step=0)
+            if serving.canary != candidate:
+                self.actions.append(
+                    Action("LoadCanary", candidate, weight=self.steps[0].weight, uri=run.artifact_uri)
                 )
-                self.decide(CANARY_STARTED, candidate, f"canary at {self.steps[0].weight}%", step=0)
-            step = self.status.canary.step or 0
+            elif serving.weight != self.steps[0].weight:
+                self.actions.append(Action("SetWeight", candidate, weight=self.steps[0].weight))
+            return
+        step = canary.step
+        if serving.canary != candidate:  # after a restart of the server: load it again at its step
             self.actions.append(
                 Action("LoadCanary", candidate, weight=self.steps[step].weight, uri=run.artifact_uri)
             )
             return
-        step = canary.step or 0
+        if serving.weight != self.steps[step].weight:  # a restart between acting and saving
+            self.actions.append(Action("SetWeight", candidate, weight=self.steps[step].weight))
         analysis = self.observed.analysis
         if analysis is None or analysis.revision != candidate or analysis.step != step:
             return  # nothing judged at this step yet: hold

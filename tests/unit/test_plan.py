@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from autoglm_api.resource import AutoGLMModel
+from autoglm_api.status import AutoGLMModelStatus
 from autoglm_api.validation import load_manifest
 from autoglm_core.revision import artifact_revision
 from autoglm_operator.canary import AnalysisResult
@@ -273,3 +274,76 @@ def test_never_promoted_without_a_successful_last_step_and_stable_always_serves(
             assert loaded
         assert result.status.revisions.stable is not None  # once something was stable, it still serves
         model = applied(model, result)
+
+
+class _World:
+    """Backends that carry out the core's actions at once: a pipeline that succeeds on the next
+    observation, a server with stable and canary, an analysis that passes at the current step."""
+
+    def __init__(self) -> None:
+        self.started: list[tuple[str, int]] = []
+        self.pipeline: PipelineRun | None = None
+        self.serving = Serving()
+
+    def observe(self, model: AutoGLMModel, now: datetime) -> Observed:
+        status = model.status or AutoGLMModelStatus()
+        analysis = None
+        candidate, step = status.revisions.candidate, status.canary.step
+        if candidate and step is not None and self.serving.canary == candidate:
+            analysis = judged(candidate, step, "Successful", now)
+        return Observed(pipeline=self.pipeline, serving=self.serving, analysis=analysis)
+
+    def act(self, result: Plan) -> None:
+        s = self.serving
+        for a in result.actions:
+            if a.kind == "StartPipeline":
+                self.started.append((a.revision, a.attempt or 1))
+                self.pipeline = succeeded(a.revision)
+            elif a.kind == "LoadCanary":
+                s = Serving(s.stable, a.revision, a.weight or 0)
+            elif a.kind == "SetWeight" and s.canary == a.revision:
+                s = Serving(s.stable, s.canary, a.weight or 0)
+            elif a.kind == "Promote":
+                s = Serving(a.revision, None, 0)
+            elif a.kind == "Unload" and s.canary == a.revision:
+                s = Serving(s.stable, None, 0)
+        self.serving = s
+
+
+def _drive(crash_at: int | None, mode: str) -> tuple[_World, dict[str, str], AutoGLMModel]:
+    """First rollout, then an edit canaried to promotion; at tick ``crash_at`` the process dies
+    after acting (``acted``) or after recording too (``recorded``), before the status is saved."""
+    world, ledger = _World(), {}  # the ledger keeps one record per idempotency key
+    model = example()
+    for tick in range(40):
+        now = T0 + timedelta(minutes=10 * tick)
+        if tick == 3:  # the edit: a new revision
+            model = model.model_copy(update={"spec": example("int4-weight-only").spec})
+        result = plan(model, world.observe(model, now), now)
+        world.act(result)
+        if crash_at == tick and mode == "acted":
+            continue  # died before recording and saving: the next tick plans from the old status
+        for d in result.decisions:
+            ledger.setdefault(d.idempotency_key, d.kind)
+        if crash_at == tick:
+            continue  # recorded, died before saving
+        model = applied(model, result)
+        if tick > 3 and model.status.revisions.candidate is None and model.status.revisions.stable:  # type: ignore[union-attr]
+            break
+    return world, ledger, model
+
+
+@pytest.mark.parametrize("mode", ["acted", "recorded"])
+@pytest.mark.parametrize("crash_at", range(9))
+def test_a_restart_in_every_phase_builds_once_and_records_each_decision_once(
+    crash_at: int, mode: str
+) -> None:
+    calm_world, calm_ledger, calm = _drive(None, mode)
+    world, ledger, model = _drive(crash_at, mode)
+    assert model.status is not None
+    assert calm.status is not None
+    assert model.status.revisions.stable == calm.status.revisions.stable == artifact_revision(calm.spec)
+    assert world.serving == calm_world.serving  # the same revision serves, nothing else loaded
+    assert sorted(set(world.started)) == sorted(calm_world.started)  # each revision built once
+    assert all(attempt == 1 for _, attempt in world.started)
+    assert sorted(ledger.values()) == sorted(calm_ledger.values())  # no decision lost or repeated

@@ -43,6 +43,7 @@ def _alive(pid: int) -> bool:
 
 class LocalPipelines:
     def __init__(self, root: Path, *, extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None):
+        """``env``: variables set for the runs on top of this process's environment."""
         self.root = root
         self.extra_args = extra_args
         self.env = env
@@ -94,7 +95,8 @@ class LocalPipelines:
             "--workdir", str(folder / "work"), *self.extra_args,
         ]  # fmt: skip
         with (folder / LOG_FILE).open("a") as log:
-            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env)
+            env = {**os.environ, **(self.env or {})}  # the environment of now, plus ours
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         self._processes[revision] = process
         (folder / PID_FILE).write_text(str(process.pid))
         (folder / ATTEMPT_FILE).write_text(str(attempt))

@@ -104,7 +104,7 @@ def run_command(
         traffic_rate=traffic_rate,
         timeout_seconds=timeout_seconds,
         pipeline_args=("--decode-tokens", str(decode_tokens)),
-        log=lambda line: live.console.print(Text(line)),
+        log=lambda line: live.console.print(Text(line), soft_wrap=True),
         on_tick=on_tick,
     )
     loop = EmbeddedLoop(manifest, options)
@@ -112,6 +112,7 @@ def run_command(
     try:
         with live:
             status = loop.run()
+        console.line()
         url = loop.server.url if loop.server else None
     except KeyboardInterrupt:
         console.print(f"stopped: the state is kept in {state_dir}; run again to resume")

@@ -1,0 +1,90 @@
+"""The embedded loop's state directory: one loop at a time, one model per directory, manual intents
+queued as files and answered; and `autoglm rollout` against a stopped loop."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from autoglm_api.status import AutoGLMModelStatus, Revisions
+from autoglm_operator.backends.local_state import LocalState, StateError
+from autoglm_operator.cli.main import cli
+
+
+def test_one_loop_and_one_model_per_directory(tmp_path: Path) -> None:
+    state = LocalState(tmp_path / "s")
+    assert not state.running()
+    handle = state.claim("ml/tiny", tmp_path / "tiny.yaml")
+    assert state.running()
+    with pytest.raises(StateError, match=f"another autoglm run \\(pid {os.getpid()}\\)"):
+        LocalState(tmp_path / "s").claim("ml/tiny", tmp_path / "tiny.yaml")
+    state.release(handle)
+    assert not state.running()
+    with pytest.raises(StateError, match="holds the rollout of ml/tiny, not ml/other"):
+        state.claim("ml/other", tmp_path / "other.yaml")
+    state.release(state.claim("ml/tiny", tmp_path / "tiny.yaml"))  # the same model again: fine
+
+
+def test_intents_wait_as_files_until_answered(tmp_path: Path) -> None:
+    state = LocalState(tmp_path)
+    first = state.submit("abort", "user:alice")
+    second = state.submit("retry", "user:bob", "abc123")
+    (tmp_path / "intents" / "0-junk.json").write_text("{not json")
+    pending = state.pending()
+    assert [i for _, i in pending] == [first, second]  # oldest first; the junk file set aside
+    assert (tmp_path / "intents" / "0-junk.invalid").exists()
+    assert state.outcome(first) is None
+    state.done([p for p, _ in pending], ignored={second.at.isoformat(): "retry: nothing was rejected"})
+    assert state.pending() == []
+    assert state.outcome(first) == {**_file(first), "ignored": None}
+    assert state.outcome(second)["ignored"] == "retry: nothing was rejected"  # type: ignore[index]
+    with pytest.raises(StateError, match="allowed: promote, abort, retry"):
+        state.submit("delete", "user:eve")  # type: ignore[arg-type]
+
+
+def _file(intent: object) -> dict[str, object]:
+    return {
+        "kind": intent.kind,  # type: ignore[attr-defined]
+        "actor": intent.actor,  # type: ignore[attr-defined]
+        "at": intent.at.isoformat(),  # type: ignore[attr-defined]
+        "revision": intent.revision,  # type: ignore[attr-defined]
+    }
+
+
+def test_a_pid_that_is_not_a_server_is_never_stopped(tmp_path: Path) -> None:
+    state = LocalState(tmp_path)
+    state.release(state.claim("ml/tiny", tmp_path / "t.yaml"))
+    state.set_server("http://127.0.0.1:1", os.getpid())  # this test process: not autoglm_inference
+    assert state.stale_server() is None
+
+
+def test_rollout_commands_against_a_stopped_loop(tmp_path: Path) -> None:
+    runner = CliRunner()
+    empty = runner.invoke(cli, ["rollout", "status", "tiny", "--state-dir", str(tmp_path / "none")])
+    assert empty.exit_code == 2
+    assert "holds no rollout: start one with autoglm run MANIFEST" in empty.output
+    state = LocalState(tmp_path)
+    state.release(state.claim("ml/tiny", tmp_path / "tiny.yaml"))
+    state.save_status(
+        AutoGLMModelStatus(phase="RollingOut", revisions=Revisions(stable="a1", candidate="b2"))
+    )
+    shown = runner.invoke(cli, ["rollout", "status", "ml/tiny", "--state-dir", str(tmp_path)])
+    assert shown.exit_code == 0, shown.output
+    assert "loop: stopped" in shown.output
+    assert "phase: RollingOut" in shown.output
+    assert "candidate: b2" in shown.output
+    queued = runner.invoke(
+        cli, ["rollout", "abort", "tiny", "--state-dir", str(tmp_path), "--actor", "user:al"]
+    )
+    assert queued.exit_code == 0, queued.output
+    assert "queued: the loop is stopped" in queued.output
+    assert [i.actor for _, i in state.pending()] == ["user:al"]
+    robot = runner.invoke(
+        cli, ["rollout", "promote", "tiny", "--state-dir", str(tmp_path), "--actor", "operator"]
+    )
+    assert robot.exit_code == 2
+    assert "comes from a person: user:NAME" in robot.output
+    assert len(state.pending()) == 1  # nothing queued for a refused command
