@@ -9,6 +9,7 @@ is read back with `autoglm audit query`, as an operator would read it.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -18,6 +19,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +137,9 @@ def _rolled_back(world: World, revision: str, stable: str | None, metric: str) -
     failed = [r for r in records if r["decision"] == "CanaryIntervalFailed"]
     # within failureLimit intervals: the failures are consecutive analyses, none passed in between
     assert all(r["evidence"]["analysis"]["outcome"] == "Failed" for r in failed)
+    # one judgement per analysis.interval (1s), not one per tick (0.25s)
+    times = [datetime.fromisoformat(r["time"]) for r in failed]
+    assert all(later - earlier >= timedelta(seconds=0.9) for earlier, later in itertools.pairwise(times))
 
 
 def test_a_good_candidate_is_promoted(world: World) -> None:
