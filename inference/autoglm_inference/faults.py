@@ -53,6 +53,8 @@ def _parse(data: Any, path: Path) -> tuple[dict[str, Fault], bool]:
     for revision, spec in (data.get("revisions") or {}).items():
         if not isinstance(spec, dict) or not set(spec) <= set(_KEYS):
             raise FaultsRefusedError(f"{path}: revision {revision!r}: allowed keys are {sorted(_KEYS)}")
+        if not all(isinstance(v, int | float) for v in spec.values()):
+            raise FaultsRefusedError(f"{path}: revision {revision!r}: every value must be a number")
         values = {_KEYS[k]: float(v) for k, v in spec.items()}
         fault = Fault(**values)
         if fault.latency_factor < 1 or not 0 <= fault.error_rate <= 1 or fault.joules_factor < 0:

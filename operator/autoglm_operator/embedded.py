@@ -228,11 +228,11 @@ class EmbeddedLoop:
         observed = self.observe(model, now)
         result = plan(model, observed, now)
         self.act(model, result)
-        status = self._targets(model, self.record(model, result))
-        self.save(status)
-        self._traffic_to = model.metadata.name if status.revisions.candidate else None
+        result = dataclasses.replace(result, status=self._targets(model, self.record(model, result)))
+        self.save(result.status)
+        self._traffic_to = model.metadata.name if result.status.revisions.candidate else None
         if self.options.on_tick is not None:
-            self.options.on_tick(model, observed, dataclasses.replace(result, status=status))
+            self.options.on_tick(model, observed, result)
         return model, result
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -277,6 +277,7 @@ class EmbeddedLoop:
                 self.state.stop_server(stale)
         self._resume_server()
         self._stop.clear()
+        self._halt.clear()
         traffic = None
         if self.options.traffic_rate > 0:
             traffic = threading.Thread(target=self._traffic, name="autoglm-traffic", daemon=True)
@@ -286,18 +287,10 @@ class EmbeddedLoop:
             while self.options.until == "forever" or time.monotonic() < deadline:
                 model, result = self.tick(datetime.now(UTC))
                 status = result.status
-                desired = artifact_revision(model.spec)
-                if self.options.until == "forever":
-                    if self._halt.wait(self.options.tick_seconds):
-                        return status
-                    continue
-                if status.revisions.stable == desired and status.revisions.candidate is None:
+                if self.options.until != "forever" and self._reached(model, status):
                     return status
-                if status.revisions.rejected == desired:
-                    return status  # rolled back or failed: held until the manifest changes
-                if self.options.until == "serving" and self.server is not None and status.revisions.stable:
+                if self._halt.wait(self.options.tick_seconds):
                     return status
-                time.sleep(self.options.tick_seconds)
             raise TimeoutError(
                 f"{self.manifest}: not {self.options.until} after {self.options.timeout_seconds:.0f}s"
             )
@@ -309,7 +302,16 @@ class EmbeddedLoop:
                 self.state.release(self._lock, server_kept=self.server is not None)
                 self._lock = None
 
+    def _reached(self, model: AutoGLMModel, status: AutoGLMModelStatus) -> bool:
+        desired = artifact_revision(model.spec)
+        if status.revisions.stable == desired and status.revisions.candidate is None:
+            return True
+        if status.revisions.rejected == desired:
+            return True  # rolled back or failed: held until the manifest changes
+        return self.options.until == "serving" and self.server is not None and bool(status.revisions.stable)
+
     def stop(self) -> None:
+        """Make ``run()`` return at its next tick (from another thread)."""
         self._halt.set()
 
     def close(self) -> None:

@@ -288,14 +288,7 @@ def test_killing_autoglm_run_mid_canary_resumes_at_the_same_step(
     state = LocalState(tmp_path / "state")
     killed = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            status = state.status()
-            if status and status.revisions.candidate == revision and status.canary.step == 0:
-                break
-            time.sleep(0.2)
-        else:
-            pytest.fail("the canary did not start")
+        _in_canary(state, revision, timeout=240)
         time.sleep(2)  # mid-step
         orphan = state.loop().get("serverPid")
         os.kill(killed.pid, signal.SIGKILL)  # no clean-up at all: the server is left running

@@ -41,6 +41,9 @@ def test_a_faults_file_that_is_not_understood_is_refused(
     path.write_text(json.dumps({"revisions": {"r": {"latency": 2}}}))
     with pytest.raises(FaultsRefusedError, match="allowed keys are"):
         Faults(path)
+    path.write_text(json.dumps({"revisions": {"r": {"errorRate": "often"}}}))
+    with pytest.raises(FaultsRefusedError, match="every value must be a number"):
+        Faults(path)
     path.write_text(json.dumps({"revisions": {"r": {"errorRate": 1.5}}}))
     with pytest.raises(FaultsRefusedError, match=r"errorRate in \[0, 1\]"):
         Faults(path)

@@ -34,6 +34,7 @@ LOCK_FILE = "loop.lock"
 ANALYSIS_FILE = "analysis.json"
 INTENTS = "intents"
 DONE = "done"
+_SERVER_KEYS = ("url", "serverPid")
 
 
 class StateError(Exception):
@@ -110,10 +111,12 @@ class LocalState:
         _write(self.root / LOOP_FILE, data)
 
     def clear_server(self) -> None:
+        self._forget(*_SERVER_KEYS)
+
+    def _forget(self, *keys: str) -> None:
         data = self.loop()
-        if data.pop("url", None) or data.pop("serverPid", None):
-            data.pop("serverPid", None)
-            _write(self.root / LOOP_FILE, data)
+        if any(k in data for k in keys):
+            _write(self.root / LOOP_FILE, {k: v for k, v in data.items() if k not in keys})
 
     def stale_server(self) -> int | None:
         """The pid of a server a killed loop left running (call while holding the lock)."""
@@ -138,10 +141,7 @@ class LocalState:
 
     def release(self, handle: IO[str], *, server_kept: bool = False) -> None:
         """Give the directory up; ``server_kept``: the loop's server still runs (its URL stays)."""
-        data = self.loop()
-        for key in ("pid",) if server_kept else ("pid", "url", "serverPid"):
-            data.pop(key, None)
-        _write(self.root / LOOP_FILE, data)
+        self._forget("pid", *(() if server_kept else _SERVER_KEYS))
         handle.close()
 
     def running(self) -> bool:
