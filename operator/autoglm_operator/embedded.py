@@ -9,8 +9,10 @@ again resumes where it stopped. The server is started with the first promoted ar
 
 One target, served by one ``autoglm serve`` process on loopback; demo traffic at ``traffic_rate``
 requests per second; manual intents (``autoglm rollout promote|abort|retry``) read from the state
-directory (``backends.local_state``). Not yet: several targets with a precision each, the
-uncompressed source as the first canary's baseline, PromQL.
+directory (``backends.local_state``). The canary's figures are the server's own ``/metrics``,
+scraped here, or PromQL against a Prometheus that scrapes the server (``prometheus_url``; the
+server is listed for it in ``STATE_DIR/prometheus-targets.json``). Not yet: several targets with a
+precision each, the uncompressed source as the first canary's baseline.
 """
 
 from __future__ import annotations
@@ -39,8 +41,9 @@ from autoglm_operator.backends.local_pipeline import LocalPipelines
 from autoglm_operator.backends.local_serving import LocalServing
 from autoglm_operator.backends.local_state import LocalState
 from autoglm_operator.canary import Figures, judge
-from autoglm_operator.metrics import MetricsUnavailableError, Scrape, figures, scrape
+from autoglm_operator.metrics import FiguresSource, MetricsUnavailableError, ScrapeSource
 from autoglm_operator.plan import Analysis, Observed, Plan, Serving, duration, plan
+from autoglm_operator.promql import PrometheusSource
 
 Until = Literal["serving", "promoted", "forever"]
 
@@ -55,6 +58,10 @@ class LoopOptions:
     tick_seconds: float = 1.0
     timeout_seconds: float = 1800.0
     audit_url: str | None = None
+    #: A Prometheus HTTP API that scrapes the loop's servers: the canary's figures as PromQL there
+    #: (the scrape targets are written to ``STATE_DIR/prometheus-targets.json`` for its file_sd).
+    #: None: the servers' own /metrics, scraped in process.
+    prometheus_url: str | None = None
     pipeline_args: tuple[str, ...] = ()
     server_args: tuple[str, ...] = ()
     log: Callable[[str], None] = print
@@ -64,11 +71,13 @@ class LoopOptions:
 
 @dataclass
 class _Canary:
-    """The scrape the current canary step is judged from."""
+    """Where the current canary step's figures come from, and since when."""
 
     key: tuple[str, int] | None = None
-    since: Scrape | None = None
+    source: FiguresSource | None = None
     started: datetime | None = None
+    #: Whether the source's window was begun (the first read of a step only marks its start).
+    begun: bool = False
     #: When the newest interval was judged: the next one is judged ``analysis.interval`` later.
     judged: datetime | None = None
 
@@ -136,40 +145,47 @@ class EmbeddedLoop:
         assert self.server is not None
         return LocalServing(name, self.server.url, headers=self.server.admin_headers)
 
+    def _source(self) -> FiguresSource:
+        assert self.server is not None
+        if self.options.prometheus_url:
+            return PrometheusSource(self.options.prometheus_url)
+        return ScrapeSource(f"{self.server.url}/metrics")
+
     def _analyse(
         self, model: AutoGLMModel, candidate: str, step: int, stable: str | None, now: datetime
     ) -> Analysis | None:
         """The next interval's verdict, once ``analysis.interval`` has passed since the last one
         (None before: nothing new to judge). The figures are those since the step began."""
-        assert self.server is not None
         name = model.metadata.name or ""
         limits = model.spec.rollout.analysis
         if self._canary.key != (candidate, step):  # a new step (or a restart): judge from here on
-            self._canary = _Canary((candidate, step), None, now)
-        last = self._canary.judged or self._canary.started or now
-        started = self._canary.since is not None or self._canary.judged is not None
-        if started and now - last < duration(limits.interval):
+            self._canary = _Canary((candidate, step), source=self._source(), started=now)
+        canary = self._canary
+        assert canary.source is not None
+        last = canary.judged or canary.started or now
+        if (canary.begun or canary.judged is not None) and now - last < duration(limits.interval):
             return None
+        got: dict[str, Figures | None] = {}
         try:
-            current: Scrape | None = scrape(f"{self.server.url}/metrics")
-        except MetricsUnavailableError:
-            current = None
-        if self._canary.since is None and current is not None:
-            self._canary.since, self._canary.started = current, now  # the step's figures start here
-            return None
-        self._canary.judged = now
-        mine = theirs = None
-        if current is not None:
-            mine = figures(current, self._canary.since, name, candidate)
-            theirs = figures(current, self._canary.since, name, stable) if stable else None
+            if not canary.begun:
+                canary.source.begin(now)
+                canary.begun, canary.started = True, now  # the step's figures start here
+                return None
+            got = canary.source.read(name, [r for r in (candidate, stable) if r], now)
+        except MetricsUnavailableError as exc:
+            self.options.log(f"analysis: {exc}")
+        canary.judged = now
+        mine, theirs = got.get(candidate), got.get(stable) if stable else None
         result = judge(mine, theirs, limits)
-        self.state.save_analysis({
-            "revision": candidate, "step": step, "at": now.isoformat(), "stable": stable,
-            "since": self._canary.started.isoformat() if self._canary.started else None,
+        measured = {
+            "stable": stable, "since": canary.started.isoformat() if canary.started else None,
+            "source": canary.source.description, "queries": list(getattr(canary.source, "queries", [])),
             "candidateFigures": _figures_json(mine), "stableFigures": _figures_json(theirs),
-            **result.to_json(),
-        })  # fmt: skip
-        return Analysis(candidate, step, now, result)
+        }  # fmt: skip
+        self.state.save_analysis(
+            {"revision": candidate, "step": step, "at": now.isoformat(), **measured, **result.to_json()}
+        )
+        return Analysis(candidate, step, now, result, measured)
 
     def act(self, model: AutoGLMModel, result: Plan) -> None:
         name = model.metadata.name or ""

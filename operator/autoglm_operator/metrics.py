@@ -1,5 +1,8 @@
 """The canary's figures from the model servers' own ``/metrics``, without a Prometheus.
 
+Also the interface both figure sources share (:class:`FiguresSource`): this in-process one
+(:class:`ScrapeSource`) and PromQL against a Prometheus (``autoglm_operator.promql``).
+
 ``parse(text)`` reads one scrape (the Prometheus text format, parsed by ``prometheus_client``'s
 parser) into per-revision counters; ``figures(later, earlier, model, revision)`` turns the
 difference of two scrapes into the judge's :class:`~autoglm_operator.canary.Figures`, what
@@ -13,7 +16,10 @@ histogram; joules per token the energy counter over generated tokens.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Protocol
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -104,3 +110,34 @@ def scrape(url: str, *, timeout: float = 5.0) -> Scrape:
         return parse(response.text)
     except ValueError as exc:
         raise MetricsUnavailableError(f"{url}: not the Prometheus text format: {exc}") from exc
+
+
+class FiguresSource(Protocol):
+    """Where a canary's figures come from: a window is begun at a step's start, then read as often as
+    the analysis asks. Both raise :class:`MetricsUnavailableError` when the source cannot answer."""
+
+    #: Shown in the ledger's evidence: how the figures were measured.
+    description: str
+
+    def begin(self, now: datetime) -> None:
+        """Start a new window at ``now`` (everything before it is left out)."""
+
+    def read(self, model: str, revisions: Sequence[str], now: datetime) -> dict[str, Figures | None]:
+        """Each revision's figures from the window's start to ``now`` (None: nothing known of it)."""
+
+
+class ScrapeSource:
+    """Figures from one server's ``/metrics``: the difference between the scrape at the window's
+    start and the scrape now, from the same page for every revision (the same traffic)."""
+
+    def __init__(self, metrics_url: str, *, timeout: float = 5.0) -> None:
+        self.url, self.timeout = metrics_url, timeout
+        self.description = f"in-process scrape of {metrics_url}"
+        self._since: Scrape | None = None
+
+    def begin(self, now: datetime) -> None:
+        self._since = scrape(self.url, timeout=self.timeout)
+
+    def read(self, model: str, revisions: Sequence[str], now: datetime) -> dict[str, Figures | None]:
+        current = scrape(self.url, timeout=self.timeout)
+        return {r: figures(current, self._since, model, r) for r in revisions}

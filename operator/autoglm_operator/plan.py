@@ -78,6 +78,11 @@ class Analysis:
     step: int
     at: datetime
     result: AnalysisResult
+    #: How the figures were measured, for the ledger: the source, its queries, both revisions' figures.
+    measured: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.measured, **self.result.to_json()}
 
 
 @dataclass(frozen=True)
@@ -287,11 +292,11 @@ class _Planner:
             self.status.canary = canary.model_copy(update={"failures": failures})
             self.decide(
                 CANARY_FAILED_INTERVAL, candidate, analysis.result.reason,
-                step=f"{step}@{analysis.at.isoformat()}", analysis=analysis.result.to_json(),
+                step=f"{step}@{analysis.at.isoformat()}", analysis=analysis.to_json(),
             )  # fmt: skip
             if failures >= max(limits.failure_limit, 1):
                 self._rollback(candidate, f"{failures} failed analysis intervals: {analysis.result.reason}",
-                               analysis=analysis.result.to_json())  # fmt: skip
+                               analysis=analysis.to_json())  # fmt: skip
             return
         if outcome == "Inconclusive":
             return  # hold the weight; never promote on missing data
@@ -299,7 +304,7 @@ class _Planner:
             return  # the step's pause has not passed
         if step + 1 >= len(self.steps):
             self._promote(candidate, f"every canary step passed its analysis (last: {analysis.result.reason})",
-                          analysis=analysis.result.to_json())  # fmt: skip
+                          analysis=analysis.to_json())  # fmt: skip
             return
         weight = self.steps[step + 1].weight
         self.status.canary = CanaryStatus(
@@ -311,7 +316,7 @@ class _Planner:
             candidate,
             f"canary to {weight}%",
             step=step + 1,
-            analysis=analysis.result.to_json(),
+            analysis=analysis.to_json(),
         )
 
     def _promote(self, candidate: str, reason: str, *, actor: str = "operator",

@@ -33,6 +33,7 @@ from autoglm_inference.faults import ENABLE_ENV
 from autoglm_operator.backends.local_state import LocalState
 from autoglm_operator.cli.main import cli
 from autoglm_operator.embedded import EmbeddedLoop, LoopOptions
+from tests.support.prometheus import prometheus
 from tests.support.tiny_models import tiny_glm
 from tests.unit.test_pipeline_steps import manifest
 
@@ -168,6 +169,26 @@ def test_a_worse_candidate_is_rolled_back_within_failure_limit_intervals(
     revision = world.edit(samples=samples)
     world.fault(revision, **fault)
     _rolled_back(world, revision, stable, metric)
+
+
+def test_promql_against_a_real_prometheus_rolls_back_a_slow_candidate(world: World) -> None:
+    """``autoglm run --prometheus-url``: the same judgement from a Prometheus that scrapes the loop's
+    server through the targets file the loop writes."""
+    state_dir = world.loop.options.state_dir
+    stable = world.loop.load().status.revisions.stable  # type: ignore[union-attr]
+    revision = world.edit(samples=11)
+    world.fault(revision, latencyFactor=2.0)
+    with prometheus(world.root / "prometheus", state_dir / "prometheus-targets.json") as prom:
+        prom.scraped()
+        world.loop.options.prometheus_url = prom.url
+        try:
+            _rolled_back(world, revision, stable, "latencyVsStable")
+        finally:
+            world.loop.options.prometheus_url = None
+    rollback = world.records(revision)[-1]["evidence"]["analysis"]
+    assert rollback["source"] == f"PromQL against {prom.url}"
+    assert any(q.startswith("sum by (revision, le) (increase(") for q in rollback["queries"])
+    assert rollback["candidateFigures"]["requests"] >= 3
 
 
 def test_the_metrics_source_down_holds_the_canary(world: World) -> None:

@@ -3,6 +3,7 @@ queued as files and answered; and `autoglm rollout` against a stopped loop."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -88,3 +89,15 @@ def test_rollout_commands_against_a_stopped_loop(tmp_path: Path) -> None:
     assert robot.exit_code == 2
     assert "comes from a person: user:NAME" in robot.output
     assert len(state.pending()) == 1  # nothing queued for a refused command
+
+
+def test_the_server_is_listed_for_prometheus_file_sd_while_it_runs(tmp_path: Path) -> None:
+    state = LocalState(tmp_path)
+    state.release(state.claim("ml/tiny", tmp_path / "t.yaml"))
+    state.set_server("http://127.0.0.1:8123", 4242)
+    targets = json.loads((tmp_path / "prometheus-targets.json").read_text())
+    assert targets == [{"targets": ["127.0.0.1:8123"], "labels": {"autoglm_loop": "ml/tiny"}}]
+    # a target label named like a metric label would rename the servers' own labels to exported_*
+    assert not {"model", "revision", "target"} & set(targets[0]["labels"])
+    state.clear_server()
+    assert json.loads((tmp_path / "prometheus-targets.json").read_text()) == []

@@ -9,6 +9,8 @@
 - ``intents/``: manual intents (promote, abort, retry) waiting for the loop, one JSON file each; the
   loop moves each to ``intents/done/`` once its decision is in the ledger. As annotations on the
   object in a cluster, they are observations, never edits of the manifest.
+- ``prometheus-targets.json``: the loop's server as a Prometheus ``file_sd_configs`` target list
+  (empty while none runs), for a Prometheus that the canary's PromQL source asks;
 - ``audit.db``: the audit ledger (unless another URL is given).
 """
 
@@ -32,6 +34,10 @@ STATUS_FILE = "status.json"
 LOOP_FILE = "loop.json"
 LOCK_FILE = "loop.lock"
 ANALYSIS_FILE = "analysis.json"
+TARGETS_FILE = "prometheus-targets.json"
+#: The label the scrape targets carry (not ``model``/``revision``/``target``: those are the servers'
+#: own metric labels, which a target label of the same name would rename to ``exported_*``).
+LOOP_LABEL = "autoglm_loop"
 INTENTS = "intents"
 DONE = "done"
 _SERVER_KEYS = ("url", "serverPid")
@@ -109,9 +115,14 @@ class LocalState:
         data = self.loop()
         data["url"], data["serverPid"] = url, pid
         _write(self.root / LOOP_FILE, data)
+        host = url.split("://", 1)[-1].rstrip("/")
+        labels = {LOOP_LABEL: str(data.get("model", ""))}
+        _write(self.root / TARGETS_FILE, [{"targets": [host], "labels": labels}])
 
     def clear_server(self) -> None:
         self._forget(*_SERVER_KEYS)
+        if (self.root / TARGETS_FILE).exists():
+            _write(self.root / TARGETS_FILE, [])
 
     def _forget(self, *keys: str) -> None:
         data = self.loop()

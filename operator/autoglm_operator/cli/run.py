@@ -62,6 +62,12 @@ def _figures_line(f: dict[str, Any]) -> str:
             f"p95 {num('p95LatencyMs', '.0f')} ms, {num('joulesPerToken', '.3g')} J/token")  # fmt: skip
 
 
+def _http_url(value: str | None) -> str | None:
+    if value is not None and not value.startswith(("http://", "https://")):
+        raise click.BadParameter(f"{value!r} is not an http:// or https:// URL of a Prometheus HTTP API")
+    return value
+
+
 @click.command("run")
 @click.argument("manifest", metavar="MANIFEST", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=Path(".autoglm/run"),
@@ -73,6 +79,10 @@ def _figures_line(f: dict[str, Any]) -> str:
               help="Demo requests per second during a canary, so it has data to judge; 0 when real clients send it.")  # fmt: skip
 @click.option("--timeout", "timeout_seconds", type=click.FloatRange(1), default=1800.0, show_default=True,
               help="Give up after this many seconds (not with --until forever).")  # fmt: skip
+@click.option("--prometheus-url", metavar="URL", callback=lambda _c, _p, v: _http_url(v),
+              help="Judge the canary with PromQL against this Prometheus HTTP API; it must scrape the loop's "
+                   "server, listed in STATE_DIR/prometheus-targets.json for a file_sd_configs entry. "
+                   "Default: scrape the server's /metrics in process.")  # fmt: skip
 @click.option("--decode-tokens", type=click.IntRange(2, 4096), default=32, show_default=True,
               help="New tokens per decode measurement in validate.")  # fmt: skip
 def run_command(
@@ -81,6 +91,7 @@ def run_command(
     until: str,
     traffic_rate: float,
     timeout_seconds: float,
+    prometheus_url: str | None,
     decode_tokens: int,
 ) -> None:
     """Run MANIFEST's rollout here: build the revision, validate it, serve it, canary it against stable
@@ -103,6 +114,7 @@ def run_command(
         until=until,  # type: ignore[arg-type]
         traffic_rate=traffic_rate,
         timeout_seconds=timeout_seconds,
+        prometheus_url=prometheus_url,
         pipeline_args=("--decode-tokens", str(decode_tokens)),
         log=lambda line: live.console.print(Text(line), soft_wrap=True),
         on_tick=on_tick,
