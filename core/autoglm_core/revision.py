@@ -22,3 +22,13 @@ def artifact_revision(spec: AutoGLMModelSpec) -> str:
     data = spec.to_json()
     parts = {key: data[key] for key in ARTIFACT_SPEC_PARTS if key in data}
     return short_id(canonical_digest(parts))
+
+
+#: The prefix of a source's revision: the uncompressed model served as the first canary's baseline.
+SOURCE_PREFIX = "src-"
+
+
+def source_revision(spec: AutoGLMModelSpec) -> str:
+    """Content-addressed id of the uncompressed source as the pipeline fetched it (``src-`` and 12
+    hex digits): the baseline a first rollout's candidate is canaried against."""
+    return SOURCE_PREFIX + short_id(canonical_digest({"source": spec.to_json()["source"]}))

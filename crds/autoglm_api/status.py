@@ -44,6 +44,11 @@ class Revisions(ApiModel):
         description="The last candidate that failed its pipeline or gates, or was rolled back: not tried again "
         "until the spec changes or a retry is asked for.",
     )
+    baseline: RevisionId | None = Field(
+        default=None,
+        description="Set while the stable revision is the uncompressed source, served on a first rollout so "
+        "that the candidate is canaried against it on live traffic; cleared once a candidate is promoted.",
+    )
 
 
 class CanaryStatus(ApiModel):

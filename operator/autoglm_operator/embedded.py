@@ -11,8 +11,9 @@ One target, served by one ``autoglm serve`` process on loopback; demo traffic at
 requests per second; manual intents (``autoglm rollout promote|abort|retry``) read from the state
 directory (``backends.local_state``). The canary's figures are the server's own ``/metrics``,
 scraped here, or PromQL against a Prometheus that scrapes the server (``prometheus_url``; the
-server is listed for it in ``STATE_DIR/prometheus-targets.json``). Not yet: several targets with a
-precision each, the uncompressed source as the first canary's baseline.
+server is listed for it in ``STATE_DIR/prometheus-targets.json``). A first rollout serves the
+uncompressed source first, the baseline its candidate is canaried against, when this machine and
+the target's memory hold both. Not yet: several targets with a precision each.
 """
 
 from __future__ import annotations
@@ -139,7 +140,10 @@ class EmbeddedLoop:
         pending = self.state.pending()
         self._pending = [path for path, _ in pending]
         intents = tuple(intent for _, intent in pending)
-        return Observed(pipeline=run, serving=serving, analysis=analysis, intents=intents)
+        return Observed(
+            pipeline=run, serving=serving, analysis=analysis, intents=intents,
+            memory_available=None if self.server is not None else _memory_available(),
+        )  # fmt: skip
 
     def _serving(self, name: str) -> LocalServing:
         assert self.server is not None
@@ -275,10 +279,10 @@ class EmbeddedLoop:
         """After a restart: serve the stable revision again (the canary is loaded by the next tick)."""
         model = self.load()
         stable = model.status.revisions.stable if model.status else None
-        run = self.pipelines.observe(stable) if stable else None
-        if self.server is None and run is not None and run.artifact_uri:
+        uri = self.pipelines.artifact(stable) if stable else None
+        if self.server is None and uri:
             self.options.log(f"resuming: stable {stable} serves again")
-            self._start_server(model.metadata.name or "", run.artifact_uri)
+            self._start_server(model.metadata.name or "", uri)
 
     def run(self) -> AutoGLMModelStatus:
         """Tick until ``until`` holds (or the timeout); the server keeps running in ``self.server``.
@@ -341,6 +345,17 @@ class EmbeddedLoop:
         if self._lock is not None:
             self.state.release(self._lock)
             self._lock = None
+
+
+def _memory_available() -> int | None:
+    """``MemAvailable`` of ``/proc/meminfo`` in bytes (None where there is none)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def _figures_json(f: Figures | None) -> dict[str, float | int | None] | None:

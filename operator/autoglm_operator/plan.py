@@ -11,9 +11,11 @@ This first part covers one target: revisions content-addressed by the pipeline's
 new candidate while stable keeps serving, a candidate superseded by a newer spec, the pipeline's
 and the gates' failures, canary steps advanced on Successful analyses after their pause, held on
 Inconclusive ones, rolled back at ``failureLimit`` Failed ones, promotion after the last step,
-the first rollout on offline gates alone, and the manual intents promote, abort and retry. Not
-yet: the uncompressed source canaried as the first baseline, and one rollout across several
-targets with a precision each (the closed-loop issue lists both).
+the manual intents promote, abort and retry, and the first rollout: its candidate is canaried
+against the uncompressed source, served first as the baseline, where the target can hold both
+(the memory they need is checked against the target's and the machine's), else it goes to 100% on
+its offline gates alone; the ledger says which and why. Not yet: one rollout across several
+targets with a precision each.
 """
 
 from __future__ import annotations
@@ -45,6 +47,23 @@ PIPELINE_FAILED = "PipelineFailed"
 CANARY_STARTED = "CanaryStarted"
 CANARY_FAILED_INTERVAL = "CanaryIntervalFailed"
 SUPERSEDED = "Superseded"
+BASELINE_SERVED = "BaselineServed"
+
+#: What serving a revision takes besides its weight files: the runtime (torch, the server) and
+#: activations; the weights themselves are counted with a margin for what loading adds.
+RUNTIME_BYTES = 512 * 2**20
+WEIGHT_MARGIN = 1.25
+#: A target's memory when its resources say nothing (the API's documented default).
+DEFAULT_TARGET_MEMORY = "2Gi"
+
+
+@dataclass(frozen=True)
+class Published:
+    """An artifact a pipeline run published besides its own: the uncompressed source (the baseline)."""
+
+    revision: str
+    uri: str
+    weight_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -59,6 +78,10 @@ class PipelineRun:
     reason: str = ""
     #: Runs of this revision started so far (a retry starts the next one).
     attempt: int = 1
+    #: Bytes of the artifact's weight files (how much serving it takes, about).
+    artifact_bytes: int | None = None
+    #: The uncompressed source, when the run published it (a first rollout's canary baseline).
+    baseline: Published | None = None
 
 
 @dataclass(frozen=True)
@@ -101,6 +124,9 @@ class Observed:
     serving: Serving = field(default_factory=Serving)
     analysis: Analysis | None = None
     intents: tuple[Intent, ...] = ()
+    #: Memory the machine can give the target's server (bytes; None: unknown, the target's limit
+    #: alone decides). What "the target can hold both" is checked against on a first rollout.
+    memory_available: int | None = None
 
 
 @dataclass(frozen=True)
@@ -112,6 +138,8 @@ class Action:
     weight: int | None = None
     uri: str | None = None
     attempt: int | None = None
+    #: StartPipeline: publish the uncompressed source too (a first rollout canaries against it).
+    baseline: bool = False
 
 
 @dataclass(frozen=True)
@@ -175,6 +203,29 @@ class _Planner:
     def end_canary(self) -> None:
         self.status.canary = CanaryStatus()
 
+    @property
+    def first_rollout(self) -> bool:
+        """Nothing stable yet and a canary asked for: the candidate is compared with the source."""
+        return self.status.revisions.stable is None and bool(self.steps)
+
+    def room_for_both(self, run: PipelineRun) -> tuple[bool, dict[str, Any]]:
+        """Whether the target can serve the baseline and the candidate side by side, with the figures."""
+        from kubernetes.utils import parse_quantity  # pure: a quantity string to a number
+
+        assert run.baseline is not None
+        targets = self.model.spec.targets
+        memory = (targets[0].resources.memory if targets else None) or DEFAULT_TARGET_MEMORY
+        limit = int(parse_quantity(memory))  # type: ignore[no-untyped-call]
+        weights = (run.baseline.weight_bytes or 0) + (run.artifact_bytes or 0)
+        needed = int(weights * WEIGHT_MARGIN) + RUNTIME_BYTES
+        available = self.observed.memory_available
+        fits = bool(run.baseline.weight_bytes and run.artifact_bytes) and needed <= limit
+        fits = fits and (available is None or needed <= available)
+        figures = {"neededBytes": needed, "targetMemory": memory, "targetMemoryBytes": limit,
+                   "availableBytes": available, "baselineBytes": run.baseline.weight_bytes,
+                   "candidateBytes": run.artifact_bytes}  # fmt: skip
+        return fits, figures
+
     def pause_of(self, step: int) -> timedelta:
         pause = self.steps[step].pause or self.model.spec.rollout.analysis.interval
         return duration(pause)
@@ -218,7 +269,7 @@ class _Planner:
         run = self.observed.pipeline
         if run is None or run.revision != candidate:
             self.status.phase = "Compressing"
-            self.actions.append(Action("StartPipeline", candidate, attempt=1))
+            self.actions.append(Action("StartPipeline", candidate, attempt=1, baseline=self.first_rollout))
             self.decide(
                 PIPELINE_STARTED, candidate, "the spec asks for a revision not built yet", step="attempt-1"
             )
@@ -250,20 +301,32 @@ class _Planner:
     def _rollout(self, candidate: str, run: PipelineRun) -> None:
         serving, canary = self.observed.serving, self.status.canary
         stable = self.status.revisions.stable
+        if stable is None and self.steps and self._serve_baseline(candidate, run):
+            return
         if stable is None or not self.steps:  # nothing to compare with, or no canary asked for
-            why = (
-                "first rollout: offline gates alone (no stable revision to compare with)"
-                if stable is None
-                else ("rollout strategy immediate: offline gates alone")
-            )
-            self._promote(candidate, why, uri=run.artifact_uri)
+            if stable is not None:
+                why, how = "rollout strategy immediate: offline gates alone", "immediate"
+            elif run.baseline is None:
+                why = (
+                    "first rollout: offline gates alone (the pipeline published no baseline to compare with)"
+                )
+                how = "offline-gates"
+            else:
+                _, room = self.room_for_both(run)
+                why = (f"first rollout: offline gates alone: the target cannot hold the source and the "
+                       f"candidate together ({_gib(room['neededBytes'])} needed, the target has "
+                       f"{room['targetMemory']}, the machine {_gib(room['availableBytes'])} available)")  # fmt: skip
+                how = "offline-gates"
+            self._promote(candidate, why, uri=run.artifact_uri, firstRollout=how if stable is None else None)
             return
         self.status.phase = "RollingOut"
         if canary.step is None:
             # A new canary, or one whose start a restart did not save (then it may be loaded already;
             # its decision has the same key, so the ledger keeps one record).
             self.status.canary = CanaryStatus(step=0, weight=self.steps[0].weight, step_started_at=self.now)
-            self.decide(CANARY_STARTED, candidate, f"canary at {self.steps[0].weight}%", step=0)
+            against = "baseline" if stable == self.status.revisions.baseline else "stable"
+            self.decide(CANARY_STARTED, candidate, f"canary at {self.steps[0].weight}% against {against} {stable}",
+                        step=0, against=against, stable=stable)  # fmt: skip
             if serving.canary != candidate:
                 self.actions.append(
                     Action("LoadCanary", candidate, weight=self.steps[0].weight, uri=run.artifact_uri)
@@ -319,23 +382,47 @@ class _Planner:
             analysis=analysis.to_json(),
         )
 
+    def _serve_baseline(self, candidate: str, run: PipelineRun) -> bool:
+        """A first rollout: serve the uncompressed source as stable, so the candidate is canaried
+        against it; False (offline gates alone) when none was published or the target lacks room."""
+        if run.baseline is None:
+            return False
+        fits, room = self.room_for_both(run)
+        if not fits:
+            return False
+        baseline = run.baseline.revision
+        self.actions.append(Action("Promote", baseline, uri=run.baseline.uri))
+        self.decide(
+            BASELINE_SERVED, baseline,
+            f"first rollout: the uncompressed source serves as the baseline; candidate {candidate} is "
+            f"canaried against it on live traffic", step=f"for-{candidate}",
+            candidate=candidate, firstRollout="canary-against-baseline", memory=room,
+        )  # fmt: skip
+        self.set_revisions(stable=baseline, baseline=baseline)
+        self.status.phase = "RollingOut"
+        return True
+
     def _promote(self, candidate: str, reason: str, *, actor: str = "operator",
                  uri: str | None = None, **evidence: Any) -> None:  # fmt: skip
         self.actions.append(Action("Promote", candidate, uri=uri))
         previous = self.status.revisions.stable
         if previous is not None and previous != candidate:
             self.actions.append(Action("Unload", previous))
-        self.decide(PROMOTED, candidate, reason, actor=actor, previous=previous, **evidence)
-        self.set_revisions(stable=candidate, candidate=None)
+        if previous is not None and previous == self.status.revisions.baseline:
+            evidence["against"] = "baseline"
+        self.decide(PROMOTED, candidate, reason, actor=actor, previous=previous,
+                    **{k: v for k, v in evidence.items() if v is not None})  # fmt: skip
+        self.set_revisions(stable=candidate, candidate=None, baseline=None)
         self.end_canary()
         self.status.phase = "Serving"
 
     def _rollback(self, candidate: str, reason: str, *, actor: str = "operator", **evidence: Any) -> None:
         if self.observed.serving.canary == candidate:
             self.actions += [Action("SetWeight", candidate, weight=0), Action("Unload", candidate)]
-        self.decide(
-            ROLLED_BACK, candidate, reason, actor=actor, stable=self.status.revisions.stable, **evidence
-        )
+        stable = self.status.revisions.stable
+        if stable is not None and stable == self.status.revisions.baseline:
+            reason += f"; the uncompressed source {stable} keeps serving"
+        self.decide(ROLLED_BACK, candidate, reason, actor=actor, stable=stable, **evidence)
         self._reject(candidate)
 
     def _intents(self, desired: str) -> bool:
@@ -375,7 +462,9 @@ class _Planner:
                             actor=intent.actor, intent="retry")  # fmt: skip
                 self.set_revisions(rejected=None, candidate=target)
                 self.status.phase = "Compressing"
-                self.actions.append(Action("StartPipeline", target, attempt=attempt))
+                self.actions.append(
+                    Action("StartPipeline", target, attempt=attempt, baseline=self.first_rollout)
+                )
                 acted = True
             elif intent.kind == "retry":
                 rejected = self.status.revisions.rejected
@@ -383,6 +472,10 @@ class _Planner:
                        f"(rejected: {rejected or 'none'}, manifest: {desired})")  # fmt: skip
                 self.ignored.append((intent, why))
         return acted
+
+
+def _gib(n: int | None) -> str:
+    return "unknown" if n is None else f"{n / 2**30:.2f} GiB"
 
 
 def plan(model: AutoGLMModel, observed: Observed, now: datetime) -> Plan:

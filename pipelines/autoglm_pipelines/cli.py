@@ -116,6 +116,12 @@ def _run_options(command: Callable[..., None]) -> Callable[..., None]:
             help="Where publish writes the artifact. Default: WORKDIR/publish/model.",
         ),
         click.option("--threads", type=click.IntRange(1, 256), default=None, help="Torch CPU threads."),
+        click.option(
+            "--publish-baseline",
+            is_flag=True,
+            help="Publish the uncompressed source too (next to the artifact, in baseline/), with its own "
+            "model card: what a first rollout's candidate is canaried against.",
+        ),
     ]
     for option in reversed(options):
         command = option(command)
@@ -129,12 +135,15 @@ def _step_options(command: Callable[..., None]) -> Callable[..., None]:
     return spec(_run_options(command))
 
 
-def _context(workdir: Path, cache: Path | None, decode_tokens: int, output: Path | None) -> StepContext:
+def _context(
+    workdir: Path, cache: Path | None, decode_tokens: int, output: Path | None, baseline: bool
+) -> StepContext:
     from autoglm_pipelines.steps import StepContext
 
     return StepContext(
-        workdir=workdir, cache_dir=resolve_cache_dir(cache), decode_tokens=decode_tokens, output=output
-    )
+        workdir=workdir, cache_dir=resolve_cache_dir(cache), decode_tokens=decode_tokens, output=output,
+        baseline=baseline,
+    )  # fmt: skip
 
 
 def _make_step_command(step: str) -> click.Command:
@@ -146,11 +155,14 @@ def _make_step_command(step: str) -> click.Command:
         decode_tokens: int,
         output: Path | None,
         threads: int | None,
+        publish_baseline: bool,
     ) -> None:
         from autoglm_pipelines.resume import reusable
 
         model = load_manifest(manifest)
-        earlier = reusable(model, step, workdir, decode_tokens=decode_tokens, output=output)
+        earlier = reusable(
+            model, step, workdir, decode_tokens=decode_tokens, output=output, baseline=publish_baseline
+        )
         if earlier is not None:  # decided before torch is imported: a skipped step costs well under a second
             click.echo(f"{step}: {earlier.status} earlier (inputs unchanged: reused)")
             return
@@ -160,7 +172,9 @@ def _make_step_command(step: str) -> click.Command:
         if threads:
             torch_threads(threads)
         try:
-            result, reused = run_step(model, step, _context(workdir, cache_dir, decode_tokens, output))
+            result, reused = run_step(
+                model, step, _context(workdir, cache_dir, decode_tokens, output, publish_baseline)
+            )
         except StepFailedError as exc:
             click.echo(
                 f"{step}: failed{' (transient: may succeed if retried)' if exc.transient else ''}: {exc}",
@@ -204,6 +218,7 @@ def run_command(
     decode_tokens: int,
     output: Path | None,
     threads: int | None,
+    publish_baseline: bool,
     audit: bool,
 ) -> None:
     """Run MANIFEST's whole pipeline here, each step as its own process, in dependency order.
@@ -221,6 +236,8 @@ def run_command(
         extra += ["--output", str(output)]
     if threads:
         extra += ["--threads", str(threads)]
+    if publish_baseline:
+        extra += ["--publish-baseline"]
     outcome = run_local(model, workdir, extra_args=extra)
     if audit:
         _record_verdict(model, workdir, decode_tokens, output)

@@ -37,7 +37,13 @@ _READS_DATA = {"search", "compress", "calibrate", "validate"}
 
 
 def inputs_digest(
-    model: AutoGLMModel, step: str, workdir: Path, *, decode_tokens: int, output: Path | None
+    model: AutoGLMModel,
+    step: str,
+    workdir: Path,
+    *,
+    decode_tokens: int,
+    output: Path | None,
+    baseline: bool = False,
 ) -> str:
     """The identity of ``step``'s inputs: its part of the spec and the hashes of its inputs' files."""
     deps = {s.name: s.depends for s in pipeline_steps(model.spec)}.get(step, ())
@@ -47,6 +53,8 @@ def inputs_digest(
         options = {"decodeTokens": decode_tokens}
     elif step == "publish":
         options = {"output": str(output) if output else None}
+        if baseline:
+            options["baseline"] = True
     if step in _READS_DATA:
         uris = {model.spec.calibration.dataset, model.spec.validation.dataset}
         options["datasets"] = {uri: _local_digest(uri) for uri in sorted(uris)}
@@ -66,7 +74,13 @@ def _local_digest(uri: str) -> str | None:
 
 
 def reusable(
-    model: AutoGLMModel, step: str, workdir: Path, *, decode_tokens: int, output: Path | None
+    model: AutoGLMModel,
+    step: str,
+    workdir: Path,
+    *,
+    decode_tokens: int,
+    output: Path | None,
+    baseline: bool = False,
 ) -> StepResult | None:
     """The earlier result of ``step`` when it can be reused as it is, else None.
 
@@ -75,10 +89,13 @@ def reusable(
     """
     if step not in _SPEC_PARTS:
         return None
-    digest = inputs_digest(model, step, workdir, decode_tokens=decode_tokens, output=output)
+    digest = inputs_digest(
+        model, step, workdir, decode_tokens=decode_tokens, output=output, baseline=baseline
+    )
     earlier = completed(workdir / step, digest)
-    if earlier is not None and "artifactFiles" in earlier.metrics:
-        artifact = Path(str(earlier.metrics.get("artifact", "")))
-        if not artifact.is_dir() or step_files(artifact) != earlier.metrics["artifactFiles"]:
-            return None
+    for folder, files in (("artifact", "artifactFiles"), ("baseline", "baselineFiles")):
+        if earlier is not None and files in earlier.metrics:
+            artifact = Path(str(earlier.metrics.get(folder, "")))
+            if not artifact.is_dir() or step_files(artifact) != earlier.metrics[files]:
+                return None
     return earlier

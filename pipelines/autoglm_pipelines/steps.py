@@ -8,6 +8,7 @@ and ``STEP.json``, and raises StepFailedError with a one-line reason when it can
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -23,7 +24,7 @@ from safetensors.torch import save_file
 from autoglm_api.resource import AutoGLMModel
 from autoglm_core.card import write_model_card
 from autoglm_core.digests import canonical_digest, sha256_file
-from autoglm_core.revision import artifact_revision
+from autoglm_core.revision import artifact_revision, source_revision
 from autoglm_core.uris import SourceError, TransientSourceError, resolve
 from autoglm_modeling.folders import artifact_format, load_model_folder, save_model_folder
 from autoglm_modeling.loading import load_causal_lm
@@ -46,6 +47,8 @@ from autoglm_pipelines.search import search as run_search
 from autoglm_pipelines.text import read_text, tokenize, windows
 
 MODEL_DIR = "model"
+#: Beside the published artifact: the uncompressed source, published with ``--publish-baseline``.
+BASELINE_DIR = "baseline"
 CALIBRATION_FILE = "activations.safetensors"
 #: GPTQ's input Hessians (written only when the spec asks for GPTQ).
 HESSIAN_FILE = "hessians.safetensors"
@@ -80,6 +83,8 @@ class StepContext:
     decode_tokens: int = 128
     #: Where publish writes the artifact; default ``WORKDIR/publish/model``.
     output: Path | None = None
+    #: Whether publish also publishes the uncompressed source (``baseline/`` beside the artifact).
+    baseline: bool = False
 
     def folder(self, step: str) -> Path:
         return self.workdir / step
@@ -98,6 +103,8 @@ def fetch(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
     source = model.spec.source
     path = resolve(source.uri, cache_dir=ctx.cache_dir, sha256=source.sha256, revision=source.revision)
     loaded = load_causal_lm(path, source.format, cache_dir=ctx.cache_dir)
+    # A fresh folder, never files rewritten in place: a published baseline hard-links these files.
+    shutil.rmtree(ctx.folder("fetch") / MODEL_DIR, ignore_errors=True)
     save_model_folder(loaded.model, loaded.tokenizer, ctx.folder("fetch") / MODEL_DIR)
     return StepOutcome(
         metrics={
@@ -281,10 +288,50 @@ def publish(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
     if target.exists():
         shutil.rmtree(target)
     partial.rename(target)
-    return StepOutcome(
-        metrics={"artifact": str(target), "artifactFiles": step_files(target)},
-        parameters={"output": str(target)},
-    )
+    metrics: dict[str, Any] = {
+        "artifact": str(target), "artifactFiles": step_files(target), "artifactBytes": _weight_bytes(target),
+    }  # fmt: skip
+    if ctx.baseline:
+        baseline = _publish_baseline(model, ctx, target.with_name(BASELINE_DIR), report.metrics, fetched)
+        metrics.update({
+            "baseline": str(baseline), "baselineFiles": step_files(baseline),
+            "baselineRevision": source_revision(model.spec), "baselineBytes": _weight_bytes(baseline),
+        })  # fmt: skip
+    return StepOutcome(metrics=metrics, parameters={"output": str(target)})
+
+
+def _publish_baseline(
+    model: AutoGLMModel, ctx: StepContext, target: Path, validation: dict[str, Any], fetched: Any
+) -> Path:
+    """The uncompressed source as fetched, as a servable artifact with its own model card (revision
+    ``src-...``). Hard links where the filesystem allows (fetch writes a fresh folder each run, so
+    they never change under it), else copies."""
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        shutil.copytree(ctx.folder("fetch") / MODEL_DIR, partial, copy_function=os.link)
+    except OSError:
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(ctx.folder("fetch") / MODEL_DIR, partial)
+    card = {
+        "model": model.namespaced_name,
+        "revision": source_revision(model.spec),
+        "role": "baseline",
+        **artifact_format(partial),
+        "source": fetched["parameters"] if fetched else None,
+        "validation": {k: v for k, v in validation.items() if k.startswith("baseline")},
+        "lineage": {"fetch": fetched},
+    }
+    write_model_card(partial, card)
+    if target.exists():
+        shutil.rmtree(target)
+    partial.rename(target)
+    return target
+
+
+def _weight_bytes(folder: Path) -> int:
+    """Bytes of the weight files: what serving the folder holds in memory, about."""
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
 
 def search(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
@@ -341,10 +388,14 @@ def run_step(model: AutoGLMModel, step: str, ctx: StepContext) -> tuple[StepResu
     """
     if step not in STEPS:
         raise StepFailedError(f"unknown step {step!r}; steps: {', '.join(STEPS)}")
-    earlier = reusable(model, step, ctx.workdir, decode_tokens=ctx.decode_tokens, output=ctx.output)
+    earlier = reusable(
+        model, step, ctx.workdir, decode_tokens=ctx.decode_tokens, output=ctx.output, baseline=ctx.baseline
+    )
     if earlier is not None:
         return earlier, True
-    digest = inputs_digest(model, step, ctx.workdir, decode_tokens=ctx.decode_tokens, output=ctx.output)
+    digest = inputs_digest(
+        model, step, ctx.workdir, decode_tokens=ctx.decode_tokens, output=ctx.output, baseline=ctx.baseline
+    )
     folder = ctx.folder(step)
     # A step's folder holds what this run writes, nothing left by an earlier run with other inputs
     # (a stale Hessian file, a previous method's extra weights) that would be hashed as its output.

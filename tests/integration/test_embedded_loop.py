@@ -1,5 +1,6 @@
-"""`autoglm run` on a tiny GLM: the first revision goes live on its offline gates; an edit is
-canaried against it on demo traffic and promoted; every decision is in the ledger once."""
+"""`autoglm run` on a tiny GLM: the first revision is canaried against the uncompressed source,
+served first as the baseline, and promoted; an edit is canaried against it on demo traffic and
+promoted; every decision is in the ledger once."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from autoglm_api.validation import load_manifest
 from autoglm_core.audit import Ledger
+from autoglm_core.revision import artifact_revision, source_revision
 from autoglm_operator.embedded import EmbeddedLoop, LoopOptions
 from tests.support.tiny_models import tiny_glm
 from tests.unit.test_pipeline_steps import manifest
@@ -52,6 +55,8 @@ def test_first_rollout_then_a_canary_promoted_on_live_figures(
         assert first.phase == "Serving"
         old = first.revisions.stable
         assert old is not None
+        assert old == artifact_revision(load_manifest(str(path)).spec)
+        assert first.revisions.baseline is None  # the source left once the candidate was promoted
         write(tmp_path, source, "int4-weight-only")  # an edit: a new revision, canaried against old
         second = loop.run()
         assert second.revisions.stable not in (None, old), second
@@ -59,8 +64,22 @@ def test_first_rollout_then_a_canary_promoted_on_live_figures(
     finally:
         loop.close()
     with Ledger(audit) as ledger:
-        kinds = [r.decision for r in ledger.query(namespace="ml", model="tiny", limit=100)]
+        records = list(ledger.query(namespace="ml", model="tiny", limit=100))
+    kinds = [r.decision for r in records]
     assert kinds.count("Promoted") == 2
-    assert "CanaryStarted" in kinds
+    assert kinds.count("CanaryStarted") == 2
     assert "CanaryAdvanced" in kinds
     assert kinds.count("GatePassed") == 2  # recorded by the pipeline runs themselves
+    (served,) = [r for r in records if r.decision == "BaselineServed"]
+    baseline = source_revision(load_manifest(str(path)).spec)
+    assert served.revision == baseline
+    assert served.evidence["candidate"] == old
+    first_promotion = next(r for r in records if r.decision == "Promoted")
+    assert first_promotion.revision == old
+    assert first_promotion.evidence["against"] == "baseline"
+    assert first_promotion.evidence["previous"] == baseline
+    assert first_promotion.evidence["analysis"]["outcome"] == "Successful"
+    advanced = next(r for r in records if r.decision == "CanaryAdvanced")  # at 50%: both served traffic
+    assert advanced.revision == old
+    assert advanced.evidence["analysis"]["stable"] == baseline
+    assert advanced.evidence["analysis"]["stableFigures"]["requests"] >= 3

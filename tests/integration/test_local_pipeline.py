@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from autoglm_api.validation import load_manifest
-from autoglm_core.revision import artifact_revision
+from autoglm_core.revision import artifact_revision, source_revision
 from autoglm_operator.backends.local_pipeline import LocalPipelines
 from autoglm_operator.plan import Action
 from tests.support.tiny_models import tiny_glm
@@ -29,7 +29,7 @@ def test_a_revision_is_built_once_and_observed_until_it_publishes(tmp_path: Path
     }
     pipelines = LocalPipelines(tmp_path / "runs", extra_args=("--decode-tokens", "4"), env=env)
     assert pipelines.observe(rev) is None
-    pipelines.start(model, Action("StartPipeline", rev, attempt=1))
+    pipelines.start(model, Action("StartPipeline", rev, attempt=1, baseline=True))
     first_pid = (pipelines.folder(rev) / "pipeline.pid").read_text()
     pipelines.start(model, Action("StartPipeline", rev, attempt=1))  # a restart asks again: not twice
     assert (pipelines.folder(rev) / "pipeline.pid").read_text() == first_pid
@@ -45,6 +45,13 @@ def test_a_revision_is_built_once_and_observed_until_it_publishes(tmp_path: Path
     ).read_text()[-2000:]
     assert run.artifact_uri is not None
     assert json.loads((Path(run.artifact_uri) / "model-card.json").read_text())["revision"] == rev
+    assert run.baseline is not None  # a first rollout's run: the source published beside it
+    assert run.baseline.revision == source_revision(model.spec)
+    assert json.loads((Path(run.baseline.uri) / "model-card.json").read_text())["role"] == "baseline"
+    assert run.baseline.weight_bytes > run.artifact_bytes > 0  # type: ignore[operator]
+    assert pipelines.artifact(rev) == run.artifact_uri
+    assert pipelines.artifact(run.baseline.revision) == run.baseline.uri  # found after a restart too
+    assert pipelines.artifact("src-000000000000") is None
     pipelines.start(model, Action("StartPipeline", rev, attempt=1))  # published: not started again
     assert (pipelines.folder(rev) / "pipeline.pid").read_text() == first_pid
     pipelines.close()

@@ -314,3 +314,50 @@ def test_compress_without_calibration_says_which_step_to_run(tmp_path: Path, sou
     code, out = step("compress", spec, work)
     assert code == 1
     assert "run the calibrate step first" in out
+
+
+def test_publish_baseline_serves_the_uncompressed_source_under_its_own_revision(
+    tmp_path: Path, source: Path
+) -> None:
+    from autoglm_api.validation import load_manifest
+    from autoglm_core.card import verify
+    from autoglm_core.revision import artifact_revision, source_revision
+
+    spec, work = manifest(tmp_path, source), tmp_path / "work"
+    for name in STEPS:
+        assert step(name, spec, work)[0] == 0
+    assert "baseline" not in result(work, "publish")["metrics"]  # only when asked for
+    code, out = step("publish", spec, work, "--publish-baseline")
+    assert (code, "reused" in out) == (0, False)  # asking for it redoes publish
+    metrics = result(work, "publish")["metrics"]
+    model = load_manifest(str(spec))
+    baseline = Path(metrics["baseline"])
+    assert baseline == work / "publish" / "baseline"
+    assert metrics["baselineRevision"] == source_revision(model.spec) != artifact_revision(model.spec)
+    assert metrics["baselineRevision"].startswith("src-")
+    artifact = verify(str(baseline), baseline)  # what the server checks before it loads it
+    assert artifact.revision == metrics["baselineRevision"]
+    assert artifact.card is not None
+    assert artifact.card["role"] == "baseline"
+    assert artifact.card["validation"]["baseline"]["quality"] > 0
+    assert metrics["baselineBytes"] > metrics["artifactBytes"] > 0  # fp32 against int8
+    # the weights are the fetched source's, bit for bit (hard-linked, not converted again)
+    fetched = work / "fetch" / "model" / "model.safetensors"
+    assert (baseline / "model.safetensors").read_bytes() == fetched.read_bytes()
+    served, tokenizer, plan = load_model_folder(baseline)
+    original = AutoModelForCausalLM.from_pretrained(source)
+    ids = tokenizer("Something is rotten", return_tensors="pt").input_ids
+    assert plan is None
+    with torch.no_grad():
+        assert torch.allclose(served(ids).logits, original(ids).logits)
+    code, out = step("publish", spec, work, "--publish-baseline")
+    assert (code, "reused" in out) == (0, True)
+    (baseline / "model.safetensors").unlink()  # the baseline was tampered with: redone
+    code, out = step("publish", spec, work, "--publish-baseline")
+    assert (code, "reused" in out) == (0, False)
+    # fetch run again writes a fresh folder: the published baseline's files are not rewritten
+    before = (baseline / "model.safetensors").stat().st_ino
+    (work / "fetch" / "STEP.json").unlink()
+    assert step("fetch", spec, work)[0] == 0
+    assert (baseline / "model.safetensors").stat().st_ino == before
+    assert verify(str(baseline), baseline).revision == metrics["baselineRevision"]

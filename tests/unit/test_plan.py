@@ -14,7 +14,17 @@ from autoglm_api.status import AutoGLMModelStatus
 from autoglm_api.validation import load_manifest
 from autoglm_core.revision import artifact_revision
 from autoglm_operator.canary import AnalysisResult
-from autoglm_operator.plan import Analysis, Intent, Observed, PipelineRun, Plan, Serving, duration, plan
+from autoglm_operator.plan import (
+    Analysis,
+    Intent,
+    Observed,
+    PipelineRun,
+    Plan,
+    Published,
+    Serving,
+    duration,
+    plan,
+)
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "autoglm-model.yaml"
 T0 = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
@@ -109,10 +119,113 @@ def test_the_first_rollout_goes_to_100_percent_on_its_offline_gates() -> None:
     assert done.status.revisions.stable == rev
     assert done.status.phase == "Serving"
     (promoted,) = done.decisions
-    assert "first rollout: offline gates alone" in promoted.reason
+    assert "first rollout: offline gates alone (the pipeline published no baseline" in promoted.reason
+    assert promoted.evidence["firstRollout"] == "offline-gates"
     unchanged = plan(applied(model, done), Observed(pipeline=succeeded(rev), serving=Serving(stable=rev)), T0)
     assert unchanged.actions == ()
     assert unchanged.decisions == ()  # re-applying the same spec does nothing
+
+
+MiB = 2**20
+SOURCE = Published("src-0123456789ab", "file:///artifacts/source", 538 * MiB)
+
+
+def with_baseline(revision: str, source_bytes: int = 538 * MiB) -> PipelineRun:
+    """A first rollout's run: the artifact and the uncompressed source, published side by side."""
+    baseline = Published(SOURCE.revision, SOURCE.uri, source_bytes)
+    return PipelineRun(revision, "Succeeded", gates_passed=True, artifact_uri=URI,
+                       artifact_bytes=135 * MiB, baseline=baseline)  # fmt: skip
+
+
+def test_the_first_rollout_is_canaried_against_the_source_served_as_the_baseline() -> None:
+    model = example()
+    rev = artifact_revision(model.spec)
+    first = plan(model, Observed(), T0)
+    assert [(a.kind, a.baseline) for a in first.actions] == [("StartPipeline", True)]
+    run = with_baseline(rev)
+    served = plan(applied(model, first), Observed(pipeline=run, memory_available=8 * 2**30), T0)
+    assert [(a.kind, a.revision, a.uri) for a in served.actions] == [("Promote", SOURCE.revision, SOURCE.uri)]
+    (decision,) = served.decisions
+    assert decision.kind == "BaselineServed"
+    assert decision.evidence["firstRollout"] == "canary-against-baseline"
+    assert decision.evidence["memory"]["neededBytes"] < decision.evidence["memory"]["targetMemoryBytes"]
+    revisions = served.status.revisions
+    assert (revisions.stable, revisions.baseline, revisions.candidate) == (
+        SOURCE.revision,
+        SOURCE.revision,
+        rev,
+    )
+    assert served.status.phase == "RollingOut"
+    again = plan(applied(model, first), Observed(pipeline=run), T0)  # a restart before it was saved
+    assert again.decisions[0].idempotency_key == decision.idempotency_key
+
+    model = applied(model, served)
+    loaded = plan(model, Observed(pipeline=run, serving=Serving(stable=SOURCE.revision)), T0)
+    assert [(a.kind, a.revision, a.weight) for a in loaded.actions] == [("LoadCanary", rev, 10)]
+    (started,) = loaded.decisions
+    assert started.evidence == {"against": "baseline", "stable": SOURCE.revision}
+    model = applied(model, loaded)
+    t, serving = T0, Serving(stable=SOURCE.revision, canary=rev, weight=10)
+    for step, pause in enumerate((31, 61, 11)):
+        t += timedelta(seconds=pause)
+        result = plan(model, Observed(run, serving, judged(rev, step, "Successful", t)), t)
+        model = applied(model, result)
+        serving = Serving(stable=SOURCE.revision, canary=rev, weight=result.status.canary.weight)
+    assert [(a.kind, a.revision) for a in result.actions] == [("Promote", rev), ("Unload", SOURCE.revision)]
+    promoted = result.decisions[-1]
+    assert (promoted.kind, promoted.evidence["against"], promoted.evidence["previous"]) == (
+        "Promoted", "baseline", SOURCE.revision,
+    )  # fmt: skip
+    assert (model.status.revisions.stable, model.status.revisions.baseline) == (rev, None)  # type: ignore[union-attr]
+
+
+def test_a_candidate_worse_than_the_source_is_rolled_back_and_the_source_keeps_serving() -> None:
+    model = example()
+    rev = artifact_revision(model.spec)
+    run = with_baseline(rev)
+    model = applied(model, plan(model, Observed(), T0))
+    model = applied(model, plan(model, Observed(pipeline=run), T0))
+    model = applied(model, plan(model, Observed(pipeline=run, serving=Serving(stable=SOURCE.revision)), T0))
+    serving = Serving(stable=SOURCE.revision, canary=rev, weight=10)
+    for seconds in (10, 20):
+        t = T0 + timedelta(seconds=seconds)
+        result = plan(model, Observed(run, serving, judged(rev, 0, "Failed", t)), t)
+        model = applied(model, result)
+    assert [d.kind for d in result.decisions] == ["CanaryIntervalFailed", "RolledBack"]
+    assert "the uncompressed source src-0123456789ab keeps serving" in result.decisions[-1].reason
+    status = result.status
+    assert (status.revisions.stable, status.revisions.rejected, status.phase) == (
+        SOURCE.revision, rev, "Serving",
+    )  # fmt: skip
+    # the next edit is canaried against the source too, and its pipeline publishes no second copy
+    edited = example("int4-weight-only").model_copy(update={"status": status})
+    building = plan(edited, Observed(serving=Serving(stable=SOURCE.revision)), T0)
+    assert [(a.kind, a.baseline) for a in building.actions] == [("StartPipeline", False)]
+
+
+@pytest.mark.parametrize(
+    ("source_bytes", "available", "why"),
+    [
+        (4 * 2**30, None, "4Gi"),  # the example's target has 4Gi: not for 4 GiB of fp32 and int8 besides
+        (538 * MiB, 600 * MiB, "0.59 GiB available"),  # the machine has too little free
+    ],
+)
+def test_a_target_that_cannot_hold_both_goes_live_on_offline_gates_and_says_why(
+    source_bytes: int, available: int | None, why: str
+) -> None:
+    model = example()
+    rev = artifact_revision(model.spec)
+    model = applied(model, plan(model, Observed(), T0))
+    done = plan(model, Observed(pipeline=with_baseline(rev, source_bytes), memory_available=available), T0)
+    assert [(a.kind, a.revision) for a in done.actions] == [("Promote", rev)]
+    (promoted,) = done.decisions
+    assert (
+        "first rollout: offline gates alone: the target cannot hold the source and the candidate"
+        in promoted.reason
+    )
+    assert why in promoted.reason
+    assert promoted.evidence["firstRollout"] == "offline-gates"
+    assert done.status.revisions.baseline is None
 
 
 def canary_started(stable_rev_model: AutoGLMModel) -> tuple[AutoGLMModel, str, str]:
@@ -280,10 +393,12 @@ class _World:
     """Backends that carry out the core's actions at once: a pipeline that succeeds on the next
     observation, a server with stable and canary, an analysis that passes at the current step."""
 
-    def __init__(self) -> None:
+    def __init__(self, baseline: bool) -> None:
         self.started: list[tuple[str, int]] = []
         self.pipeline: PipelineRun | None = None
         self.serving = Serving()
+        #: Whether a run asked for the baseline publishes it (else: an older pipeline without it).
+        self.baseline = baseline
 
     def observe(self, model: AutoGLMModel, now: datetime) -> Observed:
         status = model.status or AutoGLMModelStatus()
@@ -298,7 +413,8 @@ class _World:
         for a in result.actions:
             if a.kind == "StartPipeline":
                 self.started.append((a.revision, a.attempt or 1))
-                self.pipeline = succeeded(a.revision)
+                asked = a.baseline and self.baseline
+                self.pipeline = with_baseline(a.revision) if asked else succeeded(a.revision)
             elif a.kind == "LoadCanary":
                 s = Serving(s.stable, a.revision, a.weight or 0)
             elif a.kind == "SetWeight" and s.canary == a.revision:
@@ -310,15 +426,19 @@ class _World:
         self.serving = s
 
 
-def _drive(crash_at: int | None, mode: str) -> tuple[_World, dict[str, str], AutoGLMModel]:
-    """First rollout, then an edit canaried to promotion; at tick ``crash_at`` the process dies
-    after acting (``acted``) or after recording too (``recorded``), before the status is saved."""
-    world, ledger = _World(), {}  # the ledger keeps one record per idempotency key
+def _drive(crash_at: int | None, mode: str, baseline: bool) -> tuple[_World, dict[str, str], AutoGLMModel]:
+    """First rollout (canaried against the source when ``baseline``, else on its gates), then an
+    edit canaried to promotion; at tick ``crash_at`` the process dies after acting (``acted``) or
+    after recording too (``recorded``), before the status is saved."""
+    world, ledger = _World(baseline), {}  # the ledger keeps one record per idempotency key
     model = example()
+    first, edited = artifact_revision(model.spec), False
     for tick in range(40):
         now = T0 + timedelta(minutes=10 * tick)
-        if tick == 3:  # the edit: a new revision
-            model = model.model_copy(update={"spec": example("int4-weight-only").spec})
+        revisions = model.status.revisions if model.status else None
+        if not edited and revisions and revisions.stable == first and revisions.candidate is None:
+            model = model.model_copy(update={"spec": example("int4-weight-only").spec})  # the edit
+            edited = True
         result = plan(model, world.observe(model, now), now)
         world.act(result)
         if crash_at == tick and mode == "acted":
@@ -328,18 +448,22 @@ def _drive(crash_at: int | None, mode: str) -> tuple[_World, dict[str, str], Aut
         if crash_at == tick:
             continue  # recorded, died before saving
         model = applied(model, result)
-        if tick > 3 and model.status.revisions.candidate is None and model.status.revisions.stable:  # type: ignore[union-attr]
+        if edited and model.status.revisions.candidate is None and model.status.revisions.stable:  # type: ignore[union-attr]
             break
     return world, ledger, model
 
 
+@pytest.mark.parametrize("baseline", [True, False], ids=["against-the-source", "on-offline-gates"])
 @pytest.mark.parametrize("mode", ["acted", "recorded"])
-@pytest.mark.parametrize("crash_at", range(9))
+@pytest.mark.parametrize("crash_at", range(12))
 def test_a_restart_in_every_phase_builds_once_and_records_each_decision_once(
-    crash_at: int, mode: str
+    crash_at: int, mode: str, baseline: bool
 ) -> None:
-    calm_world, calm_ledger, calm = _drive(None, mode)
-    world, ledger, model = _drive(crash_at, mode)
+    calm_world, calm_ledger, calm = _drive(None, mode, baseline)
+    if baseline:  # the first rollout went through the source
+        assert sorted(calm_ledger.values()).count("BaselineServed") == 1
+        assert sorted(calm_ledger.values()).count("Promoted") == 2
+    world, ledger, model = _drive(crash_at, mode, baseline)
     assert model.status is not None
     assert calm.status is not None
     assert model.status.revisions.stable == calm.status.revisions.stable == artifact_revision(calm.spec)

@@ -4,7 +4,8 @@
 ``start(model, action)`` is idempotent: a revision whose run is alive, or whose run already
 published, is not started again (a restart of the loop never builds twice); a retry (a higher
 ``attempt``) starts over in the same folder, where unchanged steps are reused. ``observe(revision)``
-gives the core's :class:`~autoglm_operator.plan.PipelineRun`.
+gives the core's :class:`~autoglm_operator.plan.PipelineRun`. A first rollout's run also publishes
+the uncompressed source as the canary's baseline (``--publish-baseline``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 import yaml
 
 from autoglm_api.resource import AutoGLMModel
-from autoglm_operator.plan import Action, PipelineRun
+from autoglm_operator.plan import Action, PipelineRun, Published
 
 PID_FILE = "pipeline.pid"
 ATTEMPT_FILE = "attempt"
@@ -93,6 +94,7 @@ class LocalPipelines:
         command = [
             sys.executable, "-m", "autoglm_operator", "pipeline", "run", str(folder / SPEC_FILE),
             "--workdir", str(folder / "work"), *self.extra_args,
+            *(["--publish-baseline"] if action.baseline else []),
         ]  # fmt: skip
         with (folder / LOG_FILE).open("a") as log:
             env = {**os.environ, **(self.env or {})}  # the environment of now, plus ours
@@ -100,6 +102,18 @@ class LocalPipelines:
         self._processes[revision] = process
         (folder / PID_FILE).write_text(str(process.pid))
         (folder / ATTEMPT_FILE).write_text(str(attempt))
+
+    def artifact(self, revision: str) -> str | None:
+        """Where ``revision`` was published: a revision's own run, or a source published as the
+        baseline by some revision's run (``src-...``)."""
+        run = self.observe(revision)
+        if run is not None:
+            return run.artifact_uri or None
+        for step in sorted(self.root.glob("*/work/publish/STEP.json")):
+            metrics = (_json(step) or {}).get("metrics", {})
+            if metrics.get("baselineRevision") == revision and metrics.get("baseline"):
+                return str(metrics["baseline"])
+        return None
 
     def observe(self, revision: str) -> PipelineRun | None:
         folder = self.folder(revision)
@@ -111,8 +125,14 @@ class LocalPipelines:
         work = folder / "work"
         published = _result(work / "publish")
         if published is not None and published.get("status") == "Succeeded":
-            uri = str(published.get("metrics", {}).get("artifact", ""))
-            return PipelineRun(revision, "Succeeded", gates_passed=True, artifact_uri=uri, attempt=attempt)
+            metrics = published.get("metrics", {})
+            baseline = metrics.get("baseline")
+            return PipelineRun(
+                revision, "Succeeded", gates_passed=True, artifact_uri=str(metrics.get("artifact", "")),
+                attempt=attempt, artifact_bytes=metrics.get("artifactBytes"),
+                baseline=Published(str(metrics["baselineRevision"]), str(baseline), metrics.get("baselineBytes"))
+                if baseline and metrics.get("baselineRevision") else None,
+            )  # fmt: skip
         report = _json(work / "validate" / "validate.json")
         if report is not None and report.get("passed") is False:
             failed = [g["name"] for g in report.get("gates", []) if not g.get("passed")]

@@ -80,7 +80,13 @@ def status_command(model: str, state_dir: Path, output: str) -> None:
         return
     r = status.revisions
     click.echo(
-        f"phase: {status.phase}\nstable: {r.stable or '-'}\ncandidate: {r.candidate or '-'}\nrejected: {r.rejected or '-'}"
+        f"phase: {status.phase}\nstable: {r.stable or '-'}"
+        + (
+            " (the uncompressed source, the first canary's baseline)"
+            if r.baseline and r.baseline == r.stable
+            else ""
+        )
+        + f"\ncandidate: {r.candidate or '-'}\nrejected: {r.rejected or '-'}"
     )
     if status.canary.step is not None:
         click.echo(

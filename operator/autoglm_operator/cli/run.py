@@ -26,7 +26,10 @@ def progress_table(
     table.add_column()
     revisions = status.revisions
     table.add_row("model", Text(f"{model.namespaced_name}  phase {status.phase}"))
-    table.add_row("revisions", Text(f"stable {revisions.stable or '-'}  candidate {revisions.candidate or '-'}"
+    source = (
+        " (source, the baseline)" if revisions.baseline and revisions.baseline == revisions.stable else ""
+    )
+    table.add_row("revisions", Text(f"stable {revisions.stable or '-'}{source}  candidate {revisions.candidate or '-'}"
                                     f"  rejected {revisions.rejected or '-'}"))  # fmt: skip
     run = observed.pipeline
     if run is not None and revisions.candidate == run.revision:
