@@ -34,7 +34,8 @@ $(STAMP): pyproject.toml $(LOCK)
 venv: $(STAMP)
 
 # The closed loop on the bundled example, for real: SmolLM2-135M compressed to int8, validated and
-# served (the first rollout goes live on its offline gates); then an edit that turns compression off,
+# served (the first rollout is canaried against the fp32 source, served first as the baseline, on
+# demo traffic, and promoted); then an edit that turns compression off,
 # canaried against the int8 stable on demo traffic and rolled back on its own; the ledger's account;
 # then the server's protocols on the promoted artifact. A fresh state directory each time.
 DEMO_STATE := .autoglm/demo
@@ -42,7 +43,7 @@ demo: $(STAMP)
 	@echo "== autoglm validate examples/*.yaml"
 	$(BIN)/autoglm validate examples/*.yaml
 	rm -rf $(DEMO_STATE)
-	@echo "== autoglm run examples/autoglm-model.yaml: pipeline (fetch, calibrate, compress int8, validate, publish), then served"
+	@echo "== autoglm run examples/autoglm-model.yaml: pipeline (fetch, calibrate, compress int8, validate, publish with the fp32 source), the source served as the baseline, int8 canaried against it"
 	$(BIN)/autoglm run examples/autoglm-model.yaml --state-dir $(DEMO_STATE) --until promoted --traffic 8
 	@echo "== an edit (examples/edits/autoglm-model-uncompressed.yaml): compression off; canaried against the int8 stable"
 	$(BIN)/autoglm run examples/edits/autoglm-model-uncompressed.yaml --state-dir $(DEMO_STATE) --until promoted --traffic 8
@@ -53,7 +54,7 @@ demo: $(STAMP)
 	@echo "== autoglm serve on the stable int8 artifact: chat, streaming, V1, V2, an in-server canary, metrics"
 	$(BIN)/python examples/serve_demo.py $(DEMO_STATE)/pipelines/$$($(BIN)/python -c \
 	  "import json; print(json.load(open('$(DEMO_STATE)/status.json'))['revisions']['stable'])")/work/publish/model
-	@echo "== not in this demo yet: the source model as the first canary's baseline, several targets, PromQL, the operator and the feedback loop (open issues)"
+	@echo "== not in this demo yet: several targets with a precision each, the operator and the feedback loop (open issues); PromQL: autoglm run --prometheus-url"
 
 # Tests run in a random order (pytest-randomly); the seed is printed, and `make test SEED=N` repeats it.
 ifndef SEED

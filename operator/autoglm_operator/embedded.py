@@ -55,6 +55,8 @@ class LoopOptions:
     until: Until = "promoted"
     #: Requests per second of demo traffic while a canary runs (0: none, real clients send it).
     traffic_rate: float = 2.0
+    #: Demo clients sending that traffic side by side (the server batches them).
+    traffic_clients: int = 4
     traffic_prompts: tuple[str, ...] = ("To be, or not to be", "The king", "Words, words, words")
     tick_seconds: float = 1.0
     timeout_seconds: float = 1800.0
@@ -257,9 +259,13 @@ class EmbeddedLoop:
 
     # -- the loop ---------------------------------------------------------------------------------
 
-    def _traffic(self) -> None:
-        rng = random.Random(0)
-        while not self._stop.wait(1.0 / self.options.traffic_rate):
+    def _traffic(self, client: int) -> None:
+        """One demo client: a request every ``clients / traffic_rate`` seconds, so that all of them
+        together send ``traffic_rate`` per second (or as many as the server answers), side by side
+        as real clients would, which the server batches."""
+        rng = random.Random(client)
+        period = self.options.traffic_clients / self.options.traffic_rate
+        while not self._stop.wait(period * (0.5 + rng.random())):
             server, name = self.server, self._traffic_to
             if server is None or name is None:
                 continue
@@ -298,10 +304,14 @@ class EmbeddedLoop:
         self._resume_server()
         self._stop.clear()
         self._halt.clear()
-        traffic = None
+        traffic = []
         if self.options.traffic_rate > 0:
-            traffic = threading.Thread(target=self._traffic, name="autoglm-traffic", daemon=True)
-            traffic.start()
+            for client in range(self.options.traffic_clients):
+                thread = threading.Thread(
+                    target=self._traffic, args=(client,), name="autoglm-traffic", daemon=True
+                )
+                thread.start()
+                traffic.append(thread)
         deadline = time.monotonic() + self.options.timeout_seconds
         try:
             while self.options.until == "forever" or time.monotonic() < deadline:
@@ -316,8 +326,8 @@ class EmbeddedLoop:
             )
         finally:
             self._stop.set()
-            if traffic is not None:
-                traffic.join(5)
+            for thread in traffic:
+                thread.join(5)
             if self._lock is not None:  # not ticking any more: `autoglm rollout` sees a stopped loop
                 self.state.release(self._lock, server_kept=self.server is not None)
                 self._lock = None

@@ -115,14 +115,15 @@ def test_promql_and_the_scrape_give_the_same_verdict(
         result = judge(candidate, stable, LIMITS)
         assert result.outcome == outcome, (name, result.reason)
         assert {c.metric for c in result.checks if c.passed is False} == failed, (name, result.reason)
-    # The same traffic, counted twice: PromQL's increase() extrapolates to the window's edges, so
-    # its counts may be a little higher, never a different story.
+    # The same traffic, counted twice: PromQL's increase() extrapolates to the window's edges (a
+    # little more) and misses what a series born inside the window counted before its first
+    # sample (an error counter's first errors: a little less), never a different story.
     for revision in ("rev-a", "rev-b"):
         exact, asked = scraped[revision], promql[revision]
         assert exact is not None
         assert asked is not None
         assert exact.requests >= LIMITS.min_requests
-        assert exact.requests <= asked.requests <= exact.requests * 1.35 + 1, (revision, exact, asked)
+        assert abs(asked.requests - exact.requests) <= exact.requests * 0.35 + 3, (revision, exact, asked)
         assert abs(asked.error_rate - exact.error_rate) <= 0.1
         assert exact.latency is not None
         assert asked.latency is not None
