@@ -56,7 +56,7 @@ class LoopOptions:
     #: Requests per second of demo traffic while a canary runs (0: none, real clients send it).
     traffic_rate: float = 2.0
     #: Demo clients sending that traffic side by side (the server batches them).
-    traffic_clients: int = 4
+    traffic_clients: int = 2
     traffic_prompts: tuple[str, ...] = ("To be, or not to be", "The king", "Words, words, words")
     tick_seconds: float = 1.0
     timeout_seconds: float = 1800.0

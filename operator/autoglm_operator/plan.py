@@ -82,6 +82,8 @@ class PipelineRun:
     artifact_bytes: int | None = None
     #: The uncompressed source, when the run published it (a first rollout's canary baseline).
     baseline: Published | None = None
+    #: Every variant the run published (the spec's own first, then one per other target precision).
+    variants: tuple[Published, ...] = ()
 
 
 @dataclass(frozen=True)

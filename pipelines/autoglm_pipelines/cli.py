@@ -132,7 +132,14 @@ def _step_options(command: Callable[..., None]) -> Callable[..., None]:
     spec = click.option(
         "--spec", "manifest", required=True, metavar="MANIFEST", help="The AutoGLMModel manifest."
     )
-    return spec(_run_options(command))
+    variant = click.option(
+        "--variant",
+        default="",
+        metavar="PRECISION",
+        help="For compress, validate and publish: the variant a target's precision asks for (its "
+        "folders are STEP-PRECISION). Default: the spec's own compression.",
+    )
+    return variant(spec(_run_options(command)))
 
 
 def _context(
@@ -156,15 +163,23 @@ def _make_step_command(step: str) -> click.Command:
         output: Path | None,
         threads: int | None,
         publish_baseline: bool,
+        variant: str,
     ) -> None:
+        from autoglm_pipelines.dag import find_step
+        from autoglm_pipelines.dag import step_name as name_of
         from autoglm_pipelines.resume import reusable
 
         model = load_manifest(manifest)
+        name = name_of(step, variant)
+        try:
+            find_step(model.spec, name)
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from exc
         earlier = reusable(
-            model, step, workdir, decode_tokens=decode_tokens, output=output, baseline=publish_baseline
+            model, name, workdir, decode_tokens=decode_tokens, output=output, baseline=publish_baseline
         )
         if earlier is not None:  # decided before torch is imported: a skipped step costs well under a second
-            click.echo(f"{step}: {earlier.status} earlier (inputs unchanged: reused)")
+            click.echo(f"{name}: {earlier.status} earlier (inputs unchanged: reused)")
             return
         from autoglm_pipelines.dag import EXIT_TRANSIENT
         from autoglm_pipelines.steps import StepFailedError, run_step
@@ -173,16 +188,16 @@ def _make_step_command(step: str) -> click.Command:
             torch_threads(threads)
         try:
             result, reused = run_step(
-                model, step, _context(workdir, cache_dir, decode_tokens, output, publish_baseline)
+                model, name, _context(workdir, cache_dir, decode_tokens, output, publish_baseline)
             )
         except StepFailedError as exc:
             click.echo(
-                f"{step}: failed{' (transient: may succeed if retried)' if exc.transient else ''}: {exc}",
+                f"{name}: failed{' (transient: may succeed if retried)' if exc.transient else ''}: {exc}",
                 err=True,
             )
             sys.exit(EXIT_TRANSIENT if exc.transient else 1)
         note = " (inputs unchanged: reused)" if reused else ""
-        click.echo(f"{step}: {result.status} in {result.duration_seconds:.1f}s{note}")
+        click.echo(f"{name}: {result.status} in {result.duration_seconds:.1f}s{note}")
 
     from autoglm_pipelines.dag import CALIBRATE, COMPRESS, FETCH, PUBLISH, SEARCH, VALIDATE
 
@@ -247,17 +262,22 @@ def run_command(
 
 
 def _record_verdict(model: AutoGLMModel, workdir: Path, decode_tokens: int, output: Path | None) -> None:
+    """Each variant's gates' verdict (those validate reported on) in the ledger."""
+    from autoglm_core.variants import variants
     from autoglm_pipelines.verdicts import VerdictNotRecordedError, record_verdict
 
-    try:
-        record = record_verdict(model, workdir, decode_tokens=decode_tokens, output=output)
-    except VerdictNotRecordedError as exc:
-        raise click.ClickException(str(exc)) from exc
-    if record is not None:
-        click.echo(
-            f"audit: {record.decision} is seq {record.seq} ({record.id}) for revision {record.revision}",
-            err=True,
-        )
+    for variant in variants(model.spec):
+        try:
+            record = record_verdict(
+                model, workdir, decode_tokens=decode_tokens, output=output, variant=variant.name
+            )
+        except VerdictNotRecordedError as exc:
+            raise click.ClickException(str(exc)) from exc
+        if record is not None:
+            click.echo(
+                f"audit: {record.decision} is seq {record.seq} ({record.id}) for revision {record.revision}",
+                err=True,
+            )
 
 
 def main() -> None:

@@ -4,6 +4,11 @@ Pure: no I/O. Every step runs as ``autoglm pipeline STEP --spec SPEC --workdir D
 the steps it depends on wrote under ``DIR/<step>/`` and writes its own outputs and ``STEP.json``
 under ``DIR/<step>/``. In Argo each step's folder is an output artifact, handed to the steps
 that depend on it as an input artifact at the same path.
+
+One run builds every variant the targets ask for (``autoglm_core.variants``): fetch, calibrate and
+the search once, then compress, validate and publish per variant. The spec's own variant keeps the
+plain step names; another's are suffixed with its precision (``compress-int4``, ``publish-bf16``)
+and run as ``autoglm pipeline compress --variant int4``.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from autoglm_api.spec import AutoGLMModelSpec
+from autoglm_core.variants import variants
 
 #: Exit status of a step whose failure a retry may fix (EX_TEMPFAIL, e.g. a failed download); any
 #: other non-zero status is a verdict. The Argo retry strategy retries exactly these.
@@ -32,6 +38,14 @@ class Step:
     #: Retries (with exponential backoff) for transient failures such as a failed download.
     retries: int = 2
     timeout_seconds: int = 3600
+    #: The variant a per-variant step builds ("" for the spec's own, and for the shared steps).
+    variant: str = ""
+    #: The step's function (``compress`` for ``compress-int4``); the name when left empty.
+    kind: str = ""
+
+    @property
+    def function(self) -> str:
+        return self.kind or self.name
 
 
 FETCH = Step(
@@ -69,10 +83,39 @@ PUBLISH = Step(
 )
 
 
+SHARED: tuple[str, ...] = ("fetch", "calibrate", "search")
+PER_VARIANT: tuple[str, ...] = ("compress", "validate", "publish")
+
+
+def step_name(kind: str, variant: str) -> str:
+    """The folder and task name of step ``kind`` of ``variant``: ``compress``, ``compress-int4``."""
+    return f"{kind}-{variant}" if variant and kind in PER_VARIANT else kind
+
+
 def pipeline_steps(spec: AutoGLMModelSpec) -> tuple[Step, ...]:
     """The steps ``spec`` needs, in an order where every step comes after its dependencies."""
-    if spec.compression.search.enabled:
-        compress = dataclasses.replace(COMPRESS, depends=(*COMPRESS.depends, "search"))
-        publish = dataclasses.replace(PUBLISH, depends=(*PUBLISH.depends, "search"))
-        return (FETCH, CALIBRATE, SEARCH, compress, VALIDATE, publish)
-    return (FETCH, CALIBRATE, COMPRESS, VALIDATE, PUBLISH)
+    searched = spec.compression.search.enabled
+    steps = [FETCH, CALIBRATE, *([SEARCH] if searched else [])]
+    for variant in variants(spec):
+        search = ("search",) if variant.spec.compression.search.enabled else ()
+        for base, extra in ((COMPRESS, search), (VALIDATE, ()), (PUBLISH, search)):
+            steps.append(
+                dataclasses.replace(
+                    base,
+                    name=step_name(base.name, variant.name),
+                    depends=tuple(step_name(d, variant.name) for d in (*base.depends, *extra)),
+                    variant=variant.name,
+                    kind=base.name,
+                )
+            )
+    return tuple(steps)
+
+
+def find_step(spec: AutoGLMModelSpec, name: str) -> Step:
+    """The step called ``name`` (``compress-int4``); ValueError naming the steps there are."""
+    for step in pipeline_steps(spec):
+        if step.name == name:
+            return step
+    raise ValueError(
+        f"no step {name!r} in this pipeline; its steps: {', '.join(s.name for s in pipeline_steps(spec))}"
+    )

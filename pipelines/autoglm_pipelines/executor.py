@@ -61,7 +61,16 @@ def run_local(
     with Progress(*columns, console=console, transient=False) as progress:
         for step in steps:
             task = progress.add_task(f"{step.name}: running", total=1)
-            args = [step.name, "--spec", str(spec_file), "--workdir", str(workdir), *(extra_args or [])]
+            variant = ["--variant", step.variant] if step.variant else []
+            args = [
+                step.function,
+                *variant,
+                "--spec",
+                str(spec_file),
+                "--workdir",
+                str(workdir),
+                *(extra_args or []),
+            ]
             before = read_result(workdir / step.name)
             started = time.perf_counter()
             returncode, stderr = run_step_process(args)

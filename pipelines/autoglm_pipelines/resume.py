@@ -13,6 +13,7 @@ from typing import Any
 from autoglm_api.resource import AutoGLMModel
 from autoglm_core.digests import canonical_digest, sha256_file
 from autoglm_core.uris import SourceError, resolve
+from autoglm_core.variants import variant_named
 from autoglm_pipelines.dag import pipeline_steps
 from autoglm_pipelines.results import StepResult, completed, read_result, step_files
 
@@ -45,20 +46,25 @@ def inputs_digest(
     output: Path | None,
     baseline: bool = False,
 ) -> str:
-    """The identity of ``step``'s inputs: its part of the spec and the hashes of its inputs' files."""
-    deps = {s.name: s.depends for s in pipeline_steps(model.spec)}.get(step, ())
+    """The identity of ``step``'s inputs (a step name: ``compress``, ``compress-int4``): its part of
+    the spec (its variant's, for a variant's step) and the hashes of its inputs' files."""
+    found = next((s for s in pipeline_steps(model.spec) if s.name == step), None)
+    kind = found.function if found is not None else step
+    deps = found.depends if found is not None else ()
+    if found is not None and found.variant:
+        model = model.model_copy(update={"spec": variant_named(model.spec, found.variant).spec})
     upstream = {dep: (r.files if (r := read_result(workdir / dep)) else None) for dep in deps}
     options: dict[str, Any] = {}
-    if step in ("validate", "search"):
+    if kind in ("validate", "search"):
         options = {"decodeTokens": decode_tokens}
-    elif step == "publish":
+    elif kind == "publish":
         options = {"output": str(output) if output else None}
-        if baseline:
+        if baseline and not (found is not None and found.variant):
             options["baseline"] = True
-    if step in _READS_DATA:
+    if kind in _READS_DATA:
         uris = {model.spec.calibration.dataset, model.spec.validation.dataset}
         options["datasets"] = {uri: _local_digest(uri) for uri in sorted(uris)}
-    return canonical_digest({"step": step, "spec": _SPEC_PARTS[step](model), "upstream": upstream, **options})
+    return canonical_digest({"step": step, "spec": _SPEC_PARTS[kind](model), "upstream": upstream, **options})
 
 
 def _local_digest(uri: str) -> str | None:
@@ -87,7 +93,7 @@ def reusable(
     It can when it succeeded for the same inputs and every file it wrote still hashes as recorded,
     including a published artifact written outside the workdir (``--output``).
     """
-    if step not in _SPEC_PARTS:
+    if not any(s.name == step for s in pipeline_steps(model.spec)):
         return None
     digest = inputs_digest(
         model, step, workdir, decode_tokens=decode_tokens, output=output, baseline=baseline

@@ -7,6 +7,7 @@ and ``STEP.json``, and raises StepFailedError with a one-line reason when it can
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -26,6 +27,7 @@ from autoglm_core.card import write_model_card
 from autoglm_core.digests import canonical_digest, sha256_file
 from autoglm_core.revision import artifact_revision, source_revision
 from autoglm_core.uris import SourceError, TransientSourceError, resolve
+from autoglm_core.variants import variant_named
 from autoglm_modeling.folders import artifact_format, load_model_folder, save_model_folder
 from autoglm_modeling.loading import load_causal_lm
 from autoglm_modeling.quantization import (
@@ -37,7 +39,7 @@ from autoglm_modeling.quantization import (
     weight_bytes,
 )
 from autoglm_pipelines.calibration import Statistics, collect_statistics
-from autoglm_pipelines.dag import pipeline_steps
+from autoglm_pipelines.dag import find_step, step_name
 from autoglm_pipelines.evaluation import measure
 from autoglm_pipelines.gates import evaluate_gates, quality_loss
 from autoglm_pipelines.results import VALIDATE_REPORT, StepResult, read_result, step_files, write_result
@@ -85,9 +87,12 @@ class StepContext:
     output: Path | None = None
     #: Whether publish also publishes the uncompressed source (``baseline/`` beside the artifact).
     baseline: bool = False
+    #: The variant a per-variant step builds ("" for the spec's own): its folders are suffixed.
+    variant: str = ""
 
     def folder(self, step: str) -> Path:
-        return self.workdir / step
+        """``step``'s folder: the shared steps', or this variant's (``compress`` -> ``compress-int4``)."""
+        return self.workdir / step_name(step, self.variant)
 
 
 @dataclass
@@ -259,15 +264,17 @@ def publish(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
     report = read_result(ctx.folder("validate"))
     if report is None or report.status != "Succeeded":
         raise StepFailedError("validate has not passed: nothing to publish")
-    target = ctx.output or ctx.folder("publish") / MODEL_DIR
+    target = ctx.folder("publish") / MODEL_DIR
+    if ctx.output is not None:  # another variant's beside it: OUTPUT-int4
+        target = ctx.output.with_name(f"{ctx.output.name}-{ctx.variant}") if ctx.variant else ctx.output
     partial = target.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     shutil.copytree(ctx.folder("compress") / MODEL_DIR, partial)
     shutil.copy2(ctx.folder("calibrate") / CALIBRATION_FILE, partial / CALIBRATION_FILE)
+    searched = ("search",) if model.spec.compression.search.enabled else ()
     lineage = {
-        step.name: (r.to_json() if (r := read_result(ctx.folder(step.name))) else None)
-        for step in pipeline_steps(model.spec)
-        if step.name != "publish"
+        kind: (r.to_json() if (r := read_result(ctx.folder(kind))) else None)
+        for kind in ("fetch", "calibrate", *searched, "compress", "validate")
     }
     fetched = lineage.get("fetch")
     card = {
@@ -290,8 +297,9 @@ def publish(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
     partial.rename(target)
     metrics: dict[str, Any] = {
         "artifact": str(target), "artifactFiles": step_files(target), "artifactBytes": _weight_bytes(target),
+        "revision": card["revision"],
     }  # fmt: skip
-    if ctx.baseline:
+    if ctx.baseline and not ctx.variant:  # the source is one for every variant: published once
         baseline = _publish_baseline(model, ctx, target.with_name(BASELINE_DIR), report.metrics, fetched)
         metrics.update({
             "baseline": str(baseline), "baselineFiles": step_files(baseline),
@@ -382,12 +390,20 @@ STEPS: dict[str, StepFunction] = {
 
 
 def run_step(model: AutoGLMModel, step: str, ctx: StepContext) -> tuple[StepResult, bool]:
-    """Run ``step`` (or reuse its earlier result); return the result and whether it was reused.
+    """Run ``step`` (a name of ``pipeline_steps``: ``compress``, ``compress-int4``), or reuse its
+    earlier result; return the result and whether it was reused. A variant's step sees the
+    variant's spec (its compression) and its variant's folders.
 
     Raises StepFailedError after writing a Failed STEP.json; what the step wrote is kept.
     """
-    if step not in STEPS:
-        raise StepFailedError(f"unknown step {step!r}; steps: {', '.join(STEPS)}")
+    try:
+        found = find_step(model.spec, step)
+    except ValueError as exc:
+        raise StepFailedError(str(exc)) from exc
+    ctx = dataclasses.replace(ctx, variant=found.variant)
+    built = model
+    if found.variant:
+        built = model.model_copy(update={"spec": variant_named(model.spec, found.variant).spec})
     earlier = reusable(
         model, step, ctx.workdir, decode_tokens=ctx.decode_tokens, output=ctx.output, baseline=ctx.baseline
     )
@@ -403,7 +419,7 @@ def run_step(model: AutoGLMModel, step: str, ctx: StepContext) -> tuple[StepResu
     started = datetime.now(UTC)
     start = time.perf_counter()
     try:
-        outcome = STEPS[step](model, ctx)
+        outcome = STEPS[found.function](built, ctx)
     except (
         StepFailedError,
         SourceError,

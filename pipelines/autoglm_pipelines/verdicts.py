@@ -12,7 +12,8 @@ from autoglm_core.audit import ACTOR_PIPELINE, AuditRecord, Ledger
 from autoglm_core.audit.ledger import LedgerError, resolve_url, safe_url
 from autoglm_core.digests import canonical_digest
 from autoglm_core.errors import AutoGLMError
-from autoglm_core.revision import artifact_revision
+from autoglm_core.variants import variant_named
+from autoglm_pipelines.dag import step_name
 from autoglm_pipelines.gates import verdict_of
 from autoglm_pipelines.results import VALIDATE_REPORT, read_result
 from autoglm_pipelines.resume import inputs_digest
@@ -30,6 +31,7 @@ def record_verdict(
     *,
     decode_tokens: int,
     output: Path | None,
+    variant: str = "",
     environ: Mapping[str, str] = os.environ,
 ) -> AuditRecord | None:
     """Append GatePassed or GateFailed, with the gates and figures as evidence, when validate reported.
@@ -37,19 +39,21 @@ def record_verdict(
     Only a report on this spec's inputs counts (one left by an earlier run is not this run's). The
     record is keyed by the revision and validate's inputs, so a re-run that reuses validate finds the
     verdict already recorded instead of recording it again. None when validate has not reported.
+    ``variant``: a target precision's variant (its validate-PRECISION step and its own revision).
     """
-    done = read_result(workdir / "validate")
-    current = inputs_digest(model, "validate", workdir, decode_tokens=decode_tokens, output=output)
+    step = step_name("validate", variant)
+    done = read_result(workdir / step)
+    current = inputs_digest(model, step, workdir, decode_tokens=decode_tokens, output=output)
     if done is None or done.inputs_digest != current:
         return None
-    report_file = workdir / "validate" / VALIDATE_REPORT
+    report_file = workdir / step / VALIDATE_REPORT
     try:
         report = json.loads(report_file.read_text())
     except (OSError, ValueError):
         return None  # the pipeline stopped before validate wrote its report: no verdict
     verdict = verdict_of(report)
     namespace, name = model.metadata.namespace or "default", model.metadata.name or ""
-    revision = artifact_revision(model.spec)
+    revision = variant_named(model.spec, variant).revision
     key = f"verdict:{revision}:{canonical_digest([namespace, name, revision, current])}"
     url = resolve_url(None, environ)
     try:

@@ -11,7 +11,8 @@ backend; ``autoglm pipeline render`` prints it. Shape of the template:
   input artifact ``/autoglm/spec.yaml``;
 - each step's folder ``/autoglm/work/<step>`` is its output artifact (in the cluster's default
   artifact repository) and is handed to the steps that depend on it at the same path; the publish
-  step's folder is also the workflow's global output artifact ``published-model``;
+  step's folder is also the workflow's global output artifact ``published-model`` (a target
+  precision's variant: ``published-model-int4``, from its ``publish-int4`` step);
 - labels tie the template, its Workflows and their pods to the model and the artifact revision.
 """
 
@@ -70,6 +71,11 @@ BACKOFF_FACTOR = 2
 #: network and API-server messages, missing both a deleted pod and a step's own exit status.
 RETRY_POLICY = RetryPolicy.always
 RETRY_EXPRESSION = f'lastRetry.status == "Error" || lastRetry.exitCode == "{EXIT_TRANSIENT}"'
+
+
+def published_artifact(variant: str = "") -> str:
+    """The workflow output artifact of a variant's published folder."""
+    return f"{PUBLISHED_ARTIFACT}-{variant}" if variant else PUBLISHED_ARTIFACT
 
 
 def template_name(model: AutoGLMModel) -> str:
@@ -162,12 +168,13 @@ def _container(step: Step, image: str, volume: EmptyDirVolume) -> Container:
     output = Artifact(
         name=step.name,
         path=f"{WORKDIR}/{step.name}",
-        global_name=PUBLISHED_ARTIFACT if step.name == PUBLISH_STEP else None,
+        global_name=published_artifact(step.variant) if step.function == PUBLISH_STEP else None,
     )
+    variant = ["--variant", step.variant] if step.variant else []
     return Container(
         name=step.name,
         image=image,
-        command=["autoglm", "pipeline", step.name, "--spec", SPEC_PATH, "--workdir", WORKDIR],
+        command=["autoglm", "pipeline", step.function, *variant, "--spec", SPEC_PATH, "--workdir", WORKDIR],
         inputs=inputs,
         outputs=[output],
         resources=_resources(step),

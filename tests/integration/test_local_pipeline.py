@@ -8,9 +8,11 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from autoglm_api.validation import load_manifest
 from autoglm_core.revision import artifact_revision, source_revision
+from autoglm_core.variants import target_revisions
 from autoglm_operator.backends.local_pipeline import LocalPipelines
 from autoglm_operator.plan import Action
 from tests.support.tiny_models import tiny_glm
@@ -78,3 +80,35 @@ def test_failures_and_failed_gates_are_told_apart(tmp_path: Path) -> None:
     assert crashed is not None
     assert crashed.phase == "Failed"
     assert "Killed" in crashed.reason
+
+
+def test_a_run_succeeds_only_when_every_target_precisions_variant_published(tmp_path: Path) -> None:
+    """One variant's failed gate rejects the rollout: its targets are promoted together or not at all."""
+    model = load_manifest(
+        str(
+            manifest(
+                tmp_path, tmp_path / "glm", targets=[{"name": "local"}, {"name": "edge", "precision": "int4"}]
+            )
+        )
+    )
+    rev = artifact_revision(model.spec)
+    pipelines = LocalPipelines(tmp_path / "runs")
+    folder = pipelines.folder(rev)
+    (folder / "work").mkdir(parents=True)
+    (folder / "spec.yaml").write_text(yaml.safe_dump(model.to_json()))
+    own = {"status": "Succeeded", "metrics": {"artifact": "/a/own", "revision": rev, "artifactBytes": 10}}
+    write(folder / "work" / "publish" / "STEP.json", own)
+    report = {"passed": False, "gates": [{"name": "maxQualityLoss", "passed": False}]}
+    write(folder / "work" / "validate-int4" / "validate.json", report)
+    write(folder / "work" / "validate-int4" / "STEP.json", {"status": "Failed", "reason": "gate failed"})
+    run = pipelines.observe(rev)
+    assert run is not None
+    assert (run.phase, run.gates_passed) == ("Succeeded", False)
+    assert run.reason == "gate failed (variant int4): maxQualityLoss"
+    edge = target_revisions(model.spec)["edge"]
+    write(folder / "work" / "publish-int4" / "STEP.json",
+          {"status": "Succeeded", "metrics": {"artifact": "/a/int4", "revision": edge, "artifactBytes": 4}})  # fmt: skip
+    run = pipelines.observe(rev)
+    assert run is not None
+    assert (run.phase, run.gates_passed, run.artifact_uri) == ("Succeeded", True, "/a/own")
+    assert [(v.revision, v.uri) for v in run.variants] == [(rev, "/a/own"), (edge, "/a/int4")]

@@ -165,3 +165,48 @@ def test_smollm2_runs_through_every_step(tmp_path: Path, cache: Path) -> None:
     card = json.loads((tmp_path / "work" / "publish" / "model" / "model-card.json").read_text())
     assert card["source"]["sha256"]
     assert card["lineage"]["fetch"]["metrics"]["architecture"] == "LlamaForCausalLM"
+
+
+def test_one_run_publishes_a_validated_variant_per_target_precision(tmp_path: Path, cache: Path) -> None:
+    """Three targets: the spec's own int8, int4 for an edge target and bf16 for a cloud one. One run
+    fetches and calibrates once, then builds, validates and publishes each as its own revision."""
+    from autoglm_core.card import verify
+    from autoglm_core.variants import target_revisions
+    from autoglm_modeling.folders import load_model_folder
+
+    source = tiny_glm(tmp_path / "glm")
+    targets = [
+        {"name": "local"},
+        {"name": "edge", "pool": "kubeedge", "precision": "int4"},
+        {"name": "cloud", "precision": "bf16"},
+        {"name": "cpu2", "precision": "int8"},  # the spec's own int8: the same variant as local
+    ]
+    spec = write_manifest(
+        tmp_path / "m.yaml", f"file://{source}", targets=targets,
+        calibration={"samples": 4, "sequenceLength": 64},
+        validation={"maxTokens": 512, "sequenceLength": 128,
+                    "gates": {"maxQualityLoss": 0.5, "maxP95LatencyMs": 10_000, "minSizeReduction": 1.5}},
+    )  # fmt: skip
+    work = tmp_path / "work"
+    done = pipeline_run(spec, work, audit=tmp_path / "a.db", cache=cache)
+    assert done.returncode == 0, done.stderr
+    revisions = target_revisions(load(spec).spec)
+    assert revisions["local"] == revisions["cpu2"] == artifact_revision(load(spec).spec)
+    assert len(set(revisions.values())) == 3
+    methods = {}
+    for target, folder in (("local", "publish"), ("edge", "publish-int4"), ("cloud", "publish-bf16")):
+        published = work / folder / "model"
+        artifact = verify(str(published), published)  # what a server checks before loading it
+        assert artifact.revision == revisions[target]
+        assert artifact.card is not None
+        assert set(artifact.card["lineage"]) == {"fetch", "calibrate", "compress", "validate"}
+        _, _, plan = load_model_folder(published)
+        methods[target] = plan.method if plan else None
+        report = json.loads((work / folder.replace("publish", "validate") / "validate.json").read_text())
+        assert report["passed"] is True
+    assert methods == {"local": "int8-weight-only", "edge": "int4-weight-only", "cloud": "bf16"}
+    assert "compress-int4" in done.stderr
+    assert done.stderr.count("fetch: done") == 1  # fetched and calibrated once for all three
+    with Ledger(f"sqlite:///{tmp_path / 'a.db'}") as ledger:
+        passed = {r.revision for r in ledger.query(decision="GatePassed")}
+    assert passed == set(revisions.values())  # each variant's verdict, under its own revision

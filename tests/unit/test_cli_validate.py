@@ -94,9 +94,10 @@ def test_yaml_values_are_read_as_kubectl_sends_them(snippet: str, expected: str)
 
 def test_yaml_1_2_exponent_floats_are_numbers() -> None:
     text = VALID.replace("maxJoulesPerToken: 2.0", "maxJoulesPerToken: 1e-3").replace(
-        "maxP95LatencyMs: 800", "maxP95LatencyMs: 1.5e3"
+        "maxP95LatencyMs: 2000", "maxP95LatencyMs: 1.5e3"
     )
     assert "1e-3" in text
+    assert "1.5e3" in text
     code, out, _ = run("-o", "json", "-", stdin=text)
     assert code == 0, out
     analysis = json.loads(out)["spec"]["rollout"]["analysis"]

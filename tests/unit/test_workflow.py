@@ -131,10 +131,12 @@ def test_dag_edges_and_artifacts_follow_the_step_list(example: Path) -> None:
         assert inputs[1:] == [{"name": dep, "path": f"{WORKDIR}/{dep}"} for dep in step.depends]
         (output,) = template["outputs"]["artifacts"]
         assert (output["name"], output["path"]) == (step.name, f"{WORKDIR}/{step.name}")
+        variant = ["--variant", step.variant] if step.variant else []
         assert template["container"]["command"] == [
             "autoglm",
             "pipeline",
-            step.name,
+            step.function,
+            *variant,
             "--spec",
             SPEC_PATH,
             "--workdir",
@@ -143,6 +145,22 @@ def test_dag_edges_and_artifacts_follow_the_step_list(example: Path) -> None:
         assert template["container"]["image"] == DEFAULT_IMAGE
         assert {"name": "work", "mountPath": WORKDIR} in template["container"]["volumeMounts"]
     assert set(templates) == {doc["spec"]["entrypoint"], *tasks}
+
+
+def test_each_target_precision_is_a_variant_built_after_the_shared_steps() -> None:
+    """cloud-and-edge: int4 (the spec's own, for the edge) and bf16 for the cloud, one DAG."""
+    model = _example(EXAMPLES / "cloud-and-edge.yaml")
+    tasks, templates = _tasks(_render(model)), _templates(_render(model))
+    assert list(tasks) == [
+        "fetch", "calibrate", "search",
+        "compress", "validate", "publish",  # the spec's own variant: int4, searched
+        "compress-bf16", "validate-bf16", "publish-bf16",  # the cloud target's precision
+    ]  # fmt: skip
+    assert tasks["compress-bf16"]["depends"] == "fetch && calibrate"  # a fixed precision: no search
+    assert tasks["publish-bf16"]["depends"] == "fetch && calibrate && compress-bf16 && validate-bf16"
+    assert templates["compress-bf16"]["container"]["command"][2:5] == ["compress", "--variant", "bf16"]
+    (output,) = templates["publish-bf16"]["outputs"]["artifacts"]
+    assert output["globalName"] == "published-model-bf16"
 
 
 def test_publish_output_is_the_workflows_published_model(minimal: dict[str, Any]) -> None:

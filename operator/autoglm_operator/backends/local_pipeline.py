@@ -20,7 +20,11 @@ from typing import Any
 import yaml
 
 from autoglm_api.resource import AutoGLMModel
+from autoglm_api.validation import load_manifest
+from autoglm_core.errors import AutoGLMError
+from autoglm_core.variants import variants
 from autoglm_operator.plan import Action, PipelineRun, Published
+from autoglm_pipelines.dag import pipeline_steps, step_name
 
 PID_FILE = "pipeline.pid"
 ATTEMPT_FILE = "attempt"
@@ -103,6 +107,23 @@ class LocalPipelines:
         (folder / PID_FILE).write_text(str(process.pid))
         (folder / ATTEMPT_FILE).write_text(str(attempt))
 
+    def _spec(self, revision: str) -> AutoGLMModel | None:
+        try:
+            return load_manifest(str(self.folder(revision) / SPEC_FILE))
+        except (OSError, ValueError, AutoGLMError):
+            return None
+
+    def _variants(self, revision: str) -> list[str]:
+        """The variants the run builds ("" for the spec's own; a precision for the others)."""
+        model = self._spec(revision)
+        return [v.name for v in variants(model.spec)] if model is not None else [""]
+
+    def _steps(self, revision: str) -> list[str]:
+        model = self._spec(revision)
+        if model is None:
+            return ["fetch", "calibrate", "search", "compress", "validate", "publish"]
+        return [s.name for s in pipeline_steps(model.spec)]
+
     def artifact(self, revision: str) -> str | None:
         """Where ``revision`` was published: a revision's own run, or a source published as the
         baseline by some revision's run (``src-...``)."""
@@ -123,27 +144,36 @@ class LocalPipelines:
         if self._running(revision):
             return PipelineRun(revision, "Running", attempt=attempt)
         work = folder / "work"
-        published = _result(work / "publish")
-        if published is not None and published.get("status") == "Succeeded":
-            metrics = published.get("metrics", {})
+        names = self._variants(revision)
+        published = {name: _result(work / step_name("publish", name)) for name in names}
+        if all(r is not None and r.get("status") == "Succeeded" for r in published.values()):
+            metrics = (published.get("") or {}).get("metrics", {})
             baseline = metrics.get("baseline")
+            built = tuple(
+                Published(str(r["metrics"].get("revision", "")), str(r["metrics"]["artifact"]),
+                          r["metrics"].get("artifactBytes"))
+                for r in published.values() if r is not None
+            )  # fmt: skip
             return PipelineRun(
                 revision, "Succeeded", gates_passed=True, artifact_uri=str(metrics.get("artifact", "")),
                 attempt=attempt, artifact_bytes=metrics.get("artifactBytes"),
                 baseline=Published(str(metrics["baselineRevision"]), str(baseline), metrics.get("baselineBytes"))
                 if baseline and metrics.get("baselineRevision") else None,
+                variants=built,
             )  # fmt: skip
-        report = _json(work / "validate" / "validate.json")
-        if report is not None and report.get("passed") is False:
-            failed = [g["name"] for g in report.get("gates", []) if not g.get("passed")]
-            return PipelineRun(
-                revision,
-                "Succeeded",
-                gates_passed=False,
-                reason="gate failed: " + ", ".join(failed),
-                attempt=attempt,
-            )
-        for step in ("fetch", "calibrate", "search", "compress", "validate", "publish"):
+        for name in names:  # one variant's gate failed: the whole rollout's verdict
+            report = _json(work / step_name("validate", name) / "validate.json")
+            if report is not None and report.get("passed") is False:
+                failed = [g["name"] for g in report.get("gates", []) if not g.get("passed")]
+                variant = f" (variant {name})" if name else ""
+                return PipelineRun(
+                    revision,
+                    "Succeeded",
+                    gates_passed=False,
+                    reason=f"gate failed{variant}: " + ", ".join(failed),
+                    attempt=attempt,
+                )
+        for step in self._steps(revision):
             result = _result(work / step)
             if result is not None and result.get("status") == "Failed":
                 return PipelineRun(

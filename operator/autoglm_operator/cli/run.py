@@ -79,7 +79,7 @@ def _http_url(value: str | None) -> str | None:
               help="Stop once something serves, once the manifest's revision is promoted (or rejected), or never "
                    "(Ctrl-C stops; edits of the manifest are rolled out as they are saved).")  # fmt: skip
 @click.option("--traffic", "traffic_rate", type=click.FloatRange(0, 100), default=2.0, show_default=True,
-              help="Demo requests per second during a canary (from 4 clients side by side), so it has data to judge; 0 when real clients send it.")  # fmt: skip
+              help="Demo requests per second during a canary (from 2 clients side by side), so it has data to judge; 0 when real clients send it.")  # fmt: skip
 @click.option("--timeout", "timeout_seconds", type=click.FloatRange(1), default=1800.0, show_default=True,
               help="Give up after this many seconds (not with --until forever).")  # fmt: skip
 @click.option("--prometheus-url", metavar="URL", callback=lambda _c, _p, v: _http_url(v),

@@ -1,0 +1,74 @@
+"""The variants a spec's targets ask for: one per distinct compression, each a valid spec of its own."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from autoglm_api.spec import AutoGLMModelSpec
+from autoglm_core.revision import artifact_revision
+from autoglm_core.variants import target_revisions, variant_named, variant_spec, variants
+
+
+def spec(method: str = "int8-weight-only", *precisions: str | None, **quantization: Any) -> AutoGLMModelSpec:
+    targets = [
+        {"name": f"t{i}", **({"precision": p} if p else {})} for i, p in enumerate(precisions or [None])
+    ]
+    return AutoGLMModelSpec.model_validate({
+        "source": {"uri": "file:///m"},
+        "compression": {"quantization": {"method": method, **quantization},
+                        "search": {"enabled": True, "maxTrials": 4}},
+        "targets": targets,
+    })  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("own", "precision", "method"),
+    [
+        ("int8-weight-only", "fp32", "none"),
+        ("int8-weight-only", "bf16", "bf16"),
+        ("int8-weight-only", "fp16", "fp16"),
+        ("smoothquant-w8a8", "int8", "smoothquant-w8a8"),  # the spec's own 8-bit method is kept
+        ("int4-weight-only", "int8", "int8-weight-only"),
+        ("int8-dynamic", "int4", "int4-weight-only"),
+    ],
+)
+def test_a_precision_overrides_only_the_quantization_method(own: str, precision: str, method: str) -> None:
+    base = spec(own, None, precision)
+    got = variant_spec(base, precision)  # type: ignore[arg-type]
+    assert got.compression.quantization.method == method
+    assert got.compression.pruning == base.compression.pruning
+    AutoGLMModelSpec.model_validate(got.to_json())  # a valid spec (the CEL rules hold)
+    if method != own:
+        assert not got.compression.search.enabled  # the target fixed the precision: nothing to search
+        assert artifact_revision(got) != artifact_revision(base)
+
+
+def test_the_spec_own_int4_keeps_its_group_size_and_algorithm() -> None:
+    base = spec("int4-weight-only", "int4", groupSize=128, algorithm="gptq")
+    assert variant_spec(base, "int4") is base
+    assert [v.name for v in variants(base)] == [""]
+
+
+def test_targets_that_ask_for_the_same_build_share_one_variant() -> None:
+    base = spec("int8-weight-only", None, "int8", "int4", "bf16", "int4")
+    found = variants(base)
+    assert [(v.name, v.targets) for v in found] == [
+        ("", ("t0", "t1")),
+        ("int4", ("t2", "t4")),
+        ("bf16", ("t3",)),
+    ]
+    revisions = target_revisions(base)
+    assert revisions["t0"] == revisions["t1"] == artifact_revision(base)
+    assert len(set(revisions.values())) == 3
+    assert variant_named(base, "int4").revision == revisions["t2"]
+    with pytest.raises(ValueError, match="its variants: '', 'int4', 'bf16'"):
+        variant_named(base, "fp16")
+
+
+def test_a_target_change_of_precision_changes_only_that_targets_revision() -> None:
+    before = target_revisions(spec("int8-weight-only", None, "int4"))
+    after = target_revisions(spec("int8-weight-only", None, "bf16"))
+    assert before["t0"] == after["t0"]
+    assert before["t1"] != after["t1"]
