@@ -64,7 +64,12 @@ class TargetStatus(ApiModel):
     """What one target serves."""
 
     name: Annotated[str, Field(max_length=63)] = Field(description="Target name.")
-    revision: RevisionId | None = Field(default=None, description="Revision serving on this target.")
+    revision: RevisionId | None = Field(
+        default=None, description="Revision serving on this target (the variant of its precision)."
+    )
+    candidate: RevisionId | None = Field(
+        default=None, description="The candidate's revision on this target while a rollout runs."
+    )
     url: Annotated[str, Field(max_length=2048)] | None = Field(default=None, description="Inference URL.")
     ready: bool = Field(default=False, description="Whether the target serves traffic.")
     replicas: int = Field(default=0, ge=0, description="Ready replicas.")

@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 from autoglm_api.resource import AutoGLMModel
 from autoglm_api.spec import CanaryStep
-from autoglm_api.status import AutoGLMModelStatus, CanaryStatus
+from autoglm_api.status import AutoGLMModelStatus, CanaryStatus, TargetStatus
 from autoglm_core.audit import (
     CANARY_ADVANCED,
     GATE_FAILED,
@@ -37,6 +37,7 @@ from autoglm_core.audit import (
     ROLLED_BACK,
 )
 from autoglm_core.revision import artifact_revision
+from autoglm_core.variants import target_revisions
 from autoglm_operator.canary import AnalysisResult
 
 PipelinePhase = Literal["Running", "Succeeded", "Failed"]
@@ -121,14 +122,27 @@ class Intent:
 
 
 @dataclass(frozen=True)
+class TargetObserved:
+    """What one target serves, its newest judged canary interval, and the memory it has free."""
+
+    serving: Serving = field(default_factory=Serving)
+    analysis: Analysis | None = None
+    #: Bytes the machine can give the target's server (None: unknown; its memory limit decides).
+    memory_available: int | None = None
+
+
+@dataclass(frozen=True)
 class Observed:
     pipeline: PipelineRun | None = None
+    #: The target's, for a model with one target (a shorthand for ``targets``).
     serving: Serving = field(default_factory=Serving)
     analysis: Analysis | None = None
     intents: tuple[Intent, ...] = ()
     #: Memory the machine can give the target's server (bytes; None: unknown, the target's limit
     #: alone decides). What "the target can hold both" is checked against on a first rollout.
     memory_available: int | None = None
+    #: Per target name, for a model with several targets (each judged on its own server).
+    targets: dict[str, TargetObserved] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -142,6 +156,8 @@ class Action:
     attempt: int | None = None
     #: StartPipeline: publish the uncompressed source too (a first rollout canaries against it).
     baseline: bool = False
+    #: The target a serving action is for ("" for StartPipeline).
+    target: str = ""
 
 
 @dataclass(frozen=True)
@@ -210,22 +226,71 @@ class _Planner:
         """Nothing stable yet and a canary asked for: the candidate is compared with the source."""
         return self.status.revisions.stable is None and bool(self.steps)
 
-    def room_for_both(self, run: PipelineRun) -> tuple[bool, dict[str, Any]]:
-        """Whether the target can serve the baseline and the candidate side by side, with the figures."""
+    # -- targets --------------------------------------------------------------------------------
+
+    @property
+    def target_names(self) -> list[str]:
+        return [t.name for t in self.model.spec.targets]
+
+    def seen(self, target: str) -> TargetObserved:
+        """What was observed of ``target`` (the shorthand fields for a model with one target)."""
+        if target in self.observed.targets:
+            return self.observed.targets[target]
+        if len(self.target_names) <= 1:
+            o = self.observed
+            return TargetObserved(o.serving, o.analysis, o.memory_available)
+        return TargetObserved()
+
+    def entry(self, target: str) -> TargetStatus:
+        """``target``'s status entry, added when missing (what a status from before had: stable)."""
+        for item in self.status.targets:
+            if item.name == target:
+                return item
+        item = TargetStatus(name=target, revision=self.status.revisions.stable)
+        self.status.targets = [*self.status.targets, item]
+        return item
+
+    def set_target(self, target: str, **changes: str | None) -> None:
+        updated = self.entry(target).model_copy(update=changes)
+        self.status.targets = [updated if t.name == target else t for t in self.status.targets]
+
+    def stable_on(self, target: str) -> str | None:
+        return self.entry(target).revision
+
+    def wanted(self, candidate: str, run: PipelineRun | None) -> dict[str, tuple[str, str | None]]:
+        """Per target: the candidate's revision there (its precision's variant) and its artifact."""
+        names = self.target_names
+        revisions = (
+            target_revisions(self.model.spec)
+            if candidate == artifact_revision(self.model.spec)
+            else {t: self.entry(t).candidate or candidate for t in names}
+        )
+        uris = {v.revision: v.uri for v in run.variants} if run is not None else {}
+        if run is not None and run.artifact_uri:
+            uris.setdefault(run.revision, run.artifact_uri)
+        return {t: (revisions.get(t, candidate), uris.get(revisions.get(t, candidate))) for t in names}
+
+    def room_for_both(self, run: PipelineRun, target: str) -> tuple[bool, dict[str, Any]]:
+        """Whether ``target`` can serve the baseline and its candidate side by side, with the figures."""
         from kubernetes.utils import parse_quantity  # pure: a quantity string to a number
 
         assert run.baseline is not None
-        targets = self.model.spec.targets
-        memory = (targets[0].resources.memory if targets else None) or DEFAULT_TARGET_MEMORY
+        spec = next(t for t in self.model.spec.targets if t.name == target)
+        memory = spec.resources.memory or DEFAULT_TARGET_MEMORY
         limit = int(parse_quantity(memory))  # type: ignore[no-untyped-call]
-        weights = (run.baseline.weight_bytes or 0) + (run.artifact_bytes or 0)
+        revision, _ = self.wanted(run.revision, run)[target]
+        sizes = {v.revision: v.weight_bytes for v in run.variants}
+        candidate_bytes = sizes.get(revision) or (run.artifact_bytes if revision == run.revision else None)
+        weights = (run.baseline.weight_bytes or 0) + (candidate_bytes or 0)
         needed = int(weights * WEIGHT_MARGIN) + RUNTIME_BYTES
-        available = self.observed.memory_available
-        fits = bool(run.baseline.weight_bytes and run.artifact_bytes) and needed <= limit
+        available = self.seen(target).memory_available
+        if available is None:
+            available = self.observed.memory_available
+        fits = bool(run.baseline.weight_bytes and candidate_bytes) and needed <= limit
         fits = fits and (available is None or needed <= available)
         figures = {"neededBytes": needed, "targetMemory": memory, "targetMemoryBytes": limit,
                    "availableBytes": available, "baselineBytes": run.baseline.weight_bytes,
-                   "candidateBytes": run.artifact_bytes}  # fmt: skip
+                   "candidateBytes": candidate_bytes}  # fmt: skip
         return fits, figures
 
     def pause_of(self, step: int) -> timedelta:
@@ -260,9 +325,11 @@ class _Planner:
         return Plan(tuple(self.actions), self.status, tuple(self.decisions), tuple(self.ignored))
 
     def _supersede(self, old: str, new: str) -> None:
-        serving = self.observed.serving
-        if serving.canary == old:
-            self.actions += [Action("SetWeight", old, weight=0), Action("Unload", old)]
+        for target, (revision, _) in self.wanted(old, None).items():
+            if self.seen(target).serving.canary == revision:
+                self.actions += [Action("SetWeight", revision, weight=0, target=target),
+                                 Action("Unload", revision, target=target)]  # fmt: skip
+            self.set_target(target, candidate=None)
         self.decide(SUPERSEDED, old, f"the spec now asks for revision {new}", replaced_by=new)
         self.set_revisions(candidate=None)
         self.end_canary()
@@ -297,11 +364,13 @@ class _Planner:
 
     def _reject(self, candidate: str) -> None:
         self.set_revisions(candidate=None, rejected=candidate)
+        for target in self.target_names:
+            self.set_target(target, candidate=None)
         self.end_canary()
         self.status.phase = "Serving" if self.status.revisions.stable else "Failed"
 
     def _rollout(self, candidate: str, run: PipelineRun) -> None:
-        serving, canary = self.observed.serving, self.status.canary
+        canary = self.status.canary
         stable = self.status.revisions.stable
         if stable is None and self.steps and self._serve_baseline(candidate, run):
             return
@@ -314,113 +383,161 @@ class _Planner:
                 )
                 how = "offline-gates"
             else:
-                _, room = self.room_for_both(run)
-                why = (f"first rollout: offline gates alone: the target cannot hold the source and the "
-                       f"candidate together ({_gib(room['neededBytes'])} needed, the target has "
+                lacking = [(t, room) for t in self.target_names
+                           for fits, room in [self.room_for_both(run, t)] if not fits]  # fmt: skip
+                where = "" if len(self.target_names) == 1 else f"target {lacking[0][0]} "
+                room = lacking[0][1]
+                why = (f"first rollout: offline gates alone: the {where or 'target '}cannot hold the source "
+                       f"and the candidate together ({_gib(room['neededBytes'])} needed, the target has "
                        f"{room['targetMemory']}, the machine {_gib(room['availableBytes'])} available)")  # fmt: skip
                 how = "offline-gates"
-            self._promote(candidate, why, uri=run.artifact_uri, firstRollout=how if stable is None else None)
+            self._promote(candidate, why, run=run, firstRollout=how if stable is None else None)
             return
         self.status.phase = "RollingOut"
+        wanted = self.wanted(candidate, run)
         if canary.step is None:
             # A new canary, or one whose start a restart did not save (then it may be loaded already;
             # its decision has the same key, so the ledger keeps one record).
-            self.status.canary = CanaryStatus(step=0, weight=self.steps[0].weight, step_started_at=self.now)
+            weight = self.steps[0].weight
+            self.status.canary = CanaryStatus(step=0, weight=weight, step_started_at=self.now)
             against = "baseline" if stable == self.status.revisions.baseline else "stable"
-            self.decide(CANARY_STARTED, candidate, f"canary at {self.steps[0].weight}% against {against} {stable}",
-                        step=0, against=against, stable=stable)  # fmt: skip
-            if serving.canary != candidate:
-                self.actions.append(
-                    Action("LoadCanary", candidate, weight=self.steps[0].weight, uri=run.artifact_uri)
-                )
-            elif serving.weight != self.steps[0].weight:
-                self.actions.append(Action("SetWeight", candidate, weight=self.steps[0].weight))
+            self.decide(CANARY_STARTED, candidate, f"canary at {weight}% against {against} {stable}",
+                        step=0, against=against, stable=stable, **self._per_target(wanted))  # fmt: skip
+            for target, (revision, uri) in wanted.items():
+                self.set_target(target, candidate=revision)
+                serving = self.seen(target).serving
+                if serving.canary != revision:
+                    self.actions.append(Action("LoadCanary", revision, weight=weight, uri=uri, target=target))
+                elif serving.weight != weight:
+                    self.actions.append(Action("SetWeight", revision, weight=weight, target=target))
             return
         step = canary.step
-        if serving.canary != candidate:  # after a restart of the server: load it again at its step
-            self.actions.append(
-                Action("LoadCanary", candidate, weight=self.steps[step].weight, uri=run.artifact_uri)
-            )
+        weight = self.steps[step].weight
+        missing = False
+        for target, (revision, uri) in wanted.items():
+            self.set_target(target, candidate=revision)
+            serving = self.seen(target).serving
+            if serving.canary != revision:  # after a restart of the server: load it again at its step
+                self.actions.append(Action("LoadCanary", revision, weight=weight, uri=uri, target=target))
+                missing = True
+            elif serving.weight != weight:  # a restart between acting and saving
+                self.actions.append(Action("SetWeight", revision, weight=weight, target=target))
+        if missing:
             return
-        if serving.weight != self.steps[step].weight:  # a restart between acting and saving
-            self.actions.append(Action("SetWeight", candidate, weight=self.steps[step].weight))
-        analysis = self.observed.analysis
-        if analysis is None or analysis.revision != candidate or analysis.step != step:
-            return  # nothing judged at this step yet: hold
         started = canary.step_started_at or self.now
-        if analysis.at < started:
-            return  # judged before this step began
-        outcome = analysis.result.outcome
+        analyses: dict[str, Analysis] = {}
+        for target, (revision, _) in wanted.items():
+            analysis = self.seen(target).analysis
+            if (
+                analysis is None
+                or analysis.revision != revision
+                or analysis.step != step
+                or analysis.at < started
+            ):
+                return  # not every target judged at this step yet: hold
+            analyses[target] = analysis
         limits = self.model.spec.rollout.analysis
-        if outcome == "Failed":
+        failed = [(t, a) for t, a in analyses.items() if a.result.outcome == "Failed"]
+        newest = max(a.at for a in analyses.values())
+        if failed:
+            target, deciding = failed[0]
+            reason = self._reason(target, deciding)
             failures = canary.failures + 1
             self.status.canary = canary.model_copy(update={"failures": failures})
             self.decide(
-                CANARY_FAILED_INTERVAL, candidate, analysis.result.reason,
-                step=f"{step}@{analysis.at.isoformat()}", analysis=analysis.to_json(),
+                CANARY_FAILED_INTERVAL, candidate, reason, step=f"{step}@{newest.isoformat()}",
+                **self._evidence(deciding, analyses),
             )  # fmt: skip
             if failures >= max(limits.failure_limit, 1):
-                self._rollback(candidate, f"{failures} failed analysis intervals: {analysis.result.reason}",
-                               analysis=analysis.to_json())  # fmt: skip
+                self._rollback(candidate, f"{failures} failed analysis intervals: {reason}", run=run,
+                               **self._evidence(deciding, analyses))  # fmt: skip
             return
-        if outcome == "Inconclusive":
+        if any(a.result.outcome == "Inconclusive" for a in analyses.values()):
             return  # hold the weight; never promote on missing data
         if self.now - started < self.pause_of(step):
             return  # the step's pause has not passed
+        first = next(iter(analyses.values()))
         if step + 1 >= len(self.steps):
-            self._promote(candidate, f"every canary step passed its analysis (last: {analysis.result.reason})",
-                          analysis=analysis.to_json())  # fmt: skip
+            self._promote(candidate, f"every canary step passed its analysis (last: {first.result.reason})",
+                          run=run, **self._evidence(first, analyses))  # fmt: skip
             return
         weight = self.steps[step + 1].weight
         self.status.canary = CanaryStatus(
             step=step + 1, weight=weight, failures=canary.failures, step_started_at=self.now
         )
-        self.actions.append(Action("SetWeight", candidate, weight=weight))
-        self.decide(
-            CANARY_ADVANCED,
-            candidate,
-            f"canary to {weight}%",
-            step=step + 1,
-            analysis=analysis.to_json(),
-        )
+        for target, (revision, _) in wanted.items():
+            self.actions.append(Action("SetWeight", revision, weight=weight, target=target))
+        self.decide(CANARY_ADVANCED, candidate, f"canary to {weight}%", step=step + 1,
+                    **self._evidence(first, analyses))  # fmt: skip
+
+    def _reason(self, target: str, analysis: Analysis) -> str:
+        where = f"target {target}: " if len(self.target_names) > 1 else ""
+        return where + analysis.result.reason
+
+    def _evidence(self, deciding: Analysis, analyses: dict[str, Analysis]) -> dict[str, Any]:
+        """The deciding analysis, and with several targets every target's."""
+        evidence: dict[str, Any] = {"analysis": deciding.to_json()}
+        if len(analyses) > 1:
+            evidence["analyses"] = {t: a.to_json() for t, a in analyses.items()}
+        return evidence
+
+    def _per_target(self, wanted: dict[str, tuple[str, str | None]]) -> dict[str, Any]:
+        """Each target's revision, in the evidence of a rollout over several targets."""
+        if len(wanted) <= 1:
+            return {}
+        return {"targets": {t: revision for t, (revision, _) in wanted.items()}}
 
     def _serve_baseline(self, candidate: str, run: PipelineRun) -> bool:
-        """A first rollout: serve the uncompressed source as stable, so the candidate is canaried
-        against it; False (offline gates alone) when none was published or the target lacks room."""
+        """A first rollout: serve the uncompressed source as stable on every target, so the candidate
+        is canaried against it; False (offline gates alone) when none was published or a target
+        lacks the room for both."""
         if run.baseline is None:
             return False
-        fits, room = self.room_for_both(run)
-        if not fits:
+        rooms = {t: self.room_for_both(run, t) for t in self.target_names}
+        if not all(fits for fits, _ in rooms.values()):
             return False
         baseline = run.baseline.revision
-        self.actions.append(Action("Promote", baseline, uri=run.baseline.uri))
+        for target in self.target_names:
+            self.actions.append(Action("Promote", baseline, uri=run.baseline.uri, target=target))
+            self.set_target(target, revision=baseline)
+        memory: Any = (
+            rooms[self.target_names[0]][1] if len(rooms) == 1 else {t: r for t, (_, r) in rooms.items()}
+        )
         self.decide(
             BASELINE_SERVED, baseline,
             f"first rollout: the uncompressed source serves as the baseline; candidate {candidate} is "
             f"canaried against it on live traffic", step=f"for-{candidate}",
-            candidate=candidate, firstRollout="canary-against-baseline", memory=room,
+            candidate=candidate, firstRollout="canary-against-baseline", memory=memory,
         )  # fmt: skip
         self.set_revisions(stable=baseline, baseline=baseline)
         self.status.phase = "RollingOut"
         return True
 
     def _promote(self, candidate: str, reason: str, *, actor: str = "operator",
-                 uri: str | None = None, **evidence: Any) -> None:  # fmt: skip
-        self.actions.append(Action("Promote", candidate, uri=uri))
+                 run: PipelineRun | None = None, **evidence: Any) -> None:  # fmt: skip
+        wanted = self.wanted(candidate, run)
         previous = self.status.revisions.stable
-        if previous is not None and previous != candidate:
-            self.actions.append(Action("Unload", previous))
+        for target, (revision, uri) in wanted.items():
+            before = self.stable_on(target)
+            self.actions.append(Action("Promote", revision, uri=uri, target=target))
+            if before is not None and before != revision:
+                self.actions.append(Action("Unload", before, target=target))
+            self.set_target(target, revision=revision, candidate=None)
         if previous is not None and previous == self.status.revisions.baseline:
             evidence["against"] = "baseline"
+        evidence.update(self._per_target(wanted))
         self.decide(PROMOTED, candidate, reason, actor=actor, previous=previous,
                     **{k: v for k, v in evidence.items() if v is not None})  # fmt: skip
         self.set_revisions(stable=candidate, candidate=None, baseline=None)
         self.end_canary()
         self.status.phase = "Serving"
 
-    def _rollback(self, candidate: str, reason: str, *, actor: str = "operator", **evidence: Any) -> None:
-        if self.observed.serving.canary == candidate:
-            self.actions += [Action("SetWeight", candidate, weight=0), Action("Unload", candidate)]
+    def _rollback(self, candidate: str, reason: str, *, actor: str = "operator",
+                  run: PipelineRun | None = None, **evidence: Any) -> None:  # fmt: skip
+        for target, (revision, _) in self.wanted(candidate, run).items():
+            if self.seen(target).serving.canary == revision:
+                self.actions += [Action("SetWeight", revision, weight=0, target=target),
+                                 Action("Unload", revision, target=target)]  # fmt: skip
         stable = self.status.revisions.stable
         if stable is not None and stable == self.status.revisions.baseline:
             reason += f"; the uncompressed source {stable} keeps serving"
@@ -448,15 +565,15 @@ class _Planner:
                     continue  # only a validated candidate can be promoted by hand
                 self.decide(MANUAL_OVERRIDE, candidate, f"promote asked by {intent.actor}", step=step,
                             actor=intent.actor, intent="promote")  # fmt: skip
-                self._promote(
-                    candidate, f"promoted by {intent.actor}", actor=intent.actor, uri=run.artifact_uri
-                )
+                self._promote(candidate, f"promoted by {intent.actor}", actor=intent.actor, run=run)
                 acted = True
             elif intent.kind == "abort":
                 assert candidate is not None
                 self.decide(MANUAL_OVERRIDE, candidate, f"abort asked by {intent.actor}", step=step,
                             actor=intent.actor, intent="abort")  # fmt: skip
-                self._rollback(candidate, f"aborted by {intent.actor}", actor=intent.actor)
+                self._rollback(
+                    candidate, f"aborted by {intent.actor}", actor=intent.actor, run=self.observed.pipeline
+                )
                 acted = True
             elif intent.kind == "retry" and self.status.revisions.rejected == target == desired:
                 attempt = (self.observed.pipeline.attempt + 1) if self.observed.pipeline else 1
