@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from autoglm_api.spec import AutoGLMModelSpec, Precision, Quantization, QuantizationMethod
+from autoglm_core.digests import canonical_digest, short_id
 from autoglm_core.revision import artifact_revision
 
 INT8_METHODS: Final = ("int8-weight-only", "int8-dynamic", "smoothquant-w8a8")
@@ -77,6 +78,17 @@ def variants(spec: AutoGLMModelSpec) -> tuple[Variant, ...]:
 def target_revisions(spec: AutoGLMModelSpec) -> dict[str, str]:
     """Each target's revision: the variant of its precision."""
     return {target: v.revision for v in variants(spec) for target in v.targets}
+
+
+def rollout_revision(spec: AutoGLMModelSpec) -> str:
+    """The id of what a rollout puts on its targets: the spec's revision when every target serves
+    the spec's own variant, else the digest of each target's revision, so that a change of one
+    target's precision is a rollout of its own (the other targets' revisions are unchanged)."""
+    own = artifact_revision(spec)
+    revisions = target_revisions(spec)
+    if all(r == own for r in revisions.values()):
+        return own
+    return short_id(canonical_digest({"targets": revisions}))
 
 
 def variant_named(spec: AutoGLMModelSpec, name: str) -> Variant:

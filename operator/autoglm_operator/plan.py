@@ -36,8 +36,7 @@ from autoglm_core.audit import (
     PROMOTED,
     ROLLED_BACK,
 )
-from autoglm_core.revision import artifact_revision
-from autoglm_core.variants import target_revisions
+from autoglm_core.variants import rollout_revision, target_revisions
 from autoglm_operator.canary import AnalysisResult
 
 PipelinePhase = Literal["Running", "Succeeded", "Failed"]
@@ -262,7 +261,7 @@ class _Planner:
         names = self.target_names
         revisions = (
             target_revisions(self.model.spec)
-            if candidate == artifact_revision(self.model.spec)
+            if candidate == rollout_revision(self.model.spec)
             else {t: self.entry(t).candidate or candidate for t in names}
         )
         uris = {v.revision: v.uri for v in run.variants} if run is not None else {}
@@ -293,6 +292,35 @@ class _Planner:
                    "candidateBytes": candidate_bytes}  # fmt: skip
         return fits, figures
 
+    def baseline_room(self, run: PipelineRun) -> tuple[bool, Any, str]:
+        """Whether every target can hold the source and its candidate, the figures, and else why not.
+        Targets that share this machine (no memory observed per target) share its free memory."""
+        rooms = {t: self.room_for_both(run, t) for t in self.target_names}
+        memory: Any = (
+            next(iter(rooms.values()))[1] if len(rooms) == 1 else {t: r for t, (_, r) in rooms.items()}
+        )
+        for target, (fits, room) in rooms.items():
+            if not fits:
+                where = f"target {target}" if len(rooms) > 1 else "the target"
+                return False, memory, (
+                    f"{where} cannot hold the source and the candidate together ({_gib(room['neededBytes'])} "
+                    f"needed, the target has {room['targetMemory']}, the machine {_gib(room['availableBytes'])} "
+                    "available)"
+                )  # fmt: skip
+        shared = self.observed.memory_available
+        together = sum(room["neededBytes"] for _, room in rooms.values())
+        own = any(o.memory_available is not None for o in self.observed.targets.values())
+        if len(rooms) > 1 and shared is not None and not own and together > shared:
+            return (
+                False,
+                memory,
+                (
+                    f"the {len(rooms)} targets on this machine cannot hold the source and their candidates together "
+                    f"({_gib(together)} needed, {_gib(shared)} available)"
+                ),
+            )
+        return True, memory, ""
+
     def pause_of(self, step: int) -> timedelta:
         pause = self.steps[step].pause or self.model.spec.rollout.analysis.interval
         return duration(pause)
@@ -300,7 +328,7 @@ class _Planner:
     # -- the plan -------------------------------------------------------------------------------
 
     def run(self) -> Plan:
-        desired = artifact_revision(self.model.spec)
+        desired = rollout_revision(self.model.spec)
         revisions = self.status.revisions
         if self._intents(desired):
             return self._plan()
@@ -383,18 +411,17 @@ class _Planner:
                 )
                 how = "offline-gates"
             else:
-                lacking = [(t, room) for t in self.target_names
-                           for fits, room in [self.room_for_both(run, t)] if not fits]  # fmt: skip
-                where = "" if len(self.target_names) == 1 else f"target {lacking[0][0]} "
-                room = lacking[0][1]
-                why = (f"first rollout: offline gates alone: the {where or 'target '}cannot hold the source "
-                       f"and the candidate together ({_gib(room['neededBytes'])} needed, the target has "
-                       f"{room['targetMemory']}, the machine {_gib(room['availableBytes'])} available)")  # fmt: skip
+                _, _, lacking = self.baseline_room(run)
+                why = f"first rollout: offline gates alone: {lacking}"
                 how = "offline-gates"
             self._promote(candidate, why, run=run, firstRollout=how if stable is None else None)
             return
         self.status.phase = "RollingOut"
-        wanted = self.wanted(candidate, run)
+        # Targets whose revision does not change (another target's precision did) take no part.
+        wanted = {t: w for t, w in self.wanted(candidate, run).items() if w[0] != self.stable_on(t)}
+        if not wanted:
+            self._promote(candidate, "no target's revision changes: nothing to canary", run=run)
+            return
         if canary.step is None:
             # A new canary, or one whose start a restart did not save (then it may be loaded already;
             # its decision has the same key, so the ledger keeps one record).
@@ -493,16 +520,13 @@ class _Planner:
         lacks the room for both."""
         if run.baseline is None:
             return False
-        rooms = {t: self.room_for_both(run, t) for t in self.target_names}
-        if not all(fits for fits, _ in rooms.values()):
+        fits, memory, _ = self.baseline_room(run)
+        if not fits:
             return False
         baseline = run.baseline.revision
         for target in self.target_names:
             self.actions.append(Action("Promote", baseline, uri=run.baseline.uri, target=target))
             self.set_target(target, revision=baseline)
-        memory: Any = (
-            rooms[self.target_names[0]][1] if len(rooms) == 1 else {t: r for t, (_, r) in rooms.items()}
-        )
         self.decide(
             BASELINE_SERVED, baseline,
             f"first rollout: the uncompressed source serves as the baseline; candidate {candidate} is "
@@ -519,9 +543,10 @@ class _Planner:
         previous = self.status.revisions.stable
         for target, (revision, uri) in wanted.items():
             before = self.stable_on(target)
-            self.actions.append(Action("Promote", revision, uri=uri, target=target))
-            if before is not None and before != revision:
-                self.actions.append(Action("Unload", before, target=target))
+            if before != revision:  # an unchanged target keeps serving what it serves
+                self.actions.append(Action("Promote", revision, uri=uri, target=target))
+                if before is not None:
+                    self.actions.append(Action("Unload", before, target=target))
             self.set_target(target, revision=revision, candidate=None)
         if previous is not None and previous == self.status.revisions.baseline:
             evidence["against"] = "baseline"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from autoglm_api.resource import AutoGLMModel
 from autoglm_api.status import AutoGLMModelStatus
 from autoglm_api.validation import load_manifest
 from autoglm_core.revision import artifact_revision
+from autoglm_core.variants import rollout_revision, target_revisions, variants
 from autoglm_operator.canary import AnalysisResult
 from autoglm_operator.plan import (
     Analysis,
@@ -22,6 +24,7 @@ from autoglm_operator.plan import (
     Plan,
     Published,
     Serving,
+    TargetObserved,
     duration,
     plan,
 )
@@ -391,31 +394,37 @@ def test_never_promoted_without_a_successful_last_step_and_stable_always_serves(
 
 class _World:
     """Backends that carry out the core's actions at once: a pipeline that succeeds on the next
-    observation, a server with stable and canary, an analysis that passes at the current step."""
+    observation (every variant), a server per target with stable and canary, an analysis that
+    passes at the current step on every target that serves a canary."""
 
-    def __init__(self, baseline: bool) -> None:
+    def __init__(self, baseline: bool, targets: tuple[str, ...]) -> None:
         self.started: list[tuple[str, int]] = []
         self.pipeline: PipelineRun | None = None
-        self.serving = Serving()
+        self.serving = {t: Serving() for t in targets}
         #: Whether a run asked for the baseline publishes it (else: an older pipeline without it).
         self.baseline = baseline
 
     def observe(self, model: AutoGLMModel, now: datetime) -> Observed:
         status = model.status or AutoGLMModelStatus()
-        analysis = None
-        candidate, step = status.revisions.candidate, status.canary.step
-        if candidate and step is not None and self.serving.canary == candidate:
-            analysis = judged(candidate, step, "Successful", now)
-        return Observed(pipeline=self.pipeline, serving=self.serving, analysis=analysis)
+        step = status.canary.step
+        seen = {}
+        for target, serving in self.serving.items():
+            analysis = None
+            if serving.canary and step is not None:
+                analysis = judged(serving.canary, step, "Successful", now)
+            seen[target] = TargetObserved(serving, analysis)
+        return Observed(pipeline=self.pipeline, targets=seen)
 
-    def act(self, result: Plan) -> None:
-        s = self.serving
+    def act(self, model: AutoGLMModel, result: Plan) -> None:
         for a in result.actions:
             if a.kind == "StartPipeline":
                 self.started.append((a.revision, a.attempt or 1))
+                run = built(model)
                 asked = a.baseline and self.baseline
-                self.pipeline = with_baseline(a.revision) if asked else succeeded(a.revision)
-            elif a.kind == "LoadCanary":
+                self.pipeline = dataclasses.replace(run, baseline=SOURCE) if asked else run
+                continue
+            s = self.serving[a.target]
+            if a.kind == "LoadCanary":
                 s = Serving(s.stable, a.revision, a.weight or 0)
             elif a.kind == "SetWeight" and s.canary == a.revision:
                 s = Serving(s.stable, s.canary, a.weight or 0)
@@ -423,24 +432,29 @@ class _World:
                 s = Serving(a.revision, None, 0)
             elif a.kind == "Unload" and s.canary == a.revision:
                 s = Serving(s.stable, None, 0)
-        self.serving = s
+            self.serving[a.target] = s
 
 
-def _drive(crash_at: int | None, mode: str, baseline: bool) -> tuple[_World, dict[str, str], AutoGLMModel]:
+def _drive(
+    crash_at: int | None, mode: str, baseline: bool, targets: int = 1
+) -> tuple[_World, dict[str, str], AutoGLMModel]:
     """First rollout (canaried against the source when ``baseline``, else on its gates), then an
-    edit canaried to promotion; at tick ``crash_at`` the process dies after acting (``acted``) or
-    after recording too (``recorded``), before the status is saved."""
-    world, ledger = _World(baseline), {}  # the ledger keeps one record per idempotency key
-    model = example()
-    first, edited = artifact_revision(model.spec), False
+    edit canaried to promotion, on one target or two (each with its precision); at tick
+    ``crash_at`` the process dies after acting (``acted``) or after recording too (``recorded``),
+    before the status is saved."""
+    model, edit = (
+        (example(), example("int4-weight-only")) if targets == 1 else (two_targets(), two_targets(samples=64))
+    )
+    world, ledger = _World(baseline, tuple(t.name for t in model.spec.targets)), {}
+    first, edited = rollout_revision(model.spec), False
     for tick in range(40):
         now = T0 + timedelta(minutes=10 * tick)
         revisions = model.status.revisions if model.status else None
         if not edited and revisions and revisions.stable == first and revisions.candidate is None:
-            model = model.model_copy(update={"spec": example("int4-weight-only").spec})  # the edit
+            model = model.model_copy(update={"spec": edit.spec})  # the edit
             edited = True
         result = plan(model, world.observe(model, now), now)
-        world.act(result)
+        world.act(model, result)
         if crash_at == tick and mode == "acted":
             continue  # died before recording and saving: the next tick plans from the old status
         for d in result.decisions:
@@ -453,21 +467,189 @@ def _drive(crash_at: int | None, mode: str, baseline: bool) -> tuple[_World, dic
     return world, ledger, model
 
 
+@pytest.mark.parametrize("targets", [1, 2], ids=["one-target", "two-targets"])
 @pytest.mark.parametrize("baseline", [True, False], ids=["against-the-source", "on-offline-gates"])
 @pytest.mark.parametrize("mode", ["acted", "recorded"])
 @pytest.mark.parametrize("crash_at", range(12))
 def test_a_restart_in_every_phase_builds_once_and_records_each_decision_once(
-    crash_at: int, mode: str, baseline: bool
+    crash_at: int, mode: str, baseline: bool, targets: int
 ) -> None:
-    calm_world, calm_ledger, calm = _drive(None, mode, baseline)
+    calm_world, calm_ledger, calm = _drive(None, mode, baseline, targets)
     if baseline:  # the first rollout went through the source
         assert sorted(calm_ledger.values()).count("BaselineServed") == 1
         assert sorted(calm_ledger.values()).count("Promoted") == 2
-    world, ledger, model = _drive(crash_at, mode, baseline)
+    world, ledger, model = _drive(crash_at, mode, baseline, targets)
     assert model.status is not None
     assert calm.status is not None
-    assert model.status.revisions.stable == calm.status.revisions.stable == artifact_revision(calm.spec)
+    assert model.status.revisions.stable == calm.status.revisions.stable == rollout_revision(calm.spec)
+    assert {t.name: t.revision for t in model.status.targets} == target_revisions(calm.spec)
     assert world.serving == calm_world.serving  # the same revision serves, nothing else loaded
     assert sorted(set(world.started)) == sorted(calm_world.started)  # each revision built once
     assert all(attempt == 1 for _, attempt in world.started)
     assert sorted(ledger.values()) == sorted(calm_ledger.values())  # no decision lost or repeated
+
+
+# -- one rollout across several targets, each with its precision ------------------------------------
+
+
+def two_targets(edge: str = "int4", samples: int = 32) -> AutoGLMModel:
+    """The example with a second target, on the edge, asking for its own precision."""
+    model = example()
+    spec = model.spec.model_copy(deep=True)
+    local = spec.targets[0]
+    spec.targets = [local, local.model_copy(update={"name": "edge", "pool": "kubeedge", "precision": edge})]
+    spec.calibration.samples = samples
+    return model.model_copy(update={"spec": spec})
+
+
+def built(model: AutoGLMModel) -> PipelineRun:
+    """The run of ``model``'s rollout: every variant published, each with its own artifact."""
+    rollout = rollout_revision(model.spec)
+    published = tuple(
+        Published(v.revision, f"file:///artifacts/{v.revision}", 10 * MiB) for v in variants(model.spec)
+    )
+    return PipelineRun(
+        rollout, "Succeeded", gates_passed=True, artifact_uri=published[0].uri, variants=published
+    )
+
+
+def on_targets(
+    model: AutoGLMModel, canary: dict[str, str] | None = None, weight: int = 0, **analyses: Analysis
+) -> Observed:
+    """What both targets serve, from the saved status (stable per target) and the canary given."""
+    assert model.status is not None
+    stable = {t.name: t.revision for t in model.status.targets}
+    return Observed(
+        pipeline=built(model),
+        targets={
+            t: TargetObserved(
+                Serving(stable.get(t), (canary or {}).get(t), weight if canary else 0), analyses.get(t)
+            )
+            for t in ("local", "edge")
+        },
+    )
+
+
+def first_two_target_rollout() -> tuple[AutoGLMModel, dict[str, str]]:
+    model = two_targets()
+    revisions = target_revisions(model.spec)
+    assert revisions["local"] != revisions["edge"]
+    started = plan(model, Observed(), T0)
+    assert [(a.kind, a.revision) for a in started.actions] == [
+        ("StartPipeline", rollout_revision(model.spec))
+    ]
+    model = applied(model, started)
+    done = plan(model, Observed(pipeline=built(model)), T0)  # no baseline published: offline gates
+    assert sorted((a.kind, a.target, a.revision, a.uri) for a in done.actions) == sorted(
+        ("Promote", t, r, f"file:///artifacts/{r}") for t, r in revisions.items()
+    )
+    assert {t.name: t.revision for t in done.status.targets} == revisions
+    (promoted,) = done.decisions
+    assert promoted.evidence["targets"] == revisions
+    return applied(model, done), revisions
+
+
+def test_one_rollout_puts_each_target_precisions_variant_on_it() -> None:
+    first_two_target_rollout()
+
+
+def test_an_edit_is_canaried_on_every_target_and_promoted_together() -> None:
+    model, old = first_two_target_rollout()
+    model = two_targets(samples=64).model_copy(update={"status": model.status})
+    new = target_revisions(model.spec)
+    assert all(new[t] != old[t] for t in new)
+    model = applied(model, plan(model, Observed(), T0))  # the pipeline
+    loaded = plan(model, on_targets(model), T0)
+    assert sorted((a.kind, a.target, a.revision, a.weight) for a in loaded.actions) == sorted(
+        ("LoadCanary", t, new[t], 10) for t in new
+    )
+    assert loaded.decisions[0].evidence["targets"] == new
+    assert {t.name: t.candidate for t in loaded.status.targets} == new
+    model = applied(model, loaded)
+    t1 = T0 + timedelta(seconds=31)
+    only_local = plan(model, on_targets(model, new, 10, local=judged(new["local"], 0, "Successful", t1)), t1)
+    assert only_local.actions == ()  # the edge has not been judged at this step: hold
+    both = on_targets(model, new, 10, local=judged(new["local"], 0, "Successful", t1),
+                      edge=judged(new["edge"], 0, "Successful", t1))  # fmt: skip
+    step1 = plan(model, both, t1)
+    assert sorted((a.kind, a.target, a.weight) for a in step1.actions) == [
+        ("SetWeight", "edge", 50),
+        ("SetWeight", "local", 50),
+    ]
+    model = applied(model, step1)
+    t, weight = t1, 50
+    for step, pause in ((1, 61), (2, 11)):
+        t += timedelta(seconds=pause)
+        judged_both = {n: judged(new[n], step, "Successful", t) for n in new}
+        result = plan(model, on_targets(model, new, weight, **judged_both), t)
+        model, weight = applied(model, result), result.status.canary.weight
+    assert sorted((a.kind, a.target, a.revision) for a in result.actions) == sorted(
+        [("Promote", t, new[t]) for t in new] + [("Unload", t, old[t]) for t in old]
+    )
+    (promoted,) = result.decisions
+    assert promoted.kind == "Promoted"
+    assert set(promoted.evidence["analyses"]) == {"local", "edge"}
+    assert {t.name: (t.revision, t.candidate) for t in result.status.targets} == {
+        t: (new[t], None) for t in new
+    }
+
+
+def test_a_failure_on_one_target_rolls_back_every_target() -> None:
+    model, old = first_two_target_rollout()
+    model = two_targets(samples=64).model_copy(update={"status": model.status})
+    new = target_revisions(model.spec)
+    model = applied(model, plan(model, Observed(), T0))
+    model = applied(model, plan(model, on_targets(model), T0))
+    for seconds in (10, 20):
+        t = T0 + timedelta(seconds=seconds)
+        observed = on_targets(model, new, 10, local=judged(new["local"], 0, "Successful", t),
+                              edge=judged(new["edge"], 0, "Failed", t))  # fmt: skip
+        result = plan(model, observed, t)
+        model = applied(model, result)
+    assert [d.kind for d in result.decisions] == ["CanaryIntervalFailed", "RolledBack"]
+    assert result.decisions[-1].reason.startswith(
+        "2 failed analysis intervals: target edge: Failed at step 0"
+    )
+    assert sorted((a.kind, a.target, a.revision, a.weight) for a in result.actions) == sorted(
+        [("SetWeight", t, new[t], 0) for t in new] + [("Unload", t, new[t], None) for t in new]
+    )
+    assert {t.name: (t.revision, t.candidate) for t in result.status.targets} == {
+        t: (old[t], None) for t in old
+    }
+    assert result.status.revisions.rejected == rollout_revision(model.spec)
+
+
+def test_a_precision_change_on_one_target_canaries_only_that_target() -> None:
+    model, old = first_two_target_rollout()
+    model = two_targets(edge="bf16").model_copy(update={"status": model.status})
+    new = target_revisions(model.spec)
+    assert new["local"] == old["local"]
+    assert new["edge"] != old["edge"]
+    assert rollout_revision(model.spec) != model.status.revisions.stable  # type: ignore[union-attr]
+    model = applied(model, plan(model, Observed(), T0))
+    loaded = plan(model, on_targets(model), T0)
+    assert [(a.kind, a.target, a.revision) for a in loaded.actions] == [("LoadCanary", "edge", new["edge"])]
+    model = applied(model, loaded)
+    t = T0 + timedelta(seconds=31)
+    step1 = plan(
+        model, on_targets(model, {"edge": new["edge"]}, 10, edge=judged(new["edge"], 0, "Successful", t)), t
+    )
+    assert [(a.kind, a.target) for a in step1.actions] == [("SetWeight", "edge")]  # local takes no part
+
+
+def test_the_first_rollout_on_two_targets_serves_the_source_on_both_when_the_machine_holds_all() -> None:
+    model = applied(two_targets(), plan(two_targets(), Observed(), T0))
+    run = dataclasses.replace(built(model), baseline=SOURCE)
+    fits = plan(model, Observed(pipeline=run, memory_available=8 * 2**30), T0)
+    assert sorted((a.kind, a.target, a.revision) for a in fits.actions) == [
+        ("Promote", "edge", SOURCE.revision), ("Promote", "local", SOURCE.revision),
+    ]  # fmt: skip
+    assert set(fits.decisions[0].evidence["memory"]) == {"local", "edge"}
+    # both servers on one machine with 1.5 GiB free: each would fit alone, not the two together
+    short = plan(model, Observed(pipeline=run, memory_available=1536 * MiB), T0)
+    assert {a.kind for a in short.actions} == {"Promote"}
+    assert {a.revision for a in short.actions} == set(target_revisions(model.spec).values())
+    assert (
+        "the 2 targets on this machine cannot hold the source and their candidates together"
+        in short.decisions[0].reason
+    )
