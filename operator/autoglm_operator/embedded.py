@@ -7,13 +7,14 @@ since the step began (scraped from the server's ``/metrics``, judged by ``canary
 under its idempotency key, so a restart never records one twice); and saves the status, so running
 again resumes where it stopped. The server is started with the first promoted artifact.
 
-One target, served by one ``autoglm serve`` process on loopback; demo traffic at ``traffic_rate``
-requests per second; manual intents (``autoglm rollout promote|abort|retry``) read from the state
-directory (``backends.local_state``). The canary's figures are the server's own ``/metrics``,
-scraped here, or PromQL against a Prometheus that scrapes the server (``prometheus_url``; the
-server is listed for it in ``STATE_DIR/prometheus-targets.json``). A first rollout serves the
-uncompressed source first, the baseline its candidate is canaried against, when this machine and
-the target's memory hold both. Not yet: several targets with a precision each.
+Each target is one ``autoglm serve`` process on loopback, serving its precision's variant; they
+are canaried together, judged at the same moments, each on its own server's figures. Demo
+traffic at ``traffic_rate`` requests per second; manual intents (``autoglm rollout
+promote|abort|retry``) read from the state directory (``backends.local_state``). The canary's
+figures are the servers' own ``/metrics``, scraped here, or PromQL against a Prometheus that
+scrapes them (``prometheus_url``; the servers are listed for it in
+``STATE_DIR/prometheus-targets.json``). A first rollout serves the uncompressed source first, the
+baseline its candidate is canaried against, when this machine and the targets' memory hold both.
 """
 
 from __future__ import annotations
@@ -36,14 +37,14 @@ from autoglm_api.status import AutoGLMModelStatus, Decision, TargetStatus
 from autoglm_api.validation import load_manifest
 from autoglm_core.audit import Ledger
 from autoglm_core.audit.ledger import URL_ENV
-from autoglm_core.revision import artifact_revision
+from autoglm_core.variants import rollout_revision
 from autoglm_inference.process import ServerProcess
 from autoglm_operator.backends.local_pipeline import LocalPipelines
 from autoglm_operator.backends.local_serving import LocalServing
-from autoglm_operator.backends.local_state import LocalState
+from autoglm_operator.backends.local_state import TARGET_LABEL, LocalState
 from autoglm_operator.canary import Figures, judge
 from autoglm_operator.metrics import FiguresSource, MetricsUnavailableError, ScrapeSource
-from autoglm_operator.plan import Analysis, Observed, Plan, Serving, duration, plan
+from autoglm_operator.plan import Analysis, Observed, Plan, Serving, TargetObserved, duration, plan
 from autoglm_operator.promql import PrometheusSource
 
 Until = Literal["serving", "promoted", "forever"]
@@ -74,12 +75,12 @@ class LoopOptions:
 
 @dataclass
 class _Canary:
-    """Where the current canary step's figures come from, and since when."""
+    """Where the current canary step's figures come from (a source per target), and since when."""
 
     key: tuple[str, int] | None = None
-    source: FiguresSource | None = None
+    sources: dict[str, FiguresSource] = field(default_factory=dict)
     started: datetime | None = None
-    #: Whether the source's window was begun (the first read of a step only marks its start).
+    #: Whether the sources' windows were begun (the first read of a step only marks its start).
     begun: bool = False
     #: When the newest interval was judged: the next one is judged ``analysis.interval`` later.
     judged: datetime | None = None
@@ -89,7 +90,8 @@ class _Canary:
 class EmbeddedLoop:
     manifest: Path
     options: LoopOptions
-    server: ServerProcess | None = None
+    #: The running server of each target.
+    servers: dict[str, ServerProcess] = field(default_factory=dict)
     _canary: _Canary = field(default_factory=_Canary)
     _stop: threading.Event = field(default_factory=threading.Event)
     #: Set by ``stop()``: a ``forever`` loop returns at its next tick.
@@ -123,91 +125,128 @@ class EmbeddedLoop:
 
     # -- one tick ---------------------------------------------------------------------------------
 
+    @property
+    def server(self) -> ServerProcess | None:
+        """The first target's server (the only one, for a model with one target)."""
+        return next(iter(self.servers.values()), None)
+
+    @staticmethod
+    def _names(model: AutoGLMModel) -> list[str]:
+        return [t.name for t in model.spec.targets]
+
     def observe(self, model: AutoGLMModel, now: datetime) -> Observed:
         status = model.status or AutoGLMModelStatus()
-        building = status.revisions.candidate or artifact_revision(model.spec)
+        building = status.revisions.candidate or rollout_revision(model.spec)
         run = self.pipelines.observe(building)
-        serving = Serving()
-        if self.server is not None:
-            serving = self._serving(model.metadata.name or "").observe()
-        analysis = None
-        candidate, step = status.revisions.candidate, status.canary.step
-        if (
-            self.server is not None
-            and candidate is not None
-            and step is not None
-            and serving.canary == candidate
-        ):
-            analysis = self._analyse(model, candidate, step, status.revisions.stable, now)
+        name = model.metadata.name or ""
+        serving = {
+            t: self._serving(name, t).observe() if t in self.servers else Serving()
+            for t in self._names(model)
+        }
+        analyses = self._analyse(model, status, serving, now)
         pending = self.state.pending()
         self._pending = [path for path, _ in pending]
         intents = tuple(intent for _, intent in pending)
         return Observed(
-            pipeline=run, serving=serving, analysis=analysis, intents=intents,
-            memory_available=None if self.server is not None else _memory_available(),
+            pipeline=run, intents=intents,
+            targets={t: TargetObserved(serving[t], analyses.get(t)) for t in serving},
+            memory_available=None if self.servers else _memory_available(),
         )  # fmt: skip
 
-    def _serving(self, name: str) -> LocalServing:
-        assert self.server is not None
-        return LocalServing(name, self.server.url, headers=self.server.admin_headers)
+    def _serving(self, name: str, target: str) -> LocalServing:
+        server = self.servers[target]
+        return LocalServing(name, server.url, headers=server.admin_headers)
 
-    def _source(self) -> FiguresSource:
-        assert self.server is not None
+    def _source(self, target: str) -> FiguresSource:
         if self.options.prometheus_url:
-            return PrometheusSource(self.options.prometheus_url)
-        return ScrapeSource(f"{self.server.url}/metrics")
+            return PrometheusSource(self.options.prometheus_url, selector=f'{TARGET_LABEL}="{target}"')
+        return ScrapeSource(f"{self.servers[target].url}/metrics")
 
     def _analyse(
-        self, model: AutoGLMModel, candidate: str, step: int, stable: str | None, now: datetime
-    ) -> Analysis | None:
-        """The next interval's verdict, once ``analysis.interval`` has passed since the last one
-        (None before: nothing new to judge). The figures are those since the step began."""
+        self, model: AutoGLMModel, status: AutoGLMModelStatus, serving: dict[str, Serving], now: datetime
+    ) -> dict[str, Analysis]:
+        """Every target's next interval verdict, once ``analysis.interval`` has passed since the last
+        one (nothing before: nothing new to judge); all judged at the same moment, each on its own
+        server's figures since the step began."""
+        candidate, step = status.revisions.candidate, status.canary.step
+        if candidate is None or step is None:
+            return {}
+        live = {
+            t.name: (t.candidate, t.revision)
+            for t in status.targets
+            if t.candidate and t.name in self.servers and serving.get(t.name, Serving()).canary == t.candidate
+        }
+        if not live:
+            return {}
         name = model.metadata.name or ""
         limits = model.spec.rollout.analysis
         if self._canary.key != (candidate, step):  # a new step (or a restart): judge from here on
-            self._canary = _Canary((candidate, step), source=self._source(), started=now)
+            self._canary = _Canary((candidate, step), started=now)
         canary = self._canary
-        assert canary.source is not None
+        for target in live:
+            if target not in canary.sources:
+                canary.sources[target] = self._source(target)
         last = canary.judged or canary.started or now
         if (canary.begun or canary.judged is not None) and now - last < duration(limits.interval):
-            return None
-        got: dict[str, Figures | None] = {}
-        try:
-            if not canary.begun:
-                canary.source.begin(now)
+            return {}
+        got: dict[str, dict[str, Figures | None]] = {}
+        if not canary.begun:
+            try:
+                for target in live:
+                    canary.sources[target].begin(now)
                 canary.begun, canary.started = True, now  # the step's figures start here
-                return None
-            got = canary.source.read(name, [r for r in (candidate, stable) if r], now)
-        except MetricsUnavailableError as exc:
-            self.options.log(f"analysis: {exc}")
+                return {}
+            except MetricsUnavailableError as exc:
+                self.options.log(f"analysis: {exc}")
+        else:
+            for target, (mine, theirs) in live.items():
+                try:
+                    got[target] = canary.sources[target].read(name, [r for r in (mine, theirs) if r], now)
+                except MetricsUnavailableError as exc:
+                    self.options.log(f"analysis of target {target}: {exc}")
         canary.judged = now
-        mine, theirs = got.get(candidate), got.get(stable) if stable else None
-        result = judge(mine, theirs, limits)
-        measured = {
-            "stable": stable, "since": canary.started.isoformat() if canary.started else None,
-            "source": canary.source.description, "queries": list(getattr(canary.source, "queries", [])),
-            "candidateFigures": _figures_json(mine), "stableFigures": _figures_json(theirs),
-        }  # fmt: skip
-        self.state.save_analysis(
-            {"revision": candidate, "step": step, "at": now.isoformat(), **measured, **result.to_json()}
-        )
-        return Analysis(candidate, step, now, result, measured)
+        analyses, saved = {}, {}
+        for target, (mine, theirs) in live.items():
+            figures = got.get(target, {})
+            ours, stable = figures.get(mine), figures.get(theirs) if theirs else None
+            result = judge(ours, stable, limits)
+            source = canary.sources[target]
+            measured = {
+                "target": target, "stable": theirs,
+                "since": canary.started.isoformat() if canary.started else None,
+                "source": source.description, "queries": list(getattr(source, "queries", [])),
+                "candidateFigures": _figures_json(ours), "stableFigures": _figures_json(stable),
+            }  # fmt: skip
+            analyses[target] = Analysis(mine, step, now, result, measured)
+            saved[target] = {
+                "revision": mine,
+                "step": step,
+                "at": now.isoformat(),
+                **measured,
+                **result.to_json(),
+            }
+        first = saved[next(iter(saved))]
+        self.state.save_analysis({**first, **({"targets": saved} if len(saved) > 1 else {})})
+        return analyses
 
     def act(self, model: AutoGLMModel, result: Plan) -> None:
         name = model.metadata.name or ""
+        names = self._names(model)
         for action in result.actions:
+            target = action.target or names[0]
+            where = f" on {target}" if len(names) > 1 and action.kind != "StartPipeline" else ""
             self.options.log(
-                f"action: {action.kind} {action.revision}"
+                f"action: {action.kind} {action.revision}{where}"
                 + (f" {action.weight}%" if action.weight is not None else "")
             )
             if action.kind == "StartPipeline":
                 self.pipelines.start(model, action)
-            elif action.kind == "Promote" and self.server is None:
+            elif action.kind == "Promote" and target not in self.servers:
                 if not action.uri:
-                    raise RuntimeError(f"Promote {action.revision}: no artifact to serve")
-                self._start_server(name, action.uri)
-            elif self.server is not None:
-                self._serving(name).apply(action)
+                    raise RuntimeError(f"Promote {action.revision} on {target}: no artifact to serve")
+                self._start_server(name, target, action.uri)
+            elif target in self.servers:
+                self._serving(name, target).apply(action)
 
     def record(self, model: AutoGLMModel, result: Plan) -> AutoGLMModelStatus:
         """Append the decisions (each once, by its key); the status with the newest as lastDecision."""
@@ -232,20 +271,27 @@ class EmbeddedLoop:
         return status
 
     def _targets(self, model: AutoGLMModel, status: AutoGLMModelStatus) -> AutoGLMModelStatus:
-        target = model.spec.targets[0].name if model.spec.targets else "local"
-        server = self.server
-        ready = server is not None and server.alive
-        entry = TargetStatus(
-            name=target, revision=status.revisions.stable, url=server.url if server else None,
-            ready=ready, replicas=1 if ready else 0,
-        )  # fmt: skip
-        return status.model_copy(update={"targets": [entry]})
+        """Each target's entry (its revisions from the plan) with its server's URL and readiness."""
+        known = {t.name: t for t in status.targets}
+        entries = []
+        for target in self._names(model):
+            server = self.servers.get(target)
+            ready = server is not None and server.alive
+            entry = known.get(target) or TargetStatus(name=target, revision=status.revisions.stable)
+            entries.append(entry.model_copy(update={
+                "url": server.url if server else None, "ready": ready, "replicas": 1 if ready else 0,
+            }))  # fmt: skip
+        return status.model_copy(update={"targets": entries})
 
     def tick(self, now: datetime) -> tuple[AutoGLMModel, Plan]:
-        if self.server is not None and not self.server.alive:
-            self.options.log(f"the server exited ({self.server.process.returncode}): starting it again")
-            self.server = None
-            self._resume_server()
+        for target, server in list(self.servers.items()):
+            if not server.alive:
+                self.options.log(
+                    f"the server of {target} exited ({server.process.returncode}): starting it again"
+                )
+                del self.servers[target]
+                self.state.clear_server(target)
+        self._resume_servers()
         model = self.load()
         observed = self.observe(model, now)
         result = plan(model, observed, now)
@@ -266,42 +312,58 @@ class EmbeddedLoop:
         rng = random.Random(client)
         period = self.options.traffic_clients / self.options.traffic_rate
         while not self._stop.wait(period * (0.5 + rng.random())):
-            server, name = self.server, self._traffic_to
-            if server is None or name is None:
+            servers, name = list(self.servers.values()), self._traffic_to
+            if not servers or name is None:
                 continue
+            server = rng.choice(servers)  # each target's clients
             body = {"model": name, "prompt": rng.choice(self.options.traffic_prompts), "max_tokens": 8}
             with contextlib.suppress(httpx.HTTPError):  # a swap or a stop in between: the next one
                 httpx.post(f"{server.url}/openai/v1/completions", json=body, timeout=60)
 
-    def _start_server(self, name: str, uri: str) -> None:
-        self.server = ServerProcess(
-            name, uri, *self.options.server_args,
-            log=self.options.state_dir / "server.log", model_roots=[self.options.state_dir],
+    def _start_server(self, name: str, target: str, uri: str) -> None:
+        log = self.options.state_dir / (
+            "server.log" if target == self._first_target() else f"server-{target}.log"
+        )
+        server = ServerProcess(
+            name, uri, *self.options.server_args, log=log, model_roots=[self.options.state_dir],
         ).wait_ready()  # fmt: skip
-        self.state.set_server(self.server.url, self.server.process.pid)
-        self.options.log(f"serving {name} at {self.server.url}")
+        self.servers[target] = server
+        self.state.set_server(target, server.url, server.process.pid)
+        self.options.log(f"serving {name} on {target} at {server.url}")
 
-    def _resume_server(self) -> None:
-        """After a restart: serve the stable revision again (the canary is loaded by the next tick)."""
+    def _first_target(self) -> str:
+        model = load_manifest(str(self.manifest))
+        return model.spec.targets[0].name
+
+    def _resume_servers(self) -> None:
+        """After a restart: each target serves its stable revision again (a canary is loaded by the
+        next tick)."""
         model = self.load()
-        stable = model.status.revisions.stable if model.status else None
-        uri = self.pipelines.artifact(stable) if stable else None
-        if self.server is None and uri:
-            self.options.log(f"resuming: stable {stable} serves again")
-            self._start_server(model.metadata.name or "", uri)
+        status = model.status or AutoGLMModelStatus()
+        known = {t.name: t.revision for t in status.targets}
+        for target in self._names(model):
+            if target in self.servers:
+                continue
+            stable = known.get(target) or status.revisions.stable
+            uri = self.pipelines.artifact(stable) if stable else None
+            if uri:
+                self.options.log(f"resuming: {stable} serves again on {target}")
+                self._start_server(model.metadata.name or "", target, uri)
 
     def run(self) -> AutoGLMModelStatus:
-        """Tick until ``until`` holds (or the timeout); the server keeps running in ``self.server``.
+        """Tick until ``until`` holds (or the timeout); the servers keep running in ``self.servers``.
         ``forever`` ticks until interrupted (Ctrl-C, or ``stop()`` from another thread)."""
         if self._lock is None:
             model = load_manifest(str(self.manifest))
             self._lock = self.state.claim(model.namespaced_name, self.manifest)
-            stale = self.state.stale_server()
-            mine = self.server.process.pid if self.server is not None else None
-            if stale is not None and stale != mine:  # left by a loop that was killed: start our own
-                self.options.log(f"stopping the server (pid {stale}) a killed loop left running")
-                self.state.stop_server(stale)
-        self._resume_server()
+            mine = {s.process.pid for s in self.servers.values()}
+            for stale in self.state.stale_servers():
+                if stale not in mine:  # left by a loop that was killed: start our own
+                    self.options.log(f"stopping the server (pid {stale}) a killed loop left running")
+                    self.state.stop_server(stale)
+            if not mine:
+                self.state.clear_server()
+        self._resume_servers()
         self._stop.clear()
         self._halt.clear()
         traffic = []
@@ -329,16 +391,16 @@ class EmbeddedLoop:
             for thread in traffic:
                 thread.join(5)
             if self._lock is not None:  # not ticking any more: `autoglm rollout` sees a stopped loop
-                self.state.release(self._lock, server_kept=self.server is not None)
+                self.state.release(self._lock, server_kept=bool(self.servers))
                 self._lock = None
 
     def _reached(self, model: AutoGLMModel, status: AutoGLMModelStatus) -> bool:
-        desired = artifact_revision(model.spec)
+        desired = rollout_revision(model.spec)
         if status.revisions.stable == desired and status.revisions.candidate is None:
             return True
         if status.revisions.rejected == desired:
             return True  # rolled back or failed: held until the manifest changes
-        return self.options.until == "serving" and self.server is not None and bool(status.revisions.stable)
+        return self.options.until == "serving" and bool(self.servers) and bool(status.revisions.stable)
 
     def stop(self) -> None:
         """Make ``run()`` return at its next tick (from another thread)."""
@@ -348,9 +410,10 @@ class EmbeddedLoop:
         """Stop the server and the pipelines this loop started; the state stays for a resume."""
         self._stop.set()
         self.pipelines.close()
-        if self.server is not None:
-            self.server.stop()
-            self.server = None
+        for server in self.servers.values():
+            server.stop()
+        if self.servers:
+            self.servers.clear()
             self.state.clear_server()
         if self._lock is not None:
             self.state.release(self._lock)

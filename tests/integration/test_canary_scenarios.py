@@ -311,7 +311,7 @@ def test_killing_autoglm_run_mid_canary_resumes_at_the_same_step(
     try:
         _in_canary(state, revision, timeout=240)
         time.sleep(2)  # mid-step
-        orphan = state.loop().get("serverPid")
+        orphan = state.servers()["local"]["pid"]
         os.kill(killed.pid, signal.SIGKILL)  # no clean-up at all: the server is left running
         killed.wait(30)
     finally:

@@ -58,8 +58,8 @@ def _file(intent: object) -> dict[str, object]:
 def test_a_pid_that_is_not_a_server_is_never_stopped(tmp_path: Path) -> None:
     state = LocalState(tmp_path)
     state.release(state.claim("ml/tiny", tmp_path / "t.yaml"))
-    state.set_server("http://127.0.0.1:1", os.getpid())  # this test process: not autoglm_inference
-    assert state.stale_server() is None
+    state.set_server("local", "http://127.0.0.1:1", os.getpid())  # this test process: not autoglm_inference
+    assert state.stale_servers() == []
 
 
 def test_rollout_commands_against_a_stopped_loop(tmp_path: Path) -> None:
@@ -94,10 +94,18 @@ def test_rollout_commands_against_a_stopped_loop(tmp_path: Path) -> None:
 def test_the_server_is_listed_for_prometheus_file_sd_while_it_runs(tmp_path: Path) -> None:
     state = LocalState(tmp_path)
     state.release(state.claim("ml/tiny", tmp_path / "t.yaml"))
-    state.set_server("http://127.0.0.1:8123", 4242)
+    state.set_server("local", "http://127.0.0.1:8123", 4242)
+    state.set_server("edge", "http://127.0.0.1:8124", 4243)
     targets = json.loads((tmp_path / "prometheus-targets.json").read_text())
-    assert targets == [{"targets": ["127.0.0.1:8123"], "labels": {"autoglm_loop": "ml/tiny"}}]
+    assert targets == [
+        {"targets": ["127.0.0.1:8124"], "labels": {"autoglm_loop": "ml/tiny", "autoglm_target": "edge"}},
+        {"targets": ["127.0.0.1:8123"], "labels": {"autoglm_loop": "ml/tiny", "autoglm_target": "local"}},
+    ]
     # a target label named like a metric label would rename the servers' own labels to exported_*
     assert not {"model", "revision", "target"} & set(targets[0]["labels"])
+    state.clear_server("edge")
+    assert [
+        t["labels"]["autoglm_target"] for t in json.loads((tmp_path / "prometheus-targets.json").read_text())
+    ] == ["local"]
     state.clear_server()
     assert json.loads((tmp_path / "prometheus-targets.json").read_text()) == []

@@ -125,13 +125,18 @@ class LocalPipelines:
         return [s.name for s in pipeline_steps(model.spec)]
 
     def artifact(self, revision: str) -> str | None:
-        """Where ``revision`` was published: a revision's own run, or a source published as the
-        baseline by some revision's run (``src-...``)."""
+        """Where ``revision`` was published: a run's own artifact, a target precision's variant of
+        some run, or a source published as the baseline by some run (``src-...``)."""
         run = self.observe(revision)
-        if run is not None:
-            return run.artifact_uri or None
-        for step in sorted(self.root.glob("*/work/publish/STEP.json")):
-            metrics = (_json(step) or {}).get("metrics", {})
+        if run is not None and run.artifact_uri:
+            return run.artifact_uri
+        for step in sorted(self.root.glob("*/work/publish*/STEP.json")):
+            result = _json(step) or {}
+            metrics = result.get("metrics", {})
+            if result.get("status") != "Succeeded":
+                continue
+            if metrics.get("revision") == revision and metrics.get("artifact"):
+                return str(metrics["artifact"])
             if metrics.get("baselineRevision") == revision and metrics.get("baseline"):
                 return str(metrics["baseline"])
         return None

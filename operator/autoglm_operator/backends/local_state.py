@@ -2,15 +2,16 @@
 
 - ``status.json``: the AutoGLMModel status the core last returned (written whole, then renamed in);
 - ``loop.json``: which model and manifest the directory belongs to, and while a loop runs its pid
-  and the server's URL;
+  and each target's server (URL and pid);
 - ``loop.lock``: held (``flock``) by the running loop, so two loops never drive one directory and
   ``autoglm rollout`` can tell a running loop from a stopped one;
 - ``analysis.json``: the newest canary analysis with its figures;
 - ``intents/``: manual intents (promote, abort, retry) waiting for the loop, one JSON file each; the
   loop moves each to ``intents/done/`` once its decision is in the ledger. As annotations on the
   object in a cluster, they are observations, never edits of the manifest.
-- ``prometheus-targets.json``: the loop's server as a Prometheus ``file_sd_configs`` target list
-  (empty while none runs), for a Prometheus that the canary's PromQL source asks;
+- ``prometheus-targets.json``: the loop's servers as a Prometheus ``file_sd_configs`` target list
+  (empty while none runs), each labelled with its target, for a Prometheus that the canary's
+  PromQL source asks;
 - ``audit.db``: the audit ledger (unless another URL is given).
 """
 
@@ -38,9 +39,10 @@ TARGETS_FILE = "prometheus-targets.json"
 #: The label the scrape targets carry (not ``model``/``revision``/``target``: those are the servers'
 #: own metric labels, which a target label of the same name would rename to ``exported_*``).
 LOOP_LABEL = "autoglm_loop"
+TARGET_LABEL = "autoglm_target"
 INTENTS = "intents"
 DONE = "done"
-_SERVER_KEYS = ("url", "serverPid")
+SERVERS_KEY = "servers"
 
 
 class StateError(Exception):
@@ -111,34 +113,55 @@ class LocalState:
 
         return handle
 
-    def set_server(self, url: str, pid: int) -> None:
-        data = self.loop()
-        data["url"], data["serverPid"] = url, pid
-        _write(self.root / LOOP_FILE, data)
-        host = url.split("://", 1)[-1].rstrip("/")
-        labels = {LOOP_LABEL: str(data.get("model", ""))}
-        _write(self.root / TARGETS_FILE, [{"targets": [host], "labels": labels}])
+    def servers(self) -> dict[str, dict[str, Any]]:
+        """The loop's servers by target: ``{"url": ..., "pid": ...}`` each."""
+        servers = self.loop().get(SERVERS_KEY)
+        return dict(servers) if isinstance(servers, dict) else {}
 
-    def clear_server(self) -> None:
-        self._forget(*_SERVER_KEYS)
-        if (self.root / TARGETS_FILE).exists():
-            _write(self.root / TARGETS_FILE, [])
+    def set_server(self, target: str, url: str, pid: int) -> None:
+        data = self.loop()
+        data[SERVERS_KEY] = {**self.servers(), target: {"url": url, "pid": pid}}
+        _write(self.root / LOOP_FILE, data)
+        self._write_scrape_targets()
+
+    def clear_server(self, target: str | None = None) -> None:
+        """Forget ``target``'s server (every server when None)."""
+        servers = {} if target is None else {t: v for t, v in self.servers().items() if t != target}
+        data = self.loop()
+        if SERVERS_KEY in data:
+            data[SERVERS_KEY] = servers
+            _write(self.root / LOOP_FILE, data)
+        if (self.root / TARGETS_FILE).exists() or servers:
+            self._write_scrape_targets()
+
+    def _write_scrape_targets(self) -> None:
+        model = str(self.loop().get("model", ""))
+        listed = [
+            {"targets": [str(server["url"]).split("://", 1)[-1].rstrip("/")],
+             "labels": {LOOP_LABEL: model, TARGET_LABEL: target}}
+            for target, server in sorted(self.servers().items())
+        ]  # fmt: skip
+        _write(self.root / TARGETS_FILE, listed)
 
     def _forget(self, *keys: str) -> None:
         data = self.loop()
         if any(k in data for k in keys):
             _write(self.root / LOOP_FILE, {k: v for k, v in data.items() if k not in keys})
 
-    def stale_server(self) -> int | None:
-        """The pid of a server a killed loop left running (call while holding the lock)."""
-        pid = self.loop().get("serverPid")
-        if not isinstance(pid, int):
-            return None
-        try:
-            command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            return None
-        return pid if b"autoglm_inference" in command else None  # not a reused pid
+    def stale_servers(self) -> list[int]:
+        """The pids of servers a killed loop left running (call while holding the lock)."""
+        found = []
+        for server in self.servers().values():
+            pid = server.get("pid")
+            if not isinstance(pid, int):
+                continue
+            try:
+                command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"autoglm_inference" in command:  # not a reused pid
+                found.append(pid)
+        return found
 
     @staticmethod
     def stop_server(pid: int, timeout: float = 30.0) -> None:
@@ -152,7 +175,7 @@ class LocalState:
 
     def release(self, handle: IO[str], *, server_kept: bool = False) -> None:
         """Give the directory up; ``server_kept``: the loop's server still runs (its URL stays)."""
-        self._forget("pid", *(() if server_kept else _SERVER_KEYS))
+        self._forget("pid", *(() if server_kept else (SERVERS_KEY,)))
         handle.close()
 
     def running(self) -> bool:

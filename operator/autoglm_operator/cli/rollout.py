@@ -64,7 +64,7 @@ def status_command(model: str, state_dir: Path, output: str) -> None:
         "model": name,
         "manifest": loop.get("manifest"),
         "loop": f"running (pid {loop.get('pid')})" if running else "stopped",
-        "url": loop.get("url") if running else None,
+        "servers": {t: v.get("url") for t, v in state.servers().items()} if running else {},
         "status": status.model_dump(mode="json", by_alias=True, exclude_none=True) if status else None,
         "analysis": state.analysis(),
     }
@@ -73,7 +73,7 @@ def status_command(model: str, state_dir: Path, output: str) -> None:
         return
     click.echo(
         f"model: {name}  ({data['manifest']})\nloop: {data['loop']}"
-        + (f" at {data['url']}" if data["url"] else "")
+        + "".join(f"\n  {target} at {url}" for target, url in data["servers"].items())
     )
     if status is None:
         click.echo("status: none saved yet")
@@ -88,6 +88,12 @@ def status_command(model: str, state_dir: Path, output: str) -> None:
         )
         + f"\ncandidate: {r.candidate or '-'}\nrejected: {r.rejected or '-'}"
     )
+    if len(status.targets) > 1 or any(t.candidate for t in status.targets):
+        for t in status.targets:
+            click.echo(
+                f"target {t.name}: {t.revision or '-'}"
+                + (f", candidate {t.candidate}" if t.candidate else "")
+            )
     if status.canary.step is not None:
         click.echo(
             f"canary: step {status.canary.step + 1} at {status.canary.weight}%, failed intervals {status.canary.failures}"

@@ -123,12 +123,12 @@ def run_command(
         on_tick=on_tick,
     )
     loop = EmbeddedLoop(manifest, options)
-    url = None
+    urls: dict[str, str] = {}
     try:
         with live:
             status = loop.run()
         console.line()
-        url = loop.server.url if loop.server else None
+        urls = {target: server.url for target, server in loop.servers.items()}
     except KeyboardInterrupt:
         console.print(f"stopped: the state is kept in {state_dir}; run again to resume")
         raise SystemExit(130) from None
@@ -138,5 +138,7 @@ def run_command(
         loop.close()
     revisions = status.revisions
     click.echo(f"phase {status.phase}: stable {revisions.stable}, rejected {revisions.rejected}")
-    if url:
-        click.echo(f"served at {url} until this command ended (autoglm run --until forever keeps it up)")
+    for target, url in urls.items():
+        revision = next((t.revision for t in status.targets if t.name == target), None)
+        click.echo(f"{target}: {revision} served at {url} until this command ended "
+                   "(autoglm run --until forever keeps it up)")  # fmt: skip
