@@ -4,13 +4,17 @@ promoted; every decision is in the ledger once."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import httpx
 import pytest
 
 from autoglm_api.validation import load_manifest
 from autoglm_core.audit import Ledger
 from autoglm_core.revision import artifact_revision, source_revision
+from autoglm_core.variants import rollout_revision, target_revisions
+from autoglm_inference.faults import ENABLE_ENV
 from autoglm_operator.embedded import EmbeddedLoop, LoopOptions
 from tests.support.tiny_models import tiny_glm
 from tests.unit.test_pipeline_steps import manifest
@@ -83,3 +87,59 @@ def test_first_rollout_then_a_canary_promoted_on_live_figures(
     assert advanced.revision == old
     assert advanced.evidence["analysis"]["stable"] == baseline
     assert advanced.evidence["analysis"]["stableFigures"]["requests"] >= 3
+
+
+def test_two_targets_each_serve_their_precision_and_a_failure_on_one_rolls_back_both(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """local serves the spec's int8, edge its int4 variant, each on its own server; an edit whose
+    edge candidate is made slow (the test-only fault injection) is rolled back on both targets."""
+    monkeypatch.setenv("AUTOGLM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv(ENABLE_ENV, "1")
+    audit = f"sqlite:///{tmp_path / 'state' / 'audit.db'}"
+    monkeypatch.setenv("AUTOGLM_AUDIT_URL", audit)
+    faults = tmp_path / "faults.json"
+    faults.write_text("{}")
+    source = tiny_glm(tmp_path / "glm", init_std=0.3, seed=3)
+    targets = [{"name": "local"}, {"name": "edge", "pool": "kubeedge", "precision": "int4"}]
+    rollout = {**ROLLOUT, "steps": [{"weight": 50, "pause": "3s"}, {"weight": 100}]}
+    path = manifest(tmp_path, source, targets=targets, rollout=rollout)
+    options = LoopOptions(
+        state_dir=tmp_path / "state", traffic_rate=8, tick_seconds=0.5, timeout_seconds=400, audit_url=audit,
+        pipeline_args=("--decode-tokens", "4"), server_args=("--test-faults", str(faults)), log=lambda _l: None,
+    )  # fmt: skip
+    loop = EmbeddedLoop(path, options)
+    try:
+        first = loop.run()
+        revisions = target_revisions(load_manifest(str(path)).spec)
+        assert first.revisions.stable == rollout_revision(load_manifest(str(path)).spec)
+        assert {t.name: t.revision for t in first.targets} == revisions
+        assert set(loop.servers) == {"local", "edge"}
+        for target, server in loop.servers.items():  # each server says what it serves
+            (entry,) = httpx.get(f"{server.url}/v2/repository/index", timeout=10).json()
+            assert entry["stable"]["revision"] == revisions[target]
+
+        path = manifest(tmp_path, source, targets=targets, rollout=rollout,
+                        calibration={"samples": 5, "sequenceLength": 64})  # fmt: skip
+        edited = target_revisions(load_manifest(str(path)).spec)
+        faults.write_text(json.dumps({"revisions": {edited["edge"]: {"latencyFactor": 3.0}}}))
+        second = loop.run()
+        assert second.revisions.rejected == rollout_revision(load_manifest(str(path)).spec)
+        assert {t.name: (t.revision, t.candidate) for t in second.targets} == {
+            t: (r, None) for t, r in revisions.items()
+        }
+        for target, server in loop.servers.items():  # the candidates left both servers
+            (entry,) = httpx.get(f"{server.url}/v2/repository/index", timeout=10).json()
+            assert (entry["stable"]["revision"], entry.get("canary")) == (revisions[target], None)
+    finally:
+        loop.close()
+    with Ledger(audit) as ledger:
+        records = list(ledger.query(namespace="ml", model="tiny", limit=100))
+    rollback = records[-1]
+    assert rollback.decision == "RolledBack"
+    assert "target edge: latencyVsStable" in rollback.reason
+    assert set(rollback.evidence["analyses"]) == {"local", "edge"}
+    assert rollback.evidence["analyses"]["local"]["outcome"] == "Successful"
+    assert {r.revision for r in records if r.decision == "GatePassed"} >= set(revisions.values()) | set(
+        edited.values()
+    )
