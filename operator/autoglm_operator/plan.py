@@ -1,21 +1,24 @@
 """The reconcile core: ``plan(model, observed, now) -> Plan``. Pure: no I/O, no clock reads.
 
 From the AutoGLMModel (spec, status) and what the backends observed (the pipeline run of the
-revision the spec asks for, what the target serves, the newest canary analysis, manual intents),
+revision the spec asks for, what each target serves, each target's newest canary analysis, manual
+intents),
 it returns the actions to take, the new status and the decisions for the audit ledger, each with
 its evidence and an idempotency key (model, revision, step, kind), so a decision is recorded once
 even when the process dies between acting and recording. The embedded loop (``autoglm run``) and
 the kopf operator both drive it.
 
-This first part covers one target: revisions content-addressed by the pipeline's revision id, a
-new candidate while stable keeps serving, a candidate superseded by a newer spec, the pipeline's
-and the gates' failures, canary steps advanced on Successful analyses after their pause, held on
-Inconclusive ones, rolled back at ``failureLimit`` Failed ones, promotion after the last step,
-the manual intents promote, abort and retry, and the first rollout: its candidate is canaried
-against the uncompressed source, served first as the baseline, where the target can hold both
-(the memory they need is checked against the target's and the machine's), else it goes to 100% on
-its offline gates alone; the ledger says which and why. Not yet: one rollout across several
-targets with a precision each.
+It covers: revisions content-addressed (one rollout id over each target's revision, the
+variant of its precision, ``autoglm_core.variants``), a new candidate while stable keeps serving,
+a candidate superseded by a newer spec, the pipeline's and the gates' failures, canary steps
+advanced on Successful analyses after their pause, held on Inconclusive ones, rolled back at
+``failureLimit`` Failed ones, promotion after the last step, the manual intents promote, abort and
+retry, and the first rollout: its candidate is canaried against the uncompressed source, served
+first as the baseline, where the targets can hold both (the memory they need is checked against
+each target's and the machine's), else it goes to 100% on its offline gates alone; the ledger
+says which and why. Several targets are one rollout: one canary step and weight on each target
+whose revision changes, every such target judged before a step advances, a failed interval on
+any of them rolls back all of them, and all are promoted together.
 """
 
 from __future__ import annotations

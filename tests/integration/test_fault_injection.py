@@ -12,8 +12,8 @@ from click.testing import CliRunner
 
 from autoglm_inference.cli import serve_command
 from autoglm_inference.faults import ENABLE_ENV, Faults, FaultsRefusedError
-from autoglm_inference.process import ServerProcess
 from autoglm_operator.metrics import MetricsUnavailableError, figures, scrape
+from tests.support.servers import faulty_server, load_canary
 from tests.support.tiny_models import published_tiny_glms
 
 pytestmark = pytest.mark.integration
@@ -56,17 +56,9 @@ def test_faults_hit_only_their_revision(tmp_path: Path, monkeypatch: pytest.Monk
     faults.write_text(
         json.dumps({"revisions": {"rev-b": {"errorRate": 0.5, "joulesFactor": 20, "latencyFactor": 5}}})
     )
-    server = ServerProcess(
-        "m", str(folders["a"]), "--test-faults", str(faults),
-        log=tmp_path / "server.log", model_roots=[tmp_path / "artifacts"],
-    ).wait_ready()  # fmt: skip
+    server = faulty_server(tmp_path / "artifacts", "m", folders["a"], faults)
     try:
-        load = httpx.post(
-            f"{server.url}/v2/repository/models/m/load",
-            json={"parameters": {"uri": str(folders["b"]), "canaryWeight": 0}},
-            timeout=120,
-        )
-        assert load.status_code == 200, load.text
+        load_canary(server, "m", folders["b"], 0)
         codes: dict[str, list[int]] = {"rev-a": [], "rev-b": []}
         for i in range(24):
             revision = "rev-a" if i % 2 else "rev-b"

@@ -16,12 +16,12 @@ import httpx
 import pytest
 
 from autoglm_api.spec import Analysis
-from autoglm_inference.faults import ENABLE_ENV
 from autoglm_inference.process import ServerProcess
 from autoglm_operator.canary import Figures, judge
 from autoglm_operator.metrics import FiguresSource, MetricsUnavailableError, ScrapeSource
 from autoglm_operator.promql import PrometheusSource
 from tests.support.prometheus import Prometheus, prometheus
+from tests.support.servers import faulty_server, load_canary
 from tests.support.tiny_models import published_tiny_glms
 
 pytestmark = pytest.mark.integration
@@ -39,19 +39,9 @@ def live(tmp_path: Path) -> Iterator[World]:
     folders = published_tiny_glms(tmp_path / "artifacts", {"a": 1, "b": 2})
     faults = tmp_path / "faults.json"
     faults.write_text("{}")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(ENABLE_ENV, "1")
-        server = ServerProcess(
-            "m", str(folders["a"]), "--test-faults", str(faults),
-            log=tmp_path / "server.log", model_roots=[tmp_path / "artifacts"],
-        ).wait_ready()  # fmt: skip
+    server = faulty_server(tmp_path / "artifacts", "m", folders["a"], faults)
     try:
-        load = httpx.post(
-            f"{server.url}/v2/repository/models/m/load",
-            json={"parameters": {"uri": str(folders["b"]), "canaryWeight": 50}},
-            timeout=120,
-        )
-        assert load.status_code == 200, load.text
+        load_canary(server, "m", folders["b"], 50)
         send(server, 4)  # both revisions have series before the first window
         targets = tmp_path / "targets.json"
         targets.write_text(json.dumps([{"targets": [server.url.removeprefix("http://")]}]))

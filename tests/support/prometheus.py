@@ -16,7 +16,7 @@ import httpx
 import pytest
 import yaml
 
-from autoglm_inference.process import free_port
+from autoglm_inference.process import free_port, terminate
 
 SCRAPE_INTERVAL = "500ms"
 
@@ -41,13 +41,7 @@ class Prometheus:
         raise TimeoutError(f"Prometheus did not scrape its targets in {timeout}s: {r}")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        terminate(self.process)
 
 
 def binary() -> str:

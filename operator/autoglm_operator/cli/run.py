@@ -79,7 +79,9 @@ def _http_url(value: str | None) -> str | None:
               help="Stop once something serves, once the manifest's revision is promoted (or rejected), or never "
                    "(Ctrl-C stops; edits of the manifest are rolled out as they are saved).")  # fmt: skip
 @click.option("--traffic", "traffic_rate", type=click.FloatRange(0, 100), default=2.0, show_default=True,
-              help="Demo requests per second during a canary (from 2 clients side by side), so it has data to judge; 0 when real clients send it.")  # fmt: skip
+              help="Demo requests per second during a canary, so it has data to judge; 0 when real clients send it.")  # fmt: skip
+@click.option("--traffic-clients", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Demo clients sending that traffic side by side (each waits for its answer).")  # fmt: skip
 @click.option("--timeout", "timeout_seconds", type=click.FloatRange(1), default=1800.0, show_default=True,
               help="Give up after this many seconds (not with --until forever).")  # fmt: skip
 @click.option("--prometheus-url", metavar="URL", callback=lambda _c, _p, v: _http_url(v),
@@ -93,6 +95,7 @@ def run_command(
     state_dir: Path,
     until: str,
     traffic_rate: float,
+    traffic_clients: int,
     timeout_seconds: float,
     prometheus_url: str | None,
     decode_tokens: int,
@@ -116,6 +119,7 @@ def run_command(
         state_dir=state_dir,
         until=until,  # type: ignore[arg-type]
         traffic_rate=traffic_rate,
+        traffic_clients=traffic_clients,
         timeout_seconds=timeout_seconds,
         prometheus_url=prometheus_url,
         pipeline_args=("--decode-tokens", str(decode_tokens)),
