@@ -108,6 +108,8 @@ class Figures:
     joules_per_token: float | None = None
     #: Mean feedback score in [0, 1]; None when nobody sent feedback (not measured).
     feedback_score: float | None = None
+    #: Time to first token (arrival to the first generated token), reported beside latency.
+    time_to_first_token: Histogram | None = None
 
     @property
     def error_rate(self) -> float:
@@ -132,7 +134,16 @@ class Figures:
             feedback_score=_weighted(
                 self.feedback_score, self.requests, other.feedback_score, other.requests
             ),
+            time_to_first_token=_summed(self.time_to_first_token, other.time_to_first_token),
         )
+
+
+def _summed(a: Histogram | None, b: Histogram | None) -> Histogram | None:
+    if a is None or b is None:
+        return a or b
+    if a.bounds != b.bounds:
+        raise ValueError("the two histograms must have the same buckets")
+    return Histogram(a.bounds, tuple(x + y for x, y in zip(a.counts, b.counts, strict=True)))
 
 
 def _weighted(a: float | None, na: int, b: float | None, nb: int) -> float | None:
@@ -242,7 +253,12 @@ def judge(candidate: Figures | None, stable: Figures | None, limits: Analysis) -
         return AnalysisResult(FAILED, "; ".join(f"{c.metric}: {c.detail}" for c in failed), tuple(checks))
     if any(c.passed is None and c.metric == "p95LatencyMs" for c in checks):
         return AnalysisResult(INCONCLUSIVE, "no latency histogram for the candidate: holding", tuple(checks))
-    against = "against stable" if comparable else "on absolute limits (no stable to compare with)"
+    if comparable:
+        against = "against stable"
+    elif stable is None:
+        against = "on absolute limits (no stable to compare with)"
+    else:  # at 100% stable gets no traffic
+        against = f"on absolute limits (stable served {stable.requests}, fewer than minRequests)"
     return AnalysisResult(SUCCESSFUL, f"every check passed {against}", tuple(checks))
 
 

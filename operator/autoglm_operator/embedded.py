@@ -437,7 +437,9 @@ def _figures_json(f: Figures | None) -> dict[str, float | int | None] | None:
     if f is None:
         return None
     p95 = f.latency.quantile(0.95) if f.latency is not None and f.latency.total else None
+    ttft = f.time_to_first_token
     return {
         "requests": f.requests, "errors": f.errors, "p95LatencyMs": p95,
+        "p95TimeToFirstTokenMs": ttft.quantile(0.95) if ttft is not None and ttft.total else None,
         "joulesPerToken": f.joules_per_token, "feedbackScore": f.feedback_score,
     }  # fmt: skip

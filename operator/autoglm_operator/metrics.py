@@ -27,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from autoglm_operator.canary import Figures, Histogram
 
 DURATION = "autoglm_request_duration_seconds"
+FIRST_TOKEN = "autoglm_time_to_first_token_seconds"
 ERRORS = "autoglm_errors"
 TOKENS = "autoglm_tokens"
 ENERGY = "autoglm_energy_joules"
@@ -44,6 +45,8 @@ class Counters:
     errors: float = 0.0
     #: Cumulative bucket counts by upper bound in seconds (+Inf included).
     buckets: dict[float, float] = field(default_factory=dict)
+    #: The same for the time to first token.
+    first_token: dict[float, float] = field(default_factory=dict)
     tokens_out: float = 0.0
     joules: float = 0.0
 
@@ -66,6 +69,9 @@ def parse(text: str) -> Scrape:
             elif sample.name == f"{DURATION}_bucket":
                 bound = float(labels["le"])
                 counters.buckets[bound] = counters.buckets.get(bound, 0.0) + sample.value
+            elif sample.name == f"{FIRST_TOKEN}_bucket":
+                bound = float(labels["le"])
+                counters.first_token[bound] = counters.first_token.get(bound, 0.0) + sample.value
             elif sample.name == f"{ERRORS}_total":
                 counters.errors += sample.value
             elif sample.name == f"{TOKENS}_total" and labels.get("direction") == "out":
@@ -84,11 +90,7 @@ def figures(later: Scrape, earlier: Scrape | None, model: str, revision: str) ->
     before = (earlier or {}).get((model, revision), Counters())
     finished = max(now.finished - before.finished, 0.0)
     errors = max(now.errors - before.errors, 0.0)
-    latency = None
-    if now.buckets:
-        bounds = sorted(now.buckets)
-        cumulative = [max(now.buckets[b] - before.buckets.get(b, 0.0), 0.0) for b in bounds]
-        latency = Histogram.from_cumulative([b * 1000 for b in bounds], cumulative)
+    latency = _histogram(now.buckets, before.buckets)
     tokens = now.tokens_out - before.tokens_out
     joules = now.joules - before.joules
     return Figures(
@@ -96,7 +98,17 @@ def figures(later: Scrape, earlier: Scrape | None, model: str, revision: str) ->
         errors=round(errors),
         latency=latency,
         joules_per_token=joules / tokens if tokens > 0 else None,
+        time_to_first_token=_histogram(now.first_token, before.first_token),
     )
+
+
+def _histogram(now: dict[float, float], before: dict[float, float]) -> Histogram | None:
+    """The histogram (ms) of what was observed between two scrapes of cumulative buckets (s)."""
+    if not now:
+        return None
+    bounds = sorted(now)
+    cumulative = [max(now[b] - before.get(b, 0.0), 0.0) for b in bounds]
+    return Histogram.from_cumulative([b * 1000 for b in bounds], cumulative)
 
 
 def scrape(url: str, *, timeout: float = 5.0) -> Scrape:

@@ -5,7 +5,8 @@ scrapes the model servers: for a window from the step's start to now, per revisi
 
 - requests: ``sum(increase(autoglm_request_duration_seconds_count{...}[W]))`` plus the errors,
 - errors: ``sum(increase(autoglm_errors_total{...}[W]))``,
-- latency: ``sum by (le) (increase(autoglm_request_duration_seconds_bucket{...}[W]))``,
+- latency: ``sum by (le) (increase(autoglm_request_duration_seconds_bucket{...}[W]))``, and the
+  same of ``autoglm_time_to_first_token_seconds_bucket`` for the time to first token,
 - joules per token: the increase of ``autoglm_energy_joules_total`` over that of the generated
   ``autoglm_tokens_total{direction="out"}``,
 
@@ -30,7 +31,7 @@ import httpx
 import numpy as np
 
 from autoglm_operator.canary import Figures, Histogram
-from autoglm_operator.metrics import DURATION, ENERGY, ERRORS, TOKENS, MetricsUnavailableError
+from autoglm_operator.metrics import DURATION, ENERGY, ERRORS, FIRST_TOKEN, TOKENS, MetricsUnavailableError
 
 
 def _quote(value: str) -> str:
@@ -100,6 +101,9 @@ class PrometheusSource:
         buckets = by_revision(
             f"sum by (revision, le) (increase({DURATION}_bucket{{{matcher}}}[{window}]))", "le"
         )
+        first = by_revision(
+            f"sum by (revision, le) (increase({FIRST_TOKEN}_bucket{{{matcher}}}[{window}]))", "le"
+        )
         tokens = by_revision(
             f'sum by (revision) (increase({TOKENS}_total{{{matcher},direction="out"}}[{window}]))'
         )
@@ -114,20 +118,26 @@ class PrometheusSource:
             if math.isnan(n_finished) or math.isnan(n_errors):
                 out[revision] = None
                 continue
-            bounds = sorted(float(le) for (r, le) in buckets if r == revision)
-            latency = None
-            if bounds:
-                by_le = {float(le): v for (r, le), v in buckets.items() if r == revision}
-                cumulative = np.maximum.accumulate(np.nan_to_num([by_le[b] for b in bounds]))
-                latency = Histogram.from_cumulative([b * 1000 for b in bounds], np.round(cumulative).tolist())
+            latency, ttft = _histogram(buckets, revision), _histogram(first, revision)
             out_tokens, spent = tokens.get(key, 0.0), joules.get(key)
             out[revision] = Figures(
                 requests=round(n_finished + n_errors),
                 errors=round(n_errors),
                 latency=latency,
                 joules_per_token=spent / out_tokens if spent is not None and out_tokens > 0 else None,
+                time_to_first_token=ttft,
             )
         return out
+
+
+def _histogram(buckets: dict[tuple[str, ...], float], revision: str) -> Histogram | None:
+    """A revision's histogram (ms) from ``sum by (revision, le)`` of bucket increases (s)."""
+    by_le = {float(le): v for (r, le), v in buckets.items() if r == revision}
+    if not by_le:
+        return None
+    bounds = sorted(by_le)
+    cumulative = np.maximum.accumulate(np.nan_to_num([by_le[b] for b in bounds]))
+    return Histogram.from_cumulative([b * 1000 for b in bounds], np.round(cumulative).tolist())
 
 
 def _regex(value: str) -> str:

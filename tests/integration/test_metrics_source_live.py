@@ -47,6 +47,9 @@ def test_scraped_figures_count_the_requests_errors_and_latencies_sent(tmp_path: 
     assert got.latency is not None
     assert got.latency.total == 6
     assert 0 < got.latency.quantile(0.95) < 60_000
+    assert got.time_to_first_token is not None
+    assert got.time_to_first_token.total == 6  # one first token per finished generation
+    assert got.time_to_first_token.quantile(0.5) <= got.latency.quantile(0.5)
     assert got.joules_per_token is not None
     assert got.joules_per_token > 0
     verdict = judge(got, None, Analysis(min_requests=5, max_error_rate=0.5))

@@ -118,8 +118,12 @@ def test_promql_and_the_scrape_give_the_same_verdict(
         assert exact.latency is not None
         assert asked.latency is not None
         assert asked.latency.bounds == exact.latency.bounds
+        assert exact.time_to_first_token is not None
+        assert asked.time_to_first_token is not None
+        assert asked.time_to_first_token.bounds == exact.time_to_first_token.bounds
     assert scraped["rev-a"].requests + scraped["rev-b"].requests == REQUESTS  # type: ignore[union-attr]
     assert any('increase(autoglm_request_duration_seconds_bucket{model="m"' in q for q in source.queries)
+    assert any("increase(autoglm_time_to_first_token_seconds_bucket{" in q for q in source.queries)
 
 
 def test_a_source_that_cannot_see_the_server_holds_the_canary(tmp_path: Path) -> None:

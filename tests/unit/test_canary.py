@@ -91,6 +91,9 @@ def test_absolute_limits_fail_on_their_own() -> None:
     first = judge(figures(100, 0, 100, 1), None, LIMITS)
     assert first.outcome == "Successful"
     assert "no stable to compare with" in first.reason
+    at_100 = judge(figures(100, 0, 100, 1), figures(0, 0, 100, 2), LIMITS)  # stable got no traffic
+    assert at_100.outcome == "Successful"
+    assert "stable served 0, fewer than minRequests" in at_100.reason
 
 
 def test_missing_data_holds_and_never_promotes() -> None:

@@ -62,7 +62,8 @@ def _figures_line(f: dict[str, Any]) -> str:
 
     rate = f["errors"] / f["requests"] if f.get("requests") else None
     return (f"{f.get('requests', 0)} requests, errors {'-' if rate is None else format(rate, '.1%')}, "
-            f"p95 {num('p95LatencyMs', '.0f')} ms, {num('joulesPerToken', '.3g')} J/token")  # fmt: skip
+            f"p95 {num('p95LatencyMs', '.0f')} ms, first token p95 {num('p95TimeToFirstTokenMs', '.0f')} ms, "
+            f"{num('joulesPerToken', '.3g')} J/token")  # fmt: skip
 
 
 def _http_url(value: str | None) -> str | None:
