@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from decimal import Decimal
 from typing import Annotated, Any, ClassVar, Self
 
 from pydantic import (
@@ -54,6 +56,25 @@ Uri = Annotated[str, StringConstraints(pattern=URI_PATTERN, max_length=2048)]
 Duration = Annotated[str, StringConstraints(pattern=DURATION_PATTERN, max_length=32)]
 DnsLabel = Annotated[str, StringConstraints(pattern=DNS_LABEL_PATTERN, max_length=63)]
 Sha256 = Annotated[str, StringConstraints(pattern=SHA256_PATTERN)]
+
+
+_SUFFIXES: dict[str, Decimal] = {
+    "": Decimal(1), "m": Decimal("0.001"),
+    **{s: Decimal(1000) ** (i + 1) for i, s in enumerate("kMGTPE")},
+    **{s + "i": Decimal(1024) ** (i + 1) for i, s in enumerate("KMGTPE")},
+}  # fmt: skip
+
+
+def quantity_value(quantity: str) -> Decimal:
+    """The number a quantity of :data:`QUANTITY_PATTERN` stands for (``16Gi`` -> 17179869184).
+
+    Written here (a few lines) rather than taken from the ``kubernetes`` client, which the API
+    package does not depend on; the tests check it against ``kubernetes.utils.parse_quantity``.
+    """
+    if not re.fullmatch(QUANTITY_PATTERN, quantity):
+        raise ValueError(f"{quantity!r} is not {PATTERN_HINTS[QUANTITY_PATTERN]}")
+    number = quantity.rstrip("mkMGTPEi")
+    return Decimal(number) * _SUFFIXES[quantity[len(number) :]]
 
 
 def _quantity_to_str(value: Any) -> Any:

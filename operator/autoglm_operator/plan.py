@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
+from autoglm_api.base import quantity_value
 from autoglm_api.resource import AutoGLMModel
 from autoglm_api.spec import CanaryStep
 from autoglm_api.status import AutoGLMModelStatus, CanaryStatus, TargetStatus
@@ -274,12 +275,10 @@ class _Planner:
 
     def room_for_both(self, run: PipelineRun, target: str) -> tuple[bool, dict[str, Any]]:
         """Whether ``target`` can serve the baseline and its candidate side by side, with the figures."""
-        from kubernetes.utils import parse_quantity  # pure: a quantity string to a number
-
         assert run.baseline is not None
         spec = next(t for t in self.model.spec.targets if t.name == target)
         memory = spec.resources.memory or DEFAULT_TARGET_MEMORY
-        limit = int(parse_quantity(memory))  # type: ignore[no-untyped-call]
+        limit = int(quantity_value(memory))
         revision, _ = self.wanted(run.revision, run)[target]
         sizes = {v.revision: v.weight_bytes for v in run.variants}
         candidate_bytes = sizes.get(revision) or (run.artifact_bytes if revision == run.revision else None)

@@ -134,3 +134,18 @@ def test_status_is_ignored_by_validate_but_typed_in_the_model(minimal: dict[str,
     assert validate_document(minimal).valid  # the API server drops status on create
     with pytest.raises(ValidationError, match="phase"):
         AutoGLMModel.model_validate(minimal)
+
+
+@pytest.mark.parametrize("quantity", ["4Gi", "16Gi", "500m", "4", "1.5Gi", "2G", "100Mi", "3k", "1Ei"])
+def test_a_quantity_means_what_kubernetes_reads_it_as(quantity: str) -> None:
+    from autoglm_api.base import quantity_value
+
+    utils = pytest.importorskip("kubernetes.utils")  # the oracle: the Kubernetes client's parser
+    assert quantity_value(quantity) == utils.parse_quantity(quantity)
+
+
+def test_a_malformed_quantity_is_refused_by_name() -> None:
+    from autoglm_api.base import quantity_value
+
+    with pytest.raises(ValueError, match="'4 Gi' is not a Kubernetes quantity such as 500m, 4, 16Gi"):
+        quantity_value("4 Gi")
