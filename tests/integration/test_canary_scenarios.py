@@ -28,7 +28,7 @@ from click.testing import CliRunner
 
 from autoglm_api.status import AutoGLMModelStatus
 from autoglm_api.validation import load_manifest
-from autoglm_core.revision import artifact_revision
+from autoglm_core.revision import artifact_revision, source_revision
 from autoglm_inference.faults import ENABLE_ENV
 from autoglm_operator.backends.local_state import LocalState
 from autoglm_operator.cli.main import cli
@@ -103,9 +103,12 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         audit = f"sqlite:///{root / 'audit.db'}"
         env.setenv("AUTOGLM_AUDIT_URL", audit)  # the pipelines' GatePassed go to the same ledger
         faults = root / "faults.json"
-        faults.write_text("{}")
         source = tiny_glm(root / "glm", init_std=0.3, seed=3)
         path = manifest(root, source, rollout=ROLLOUT)
+        # The first rollout is canaried against the fp32 source: slowed, so that it is promoted (on
+        # a tiny GLM a compressed variant is no faster than fp32; that race is not under test here).
+        baseline = source_revision(load_manifest(str(path)).spec)
+        faults.write_text(json.dumps({"revisions": {baseline: {"latencyFactor": 3.0}}}))
         loop = EmbeddedLoop(path, _options(root / "state", audit, faults))
         try:
             first = loop.run()  # the first rollout: on its offline gates alone
@@ -300,11 +303,17 @@ def test_killing_autoglm_run_mid_canary_resumes_at_the_same_step(
     monkeypatch.setenv("AUTOGLM_AUDIT_URL", audit)
     source = tiny_glm(tmp_path / "glm", init_std=0.3, seed=3)
     slow = {**ROLLOUT, "steps": [{"weight": 50, "pause": "30s"}, {"weight": 100, "pause": "2s"}]}
-    path = manifest(tmp_path, source, rollout=slow)
+    # 300Mi cannot hold the source beside the candidate: the first rollout goes on its offline gates
+    small = [{"name": "local", "resources": {"memory": "300Mi"}}]
+    path = manifest(tmp_path, source, rollout=slow, targets=small)
     command = [sys.executable, "-m", "autoglm_operator", "run", str(path), "--state-dir", str(tmp_path / "state"),
                "--traffic", "8", "--decode-tokens", "4", "--timeout", "300"]  # fmt: skip
-    assert subprocess.run(command, capture_output=True, check=False, timeout=300).returncode == 0
-    path = manifest(tmp_path, source, rollout=slow, calibration={"samples": 5, "sequenceLength": 64})
+    first = subprocess.run(command, capture_output=True, text=True, check=False, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "first rollout: offline gates alone: the target cannot hold the source" in first.stderr
+    path = manifest(
+        tmp_path, source, rollout=slow, targets=small, calibration={"samples": 5, "sequenceLength": 64}
+    )
     revision = artifact_revision(load_manifest(str(path)).spec)
     state = LocalState(tmp_path / "state")
     killed = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -321,7 +330,9 @@ def test_killing_autoglm_run_mid_canary_resumes_at_the_same_step(
     assert before is not None
     assert (before.canary.step, before.canary.weight) == (0, 50)
     started = json.loads((tmp_path / "state/pipelines" / revision / "work/publish/STEP.json").read_text())
-    fast = manifest(tmp_path, source, rollout=ROLLOUT, calibration={"samples": 5, "sequenceLength": 64})
+    fast = manifest(
+        tmp_path, source, rollout=ROLLOUT, targets=small, calibration={"samples": 5, "sequenceLength": 64}
+    )
     assert artifact_revision(load_manifest(str(fast)).spec) == revision  # rollout is not in the revision
     resumed = subprocess.run(command, capture_output=True, text=True, check=False, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -41,6 +41,17 @@ def write(tmp_path: Path, source: Path, method: str) -> Path:
     return manifest(tmp_path, source, compression={"quantization": {"method": method}}, rollout=ROLLOUT)
 
 
+def slow_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, path: Path) -> tuple[str, str]:
+    """Server flags that make the uncompressed source three times slower (the test-only fault
+    injection): on a tiny GLM a compressed variant is no faster than fp32, so without it whether
+    the first candidate beats the source would be a coin toss, not what these tests check."""
+    monkeypatch.setenv(ENABLE_ENV, "1")
+    source = source_revision(load_manifest(str(path)).spec)
+    file = tmp_path / "faults.json"
+    file.write_text(json.dumps({"revisions": {source: {"latencyFactor": 3.0}}}))
+    return ("--test-faults", str(file))
+
+
 def test_first_rollout_then_a_canary_promoted_on_live_figures(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -51,7 +62,8 @@ def test_first_rollout_then_a_canary_promoted_on_live_figures(
     path = write(tmp_path, source, "int8-weight-only")
     options = LoopOptions(
         state_dir=tmp_path / "state", traffic_rate=6, tick_seconds=0.5, timeout_seconds=400,
-        audit_url=audit, pipeline_args=("--decode-tokens", "4"), log=lambda _line: None,
+        audit_url=audit, pipeline_args=("--decode-tokens", "4"),
+        server_args=slow_source(tmp_path, monkeypatch, path), log=lambda _line: None,
     )  # fmt: skip
     loop = EmbeddedLoop(path, options)
     try:
@@ -95,15 +107,14 @@ def test_two_targets_each_serve_their_precision_and_a_failure_on_one_rolls_back_
     """local serves the spec's int8, edge its int4 variant, each on its own server; an edit whose
     edge candidate is made slow (the test-only fault injection) is rolled back on both targets."""
     monkeypatch.setenv("AUTOGLM_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv(ENABLE_ENV, "1")
     audit = f"sqlite:///{tmp_path / 'state' / 'audit.db'}"
     monkeypatch.setenv("AUTOGLM_AUDIT_URL", audit)
-    faults = tmp_path / "faults.json"
-    faults.write_text("{}")
     source = tiny_glm(tmp_path / "glm", init_std=0.3, seed=3)
     targets = [{"name": "local"}, {"name": "edge", "pool": "kubeedge", "precision": "int4"}]
     rollout = {**ROLLOUT, "steps": [{"weight": 50, "pause": "3s"}, {"weight": 100}]}
     path = manifest(tmp_path, source, targets=targets, rollout=rollout)
+    _, faults_file = slow_source(tmp_path, monkeypatch, path)
+    faults = Path(faults_file)
     options = LoopOptions(
         state_dir=tmp_path / "state", traffic_rate=8, tick_seconds=0.5, timeout_seconds=400, audit_url=audit,
         pipeline_args=("--decode-tokens", "4"), server_args=("--test-faults", str(faults)), log=lambda _l: None,
@@ -122,7 +133,9 @@ def test_two_targets_each_serve_their_precision_and_a_failure_on_one_rolls_back_
         path = manifest(tmp_path, source, targets=targets, rollout=rollout,
                         calibration={"samples": 5, "sequenceLength": 64})  # fmt: skip
         edited = target_revisions(load_manifest(str(path)).spec)
-        faults.write_text(json.dumps({"revisions": {edited["edge"]: {"latencyFactor": 3.0}}}))
+        slowed = json.loads(faults.read_text())
+        slowed["revisions"][edited["edge"]] = {"latencyFactor": 3.0}
+        faults.write_text(json.dumps(slowed))
         second = loop.run()
         assert second.revisions.rejected == rollout_revision(load_manifest(str(path)).spec)
         assert {t.name: (t.revision, t.candidate) for t in second.targets} == {
