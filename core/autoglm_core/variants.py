@@ -9,9 +9,9 @@ compression (pruning, distillation, skipped modules):
 - ``int4``: the spec's method (with its group size and rounding algorithm) when it is int4
   weight-only, else int4 weight-only with its defaults.
 
-The search (``compression.search``) tunes only the spec's own variant: a target's precision is fixed.
-A precision that comes out the same as the spec's own compression is that variant (one revision, one
-build). The spec's own variant is always built: its revision is the one the spec names.
+The search (``compression.search``) tunes only the spec's own variant: a target that names a
+precision gets it unsearched. A precision that comes out the same as the spec's own compression is
+that variant (one revision, one build). Only the variants some target serves are built.
 """
 
 from __future__ import annotations
@@ -54,23 +54,26 @@ def variant_spec(spec: AutoGLMModelSpec, precision: Precision | None) -> AutoGLM
         return spec
     own = spec.compression.quantization
     method = precision_method(spec, precision)
-    if method == own.method:
+    if method == own.method and not spec.compression.search.enabled:
         return spec
-    quantization = Quantization(method=method, skip_modules=own.skip_modules)
+    # A searched spec may end at another method: a target that names a precision gets it unsearched.
+    quantization = own if method == own.method else Quantization(method=method, skip_modules=own.skip_modules)
     search = spec.compression.search.model_copy(update={"enabled": False})
     compression = spec.compression.model_copy(update={"quantization": quantization, "search": search})
     return spec.model_copy(update={"compression": compression})
 
 
 def variants(spec: AutoGLMModelSpec) -> tuple[Variant, ...]:
-    """The spec's own variant first, then one per other precision the targets ask for."""
+    """One per distinct build the targets ask for, in the order of the targets: the spec's own
+    (named "") when a target serves it, and one per other precision. A variant no target serves
+    is not built, so its gates cannot reject the rollout."""
     own = artifact_revision(spec)
-    found: dict[str, tuple[str, AutoGLMModelSpec, list[str]]] = {own: ("", spec, [])}
+    found: dict[str, tuple[str, AutoGLMModelSpec, list[str]]] = {}
     for target in spec.targets:
         vspec = variant_spec(spec, target.precision)
         revision = artifact_revision(vspec)
         if revision not in found:
-            found[revision] = (str(target.precision), vspec, [])
+            found[revision] = ("" if revision == own else str(target.precision), vspec, [])
         found[revision][2].append(target.name)
     return tuple(Variant(name, vspec, rev, tuple(names)) for rev, (name, vspec, names) in found.items())
 

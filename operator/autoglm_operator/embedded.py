@@ -84,6 +84,8 @@ class _Canary:
     started: datetime | None = None
     #: Whether the sources' windows were begun (the first read of a step only marks its start).
     begun: bool = False
+    #: Each live target's server URL when the windows were begun.
+    servers: dict[str, str] = field(default_factory=dict)
     #: When the newest interval was judged: the next one is judged ``analysis.interval`` later.
     judged: datetime | None = None
 
@@ -184,7 +186,14 @@ class EmbeddedLoop:
         limits = model.spec.rollout.analysis
         if self._canary.key != (candidate, step):  # a new step (or a restart): judge from here on
             self._canary = _Canary((candidate, step), started=now)
+        servers = {t: self.servers[t].url for t in live}
+        if self._canary.begun and servers != self._canary.servers:
+            # a server restarted (a new port, counters from zero) or a target came in late: every
+            # target's window starts again, so all are still judged on the same span
+            self.options.log("analysis: the servers changed; the step's figures start again")
+            self._canary = _Canary((candidate, step), started=now)
         canary = self._canary
+        canary.servers = servers
         for target in live:
             if target not in canary.sources:
                 canary.sources[target] = self._source(target)

@@ -229,6 +229,15 @@ class _Planner:
         """Nothing stable yet and a canary asked for: the candidate is compared with the source."""
         return self.status.revisions.stable is None and bool(self.steps)
 
+    @property
+    def wants_baseline(self) -> bool:
+        """Whether a pipeline run publishes the source too: on a first rollout, and while the source
+        serves (a rolled-back first candidate), so that a retry, which redoes publish, keeps it."""
+        revisions = self.status.revisions
+        return self.first_rollout or (
+            revisions.baseline is not None and revisions.baseline == revisions.stable
+        )
+
     # -- targets --------------------------------------------------------------------------------
 
     @property
@@ -266,7 +275,7 @@ class _Planner:
         revisions = (
             target_revisions(self.model.spec)
             if candidate == rollout_revision(self.model.spec)
-            else {t: self.entry(t).candidate or candidate for t in names}
+            else {t: self.entry(t).candidate or self.entry(t).revision or candidate for t in names}
         )
         uris = {v.revision: v.uri for v in run.variants} if run is not None else {}
         if run is not None and run.artifact_uri:
@@ -302,6 +311,15 @@ class _Planner:
             next(iter(rooms.values()))[1] if len(rooms) == 1 else {t: r for t, (_, r) in rooms.items()}
         )
         for target, (fits, room) in rooms.items():
+            if not (room["baselineBytes"] and room["candidateBytes"]):
+                return (
+                    False,
+                    memory,
+                    (
+                        "the pipeline did not report the weight bytes of the source and the candidate, so "
+                        "whether a target holds both is unknown"
+                    ),
+                )
             if not fits:
                 where = f"target {target}" if len(rooms) > 1 else "the target"
                 return False, memory, (
@@ -368,7 +386,7 @@ class _Planner:
         run = self.observed.pipeline
         if run is None or run.revision != candidate:
             self.status.phase = "Compressing"
-            self.actions.append(Action("StartPipeline", candidate, attempt=1, baseline=self.first_rollout))
+            self.actions.append(Action("StartPipeline", candidate, attempt=1, baseline=self.wants_baseline))
             self.decide(
                 PIPELINE_STARTED, candidate, "the spec asks for a revision not built yet", step="attempt-1"
             )
@@ -609,7 +627,7 @@ class _Planner:
                 self.set_revisions(rejected=None, candidate=target)
                 self.status.phase = "Compressing"
                 self.actions.append(
-                    Action("StartPipeline", target, attempt=attempt, baseline=self.first_rollout)
+                    Action("StartPipeline", target, attempt=attempt, baseline=self.wants_baseline)
                 )
                 acted = True
             elif intent.kind == "retry":

@@ -94,9 +94,10 @@ def step_name(kind: str, variant: str) -> str:
 
 def pipeline_steps(spec: AutoGLMModelSpec) -> tuple[Step, ...]:
     """The steps ``spec`` needs, in an order where every step comes after its dependencies."""
-    searched = spec.compression.search.enabled
+    built = variants(spec)
+    searched = any(v.spec.compression.search.enabled for v in built)
     steps = [FETCH, CALIBRATE, *([SEARCH] if searched else [])]
-    for variant in variants(spec):
+    for variant in built:
         search = ("search",) if variant.spec.compression.search.enabled else ()
         for base, extra in ((COMPRESS, search), (VALIDATE, ()), (PUBLISH, search)):
             steps.append(

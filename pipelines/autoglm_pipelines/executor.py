@@ -85,7 +85,8 @@ def run_local(
             note = "unchanged, skipped" if reused else f"done in {elapsed:.1f}s"
             progress.update(task, completed=1, description=f"[green]{step.name}: {note}")
     run.succeeded = True
-    run.published = _published(workdir)
+    first = next((s.name for s in steps if s.function == "publish"), "publish")  # the first variant's
+    run.published = _published(workdir / first)
     return run
 
 
@@ -143,9 +144,9 @@ def _reused(before: StepResult | None, after: StepResult | None) -> bool:
     )
 
 
-def _published(workdir: Path) -> Path | None:
+def _published(publish: Path) -> Path | None:
     try:
-        result = json.loads((workdir / "publish" / "STEP.json").read_text())
+        result = json.loads((publish / "STEP.json").read_text())
         return Path(result["metrics"]["artifact"])
     except (OSError, ValueError, KeyError):
         return None

@@ -27,7 +27,7 @@ from autoglm_core.card import write_model_card
 from autoglm_core.digests import canonical_digest, sha256_file
 from autoglm_core.revision import artifact_revision, source_revision
 from autoglm_core.uris import SourceError, TransientSourceError, resolve
-from autoglm_core.variants import variant_named
+from autoglm_core.variants import variant_named, variants
 from autoglm_modeling.folders import artifact_format, load_model_folder, save_model_folder
 from autoglm_modeling.loading import load_causal_lm
 from autoglm_modeling.quantization import (
@@ -299,8 +299,10 @@ def publish(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
         "artifact": str(target), "artifactFiles": step_files(target), "artifactBytes": _weight_bytes(target),
         "revision": card["revision"],
     }  # fmt: skip
-    if ctx.baseline and not ctx.variant:  # the source is one for every variant: published once
-        baseline = _publish_baseline(model, ctx, target.with_name(BASELINE_DIR), report.metrics, fetched)
+    if ctx.baseline:  # the source is one for every variant: published once, by the first
+        # beside the artifact, never in a folder another run's --output shares
+        place = target.with_name(f"{target.name}-{BASELINE_DIR}" if ctx.output else BASELINE_DIR)
+        baseline = _publish_baseline(model, ctx, place, report.metrics, fetched)
         metrics.update({
             "baseline": str(baseline), "baselineFiles": step_files(baseline),
             "baselineRevision": source_revision(model.spec), "baselineBytes": _weight_bytes(baseline),
@@ -400,7 +402,9 @@ def run_step(model: AutoGLMModel, step: str, ctx: StepContext) -> tuple[StepResu
         found = find_step(model.spec, step)
     except ValueError as exc:
         raise StepFailedError(str(exc)) from exc
-    ctx = dataclasses.replace(ctx, variant=found.variant)
+    # The first variant's publish publishes the source too, when asked.
+    first = variants(model.spec)[0].name
+    ctx = dataclasses.replace(ctx, variant=found.variant, baseline=ctx.baseline and found.variant == first)
     built = model
     if found.variant:
         built = model.model_copy(update={"spec": variant_named(model.spec, found.variant).spec})

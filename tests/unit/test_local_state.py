@@ -109,3 +109,25 @@ def test_the_server_is_listed_for_prometheus_file_sd_while_it_runs(tmp_path: Pat
     ] == ["local"]
     state.clear_server()
     assert json.loads((tmp_path / "prometheus-targets.json").read_text()) == []
+
+
+def test_a_server_left_by_a_loop_of_the_version_before_is_found_and_stopped(tmp_path: Path) -> None:
+    """That version kept one server as `serverPid`; the next loop must still stop it."""
+    import subprocess
+    import sys
+
+    orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "autoglm_inference"])
+    try:
+        state = LocalState(tmp_path)
+        state.release(state.claim("ml/tiny", tmp_path / "t.yaml"))
+        loop = json.loads((tmp_path / "loop.json").read_text())
+        (tmp_path / "loop.json").write_text(json.dumps({**loop, "serverPid": orphan.pid, "url": "http://x"}))
+        assert state.stale_servers() == [orphan.pid]
+        state.stop_server(orphan.pid)
+        assert orphan.wait(10) is not None
+        state.clear_server()
+        assert "serverPid" not in state.loop()
+        assert state.stale_servers() == []
+    finally:
+        orphan.kill()
+        orphan.wait()

@@ -239,6 +239,11 @@ def test_publish_to_an_output_that_was_deleted_is_redone(tmp_path: Path, source:
     for name in STEPS:
         assert step(name, spec, work, "--output", str(out_dir))[0] == 0
     assert (out_dir / "model-card.json").is_file()
+    code, _ = step("publish", spec, work, "--output", str(out_dir), "--publish-baseline")
+    assert code == 0
+    # beside the artifact under its own name: never a folder another run's --output shares
+    assert (tmp_path / "served-baseline" / "model-card.json").is_file()
+    assert not (tmp_path / "baseline").exists()
     shutil.rmtree(out_dir)
     code, out = step("publish", spec, work, "--output", str(out_dir))
     assert (code, "reused" in out) == (0, False)

@@ -200,10 +200,14 @@ def test_a_candidate_worse_than_the_source_is_rolled_back_and_the_source_keeps_s
     assert (status.revisions.stable, status.revisions.rejected, status.phase) == (
         SOURCE.revision, rev, "Serving",
     )  # fmt: skip
-    # the next edit is canaried against the source too, and its pipeline publishes no second copy
+    # a retry redoes publish: it publishes the serving source again, or the source would be lost
+    retry = Intent("retry", "user:ana", T0 + timedelta(minutes=1))
+    retried = plan(model, Observed(run, serving, intents=(retry,)), T0 + timedelta(minutes=1))
+    assert [(a.kind, a.attempt, a.baseline) for a in retried.actions] == [("StartPipeline", 2, True)]
+    # the next edit is canaried against the source too
     edited = example("int4-weight-only").model_copy(update={"status": status})
     building = plan(edited, Observed(serving=Serving(stable=SOURCE.revision)), T0)
-    assert [(a.kind, a.baseline) for a in building.actions] == [("StartPipeline", False)]
+    assert [(a.kind, a.baseline) for a in building.actions] == [("StartPipeline", True)]
 
 
 @pytest.mark.parametrize(
@@ -653,3 +657,15 @@ def test_the_first_rollout_on_two_targets_serves_the_source_on_both_when_the_mac
         "the 2 targets on this machine cannot hold the source and their candidates together"
         in short.decisions[0].reason
     )
+
+
+def test_a_run_that_did_not_report_sizes_goes_on_offline_gates_and_says_so() -> None:
+    model = example()
+    rev = artifact_revision(model.spec)
+    model = applied(model, plan(model, Observed(), T0))
+    unsized = PipelineRun(
+        rev, "Succeeded", gates_passed=True, artifact_uri=URI, baseline=Published(SOURCE.revision, SOURCE.uri)
+    )
+    done = plan(model, Observed(pipeline=unsized), T0)
+    assert [(a.kind, a.revision) for a in done.actions] == [("Promote", rev)]
+    assert "did not report the weight bytes of the source and the candidate" in done.decisions[0].reason

@@ -8,17 +8,19 @@ import pytest
 
 from autoglm_api.spec import AutoGLMModelSpec
 from autoglm_core.revision import artifact_revision
-from autoglm_core.variants import target_revisions, variant_named, variant_spec, variants
+from autoglm_core.variants import rollout_revision, target_revisions, variant_named, variant_spec, variants
 
 
-def spec(method: str = "int8-weight-only", *precisions: str | None, **quantization: Any) -> AutoGLMModelSpec:
+def spec(
+    method: str = "int8-weight-only", *precisions: str | None, search: bool = False, **quantization: Any
+) -> AutoGLMModelSpec:
     targets = [
         {"name": f"t{i}", **({"precision": p} if p else {})} for i, p in enumerate(precisions or [None])
     ]
     return AutoGLMModelSpec.model_validate({
         "source": {"uri": "file:///m"},
         "compression": {"quantization": {"method": method, **quantization},
-                        "search": {"enabled": True, "maxTrials": 4}},
+                        "search": {"enabled": search, "maxTrials": 4}},
         "targets": targets,
     })  # fmt: skip
 
@@ -35,14 +37,13 @@ def spec(method: str = "int8-weight-only", *precisions: str | None, **quantizati
     ],
 )
 def test_a_precision_overrides_only_the_quantization_method(own: str, precision: str, method: str) -> None:
-    base = spec(own, None, precision)
+    base = spec(own, None, precision, search=True)
     got = variant_spec(base, precision)  # type: ignore[arg-type]
     assert got.compression.quantization.method == method
     assert got.compression.pruning == base.compression.pruning
     AutoGLMModelSpec.model_validate(got.to_json())  # a valid spec (the CEL rules hold)
-    if method != own:
-        assert not got.compression.search.enabled  # the target fixed the precision: nothing to search
-        assert artifact_revision(got) != artifact_revision(base)
+    assert not got.compression.search.enabled  # the target fixed the precision: nothing to search
+    assert artifact_revision(got) != artifact_revision(base)
 
 
 def test_the_spec_own_int4_keeps_its_group_size_and_algorithm() -> None:
@@ -72,3 +73,20 @@ def test_a_target_change_of_precision_changes_only_that_targets_revision() -> No
     after = target_revisions(spec("int8-weight-only", None, "bf16"))
     assert before["t0"] == after["t0"]
     assert before["t1"] != after["t1"]
+
+
+def test_a_searched_spec_gives_a_target_that_names_its_precision_an_unsearched_build() -> None:
+    """The search may end at int4; a target that asked for int8 must get int8."""
+    base = spec("int8-weight-only", None, "int8", search=True)
+    own, fixed = variants(base)
+    assert (own.name, own.targets, own.spec.compression.search.enabled) == ("", ("t0",), True)
+    assert (fixed.name, fixed.targets, fixed.spec.compression.search.enabled) == ("int8", ("t1",), False)
+    assert fixed.spec.compression.quantization.method == "int8-weight-only"
+
+
+def test_a_variant_no_target_serves_is_not_built() -> None:
+    """int4 is the spec's own, but the only target asks for bf16: int4's gates must not decide."""
+    base = spec("int4-weight-only", "bf16")
+    (only,) = variants(base)
+    assert (only.name, only.targets) == ("bf16", ("t0",))
+    assert rollout_revision(base) != artifact_revision(base)

@@ -152,7 +152,7 @@ class LocalPipelines:
         names = self._variants(revision)
         published = {name: _result(work / step_name("publish", name)) for name in names}
         if all(r is not None and r.get("status") == "Succeeded" for r in published.values()):
-            metrics = (published.get("") or {}).get("metrics", {})
+            metrics = (published.get(names[0]) or {}).get("metrics", {})  # the first variant's
             baseline = metrics.get("baseline")
             built = tuple(
                 Published(str(r["metrics"].get("revision", "")), str(r["metrics"]["artifact"]),

@@ -127,6 +127,8 @@ class LocalState:
     def clear_server(self, target: str | None = None) -> None:
         """Forget ``target``'s server (every server when None)."""
         servers = {} if target is None else {t: v for t, v in self.servers().items() if t != target}
+        if target is None:
+            self._forget("serverPid", "url")  # what a loop of the version before wrote
         data = self.loop()
         if SERVERS_KEY in data:
             data[SERVERS_KEY] = servers
@@ -151,7 +153,10 @@ class LocalState:
     def stale_servers(self) -> list[int]:
         """The pids of servers a killed loop left running (call while holding the lock)."""
         found = []
-        for server in self.servers().values():
+        listed = list(self.servers().values())
+        if isinstance(self.loop().get("serverPid"), int):  # written by a loop of the version before
+            listed.append({"pid": self.loop()["serverPid"]})
+        for server in listed:
             pid = server.get("pid")
             if not isinstance(pid, int):
                 continue
@@ -175,7 +180,7 @@ class LocalState:
 
     def release(self, handle: IO[str], *, server_kept: bool = False) -> None:
         """Give the directory up; ``server_kept``: the loop's server still runs (its URL stays)."""
-        self._forget("pid", *(() if server_kept else (SERVERS_KEY,)))
+        self._forget("pid", *(() if server_kept else (SERVERS_KEY, "serverPid", "url")))
         handle.close()
 
     def running(self) -> bool:
