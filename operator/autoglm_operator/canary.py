@@ -118,16 +118,10 @@ class Figures:
     def __add__(self, other: Figures) -> Figures:
         """Two intervals' figures together (requests, errors, buckets summed; the other figures
         request-weighted): a canary step judged on everything since it began."""
-        latency = None
-        if self.latency is not None and other.latency is not None:
-            if self.latency.bounds != other.latency.bounds:
-                raise ValueError("the two histograms must have the same buckets")
-            counts = tuple(a + b for a, b in zip(self.latency.counts, other.latency.counts, strict=True))
-            latency = Histogram(self.latency.bounds, counts)
         return Figures(
             requests=self.requests + other.requests,
             errors=self.errors + other.errors,
-            latency=latency or self.latency or other.latency,
+            latency=_summed(self.latency, other.latency),
             joules_per_token=_weighted(
                 self.joules_per_token, self.requests, other.joules_per_token, other.requests
             ),

@@ -258,6 +258,8 @@ class EmbeddedLoop:
                 self._start_server(name, target, action.uri)
             elif target in self.servers:
                 self._serving(name, target).apply(action)
+            else:  # its server failed to start: the next tick plans again from what is served
+                self.options.log(f"skipped {action.kind} {action.revision}: no server runs for {target}")
 
     def record(self, model: AutoGLMModel, result: Plan) -> AutoGLMModelStatus:
         """Append the decisions (each once, by its key); the status with the newest as lastDecision."""
@@ -295,14 +297,13 @@ class EmbeddedLoop:
         return status.model_copy(update={"targets": entries})
 
     def tick(self, now: datetime) -> tuple[AutoGLMModel, Plan]:
-        for target, server in list(self.servers.items()):
-            if not server.alive:
-                self.options.log(
-                    f"the server of {target} exited ({server.process.returncode}): starting it again"
-                )
-                del self.servers[target]
-                self.state.clear_server(target)
-        self._resume_servers()
+        died = [t for t, server in self.servers.items() if not server.alive]
+        for target in died:
+            code = self.servers.pop(target).process.returncode
+            self.options.log(f"the server of {target} exited ({code}): starting it again")
+            self.state.clear_server(target)
+        if died:
+            self._resume_servers()
         model = self.load()
         observed = self.observe(model, now)
         result = plan(model, observed, now)
@@ -332,19 +333,13 @@ class EmbeddedLoop:
                 httpx.post(f"{server.url}/openai/v1/completions", json=body, timeout=60)
 
     def _start_server(self, name: str, target: str, uri: str) -> None:
-        log = self.options.state_dir / (
-            "server.log" if target == self._first_target() else f"server-{target}.log"
-        )
+        log = self.options.state_dir / f"server-{target}.log"
         server = ServerProcess(
             name, uri, *self.options.server_args, log=log, model_roots=[self.options.state_dir],
         ).wait_ready()  # fmt: skip
         self.servers[target] = server
         self.state.set_server(target, server.url, server.process.pid)
         self.options.log(f"serving {name} on {target} at {server.url}")
-
-    def _first_target(self) -> str:
-        model = load_manifest(str(self.manifest))
-        return model.spec.targets[0].name
 
     def _resume_servers(self) -> None:
         """After a restart: each target serves its stable revision again (a canary is loaded by the

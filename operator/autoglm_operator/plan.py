@@ -296,8 +296,7 @@ class _Planner:
         available = self.seen(target).memory_available
         if available is None:
             available = self.observed.memory_available
-        fits = bool(run.baseline.weight_bytes and candidate_bytes) and needed <= limit
-        fits = fits and (available is None or needed <= available)
+        fits = needed <= limit and (available is None or needed <= available)
         figures = {"neededBytes": needed, "targetMemory": memory, "targetMemoryBytes": limit,
                    "availableBytes": available, "baselineBytes": run.baseline.weight_bytes,
                    "candidateBytes": candidate_bytes}  # fmt: skip
@@ -450,27 +449,11 @@ class _Planner:
             against = "baseline" if stable == self.status.revisions.baseline else "stable"
             self.decide(CANARY_STARTED, candidate, f"canary at {weight}% against {against} {stable}",
                         step=0, against=against, stable=stable, **self._per_target(wanted))  # fmt: skip
-            for target, (revision, uri) in wanted.items():
-                self.set_target(target, candidate=revision)
-                serving = self.seen(target).serving
-                if serving.canary != revision:
-                    self.actions.append(Action("LoadCanary", revision, weight=weight, uri=uri, target=target))
-                elif serving.weight != weight:
-                    self.actions.append(Action("SetWeight", revision, weight=weight, target=target))
+            self._place(wanted, weight)
             return
         step = canary.step
-        weight = self.steps[step].weight
-        missing = False
-        for target, (revision, uri) in wanted.items():
-            self.set_target(target, candidate=revision)
-            serving = self.seen(target).serving
-            if serving.canary != revision:  # after a restart of the server: load it again at its step
-                self.actions.append(Action("LoadCanary", revision, weight=weight, uri=uri, target=target))
-                missing = True
-            elif serving.weight != weight:  # a restart between acting and saving
-                self.actions.append(Action("SetWeight", revision, weight=weight, target=target))
-        if missing:
-            return
+        if self._place(wanted, self.steps[step].weight):
+            return  # loaded again (a server restarted): judged from the next interval on
         started = canary.step_started_at or self.now
         analyses: dict[str, Analysis] = {}
         for target, (revision, _) in wanted.items():
@@ -516,6 +499,21 @@ class _Planner:
             self.actions.append(Action("SetWeight", revision, weight=weight, target=target))
         self.decide(CANARY_ADVANCED, candidate, f"canary to {weight}%", step=step + 1,
                     **self._evidence(first, analyses))  # fmt: skip
+
+    def _place(self, wanted: dict[str, tuple[str, str | None]], weight: int) -> bool:
+        """Each target's candidate loaded at ``weight`` (loaded when a server lacks it, e.g. after
+        its restart; re-weighted when a restart came between acting and saving). True when any
+        had to be loaded."""
+        loaded = False
+        for target, (revision, uri) in wanted.items():
+            self.set_target(target, candidate=revision)
+            serving = self.seen(target).serving
+            if serving.canary != revision:
+                self.actions.append(Action("LoadCanary", revision, weight=weight, uri=uri, target=target))
+                loaded = True
+            elif serving.weight != weight:
+                self.actions.append(Action("SetWeight", revision, weight=weight, target=target))
+        return loaded
 
     def _reason(self, target: str, analysis: Analysis) -> str:
         where = f"target {target}: " if len(self.target_names) > 1 else ""

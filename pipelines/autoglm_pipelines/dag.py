@@ -112,6 +112,12 @@ def pipeline_steps(spec: AutoGLMModelSpec) -> tuple[Step, ...]:
     return tuple(steps)
 
 
+def baseline_publisher(spec: AutoGLMModelSpec) -> str:
+    """The publish step that also publishes the source, when asked for (the first variant's): the
+    source is one for every variant, so it is published once."""
+    return step_name("publish", variants(spec)[0].name)
+
+
 def find_step(spec: AutoGLMModelSpec, name: str) -> Step:
     """The step called ``name`` (``compress-int4``); ValueError naming the steps there are."""
     for step in pipeline_steps(spec):

@@ -13,8 +13,8 @@ from typing import Any
 from autoglm_api.resource import AutoGLMModel
 from autoglm_core.digests import canonical_digest, sha256_file
 from autoglm_core.uris import SourceError, resolve
-from autoglm_core.variants import variant_named, variants
-from autoglm_pipelines.dag import pipeline_steps
+from autoglm_core.variants import variant_named
+from autoglm_pipelines.dag import baseline_publisher, pipeline_steps
 from autoglm_pipelines.results import StepResult, completed, read_result, step_files
 
 
@@ -49,7 +49,7 @@ def inputs_digest(
     """The identity of ``step``'s inputs (a step name: ``compress``, ``compress-int4``): its part of
     the spec (its variant's, for a variant's step) and the hashes of its inputs' files."""
     found = next((s for s in pipeline_steps(model.spec) if s.name == step), None)
-    first = variants(model.spec)[0].name  # its publish publishes the source too, when asked
+    publishes_source = baseline and step == baseline_publisher(model.spec)
     kind = found.function if found is not None else step
     deps = found.depends if found is not None else ()
     if found is not None and found.variant:
@@ -60,7 +60,7 @@ def inputs_digest(
         options = {"decodeTokens": decode_tokens}
     elif kind == "publish":
         options = {"output": str(output) if output else None}
-        if baseline and (found is None or found.variant == first):
+        if publishes_source:
             options["baseline"] = True
     if kind in _READS_DATA:
         uris = {model.spec.calibration.dataset, model.spec.validation.dataset}

@@ -27,7 +27,7 @@ from autoglm_core.card import write_model_card
 from autoglm_core.digests import canonical_digest, sha256_file
 from autoglm_core.revision import artifact_revision, source_revision
 from autoglm_core.uris import SourceError, TransientSourceError, resolve
-from autoglm_core.variants import variant_named, variants
+from autoglm_core.variants import variant_named
 from autoglm_modeling.folders import artifact_format, load_model_folder, save_model_folder
 from autoglm_modeling.loading import load_causal_lm
 from autoglm_modeling.quantization import (
@@ -39,7 +39,7 @@ from autoglm_modeling.quantization import (
     weight_bytes,
 )
 from autoglm_pipelines.calibration import Statistics, collect_statistics
-from autoglm_pipelines.dag import find_step, step_name
+from autoglm_pipelines.dag import baseline_publisher, find_step, step_name
 from autoglm_pipelines.evaluation import measure
 from autoglm_pipelines.gates import evaluate_gates, quality_loss
 from autoglm_pipelines.results import VALIDATE_REPORT, StepResult, read_result, step_files, write_result
@@ -299,7 +299,7 @@ def publish(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
         "artifact": str(target), "artifactFiles": step_files(target), "artifactBytes": _weight_bytes(target),
         "revision": card["revision"],
     }  # fmt: skip
-    if ctx.baseline:  # the source is one for every variant: published once, by the first
+    if ctx.baseline:  # only in the step baseline_publisher() names
         # beside the artifact, never in a folder another run's --output shares
         place = target.with_name(f"{target.name}-{BASELINE_DIR}" if ctx.output else BASELINE_DIR)
         baseline = _publish_baseline(model, ctx, place, report.metrics, fetched)
@@ -402,9 +402,8 @@ def run_step(model: AutoGLMModel, step: str, ctx: StepContext) -> tuple[StepResu
         found = find_step(model.spec, step)
     except ValueError as exc:
         raise StepFailedError(str(exc)) from exc
-    # The first variant's publish publishes the source too, when asked.
-    first = variants(model.spec)[0].name
-    ctx = dataclasses.replace(ctx, variant=found.variant, baseline=ctx.baseline and found.variant == first)
+    baseline = ctx.baseline and step == baseline_publisher(model.spec)
+    ctx = dataclasses.replace(ctx, variant=found.variant, baseline=baseline)
     built = model
     if found.variant:
         built = model.model_copy(update={"spec": variant_named(model.spec, found.variant).spec})

@@ -54,6 +54,8 @@ class LocalPipelines:
         self.env = env
         #: The runs this process started (a restarted loop finds the others by their pid files).
         self._processes: dict[str, subprocess.Popen[bytes]] = {}
+        #: Each run's parsed manifest, with the version of its file it was parsed from.
+        self._specs: dict[str, tuple[int, AutoGLMModel | None]] = {}
 
     def _running(self, revision: str) -> bool:
         process = self._processes.get(revision)
@@ -108,10 +110,21 @@ class LocalPipelines:
         (folder / ATTEMPT_FILE).write_text(str(attempt))
 
     def _spec(self, revision: str) -> AutoGLMModel | None:
+        """The manifest the run was started with, parsed once per version of its file (observe runs
+        every tick and would otherwise validate it again each time)."""
+        path = self.folder(revision) / SPEC_FILE
         try:
-            return load_manifest(str(self.folder(revision) / SPEC_FILE))
-        except (OSError, ValueError, AutoGLMError):
+            version = path.stat().st_mtime_ns
+        except OSError:
             return None
+        cached = self._specs.get(revision)
+        if cached is None or cached[0] != version:
+            try:
+                model: AutoGLMModel | None = load_manifest(str(path))
+            except (OSError, ValueError, AutoGLMError):
+                model = None
+            cached = self._specs[revision] = (version, model)
+        return cached[1]
 
     def _variants(self, revision: str) -> list[str]:
         """The variants the run builds ("" for the spec's own; a precision for the others)."""

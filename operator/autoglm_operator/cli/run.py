@@ -75,7 +75,7 @@ def _http_url(value: str | None) -> str | None:
 @click.command("run")
 @click.argument("manifest", metavar="MANIFEST", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=Path(".autoglm/run"),
-              show_default=True, help="Pipelines, the server's log, the saved status and the audit ledger.")  # fmt: skip
+              show_default=True, help="Pipelines, each target's server log (server-TARGET.log), the saved status and the audit ledger.")  # fmt: skip
 @click.option("--until", type=click.Choice(["serving", "promoted", "forever"]), default="promoted", show_default=True,
               help="Stop once something serves, once the manifest's revision is promoted (or rejected), or never "
                    "(Ctrl-C stops; edits of the manifest are rolled out as they are saved).")  # fmt: skip
