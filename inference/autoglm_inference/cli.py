@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import cast
 
 import click
 
 from autoglm_inference.limits import Limits
-from autoglm_inference.options import ADMIN_TOKEN_ENV, ServerOptions
+from autoglm_inference.options import ADMIN_TOKEN_ENV, EngineChoice, ServerOptions
 
 _SERVER = ServerOptions()
 _LIMITS = Limits()
@@ -45,8 +46,14 @@ _LIMITS = Limits()
 @click.option("--max-new-tokens", type=click.IntRange(1), default=_LIMITS.max_new_tokens, show_default=True)
 @click.option("--max-body-bytes", type=click.IntRange(1), default=_LIMITS.max_body_bytes, show_default=True)
 @click.option(
-    "--threads", type=click.IntRange(1), default=None, help="torch threads (default: torch's choice)."
+    "--threads",
+    type=click.IntRange(1),
+    default=None,
+    help="CPU threads of the runtime (default: torch's choice; llama.cpp: the CPUs this process may use).",
 )
+@click.option("--engine", type=click.Choice(["auto", "torch", "llama.cpp"]), default=_SERVER.engine, show_default=True,
+              help="The runtime: auto serves GGUF weights (a published llama.cpp variant, a .gguf file) on "
+                   "llama.cpp when llama-cpp-python is installed and the device is the CPU, everything else on torch.")  # fmt: skip
 @click.option("--device", default=_SERVER.device, show_default=True,
               help="cpu, cuda, cuda:N, or auto (cuda when torch sees one). Energy on a GPU comes from NVML.")  # fmt: skip
 @click.option(
@@ -85,6 +92,7 @@ def serve_command(
     max_new_tokens: int,
     max_body_bytes: int,
     threads: int | None,
+    engine: str,
     device: str,
     target: str,
     prompt_variants: Path | None,
@@ -117,6 +125,7 @@ def serve_command(
             limits=Limits(max_prompt_tokens, max_new_tokens, max_body_bytes, max_queue),
             prompt_variants=prompt_variants,
             device=device,
+            engine=cast(EngineChoice, engine),  # click.Choice checked it
             admin_token=admin_token(admin_token_file),
             model_roots=model_roots,
             allow_remote_models=allow_remote_models,

@@ -22,12 +22,12 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-import torch
 from torch import nn
 
 from autoglm_core.energy import EnergyMeter, EnergyReading, Method
-from autoglm_inference.generation import DecodeBatch, Sampling
+from autoglm_inference.generation import Sampling
 from autoglm_inference.limits import QueueFullError
+from autoglm_inference.runtime import Batch, Runtime, TorchRuntime
 
 log = logging.getLogger(__name__)
 
@@ -111,13 +111,13 @@ class EngineObserver(Protocol):
 
 
 class Engine:
-    """Owns one model and the thread that decodes for it."""
+    """Owns one runtime (a model and its KV cache) and the thread that decodes for it."""
 
     _ids = itertools.count(1)
 
     def __init__(
         self,
-        model: nn.Module,
+        model: nn.Module | Runtime,
         *,
         max_batch_size: int = 8,
         max_batch_delay_ms: float = 10.0,
@@ -130,7 +130,7 @@ class Engine:
     ) -> None:
         if max_batch_size < 1 or max_queue < 1 or max_batch_delay_ms < 0:
             raise ValueError("max_batch_size >= 1, max_queue >= 1 and max_batch_delay_ms >= 0 are required")
-        self.model = model
+        self.runtime: Runtime | None = TorchRuntime(model) if isinstance(model, nn.Module) else model
         self.max_batch_size = max_batch_size
         self.max_batch_delay = max_batch_delay_ms / 1000
         self.max_queue = max_queue
@@ -155,6 +155,21 @@ class Engine:
         self._exited = threading.Event()
 
     # -- public API -----------------------------------------------------------------------------
+
+    @property
+    def model(self) -> nn.Module | None:
+        """The torch model (None for another runtime, or once released)."""
+        return getattr(self.runtime, "model", None)
+
+    @property
+    def kind(self) -> str:
+        return self.runtime.name if self.runtime is not None else "released"
+
+    def release(self) -> None:
+        """Drop the runtime's weights and cache (the worker thread has ended)."""
+        runtime, self.runtime = self.runtime, None
+        if runtime is not None:
+            runtime.release()
 
     def start(self) -> Engine:
         with self._cond:
@@ -265,8 +280,7 @@ class Engine:
         self._exited.set()
 
     def _work(self) -> None:
-        torch.set_grad_enabled(False)
-        batch: DecodeBatch | None = None
+        batch: Batch | None = None
         while True:
             try:
                 if batch is None or batch.size == 0:
@@ -293,9 +307,12 @@ class Engine:
                     failed, self._running = self._running, []
                 for job in failed:
                     job._emit(Finished("error", f"{type(exc).__name__}: {exc}"))
+                if batch is not None:  # give its rows' cache back (llama.cpp's sequence slots)
+                    with contextlib.suppress(Exception):
+                        batch.keep([])
                 batch = None
 
-    def _join(self, batch: DecodeBatch, joining: list[Job]) -> bool:
+    def _join(self, batch: Batch, joining: list[Job]) -> bool:
         """Prefill ``joining`` and merge it into ``batch``; a failure fails only the joiners."""
         try:
             batch.merge(self._prefill(joining))
@@ -308,19 +325,20 @@ class Engine:
             return False
         return True
 
-    def _prefill(self, jobs: Sequence[Job]) -> DecodeBatch:
+    def _prefill(self, jobs: Sequence[Job]) -> Batch:
         if self.observer:
             self.observer.on_prefill(len(jobs))
+        assert self.runtime is not None, "the runtime was released while the engine ran"
         with self._step_lock, self.meter.measure() as energy:
-            batch = DecodeBatch.prefill(self.model, [j.prompt_ids for j in jobs], [j.sampling for j in jobs])
+            batch = self.runtime.prefill([j.prompt_ids for j in jobs], [j.sampling for j in jobs])
         # A prefill's cost grows with the tokens it reads: each row pays for its prompt's share.
         self._charge(jobs, energy.reading, weights=[len(j.prompt_ids) for j in jobs])
         return batch
 
-    def _timed_step(self, batch: DecodeBatch, rows: Sequence[Job]) -> None:
+    def _timed_step(self, batch: Batch, rows: Sequence[Job]) -> None:
         start = time.perf_counter()
         with self._step_lock, self.meter.measure() as energy:
-            batch.step(self.model)
+            batch.step()
         seconds = time.perf_counter() - start
         self._step_seconds = 0.9 * self._step_seconds + 0.1 * seconds
         self._charge(rows, energy.reading)
@@ -340,10 +358,10 @@ class Engine:
             job.joules += reading.joules * share / total
             job.energy_method = reading.method
 
-    def _finish_rows(self, batch: DecodeBatch, rows: list[Job], *, first_new: int) -> None:
+    def _finish_rows(self, batch: Batch, rows: list[Job], *, first_new: int) -> None:
         """Hand out the token rows ``rows[first_new:]`` just got; drop rows that are done. Rows
         before ``first_new`` (after a merge) handed theirs out in the last step."""
-        tokens = batch.tokens.tolist()
+        tokens = batch.next_tokens()
         keep = []
         now = time.perf_counter()
         for index, (job, token) in enumerate(zip(rows, tokens, strict=True)):

@@ -50,10 +50,14 @@ class DecodeBatch:
         self.tokens = tokens  # [rows] the token to feed next (sampled by the last forward)
         self.sampling = sampling
         self.generators = generators
+        self.model: nn.Module | None = None  # the model ``step`` runs when given none (set by prefill)
 
     @property
     def size(self) -> int:
         return int(self.tokens.shape[0])
+
+    def next_tokens(self) -> list[int]:
+        return [int(t) for t in self.tokens.tolist()]
 
     @classmethod
     @torch.inference_mode()
@@ -90,11 +94,14 @@ class DecodeBatch:
             generators=generators,
         )
         batch.tokens = batch._sample(out.logits[:, -1, :])
+        batch.model = model
         return batch
 
     @torch.inference_mode()
-    def step(self, model: nn.Module) -> torch.Tensor:
+    def step(self, model: nn.Module | None = None) -> torch.Tensor:
         """Feed every row's last token; returns (and keeps) the next token of each row."""
+        model = model or self.model
+        assert model is not None, "step needs the model (prefill sets it)"
         self.mask = torch.cat([self.mask, self.mask.new_ones(self.size, 1)], dim=1)
         out = model(
             input_ids=self.tokens.view(-1, 1),
@@ -118,8 +125,9 @@ class DecodeBatch:
         if self.size:
             self._trim()
 
-    def merge(self, other: DecodeBatch) -> None:
+    def merge(self, other: object) -> None:
         """Append ``other``'s rows, left-padding the shorter cache so both share one length."""
+        assert isinstance(other, DecodeBatch)
         length = max(self.mask.shape[1], other.mask.shape[1])
         layers = []
         for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Final, Literal
 
 from autoglm_core.paths import DEFAULT_CACHE_DIR
 from autoglm_inference.limits import Limits
+
+#: ``--engine``: the runtime, or ``auto`` (chosen from the artifact and the device).
+EngineChoice = Literal["auto", "torch", "llama.cpp"]
 
 #: The environment variable holding the repository routes' bearer token.
 ADMIN_TOKEN_ENV: Final = "AUTOGLM_ADMIN_TOKEN"
@@ -30,6 +33,8 @@ class ServerOptions:
     limits: Limits = field(default_factory=Limits)
     prompt_variants: Path | None = None
     device: str = "cpu"  # cpu, cuda, cuda:N or auto (cuda when one is visible)
+    #: The runtime: ``auto`` picks llama.cpp for GGUF weights on a CPU (when installed), else torch.
+    engine: EngineChoice = "auto"
     #: Bearer token of the repository routes; None: they answer only to loopback clients.
     admin_token: str | None = field(default=None, repr=False)
     #: Where ``load`` may open models (paths, file:// or pkg://); empty: the start-up model's folder.

@@ -21,6 +21,7 @@ from autoglm_inference.faults import Faults
 from autoglm_inference.options import ServerOptions
 from autoglm_inference.prompts import PromptVariants
 from autoglm_inference.revisions import Router, SwapInProgressError, UnknownRevisionError
+from autoglm_inference.runtime import Runtime, TorchRuntime
 from autoglm_inference.service import LMService
 from autoglm_inference.telemetry import Labels, telemetry
 from autoglm_modeling.quantization import dequantized_kinds, quantized_kinds, run_activations_in_fp32
@@ -102,31 +103,11 @@ class Registry:
             del self._busy[name]
 
     def make_engine_for(self, name: str) -> Callable[[LoadedArtifact], Engine]:
-        device = self.device
-
         def make(loaded: LoadedArtifact) -> Engine:
-            if device.type == "cpu" and (swapped := run_activations_in_fp32(loaded.model)):
-                log.info(
-                    "%s: %d modules run with fp32 activations on AutoGLM's CPU kernel (no native half GEMM here)",
-                    loaded.artifact.uri,
-                    swapped,
-                )
-            if device.type != "cpu":
-                try:
-                    loaded.model.to(device)  # type: ignore[arg-type]
-                except Exception as exc:  # e.g. CPU-only packed int4/int8 weights
-                    raise ArtifactError(f"{loaded.artifact.uri}: cannot run on {device}: {exc}") from exc
-            if slow := dequantized_kinds(quantized_kinds(loaded.model), device):
-                log.warning(
-                    "%s: %s run dequantized on %s (this torch has no kernel for them there): "
-                    "smaller than bf16 but slower",
-                    loaded.artifact.uri,
-                    ", ".join(slow),
-                    device,
-                )
+            runtime = self._runtime(loaded)
             labels = Labels(name, loaded.artifact.revision, "-", self.options.target)
             engine = Engine(
-                loaded.model,
+                runtime,
                 max_batch_size=self.options.max_batch_size,
                 max_batch_delay_ms=self.options.max_batch_delay_ms,
                 max_queue=self.options.limits.max_queue,
@@ -139,14 +120,50 @@ class Registry:
             key = id(engine)
             telemetry().watch_queue(key, labels, lambda: engine.queue_depth)
             engine.on_stop.append(lambda: telemetry().unwatch_queue(key))
+            log.info("%s: revision %s runs on %s", name, loaded.artifact.revision, runtime.name)
             return engine
 
         return make
 
+    def _runtime(self, loaded: LoadedArtifact) -> Runtime:
+        if loaded.engine == "llama.cpp":
+            from autoglm_inference.llamacpp import LlamaCppRuntime
+
+            limits = self.options.limits
+            # Each row may hold the longest request the limits admit, so no admitted request overflows.
+            return LlamaCppRuntime(
+                loaded.model.path,
+                max_rows=self.options.max_batch_size,
+                context=limits.max_prompt_tokens + limits.max_new_tokens,
+                threads=self.options.threads,
+            )
+        device = self.device
+        if device.type == "cpu" and (swapped := run_activations_in_fp32(loaded.model)):
+            log.info(
+                "%s: %d modules run with fp32 activations on AutoGLM's CPU kernel (no native half GEMM here)",
+                loaded.artifact.uri,
+                swapped,
+            )
+        if device.type != "cpu":
+            try:
+                loaded.model.to(device)
+            except Exception as exc:  # e.g. CPU-only packed int4/int8 weights
+                raise ArtifactError(f"{loaded.artifact.uri}: cannot run on {device}: {exc}") from exc
+        if slow := dequantized_kinds(quantized_kinds(loaded.model), device):
+            log.warning(
+                "%s: %s run dequantized on %s (this torch has no kernel for them there): "
+                "smaller than bf16 but slower",
+                loaded.artifact.uri,
+                ", ".join(slow),
+                device,
+            )
+        return TorchRuntime(loaded.model)
+
     def create(self, name: str, uri: str, sha256: str | None = None) -> LMService:
         router = Router.load_first(
-            name, uri, sha256=sha256, make_engine=self.make_engine_for(name), cache_dir=self.options.cache_dir
-        )
+            name, uri, sha256=sha256, make_engine=self.make_engine_for(name), cache_dir=self.options.cache_dir,
+            engine=self.options.engine, device=self.device.type,
+        )  # fmt: skip
         service = LMService(
             name, router, prompts=self.prompts, limits=self.options.limits, target=self.options.target,
             faults=self.faults,

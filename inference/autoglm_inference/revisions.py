@@ -25,6 +25,7 @@ from pathlib import Path
 from autoglm_core.errors import AutoGLMError
 from autoglm_inference.artifact import ArtifactError, LoadedArtifact, load
 from autoglm_inference.engine import Engine, Job
+from autoglm_inference.options import EngineChoice
 
 log = logging.getLogger(__name__)
 
@@ -114,11 +115,14 @@ class Revision:
 
     def describe(self) -> dict[str, object]:
         a = self.loaded.artifact
-        return {"revision": a.revision, "uri": a.uri, "sha256": a.digest, "inFlight": self.leases}
+        return {
+            "revision": a.revision, "uri": a.uri, "sha256": a.digest, "engine": self.loaded.engine,
+            "inFlight": self.leases,
+        }  # fmt: skip
 
     def _drop_weights(self) -> None:
-        self.engine.model = None  # type: ignore[assignment]
-        self.loaded.model = None  # type: ignore[assignment]
+        self.engine.release()
+        self.loaded.model = None
         gc.collect()
         _return_freed_memory()
         self._released.set()
@@ -138,11 +142,21 @@ EngineFactory = Callable[[LoadedArtifact], Engine]
 class Router:
     """The revisions of one model name and the swap that replaces them."""
 
-    def __init__(self, name: str, table: Table, *, make_engine: EngineFactory, cache_dir: Path) -> None:
+    def __init__(
+        self,
+        name: str,
+        table: Table,
+        *,
+        make_engine: EngineFactory,
+        cache_dir: Path,
+        engine: EngineChoice = "auto",
+        device: str = "cpu",
+    ) -> None:
         self.name = name
         self.table = table
         self._make_engine = make_engine
         self._cache_dir = cache_dir
+        self._how = _How(engine, device)
         self._swap = asyncio.Lock()
         self._swapping: str | None = None
         self._retired: list[Revision] = []  # swapped out, stopping once their leases end
@@ -151,11 +165,27 @@ class Router:
 
     @classmethod
     def load_first(
-        cls, name: str, uri: str, *, sha256: str | None, make_engine: EngineFactory, cache_dir: Path
+        cls,
+        name: str,
+        uri: str,
+        *,
+        sha256: str | None,
+        make_engine: EngineFactory,
+        cache_dir: Path,
+        engine: EngineChoice = "auto",
+        device: str = "cpu",
     ) -> Router:
         """Load the first revision synchronously (server start)."""
-        revision = _build(uri, sha256, make_engine, cache_dir)
-        return cls(name, Table(stable=revision), make_engine=make_engine, cache_dir=cache_dir)
+        how = _How(engine, device)
+        revision = _build(uri, sha256, make_engine, cache_dir, how)
+        return cls(
+            name,
+            Table(stable=revision),
+            make_engine=make_engine,
+            cache_dir=cache_dir,
+            engine=engine,
+            device=device,
+        )
 
     def revisions(self) -> list[Revision]:
         t = self.table
@@ -187,7 +217,9 @@ class Router:
         async with self._swap:
             self._swapping = uri
             try:
-                revision = await asyncio.to_thread(_build, uri, sha256, self._make_engine, self._cache_dir)
+                revision = await asyncio.to_thread(
+                    _build, uri, sha256, self._make_engine, self._cache_dir, self._how
+                )
                 try:
                     await asyncio.to_thread(_warm_up, revision)
                     old = self.table
@@ -260,8 +292,16 @@ class Router:
         asyncio.get_running_loop().call_later(DRAIN_TIMEOUT_S, _stop_if_alive, ref)
 
 
-def _build(uri: str, sha256: str | None, make_engine: EngineFactory, cache_dir: Path) -> Revision:
-    loaded = load(uri, cache_dir=cache_dir, expected_sha256=sha256)
+@dataclass(frozen=True)
+class _How:
+    """Which runtime a name's revisions are loaded for (``--engine``) and on which device."""
+
+    engine: EngineChoice = "auto"
+    device: str = "cpu"
+
+
+def _build(uri: str, sha256: str | None, make_engine: EngineFactory, cache_dir: Path, how: _How) -> Revision:
+    loaded = load(uri, cache_dir=cache_dir, expected_sha256=sha256, engine=how.engine, device=how.device)
     _return_freed_memory()  # loading builds and drops a float model first
     return Revision(loaded=loaded, engine=make_engine(loaded).start())
 

@@ -20,7 +20,8 @@ import httpx
 import pytest
 
 from autoglm_inference.process import ServerProcess
-from tests.support.tiny_models import greedy_text, tiny_glm, with_model_card
+from tests.support.llamacpp import engines
+from tests.support.tiny_models import gguf_folder, greedy_text, tiny_glm, tiny_llama, with_model_card
 
 pytestmark = pytest.mark.integration
 
@@ -29,32 +30,42 @@ TOKEN = "hot-swap-admin-token"
 
 
 class Artifacts:
-    def __init__(self, root: Path) -> None:
+    """Three revisions and two broken artifacts, for one runtime: tiny GLMs in safetensors (torch),
+    or tiny Llamas as F32 GGUF folders (llama.cpp, which ``--engine auto`` picks for them)."""
+
+    def __init__(self, root: Path, engine: str) -> None:
         self.root = root
-        self.a = tiny_glm(root / "a", init_std=0.3, seed=3)
+        self.engine = engine
+        self.weights = "model.safetensors" if engine == "torch" else "model.gguf"
+        self.a = self.make("a", 3)
         self.sha_a = with_model_card(self.a, "rev-a")
-        self.b = tiny_glm(root / "b", init_std=0.3, seed=4)
+        self.b = self.make("b", 4)
         self.sha_b = with_model_card(self.b, "rev-b")
-        self.c = tiny_glm(root / "c", init_std=0.3, seed=5)
+        self.c = self.make("c", 5)
         self.sha_c = with_model_card(self.c, "rev-c")
         # Bytes changed after publishing: the card no longer matches the weights.
         self.corrupt = root / "corrupt"
         shutil.copytree(self.b, self.corrupt)
-        weights = self.corrupt / "model.safetensors"
+        weights = self.corrupt / self.weights
         data = bytearray(weights.read_bytes())
         data[-100:] = bytes(100)
         weights.write_bytes(bytes(data))
         # A truncated file whose card was (wrongly) written after the truncation: hashes match, loading fails.
         self.truncated = root / "truncated"
         shutil.copytree(self.c, self.truncated)
-        weights = self.truncated / "model.safetensors"
+        weights = self.truncated / self.weights
         weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
         with_model_card(self.truncated, "rev-t")
 
+    def make(self, name: str, seed: int) -> Path:
+        if self.engine == "torch":
+            return tiny_glm(self.root / name, init_std=0.3, seed=seed)
+        return gguf_folder(tiny_llama(self.root / "sources" / name, seed=seed), self.root / name)
 
-@pytest.fixture(scope="module")
-def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Artifacts:
-    return Artifacts(tmp_path_factory.mktemp("artifacts"))
+
+@pytest.fixture(scope="module", params=engines())
+def artifacts(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Artifacts:
+    return Artifacts(tmp_path_factory.mktemp("artifacts"), request.param)
 
 
 @pytest.fixture(scope="module")
@@ -121,12 +132,13 @@ def test_a_swap_flips_the_alias_to_the_verified_revision(server: ServerProcess, 
     assert answer.headers["x-autoglm-revision"] == "rev-b"
     assert answer.json()["choices"][0]["text"] == greedy_text(artifacts.b, PROMPT, 12)
     assert index(server)["stable"]["revision"] == "rev-b"
+    assert index(server)["stable"]["engine"] == artifacts.engine  # --engine auto: GGUF runs on llama.cpp
 
 
 @pytest.mark.parametrize(
     ("which", "sha", "status", "needle"),
     [
-        ("corrupt", None, 422, "model.safetensors has sha256"),
+        ("corrupt", None, 422, "WEIGHTS has sha256"),
         ("truncated", None, 422, "cannot load"),
         ("c", "0" * 64, 409, "does not match"),
         ("missing", None, 422, "does not exist"),
@@ -144,7 +156,7 @@ def test_a_bad_artifact_is_refused_and_the_serving_revision_keeps_serving(
     uri = artifacts.root / "nothing-here" if which == "missing" else getattr(artifacts, which)
     r = load(server, uri, **({"sha256": sha} if sha else {}))
     assert r.status_code == status, r.text
-    assert needle in r.json()["error"]
+    assert needle.replace("WEIGHTS", artifacts.weights) in r.json()["error"]
     assert index(server)["stable"]["revision"] == before
     assert complete(server).status_code == 200
 

@@ -323,3 +323,15 @@ def test_errors_are_counted_with_the_same_labels_as_everything_else(server: Serv
     assert len(grown) == 1, (before, after)
     for label in ("revision=", "prompt_variant=", 'target="edge"'):
         assert label in grown[0]
+
+
+def test_a_stream_asked_for_usage_ends_with_the_token_counts(server: ServerProcess) -> None:
+    body = {"model": "tiny", "prompt": PROMPTS[4], "max_tokens": 12, "temperature": 0}
+    whole = httpx.post(f"{server.url}/openai/v1/completions", json=body, timeout=60).json()
+    streamed = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", f"{server.url}/openai/v1/completions", json=streamed, timeout=60) as r:
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    last = json.loads(events[-2])
+    assert last["choices"] == []
+    assert last["usage"] == whole["usage"]  # the same counts as the whole answer's

@@ -85,8 +85,14 @@ def published_tiny_glms(root: Path, seeds: dict[str, int]) -> dict[str, Path]:
 def _loaded(folder: Path) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    gguf = folder / "model.gguf"  # a llama.cpp artifact: transformers' own GGUF loader reads it
     with TRANSFORMERS_LOCK:
-        model = AutoModelForCausalLM.from_pretrained(folder).eval()
+        if gguf.is_file():
+            model = AutoModelForCausalLM.from_pretrained(
+                folder, gguf_file=gguf.name, dtype=torch.float32
+            ).eval()
+        else:
+            model = AutoModelForCausalLM.from_pretrained(folder).eval()
     return model, AutoTokenizer.from_pretrained(folder)
 
 
@@ -168,3 +174,60 @@ def tiny_gguf(path: Path, *, seed: int = 0) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def tiny_llama(
+    folder: Path, *, seed: int = 0, tie: bool = True, layers: int = 2, init_std: float = 0.3
+) -> Path:
+    """Save a tiny random Llama (hidden 64, the tiny BPE tokenizer): the architecture GGUF export and
+    llama.cpp serve. ``init_std=0.3`` makes greedy output vary with the whole prompt."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = tiny_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        tie_word_embeddings=tie,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.eos_token_id,
+        initializer_range=init_std,
+    )
+    torch.manual_seed(seed)
+    with TRANSFORMERS_LOCK:
+        model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def gguf_folder(source: Path, folder: Path, *, kind: str = "F32") -> Path:
+    """``source`` (a Llama folder) published as a llama.cpp artifact: ``model.gguf`` beside its config,
+    generation config and tokenizer, as the pipeline publishes a GGUF variant (no model card)."""
+    import shutil
+
+    from autoglm_modeling.gguf_export import export_gguf, quantize_gguf
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if kind in ("F32", "F16"):
+        export_gguf(source, folder / "model.gguf", dtype=kind)  # type: ignore[arg-type]
+    else:
+        export_gguf(source, folder / "model-f16.gguf.tmp", dtype="F16")
+        quantize_gguf(folder / "model-f16.gguf.tmp", folder / "model.gguf", kind)  # type: ignore[arg-type]
+        (folder / "model-f16.gguf.tmp").unlink()
+    for name in (
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+    ):
+        if (source / name).is_file():
+            shutil.copy2(source / name, folder / name)
+    return folder

@@ -102,6 +102,8 @@ async def openai_reply(generation: Generation, body: dict[str, Any], *, chat: bo
         return JSONResponse(payload, headers=generation.headers())
 
     obj = "chat.completion.chunk" if chat else "text_completion"
+    options = body.get("stream_options")
+    include_usage = isinstance(options, dict) and options.get("include_usage") is True
 
     def event(data: dict[str, Any]) -> str:
         return f"data: {json.dumps(data)}\n\n"
@@ -138,6 +140,14 @@ async def openai_reply(generation: Generation, body: dict[str, Any], *, chat: bo
                 async for delta in deltas:
                     yield chunk(delta, None)
             yield chunk(None, generation.finish_reason or "stop")
+            if include_usage:  # OpenAI's stream_options.include_usage: one last chunk, no choices
+                prompt_tokens, completion_tokens = (
+                    len(generation.job.prompt_ids),
+                    len(generation.job.generated),
+                )
+                usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                         "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+                yield event({**base, "object": obj, "choices": [], "usage": usage})
             yield "data: [DONE]\n\n"
         except (GenerationError, UnavailableError) as exc:  # the status line is gone: say it in-band
             count_stream_error(generation.labels.attrs(), exc.status)

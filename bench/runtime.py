@@ -1,0 +1,399 @@
+"""CPU runtimes side by side, in one run: our engines behind ``autoglm serve`` against llama.cpp itself.
+
+SmolLM2-135M-Instruct, greedy, the same threads everywhere (``--threads``, default 2). For every
+variant the pipeline publishes for a CPU target:
+
+- **ours, llama.cpp engine**: the GGUF variant (F16, and Q8_0 / Q4_0 / Q4_K_M made by llama.cpp's own
+  quantizer from our F16 export) served by ``autoglm serve --engine llama.cpp``;
+- **ours, torch engine**: fp32, int8 and int4 (g32) weight-only, as validate measures them today,
+  served by ``autoglm serve --engine torch``;
+- **anchor**: llama.cpp through llama-cpp-python's own ``Llama`` (its generate loop, one sequence).
+
+Measured for each: batch-1 decode tokens/s streamed through the OpenAI route as a client sees it
+(median of ``--reps``; tokens after the first over the time after the first), the same engine called
+in-process (no HTTP), prefill tokens/s (a ~400-token prompt: prompt tokens / time to first token),
+and 16-client throughput (closed loop, 64 new tokens each). Ratios to the anchor at the same bits.
+llama.cpp's ``Llama`` decodes one sequence at a time, so its 16-client figure is its batch-1 rate.
+
+    python bench/runtime.py [--threads 2] [--tokens 128] [--clients 16] [--reps 3] [--only gguf|torch]
+
+Without llama-cpp-python (``make install-llamacpp``) only the torch rows are measured, and it says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+from serving_common import MODEL, TEXT, closed_loop, int8_artifact, prompts
+
+from autoglm_core.card import MODEL_CARD, write_model_card
+from autoglm_core.paths import DEFAULT_CACHE_DIR
+from autoglm_core.uris import resolve
+from autoglm_inference.process import ServerProcess
+from autoglm_modeling.folders import save_model_folder
+from autoglm_modeling.gguf_export import export_gguf, gguf_kind, llama_cpp_available, quantize_gguf
+from autoglm_modeling.loading import load_causal_lm
+from autoglm_modeling.quantization import quantize_model
+from autoglm_pipelines.text import read_text
+
+#: Same bits: which anchor each variant is compared with.
+GGUF_KINDS = ("F16", "Q8_0", "Q4_0", "Q4_K_M")
+TORCH_VARIANTS = {"fp32": "F16", "int8": "Q8_0", "int4": "Q4_0"}
+SIMD = (
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx_vnni",
+    "amx_int8",
+    "neon",
+    "asimd",
+)
+
+
+@dataclass
+class Row:
+    name: str
+    engine: str
+    bits: str  # the anchor kind it is compared with
+    size_mb: float
+    decode: list[float] = field(default_factory=list)  # streamed through the server
+    direct: list[float] = field(default_factory=list)  # the same engine in-process
+    prefill: list[float] = field(default_factory=list)
+    clients: float = float("nan")
+    tokens: list[int] = field(default_factory=list)  # the first greedy tokens, for the same-output check
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=128, help="new tokens per batch-1 decode run")
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--only", choices=["gguf", "torch"], default=None)
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+
+    print(
+        f"CPU: {cpu_name()}; SIMD: {' '.join(f for f in SIMD if f in cpu_flags()) or '?'}; threads {args.threads}"
+    )
+    have_llama = llama_cpp_available()
+    if not have_llama:
+        print(
+            "llama-cpp-python is not installed (make install-llamacpp): the GGUF rows and the anchor are skipped"
+        )
+    source, tokenizer = source_folder(args.cache_dir)
+    text = read_text(resolve(TEXT, cache_dir=args.cache_dir))
+    decode_prompt = "Continue this scene from Hamlet:\n" + text[20_000:20_400]
+    prefill_prompt = text[40_000:42_000]
+    ids = tokenizer(decode_prompt)["input_ids"]
+    long_ids = tokenizer(prefill_prompt)["input_ids"]
+    texts = (decode_prompt, prefill_prompt)
+    print(f"decode prompt {len(ids)} tokens, {args.tokens} new; prefill prompt {len(long_ids)} tokens")
+
+    rows: list[Row] = []
+    anchors: dict[str, Row] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        logs = Path(tmp)
+        if have_llama and args.only != "torch":
+            for kind in GGUF_KINDS:
+                folder = gguf_artifact(args.cache_dir, source, kind)
+                anchors[kind] = measure_anchor(folder / "model.gguf", kind, ids, long_ids, args)
+                rows.append(measure_server(folder, "llama.cpp", kind, kind, ids, long_ids, args, logs, texts))
+        if args.only != "gguf":
+            for variant, bits in TORCH_VARIANTS.items():
+                folder = torch_artifact(args.cache_dir, source, variant)
+                rows.append(measure_server(folder, "torch", variant, bits, ids, long_ids, args, logs, texts))
+    report(rows, anchors, args)
+
+
+# -- artifacts ------------------------------------------------------------------------------------
+
+
+def source_folder(cache_dir: Path) -> tuple[Path, object]:
+    lm = load_causal_lm(resolve(MODEL, cache_dir=cache_dir), "gguf", cache_dir=cache_dir)
+    return lm.folder, lm.tokenizer
+
+
+def gguf_artifact(cache_dir: Path, source: Path, kind: str) -> Path:
+    """``source`` as the pipeline publishes a llama.cpp variant: ``model.gguf`` beside its tokenizer."""
+    folder = cache_dir / "bench" / "runtime" / f"gguf-{kind}"
+    if (folder / MODEL_CARD).is_file():
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    reference = resolve(MODEL, cache_dir=cache_dir)  # the shipped GGUF: its tokenizer fields are copied
+    f16 = cache_dir / "bench" / "runtime" / "smollm2-F16.gguf"
+    if not f16.is_file():
+        export_gguf(source, f16, dtype="F16", tokenizer_from=reference)
+    if kind == "F16":
+        shutil.copy2(f16, folder / "model.gguf")
+    else:
+        quantize_gguf(f16, folder / "model.gguf", kind)  # type: ignore[arg-type]
+    for name in (
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+    ):
+        if (source / name).is_file():
+            shutil.copy2(source / name, folder / name)
+    write_model_card(
+        folder,
+        {
+            "model": "bench/smollm2",
+            "revision": f"gguf-{kind.lower()}",
+            "format": f"gguf {gguf_kind(folder / 'model.gguf')}",
+        },
+    )
+    return folder
+
+
+def torch_artifact(cache_dir: Path, source: Path, variant: str) -> Path:
+    if variant == "fp32":
+        return source
+    if variant == "int8":
+        return int8_artifact(cache_dir, "runtime-int8")[0]
+    folder = cache_dir / "bench" / "runtime" / "torch-int4"
+    if not (folder / MODEL_CARD).is_file():
+        lm = load_causal_lm(source, None, cache_dir=cache_dir)
+        plan = quantize_model(lm.model, "int4-weight-only", group_size=32)
+        save_model_folder(lm.model, lm.tokenizer, folder, plan)
+        write_model_card(folder, {"model": "bench/smollm2", "revision": "torch-int4"})
+    return folder
+
+
+def size_mb(folder: Path) -> float:
+    return sum(p.stat().st_size for p in folder.glob("*") if p.suffix in (".gguf", ".safetensors")) / 1e6
+
+
+# -- measurements ---------------------------------------------------------------------------------
+
+
+def measure_anchor(
+    path: Path, kind: str, ids: list[int], long_ids: list[int], args: argparse.Namespace
+) -> Row:
+    import llama_cpp
+
+    llm = llama_cpp.Llama(
+        str(path),
+        n_ctx=2048,
+        n_batch=512,
+        n_threads=args.threads,
+        n_threads_batch=args.threads,
+        verbose=False,
+    )
+    row = Row(f"llama.cpp {kind}", "anchor", kind, path.stat().st_size / 1e6)
+    for rep in range(args.reps + 1):
+        start = time.perf_counter()
+        tokens: list[int] = []
+        first = 0.0
+        for token in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+            if not tokens:
+                first = time.perf_counter()
+            tokens.append(int(token))
+            if len(tokens) >= args.tokens:
+                break
+        done = time.perf_counter()
+        if rep:  # the first run warms up
+            row.decode.append((len(tokens) - 1) / (done - first))
+        row.tokens = tokens[:32]
+        del start
+        llm.reset()
+        start = time.perf_counter()
+        llm.eval(long_ids)
+        if rep:
+            row.prefill.append(len(long_ids) / (time.perf_counter() - start))
+        llm.reset()
+    row.direct = row.decode
+    row.clients = statistics.median(row.decode)  # one sequence at a time
+    del llm
+    return row
+
+
+def measure_server(
+    folder: Path, engine: str, name: str, bits: str, ids: list[int], long_ids: list[int],
+    args: argparse.Namespace, logs: Path, prompts_: tuple[str, str],
+) -> Row:  # fmt: skip
+    row = Row(f"ours {name}", engine, bits, size_mb(folder))
+    row.direct, row.tokens = direct_decode(folder, engine, ids, args)
+    server = ServerProcess(
+        "smol", str(folder), "--engine", engine, "--max-batch-size", str(args.clients),
+        "--max-prompt-tokens", "4096", log=logs / f"{engine}-{name}.log", threads=args.threads,
+    ).wait_ready(300)  # fmt: skip
+    try:
+        stream(server, prompts_[0], 8)  # warm-up
+        for _ in range(args.reps):
+            ttft, rate, _ = stream(server, prompts_[0], args.tokens)
+            row.decode.append(rate)
+            ttft, _, _ = stream(server, prompts_[1], 1)
+            row.prefill.append(len(long_ids) / ttft)
+        texts = prompts(args.cache_dir, 64)
+        load = asyncio.run(
+            closed_loop(server.url, "smol", texts, clients=args.clients, max_tokens=64, requests_per_client=2)
+        )
+        if load.failed:
+            raise SystemExit(
+                f"{row.name}: {load.failed} of {load.ok + load.failed} requests failed: {load.errors[:2]}"
+            )
+        row.clients = load.tokens / load.seconds
+    finally:
+        server.stop()
+    return row
+
+
+def stream(server: ServerProcess, prompt: str, n: int) -> tuple[float, float, int]:
+    """One streamed completion of ``prompt``: (time to first token, decode tokens/s after the first,
+    completion tokens)."""
+    body = {"model": "smol", "prompt": prompt, "max_tokens": n, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    start = time.perf_counter()
+    first = last = 0.0
+    tokens = 0
+    with httpx.stream("POST", f"{server.url}/openai/v1/completions", json=body, timeout=600) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            data = json.loads(line[6:])
+            if data.get("usage"):
+                tokens = int(data["usage"]["completion_tokens"])
+            elif data["choices"] and data["choices"][0].get("text"):
+                last = time.perf_counter()
+                first = first or last
+    ttft = first - start
+    rate = (tokens - 1) / (last - first) if tokens > 1 and last > first else float("nan")
+    return ttft, rate, tokens
+
+
+def direct_decode(
+    folder: Path, engine: str, ids: list[int], args: argparse.Namespace
+) -> tuple[list[float], list[int]]:
+    """The engine the server runs, called in this process: no HTTP, no tokenizing, no streaming."""
+    import torch
+
+    from autoglm_inference.artifact import load
+    from autoglm_inference.engine import Engine, Job, run_jobs
+
+    torch.set_num_threads(args.threads)
+    loaded = load(str(folder), cache_dir=args.cache_dir, engine=engine)  # type: ignore[arg-type]
+    if loaded.engine == "llama.cpp":
+        from autoglm_inference.llamacpp import LlamaCppRuntime
+
+        runtime: object = LlamaCppRuntime(loaded.model.path, max_rows=1, context=2048, threads=args.threads)
+    else:
+        from autoglm_inference.runtime import TorchRuntime
+        from autoglm_modeling.quantization import run_activations_in_fp32
+
+        run_activations_in_fp32(loaded.model)
+        runtime = TorchRuntime(loaded.model)
+    engine_ = Engine(runtime, max_batch_size=1).start()  # type: ignore[arg-type]
+    rates, tokens = [], []
+    try:
+        for rep in range(args.reps + 1):
+            (job,) = run_jobs(engine_, [Job(list(ids), args.tokens)])
+            assert job.first_token_at is not None
+            assert job.finished_at is not None
+            if rep:
+                rates.append((len(job.generated) - 1) / (job.finished_at - job.first_token_at))
+            tokens = job.generated[:32]
+    finally:
+        engine_.stop()
+        engine_.release()
+    return rates, tokens
+
+
+# -- the report -----------------------------------------------------------------------------------
+
+
+def med(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def report(rows: list[Row], anchors: dict[str, Row], args: argparse.Namespace) -> None:
+    print()
+    header = f"{'runtime / variant':<22}{'engine':<11}{'MB':>6}{'decode tok/s':>14}{'direct':>9}{'prefill tok/s':>15}{f'{args.clients} clients':>12}{'vs llama.cpp (decode, prefill, clients)':>42}{'same 32 tokens':>16}"
+    print(header)
+    print("-" * len(header))
+    for kind, anchor in anchors.items():
+        print(line(anchor, None))
+        for row in rows:
+            if row.engine == "llama.cpp" and row.bits == kind:
+                print(line(row, anchor))
+    for row in rows:
+        if row.engine == "torch":
+            print(line(row, anchors.get(row.bits)))
+    print()
+    ours = [r for r in rows if r.engine == "llama.cpp"]
+    if ours and anchors:
+        worst = min(med(r.decode) / med(anchors[r.bits].decode) for r in ours)
+        print(
+            f"llama.cpp engine through autoglm serve, worst decode ratio to llama.cpp at the same bits: {worst:.2f}x"
+        )
+    torch_rows = [r for r in rows if r.engine == "torch" and r.bits in anchors]
+    if torch_rows:
+        best = max(med(r.decode) / med(anchors[r.bits].decode) for r in torch_rows)
+        print(f"torch engine, best decode ratio to llama.cpp at the same bits: {best:.2f}x")
+    for row in rows:
+        if row.engine != "anchor" and row.direct and row.decode:
+            print(
+                f"{row.name} ({row.engine}): streamed through the server / called directly = {med(row.decode) / med(row.direct):.2f}x"
+            )
+
+
+def line(row: Row, anchor: Row | None) -> str:
+    ratios = same = ""
+    if anchor is not None:
+        ratios = f"{med(row.decode) / med(anchor.decode):.2f}x  {med(row.prefill) / med(anchor.prefill):.2f}x  {row.clients / anchor.clients:.2f}x"
+        same = (
+            "yes"
+            if row.tokens == anchor.tokens
+            else f"first {next((i for i, (a, b) in enumerate(zip(row.tokens, anchor.tokens, strict=False)) if a != b), 32)}"
+        )
+    return (
+        f"{row.name:<22}{row.engine:<11}{row.size_mb:>6.0f}{med(row.decode):>14.1f}{med(row.direct):>9.1f}"
+        f"{med(row.prefill):>15.0f}{row.clients:>12.1f}{ratios:>42}{same:>16}"
+    )
+
+
+def cpu_flags() -> set[str]:
+    try:
+        for text_line in Path("/proc/cpuinfo").read_text().splitlines():
+            if text_line.startswith(("flags", "Features")):
+                return set(text_line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_name() -> str:
+    try:
+        for text_line in Path("/proc/cpuinfo").read_text().splitlines():
+            if text_line.startswith("model name"):
+                return text_line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,280 @@
+"""Write a Hugging Face Llama-family model folder as GGUF, and quantize GGUF with llama.cpp's own quantizer.
+
+``export_gguf`` reads the folder's safetensors (never pickles) and writes F32 or F16 GGUF with the
+``gguf`` package's writer: the llama.cpp tensor names (``gguf.TensorNameMap``), the hyper-parameters,
+and the tokenizer. Two layout rules of llama.cpp's own converter apply:
+
+- llama.cpp's ``llama`` architecture rotates query/key pairs that sit next to each other, while
+  Hugging Face's Llama rotates the two halves of each head, so the rows of ``q_proj`` and ``k_proj``
+  are permuted per head (transformers' GGUF loader undoes exactly this);
+- a tied ``lm_head`` is not written: llama.cpp reads the output projection from ``token_embd``.
+
+The tokenizer's GGUF fields are copied from a reference GGUF when the model came from one (the
+fetched source), so llama.cpp tokenizes as before; otherwise they are built from ``tokenizer.json``.
+The server itself always tokenizes with the folder's Hugging Face tokenizer and hands token ids to
+the engine, so both engines see the same ids.
+
+``quantize_gguf`` calls ``llama_model_quantize`` from ``llama-cpp-python`` (the optional
+``llamacpp`` extra): the same code as llama.cpp's ``llama-quantize`` tool.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Final, Literal
+
+import gguf
+import numpy as np
+from safetensors import safe_open
+
+from autoglm_core.uris import SourceError
+
+#: GGUF kinds AutoGLM publishes, with llama.cpp's file-type numbers.
+QuantKind = Literal["F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q4_K_M"]
+FILE_TYPES: Final[dict[str, gguf.LlamaFileType]] = {
+    "F32": gguf.LlamaFileType.ALL_F32,
+    "F16": gguf.LlamaFileType.MOSTLY_F16,
+    "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+    "Q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
+    "Q4_K_M": gguf.LlamaFileType.MOSTLY_Q4_K_M,
+}
+#: Architectures written so far, with their GGUF architecture.
+ARCHITECTURES: Final = {"LlamaForCausalLM": gguf.MODEL_ARCH.LLAMA}
+
+
+class GGUFExportError(SourceError):
+    """A folder that cannot be written as GGUF, or a quantization llama.cpp refused."""
+
+
+def export_gguf(
+    folder: Path, out: Path, *, dtype: Literal["F32", "F16"] = "F16", tokenizer_from: Path | None = None
+) -> Path:
+    """Write ``folder`` (config.json, safetensors, tokenizer.json) as one GGUF file at ``out``."""
+    config = _read_json(folder / "config.json")
+    architecture = (config.get("architectures") or ["?"])[0]
+    if architecture not in ARCHITECTURES:
+        raise GGUFExportError(
+            f"{folder}: {architecture} cannot be written as GGUF yet; supported: {', '.join(ARCHITECTURES)}"
+        )
+    if config.get("quantization_config"):
+        raise GGUFExportError(
+            f"{folder}: already quantized ({config['quantization_config'].get('format', '?')}); export the "
+            "unquantized model and let llama.cpp's quantizer make the GGUF kinds"
+        )
+    arch = ARCHITECTURES[architecture]
+    layers = int(config["num_hidden_layers"])
+    heads = int(config["num_attention_heads"])
+    kv_heads = int(config.get("num_key_value_heads") or heads)
+    hidden = int(config["hidden_size"])
+    head_dim = int(config.get("head_dim") or hidden // heads)
+    tied = bool(config.get("tie_word_embeddings", False))
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+    writer = gguf.GGUFWriter(partial, gguf.MODEL_ARCH_NAMES[arch])
+    writer.add_name(str(config.get("_name_or_path") or folder.name))
+    writer.add_block_count(layers)
+    writer.add_context_length(int(config.get("max_position_embeddings", 2048)))
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(int(config["intermediate_size"]))
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(float(_rope_theta(config)))
+    writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
+    writer.add_vocab_size(int(config["vocab_size"]))
+    writer.add_file_type(FILE_TYPES[dtype])
+    _rope_scaling(writer, config)
+    _tokenizer(writer, folder, tokenizer_from)
+
+    names = gguf.TensorNameMap(arch, layers)
+    for name, array in _tensors(folder):
+        if tied and name == "lm_head.weight":
+            continue
+        if name.endswith(("rotary_emb.inv_freq",)):
+            continue
+        if name.endswith("self_attn.q_proj.weight"):
+            array = _permute(array, heads)
+        elif name.endswith("self_attn.k_proj.weight"):
+            array = _permute(array, kv_heads)
+        target = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if target is None:
+            raise GGUFExportError(f"{folder}: tensor {name} has no llama.cpp name in the {arch.name} layout")
+        # Norms and other 1-D tensors stay F32, as llama.cpp's converter keeps them.
+        keep_f32 = dtype == "F32" or array.ndim == 1
+        writer.add_tensor(target, array.astype(np.float32 if keep_f32 else np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    os.replace(partial, out)
+    return out
+
+
+def quantize_gguf(source: Path, out: Path, kind: QuantKind, *, threads: int | None = None) -> Path:
+    """Quantize an F32/F16 GGUF to ``kind`` with llama.cpp's quantizer (``llama-cpp-python``)."""
+    llama_cpp = require_llama_cpp("quantizing GGUF")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = int(FILE_TYPES[kind])
+    params.nthread = threads or max(os.cpu_count() or 1, 1)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+    rc = llama_cpp.llama_model_quantize(str(source).encode(), str(partial).encode(), ctypes.byref(params))
+    if rc != 0:
+        partial.unlink(missing_ok=True)
+        raise GGUFExportError(
+            f"llama.cpp could not quantize {source} to {kind} (llama_model_quantize returned {rc})"
+        )
+    os.replace(partial, out)
+    return out
+
+
+def require_llama_cpp(what: str) -> Any:
+    """The ``llama_cpp`` module, or an error saying how to install it."""
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        raise GGUFExportError(
+            f"{what} needs llama.cpp: `make install-llamacpp` (builds llama-cpp-python, about 15 minutes on 2 cores)"
+        ) from exc
+    return llama_cpp
+
+
+def llama_cpp_available() -> bool:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def gguf_kind(path: Path) -> str:
+    """The GGUF file type of ``path`` as its name (``Q8_0``, ``F16``, ...)."""
+    reader = gguf.GGUFReader(path)
+    field = reader.fields.get("general.file_type")
+    if field is None:
+        return "unknown"
+    value = int(field.parts[field.data[0]][0])
+    try:
+        return gguf.LlamaFileType(value).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    except ValueError:
+        return str(value)
+
+
+# -- helpers --------------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise GGUFExportError(f"{path}: cannot read: {exc}") from exc
+    if not isinstance(data, dict):
+        raise GGUFExportError(f"{path}: not a JSON object")
+    return data
+
+
+def _rope_theta(config: dict[str, Any]) -> float:
+    if "rope_theta" in config:
+        return float(config["rope_theta"])
+    parameters = config.get("rope_parameters") or {}
+    return float(parameters.get("rope_theta", 10000.0))
+
+
+def _rope_scaling(writer: gguf.GGUFWriter, config: dict[str, Any]) -> None:
+    scaling = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    kind = scaling.get("rope_type") or scaling.get("type") or "default"
+    if kind in ("default", None):
+        return
+    if kind == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(scaling["factor"]))
+        return
+    raise GGUFExportError(f"rope scaling {kind!r} is not written to GGUF yet; supported: default, linear")
+
+
+def _tensors(folder: Path) -> Iterator[tuple[str, np.ndarray]]:
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise GGUFExportError(f"{folder}: no .safetensors weights")
+    for file in files:
+        with safe_open(str(file), framework="numpy") as handle:
+            for name in handle.keys():  # noqa: SIM118  (safe_open has no __iter__)
+                yield name, handle.get_tensor(name).astype(np.float32)
+
+
+def _permute(weights: np.ndarray, heads: int) -> np.ndarray:
+    """Hugging Face's half-split rotary layout to llama.cpp's interleaved one, per head."""
+    rows = weights.shape[0]
+    return (
+        weights.reshape(heads, 2, rows // heads // 2, *weights.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weights.shape)
+    )
+
+
+def _tokenizer(writer: gguf.GGUFWriter, folder: Path, reference: Path | None) -> None:
+    if reference is not None:
+        _copy_tokenizer(writer, reference)
+        return
+    data = _read_json(folder / "tokenizer.json")
+    model = data.get("model") or {}
+    if model.get("type") != "BPE":
+        raise GGUFExportError(
+            f"{folder}: tokenizer model {model.get('type')!r}; GGUF export supports byte-level BPE tokenizers"
+        )
+    vocab: dict[str, int] = dict(model["vocab"])
+    added = {t["content"]: t for t in data.get("added_tokens", [])}
+    for content, token in added.items():
+        vocab.setdefault(content, int(token["id"]))
+    size = max(vocab.values()) + 1
+    tokens = [f"[PAD{i}]" for i in range(size)]
+    types = [gguf.TokenType.UNUSED] * size
+    for text, index in vocab.items():
+        tokens[index] = text
+        token = added.get(text)
+        if token is None:
+            types[index] = gguf.TokenType.NORMAL
+        else:
+            types[index] = gguf.TokenType.CONTROL if token.get("special") else gguf.TokenType.USER_DEFINED
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    settings = (
+        _read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
+    )
+    for key, add in (("bos_token", writer.add_bos_token_id), ("eos_token", writer.add_eos_token_id),
+                     ("unk_token", writer.add_unk_token_id), ("pad_token", writer.add_pad_token_id)):  # fmt: skip
+        value = settings.get(key)
+        if isinstance(value, dict):
+            value = value.get("content")
+        if isinstance(value, str) and value in vocab:
+            add(vocab[value])
+    writer.add_add_bos_token(bool(settings.get("add_bos_token", False)))
+    template = folder / "chat_template.jinja"
+    if template.is_file():
+        writer.add_chat_template(template.read_text())
+    elif isinstance(settings.get("chat_template"), str):
+        writer.add_chat_template(settings["chat_template"])
+
+
+def _copy_tokenizer(writer: gguf.GGUFWriter, reference: Path) -> None:
+    reader = gguf.GGUFReader(reference)
+    for key, field in reader.fields.items():
+        if not key.startswith("tokenizer."):
+            continue
+        kind = field.types[0]
+        if kind == gguf.GGUFValueType.ARRAY:
+            writer.add_array(key, field.contents())
+        else:
+            writer.add_key_value(key, field.contents(), kind)

@@ -1,0 +1,167 @@
+"""The llama.cpp runtime under the server's engine: greedy output equals transformers' ``generate()``
+on the same weights (F32 GGUF), batching and continuous batching change no token, finished and
+cancelled rows give their cache back, and quantized GGUF made by llama.cpp's quantizer serves."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from autoglm_inference.engine import Engine, Job, run_jobs
+from autoglm_inference.generation import Sampling
+from autoglm_modeling.gguf_export import gguf_kind
+from autoglm_modeling.loading import TRANSFORMERS_LOCK
+from tests.support.llamacpp import needs_llama_cpp
+from tests.support.tiny_models import gguf_folder, tiny_llama
+
+pytestmark = needs_llama_cpp
+
+PROMPTS = [
+    "Something is rotten in the state of Denmark",
+    "To be, or not to be",
+    "Frailty, thy name is woman",
+    "The rest is silence",
+]
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_llama(tmp_path_factory.mktemp("llama") / "src", seed=7)
+
+
+@pytest.fixture(scope="module")
+def f32(source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return gguf_folder(source, tmp_path_factory.mktemp("gguf") / "f32") / "model.gguf"
+
+
+def runtime(path: Path, rows: int = 4) -> object:
+    from autoglm_inference.llamacpp import LlamaCppRuntime
+
+    return LlamaCppRuntime(path, max_rows=rows, context=256, threads=2)
+
+
+def prompt_ids(source: Path) -> list[list[int]]:
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    return [tokenizer(p)["input_ids"] for p in PROMPTS]
+
+
+def transformers_greedy(source: Path, ids: list[int], n: int) -> list[int]:
+    with TRANSFORMERS_LOCK:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
+        )  # fmt: skip
+    return [int(t) for t in out[0, len(ids) :]]
+
+
+def test_greedy_output_equals_transformers_generate_for_32_tokens(source: Path, f32: Path) -> None:
+    engine = Engine(runtime(f32), max_batch_size=1).start()  # type: ignore[arg-type]
+    try:
+        for ids in prompt_ids(source):
+            (job,) = run_jobs(engine, [Job(ids, 32)])
+            assert job.generated == transformers_greedy(source, ids, 32)
+    finally:
+        engine.stop()
+
+
+@pytest.mark.parametrize("continuous", [False, True])
+def test_batched_rows_decode_the_same_tokens_as_alone(source: Path, f32: Path, continuous: bool) -> None:
+    prompts = prompt_ids(source)
+    alone_engine = Engine(runtime(f32), max_batch_size=1).start()  # type: ignore[arg-type]
+    alone = [run_jobs(alone_engine, [Job(ids, 24)])[0].generated for ids in prompts]
+    alone_engine.stop()
+    engine = Engine(runtime(f32), max_batch_size=4, max_batch_delay_ms=50, continuous=continuous).start()  # type: ignore[arg-type]
+    try:
+        jobs = [Job(ids, 24) for ids in prompts]
+        engine.submit(jobs[0])
+        engine.submit(jobs[1])
+        time.sleep(0.05)  # the others join a batch already decoding (continuous), or wait for it
+        run_jobs(engine, jobs[2:])
+        assert all(j.wait(60) for j in jobs)
+        assert [j.generated for j in jobs] == alone
+    finally:
+        engine.stop()
+
+
+def test_finished_and_cancelled_rows_give_their_sequence_slots_back(source: Path, f32: Path) -> None:
+    prompts = prompt_ids(source)
+    llama = runtime(f32, rows=2)
+    engine = Engine(llama, max_batch_size=2, max_batch_delay_ms=0).start()  # type: ignore[arg-type]
+    try:
+        for round_ in range(5):  # 2 slots, 10 rows: a leaked slot would fail a later prefill
+            long = engine.submit(Job(prompts[round_ % 4], 200))
+            short = engine.submit(Job(prompts[(round_ + 1) % 4], 3))
+            assert short.wait(30)
+            assert short.finish_reason == "length"
+            long.cancel()
+            assert long.wait(30)
+            assert long.finish_reason == "cancelled"
+        (job,) = run_jobs(engine, [Job(prompts[0], 8)])
+        assert job.finish_reason == "length"
+        assert len(job.generated) == 8
+        deadline = time.monotonic() + 10  # a row's slot is given back just after its last token is handed out
+        while sorted(llama._free) != [0, 1] and time.monotonic() < deadline:  # type: ignore[attr-defined]
+            time.sleep(0.01)
+        assert sorted(llama._free) == [0, 1]  # type: ignore[attr-defined]
+    finally:
+        engine.stop()
+
+
+def test_seeded_sampling_repeats_and_differs_from_greedy(source: Path, f32: Path) -> None:
+    ids = prompt_ids(source)[0]
+    engine = Engine(runtime(f32), max_batch_size=2).start()  # type: ignore[arg-type]
+    try:
+        hot = Sampling(temperature=1.5, top_p=0.95, seed=11)
+        a, b = run_jobs(engine, [Job(ids, 24, sampling=hot), Job(ids, 24, sampling=hot)])
+        (greedy,) = run_jobs(engine, [Job(ids, 24)])
+        assert a.generated == b.generated
+        assert a.generated != greedy.generated
+    finally:
+        engine.stop()
+
+
+def test_a_prompt_longer_than_the_context_fails_its_request_not_the_engine(source: Path, f32: Path) -> None:
+    engine = Engine(runtime(f32), max_batch_size=2).start()  # type: ignore[arg-type]
+    try:
+        too_long = engine.submit(Job([5] * 300, 4))
+        assert too_long.wait(30)
+        assert too_long.finish_reason == "error"
+        assert too_long.generated == []
+        (fine,) = run_jobs(engine, [Job(prompt_ids(source)[0], 4)])
+        assert fine.finish_reason == "length"
+    finally:
+        engine.stop()
+
+
+@pytest.mark.parametrize(("kind", "smaller_than"), [("Q8_0", 0.45), ("Q4_0", 0.30)])
+def test_llama_cpp_quantized_gguf_serves_and_is_smaller(
+    source: Path, f32: Path, tmp_path: Path, kind: str, smaller_than: float
+) -> None:
+    folder = gguf_folder(source, tmp_path / kind, kind=kind)
+    path = folder / "model.gguf"
+    assert gguf_kind(path) == kind
+    assert path.stat().st_size < f32.stat().st_size * (smaller_than + 0.5)
+    engine = Engine(runtime(path), max_batch_size=2).start()  # type: ignore[arg-type]
+    try:
+        jobs = run_jobs(engine, [Job(ids, 16) for ids in prompt_ids(source)])
+        assert all(j.finish_reason == "length" and len(j.generated) == 16 for j in jobs)
+    finally:
+        engine.stop()
+
+
+def test_released_runtimes_free_their_memory_when_the_engine_ends(source: Path, f32: Path) -> None:
+    engine = Engine(runtime(f32), max_batch_size=1).start()  # type: ignore[arg-type]
+    done = threading.Event()
+    engine.on_exit.append(done.set)
+    run_jobs(engine, [Job(prompt_ids(source)[0], 4)])
+    assert engine.stop(30)
+    engine.release()
+    assert engine.runtime is None
+    assert engine.kind == "released"
