@@ -29,6 +29,8 @@ import logging
 import platform
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -104,8 +106,8 @@ def main() -> None:
     text = read_text(resolve(TEXT, cache_dir=args.cache_dir))
     decode_prompt = "Continue this scene from Hamlet:\n" + text[20_000:20_400]
     prefill_prompt = text[40_000:42_000]
-    ids = tokenizer(decode_prompt)["input_ids"]
-    long_ids = tokenizer(prefill_prompt)["input_ids"]
+    ids = [int(i) for i in tokenizer(decode_prompt)["input_ids"]]
+    long_ids = [int(i) for i in tokenizer(prefill_prompt)["input_ids"]]
     texts = (decode_prompt, prefill_prompt)
     print(f"decode prompt {len(ids)} tokens, {args.tokens} new; prefill prompt {len(long_ids)} tokens")
 
@@ -288,14 +290,30 @@ def stream(server: ServerProcess, prompt: str, n: int) -> tuple[float, float, in
 def direct_decode(
     folder: Path, engine: str, ids: list[int], args: argparse.Namespace
 ) -> tuple[list[float], list[int]]:
-    """The engine the server runs, called in this process: no HTTP, no tokenizing, no streaming."""
+    """The engine the server runs, called without HTTP, tokenizing or streaming, in a fresh process:
+    once torch has run a parallel op on a process's main thread, decode on every other thread of
+    that process ran 2.5x slower here (llama.cpp and torch alike), and this process has (loading)."""
+    request = json.dumps({"folder": str(folder), "engine": engine, "ids": ids, "threads": args.threads,
+                          "tokens": args.tokens, "reps": args.reps, "cache_dir": str(args.cache_dir)})  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, __file__, "--direct", request], capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"direct decode of {folder} on {engine} failed:\n{done.stderr[-2000:]}")
+    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    return answer["rates"], answer["tokens"]
+
+
+def direct_child(request: dict[str, object]) -> None:
     import torch
 
     from autoglm_inference.artifact import load
     from autoglm_inference.engine import Engine, Job, run_jobs
 
+    args = argparse.Namespace(**request)
+    folder, engine, ids = Path(args.folder), args.engine, list(args.ids)
     torch.set_num_threads(args.threads)
-    loaded = load(str(folder), cache_dir=args.cache_dir, engine=engine)  # type: ignore[arg-type]
+    loaded = load(str(folder), cache_dir=Path(args.cache_dir), engine=engine)
     if loaded.engine == "llama.cpp":
         from autoglm_inference.llamacpp import LlamaCppRuntime
 
@@ -319,7 +337,7 @@ def direct_decode(
     finally:
         engine_.stop()
         engine_.release()
-    return rates, tokens
+    print(json.dumps({"rates": rates, "tokens": tokens}))
 
 
 # -- the report -----------------------------------------------------------------------------------
@@ -396,4 +414,9 @@ def cpu_name() -> str:
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) == 3 and sys.argv[1] == "--direct":
+        warnings.filterwarnings("ignore")
+        logging.disable(logging.WARNING)
+        direct_child(json.loads(sys.argv[2]))
+    else:
+        main()

@@ -4,7 +4,7 @@ PyPI has llama-cpp-python only as source, so pip compiles llama.cpp (5 to 15 min
 wheel is built once per (version, Python, CPU feature set) and kept in ``~/.cache/autoglm/wheels``;
 a later install on a machine with the same CPU features reuses it.
 
-Flags: the instruction sets this CPU reports (``/proc/cpuinfo``) are turned on one by one instead of
+Flags: no OpenMP (see ``COMMON``); the instruction sets this CPU reports (``/proc/cpuinfo``) are turned on one by one instead of
 ``-march=native``, so the cache key names them, and AMX is always off: on a Sapphire Rapids Xeon,
 llama.cpp's AMX buffers (in 0.3.36) crashed every batched decode of Q8_0, Q4_0 and Q4_K weights.
 On other architectures (ARM) llama.cpp's native detection is used.
@@ -36,7 +36,15 @@ X86_FEATURES = {
     "avx512_bf16": "GGML_AVX512_BF16",
     "avx_vnni": "GGML_AVX_VNNI",
 }
-COMMON = ["-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF"]
+#: ggml's own thread pool, not OpenMP: torch brings its libgomp.so.1, ggml then shares it, and once
+#: torch has run a parallel op, libgomp counts more threads than CPUs and sleeps at every barrier:
+#: llama.cpp decoded 2.5x slower in a thread of a process where torch had run (84 -> 33 tok/s, Q8_0).
+COMMON = [
+    "-DGGML_OPENMP=OFF",
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DLLAMA_BUILD_SERVER=OFF",
+]
 
 
 def cpu_flags() -> set[str]:

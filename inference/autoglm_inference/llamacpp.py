@@ -136,15 +136,35 @@ class LlamaCppRuntime:
             if len(prompt) >= self.context:
                 raise ValueError(f"a prompt of {len(prompt)} tokens does not fit a context of {self.context}")
         seqs = [self._free.pop(0) for _ in prompts]
+        batch = LlamaCppBatch(self, seqs, [len(p) for p in prompts], list(sampling))
         try:
-            last = self._decode_prompts(prompts, seqs)
-            batch = LlamaCppBatch(self, seqs, [len(p) for p in prompts], list(sampling))
-            batch.tokens = [batch._pick(row, self._logits(index)) for row, index in enumerate(last)]
+            batch.tokens = self._decode_prompts(prompts, batch)
         except BaseException:
             for seq in seqs:
                 self._release_seq(seq)
             raise
         return batch
+
+    def negative_log_likelihood(self, ids: Sequence[int]) -> tuple[float, int]:
+        """The summed negative log-likelihood of ``ids[1:]`` given what precedes each, and how many
+        tokens that is: perplexity is ``exp(nll / count)``, measured on the engine that will serve."""
+        if len(ids) < 2 or len(ids) > self.context:
+            raise ValueError(f"score 2 to {self.context} tokens, got {len(ids)}")
+        if not self._free:
+            raise LlamaCppError("no free sequence slot to score on")
+        seq = self._free.pop(0)
+        total = 0.0
+        try:
+            for start in range(0, len(ids) - 1, self.n_batch):
+                chunk = list(range(start, min(start + self.n_batch, len(ids) - 1)))
+                self._run([(seq, pos, ids[pos], True) for pos in chunk])
+                for index, pos in enumerate(chunk):
+                    logits = self._logits(index).astype(np.float64)
+                    top = logits.max()
+                    total += float(top + np.log(np.exp(logits - top).sum()) - logits[ids[pos + 1]])
+        finally:
+            self._release_seq(seq)
+        return total, len(ids) - 1
 
     def release(self) -> None:
         """Free the context and the weights (the engine's thread calls it once, at its end)."""
@@ -158,20 +178,23 @@ class LlamaCppRuntime:
 
     # -- llama.cpp calls ------------------------------------------------------------------------
 
-    def _decode_prompts(self, prompts: Sequence[Sequence[int]], seqs: Sequence[int]) -> list[int]:
-        """Decode every prompt; returns, per row, the index in the final ``llama_batch`` of its last
-        token's logits (all rows' last tokens are put in the last chunk)."""
-        # Everything but each prompt's last token first, in chunks; then the last tokens together.
-        body = [
-            (seq, pos, token)
-            for prompt, seq in zip(prompts, seqs, strict=True)
-            for pos, token in enumerate(prompt[:-1])
+    def _decode_prompts(self, prompts: Sequence[Sequence[int]], batch: LlamaCppBatch) -> list[int]:
+        """Decode every prompt, all rows' tokens in order, ``n_batch`` tokens per ``llama_decode``, with
+        logits only at each prompt's last token (a prompt that fits decodes in one call, as llama.cpp's
+        own ``eval`` does); returns each row's first new token."""
+        entries = [
+            (row, seq, pos, token, pos == len(prompt) - 1)
+            for row, (prompt, seq) in enumerate(zip(prompts, batch.seqs, strict=True))
+            for pos, token in enumerate(prompt)
         ]
-        for start in range(0, len(body), self.n_batch):
-            self._run([(seq, pos, token, False) for seq, pos, token in body[start : start + self.n_batch]])
-        tails = [(seq, len(prompt) - 1, prompt[-1], True) for prompt, seq in zip(prompts, seqs, strict=True)]
-        self._run(tails)
-        return list(range(len(tails)))
+        first = [0] * len(prompts)
+        for start in range(0, len(entries), self.n_batch):
+            chunk = entries[start : start + self.n_batch]
+            self._run([(seq, pos, token, last) for _, seq, pos, token, last in chunk])
+            for index, (row, _, _, _, last) in enumerate(chunk):
+                if last:  # read now: the next call overwrites this call's logits
+                    first[row] = batch._pick(row, self._logits(index))
+        return first
 
     def _run(self, tokens: Sequence[tuple[int, int, int, bool]]) -> None:
         batch = self._batch

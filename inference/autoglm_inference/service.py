@@ -13,7 +13,7 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Self
 
@@ -334,6 +334,30 @@ class LMService:
         return (variant if applied else NONE), [int(i) for i in ids]
 
 
+class Detokenizer:
+    """The text of a growing list of token ids, decoding only its end (as TGI and vLLM do): the
+    tokens since the last complete piece and the piece before them, which byte-level BPE and
+    SentencePiece need to place spaces. Decoding the whole list for every token cost time that grows
+    with the answer, on the thread the engine shares the interpreter with."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.text = ""
+        self._prefix = 0  # the window starts here
+        self._read = 0  # tokens up to here are in ``text``
+
+    def add(self, ids: Sequence[int]) -> str:
+        """The text of ``ids`` so far (``ids`` extends what was given before); a trailing half
+        character is held back until the token that completes it."""
+        decode = self.tokenizer.decode
+        before = str(decode(ids[self._prefix : self._read], skip_special_tokens=True))
+        window = str(decode(ids[self._prefix :], skip_special_tokens=True))
+        if len(window) > len(before) and not window.endswith("\ufffd"):
+            self.text += window[len(before) :]
+            self._prefix, self._read = self._read, len(ids)
+        return self.text
+
+
 def _prompt_chars(request: GenerateRequest) -> int:
     return len(request.prompt or "") + sum(len(m.content) for m in request.messages or [])
 
@@ -409,13 +433,14 @@ class Generation:
         stops = self.request.stop
         hold = max((len(s) for s in stops), default=1) - 1
         tokenizer = self.revision.loaded.tokenizer
+        detokenizer = Detokenizer(tokenizer)
         shown = 0
         try:
             async for event in self.job.events():
                 if isinstance(event, Token):
-                    full = str(tokenizer.decode(self.job.generated, skip_special_tokens=True))
-                    if full.endswith("\ufffd"):
-                        continue  # half of a multi-byte character: wait for the rest
+                    full = detokenizer.add(self.job.generated)
+                    if len(full) == len(self.text):
+                        continue  # half of a multi-byte character, or a special token: wait
                     self.text = full
                     if self._cut_at_stop(full):
                         if len(self.text) > shown:

@@ -165,3 +165,21 @@ def test_released_runtimes_free_their_memory_when_the_engine_ends(source: Path, 
     engine.release()
     assert engine.runtime is None
     assert engine.kind == "released"
+
+
+def test_perplexity_on_llama_cpp_equals_transformers_on_the_same_weights(source: Path, f32: Path) -> None:
+    import math
+
+    from tests.support.tiny_models import hamlet_path
+
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    ids = tokenizer(hamlet_path().read_text()[5000:6500])["input_ids"][:200]
+    llama = runtime(f32)
+    nll, count = llama.negative_log_likelihood(ids)  # type: ignore[attr-defined]
+    with TRANSFORMERS_LOCK:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = model(torch.tensor([ids]), labels=torch.tensor([ids])).loss.item()  # mean NLL over ids[1:]
+    assert count == len(ids) - 1
+    assert math.exp(nll / count) == pytest.approx(math.exp(expected), rel=1e-4)
+    assert sorted(llama._free) == [0, 1, 2, 3]  # type: ignore[attr-defined]  (its slot is back)
