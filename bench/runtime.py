@@ -45,7 +45,7 @@ from autoglm_core.paths import DEFAULT_CACHE_DIR
 from autoglm_core.uris import resolve
 from autoglm_inference.process import ServerProcess
 from autoglm_modeling.folders import save_model_folder
-from autoglm_modeling.gguf_export import export_gguf, gguf_kind, llama_cpp_available, quantize_gguf
+from autoglm_modeling.gguf_export import export_gguf, gguf_kind, llama_cpp_available, write_gguf_folder
 from autoglm_modeling.loading import load_causal_lm
 from autoglm_modeling.quantization import quantize_model
 from autoglm_pipelines.text import read_text
@@ -141,32 +141,17 @@ def gguf_artifact(cache_dir: Path, source: Path, kind: str) -> Path:
     if (folder / MODEL_CARD).is_file():
         return folder
     shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
     reference = resolve(MODEL, cache_dir=cache_dir)  # the shipped GGUF: its tokenizer fields are copied
     f16 = cache_dir / "bench" / "runtime" / "smollm2-F16.gguf"
     if not f16.is_file():
         export_gguf(source, f16, dtype="F16", tokenizer_from=reference)
-    if kind == "F16":
-        shutil.copy2(f16, folder / "model.gguf")
-    else:
-        quantize_gguf(f16, folder / "model.gguf", kind)  # type: ignore[arg-type]
-    for name in (
-        "config.json",
-        "generation_config.json",
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "chat_template.jinja",
-    ):
-        if (source / name).is_file():
-            shutil.copy2(source / name, folder / name)
-    write_model_card(
-        folder,
-        {
-            "model": "bench/smollm2",
-            "revision": f"gguf-{kind.lower()}",
-            "format": f"gguf {gguf_kind(folder / 'model.gguf')}",
-        },
-    )
+    write_gguf_folder(source, folder, kind, tokenizer_from=reference, f16=f16)  # type: ignore[arg-type]
+    card = {
+        "model": "bench/smollm2",
+        "revision": f"gguf-{kind.lower()}",
+        "format": f"gguf {gguf_kind(folder / 'model.gguf')}",
+    }
+    write_model_card(folder, card)
     return folder
 
 

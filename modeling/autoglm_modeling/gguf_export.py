@@ -118,6 +118,47 @@ def export_gguf(
     return out
 
 
+#: The files of a model folder a GGUF artifact keeps beside ``model.gguf``: the server reads the
+#: tokenizer, context length and end-of-turn ids from them, as it does for safetensors artifacts.
+BESIDE_GGUF: Final = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "chat_template.jinja",
+)  # fmt: skip
+
+
+def write_gguf_folder(
+    source: Path,
+    folder: Path,
+    kind: QuantKind,
+    *,
+    tokenizer_from: Path | None = None,
+    f16: Path | None = None,
+) -> Path:
+    """``source`` as a llama.cpp artifact in ``folder``: ``model.gguf`` of ``kind`` (F32/F16 written
+    here, the others quantized by llama.cpp from F16) beside the files in ``BESIDE_GGUF``.
+    ``f16``: an F16 export of ``source`` already made (reused, else written and removed)."""
+    import shutil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / "model.gguf"
+    if kind in ("F32", "F16"):
+        export_gguf(source, target, dtype=kind, tokenizer_from=tokenizer_from)  # type: ignore[arg-type]
+    else:
+        made = f16 is None
+        f16 = f16 or export_gguf(
+            source, folder / "model-f16.gguf.tmp", dtype="F16", tokenizer_from=tokenizer_from
+        )
+        try:
+            quantize_gguf(f16, target, kind)
+        finally:
+            if made:
+                f16.unlink(missing_ok=True)
+    for name in BESIDE_GGUF:
+        if (source / name).is_file():
+            shutil.copy2(source / name, folder / name)
+    return folder
+
+
 def quantize_gguf(source: Path, out: Path, kind: QuantKind, *, threads: int | None = None) -> Path:
     """Quantize an F32/F16 GGUF to ``kind`` with llama.cpp's quantizer (``llama-cpp-python``)."""
     llama_cpp = require_llama_cpp("quantizing GGUF")

@@ -34,6 +34,18 @@ def tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
 
 
+def tiny_shape(
+    tokenizer: PreTrainedTokenizerFast, *, layers: int, tie: bool, init_std: float
+) -> dict[str, object]:
+    """The tiny models' shape: hidden 64, 4 heads of 16 (2 for keys and values), 512 positions."""
+    return {
+        "vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": layers,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 512,
+        "tie_word_embeddings": tie, "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
+        "initializer_range": init_std,
+    }  # fmt: skip
+
+
 def tiny_glm(
     folder: Path, *, seed: int = 0, tie: bool = True, layers: int = 2, init_std: float = 0.02
 ) -> Path:
@@ -43,20 +55,7 @@ def tiny_glm(
     whose greedy output varies with the whole prompt (what batching tests need).
     """
     tokenizer = tiny_tokenizer()
-    config = GlmConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=512,
-        tie_word_embeddings=tie,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        initializer_range=init_std,
-    )
+    config = GlmConfig(**tiny_shape(tokenizer, layers=layers, tie=tie, init_std=init_std))
     torch.manual_seed(seed)
     with TRANSFORMERS_LOCK:  # a model built while another thread loads one would come out untied
         model = GlmForCausalLM(config).eval()
@@ -184,21 +183,8 @@ def tiny_llama(
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = tiny_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=512,
-        tie_word_embeddings=tie,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.eos_token_id,
-        initializer_range=init_std,
-    )
+    shape = tiny_shape(tokenizer, layers=layers, tie=tie, init_std=init_std)
+    config = LlamaConfig(**shape, bos_token_id=tokenizer.eos_token_id)
     torch.manual_seed(seed)
     with TRANSFORMERS_LOCK:
         model = LlamaForCausalLM(config).eval()
@@ -210,24 +196,6 @@ def tiny_llama(
 def gguf_folder(source: Path, folder: Path, *, kind: str = "F32") -> Path:
     """``source`` (a Llama folder) published as a llama.cpp artifact: ``model.gguf`` beside its config,
     generation config and tokenizer, as the pipeline publishes a GGUF variant (no model card)."""
-    import shutil
+    from autoglm_modeling.gguf_export import write_gguf_folder
 
-    from autoglm_modeling.gguf_export import export_gguf, quantize_gguf
-
-    folder.mkdir(parents=True, exist_ok=True)
-    if kind in ("F32", "F16"):
-        export_gguf(source, folder / "model.gguf", dtype=kind)  # type: ignore[arg-type]
-    else:
-        export_gguf(source, folder / "model-f16.gguf.tmp", dtype="F16")
-        quantize_gguf(folder / "model-f16.gguf.tmp", folder / "model.gguf", kind)  # type: ignore[arg-type]
-        (folder / "model-f16.gguf.tmp").unlink()
-    for name in (
-        "config.json",
-        "generation_config.json",
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "chat_template.jinja",
-    ):
-        if (source / name).is_file():
-            shutil.copy2(source / name, folder / name)
-    return folder
+    return write_gguf_folder(source, folder, kind)  # type: ignore[arg-type]
