@@ -277,7 +277,7 @@ def direct_decode(
 ) -> tuple[list[float], list[int]]:
     """The engine the server runs, called without HTTP, tokenizing or streaming, in a fresh process:
     once torch has run a parallel op on a process's main thread, decode on every other thread of
-    that process ran 2.5x slower here (llama.cpp and torch alike), and this process has (loading)."""
+    that process ran 2.5x slower here (llama.cpp; the cause is not found), and this process has."""
     request = json.dumps({"folder": str(folder), "engine": engine, "ids": ids, "threads": args.threads,
                           "tokens": args.tokens, "reps": args.reps, "cache_dir": str(args.cache_dir)})  # fmt: skip
     done = subprocess.run(

@@ -36,9 +36,7 @@ X86_FEATURES = {
     "avx512_bf16": "GGML_AVX512_BF16",
     "avx_vnni": "GGML_AVX_VNNI",
 }
-#: ggml's own thread pool, not OpenMP: torch brings its libgomp.so.1, ggml then shares it, and once
-#: torch has run a parallel op, libgomp counts more threads than CPUs and sleeps at every barrier:
-#: llama.cpp decoded 2.5x slower in a thread of a process where torch had run (84 -> 33 tok/s, Q8_0).
+#: ggml's own thread pool, not OpenMP: torch loads its own libgomp.so.1, which ggml would share.
 COMMON = [
     "-DGGML_OPENMP=OFF",
     "-DLLAMA_BUILD_TESTS=OFF",
