@@ -142,7 +142,7 @@ def write_gguf_folder(
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / "model.gguf"
     if kind in ("F32", "F16"):
-        export_gguf(source, target, dtype=kind, tokenizer_from=tokenizer_from)  # type: ignore[arg-type]
+        export_gguf(source, target, dtype=kind, tokenizer_from=tokenizer_from)
     else:
         made = f16 is None
         f16 = f16 or export_gguf(
