@@ -20,9 +20,11 @@ the engine, so both engines see the same ids.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import json
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -177,20 +179,33 @@ def quantize_gguf(source: Path, out: Path, kind: QuantKind, *, threads: int | No
     return out
 
 
+def _import_llama_cpp() -> Any:
+    import llama_cpp  # optional extra: imported only when asked for
+
+    # llama_cpp._utils opens os.devnull twice at import and never closes it: closed at exit, so
+    # the interpreter's shutdown does not print two ResourceWarnings after everything else.
+    utils = sys.modules.get("llama_cpp._utils")
+    for name in ("outnull_file", "errnull_file"):
+        handle = getattr(utils, name, None)
+        if handle is not None and not getattr(handle, "_autoglm_closing", False):
+            handle._autoglm_closing = True
+            atexit.register(handle.close)
+    return llama_cpp
+
+
 def require_llama_cpp(what: str) -> Any:
     """The ``llama_cpp`` module, or an error saying how to install it."""
     try:
-        import llama_cpp
+        return _import_llama_cpp()
     except ImportError as exc:
         raise GGUFExportError(
-            f"{what} needs llama.cpp: `make install-llamacpp` (builds llama-cpp-python, about 15 minutes on 2 cores)"
+            f"{what} needs llama.cpp: `make install-llamacpp` (builds llama-cpp-python, about 4 minutes on 2 cores)"
         ) from exc
-    return llama_cpp
 
 
 def llama_cpp_available() -> bool:
     try:
-        import llama_cpp  # noqa: F401
+        _import_llama_cpp()
     except ImportError:
         return False
     return True
