@@ -4,7 +4,7 @@
 
 Starts ``autoglm serve`` on a free loopback port, asks a chat question (the active prompt variant
 from examples/prompt-variants/support.yaml is applied), streams a completion, calls V1 and V2, loads the
-un-compressed source model beside it as a 50% canary, shows both revisions answering, rolls the
+un-compressed source model (its GGUF: on llama.cpp where installed, else torch) beside it as a 50% canary, shows both revisions answering, rolls the
 canary back and prints the energy and latency metrics. Stops the server at the end.
 """
 
@@ -71,8 +71,10 @@ def talk(url: str) -> None:
     load = {"parameters": {"uri": SOURCE, "canaryWeight": 50}}
     swapped = httpx.post(f"{url}/v2/repository/models/smollm2/load", json=load, timeout=300)
     swapped.raise_for_status()
-    print(f"canary: loaded the fp32 source as revision {swapped.json()['revision']} beside the int8 one "
-          f"in {swapped.json()['seconds']:.1f}s, 50% of traffic")  # fmt: skip
+    (entry,) = httpx.get(f"{url}/v2/repository/index").json()
+    engine = entry["canary"]["engine"]  # --engine auto: llama.cpp for a GGUF where it is installed
+    print(f"canary: loaded the source GGUF as revision {swapped.json()['revision']} (on {engine}) beside the "
+          f"int8 one in {swapped.json()['seconds']:.1f}s, 50% of traffic")  # fmt: skip
     seen: dict[str, int] = {}
     for _ in range(12):
         rev = httpx.post(
