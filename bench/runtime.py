@@ -45,7 +45,13 @@ from autoglm_core.paths import DEFAULT_CACHE_DIR
 from autoglm_core.uris import resolve
 from autoglm_inference.process import ServerProcess
 from autoglm_modeling.folders import save_model_folder
-from autoglm_modeling.gguf_export import export_gguf, gguf_kind, llama_cpp_available, write_gguf_folder
+from autoglm_modeling.gguf_export import (
+    export_gguf,
+    gguf_kind,
+    llama_cpp_available,
+    require_llama_cpp,
+    write_gguf_folder,
+)
 from autoglm_modeling.loading import load_causal_lm
 from autoglm_modeling.quantization import quantize_model
 from autoglm_pipelines.text import read_text
@@ -179,9 +185,7 @@ def size_mb(folder: Path) -> float:
 def measure_anchor(
     path: Path, kind: str, ids: list[int], long_ids: list[int], args: argparse.Namespace
 ) -> Row:
-    import llama_cpp
-
-    llm = llama_cpp.Llama(
+    llm = require_llama_cpp("the llama.cpp anchor").Llama(
         str(path),
         n_ctx=2048,
         n_batch=512,
@@ -191,7 +195,6 @@ def measure_anchor(
     )
     row = Row(f"llama.cpp {kind}", "anchor", kind, path.stat().st_size / 1e6)
     for rep in range(args.reps + 1):
-        start = time.perf_counter()
         tokens: list[int] = []
         first = 0.0
         for token in llm.generate(ids, temp=0.0, top_k=1, reset=True):
@@ -204,7 +207,6 @@ def measure_anchor(
         if rep:  # the first run warms up
             row.decode.append((len(tokens) - 1) / (done - first))
         row.tokens = tokens[:32]
-        del start
         llm.reset()
         start = time.perf_counter()
         llm.eval(long_ids)

@@ -161,10 +161,6 @@ class Engine:
         """The torch model (None for another runtime, or once released)."""
         return getattr(self.runtime, "model", None)
 
-    @property
-    def kind(self) -> str:
-        return self.runtime.name if self.runtime is not None else "released"
-
     def release(self) -> None:
         """Drop the runtime's weights and cache (the worker thread has ended)."""
         runtime, self.runtime = self.runtime, None

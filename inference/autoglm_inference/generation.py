@@ -84,7 +84,7 @@ class DecodeBatch:
             **cache_kwargs(model, cache),
             logits_to_keep=1,  # only the last position: [rows, prompt, vocab] logits would be GBs
         )
-        generators = [_generator(s, device) for s in sampling]
+        generators = [row_generator(s, device) for s in sampling]
         batch = cls(
             cache=cache,
             mask=mask,
@@ -162,7 +162,7 @@ class DecodeBatch:
         tokens = logits.argmax(-1)
         for row, (sampling, generator) in enumerate(zip(self.sampling, self.generators, strict=True)):
             if sampling.temperature > 0:
-                tokens[row] = _sample_row(logits[row].float(), sampling, generator)
+                tokens[row] = sample_row(logits[row].float(), sampling, generator)
         return tokens
 
 
@@ -183,7 +183,8 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _generator(sampling: Sampling, device: torch.device) -> torch.Generator | None:
+def row_generator(sampling: Sampling, device: torch.device) -> torch.Generator | None:
+    """A row's random generator: None when greedy, seeded when the request gives a seed."""
     if sampling.temperature <= 0:
         return None
     generator = torch.Generator(device=device)
@@ -194,7 +195,8 @@ def _generator(sampling: Sampling, device: torch.device) -> torch.Generator | No
     return generator
 
 
-def _sample_row(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> torch.Tensor:
+def sample_row(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> torch.Tensor:
+    """One token from a row's fp32 logits: temperature, then the smallest nucleus within ``top_p``."""
     probs = torch.softmax(logits / sampling.temperature, dim=-1)
     if sampling.top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)

@@ -9,7 +9,7 @@ their cache cells). The engine above owns the thread; nothing here is thread-saf
 
 Token ids come from the artifact's Hugging Face tokenizer, the same ids as the torch runtime sees;
 llama.cpp's own tokenizer is never used. Greedy picks the arg-max of the logits llama.cpp returns;
-temperature and nucleus sampling use the same rules (and a seeded NumPy generator) as torch's.
+temperature and nucleus sampling are the torch runtime's own (``sample_row``), on these logits.
 
 Low-level ``llama_cpp`` calls (``llama-cpp-python``, the optional ``llamacpp`` extra) rather than
 its ``Llama`` class: that class decodes one sequence at a time, and batching is what a server needs.
@@ -17,51 +17,21 @@ its ``Llama`` class: that class decodes one sequence at a time, and batching is 
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
-import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+import torch
 
 from autoglm_core.card import ArtifactError
-from autoglm_inference.generation import Sampling
+from autoglm_inference.generation import Sampling, row_generator, sample_row
 from autoglm_modeling.gguf_export import require_llama_cpp
 
 log = logging.getLogger(__name__)
 
-_BACKEND_LOCK = threading.Lock()
-_BACKEND_READY = False
-
-
-def _llama() -> Any:
-    global _BACKEND_READY
-    module = require_llama_cpp("the llama.cpp engine")
-    with _BACKEND_LOCK:
-        if not _BACKEND_READY:
-            module.llama_backend_init()
-            _quiet(module)
-            _BACKEND_READY = True
-    return module
-
-
-_LOG_CALLBACK: Any = None
-
-
-def _quiet(module: Any) -> None:
-    """Route llama.cpp's own log lines to ours (warnings and errors only)."""
-    global _LOG_CALLBACK
-
-    def forward(level: int, text: bytes, _user: Any) -> None:
-        if level in (3, 4):  # GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_ERROR
-            log.warning("llama.cpp: %s", text.decode(errors="replace").rstrip())
-
-    callback = module.llama_log_callback(forward)
-    _LOG_CALLBACK = callback  # kept alive: llama.cpp holds the pointer
-    module.llama_log_set(callback, ctypes.c_void_p(0))
+_CPU = torch.device("cpu")
 
 
 class LlamaCppError(RuntimeError):
@@ -84,7 +54,7 @@ class LlamaCppRuntime:
         extra_buffers: bool = True,
         kv_cells: int | None = None,
     ) -> None:
-        self._llama = llama = _llama()
+        self._llama = llama = require_llama_cpp("the llama.cpp engine")
         self.path = path
         self.threads = threads or default_threads()
         params = llama.llama_model_default_params()
@@ -120,7 +90,6 @@ class LlamaCppRuntime:
         self.n_batch = n_batch
         self._memory = llama.llama_get_memory(self._ctx)
         self.vocab_size = int(llama.llama_vocab_n_tokens(llama.llama_model_get_vocab(self._model)))
-        self.weight_bytes = int(llama.llama_model_size(self._model))
         self._batch = llama.llama_batch_init(max(n_batch, self.max_rows), 0, 1)
         self._free = list(range(self.max_rows))
         self._closed = False
@@ -231,7 +200,7 @@ class LlamaCppBatch:
         self.seqs = seqs
         self.positions = positions  # the position of the token fed next, per row
         self.sampling = sampling
-        self.generators = [_generator(s) for s in sampling]
+        self.generators = [row_generator(s, _CPU) for s in sampling]
         self.tokens: list[int] = []
 
     @property
@@ -273,30 +242,8 @@ class LlamaCppBatch:
         sampling = self.sampling[row]
         if sampling.temperature <= 0:
             return int(logits.argmax())
-        generator = self.generators[row]
-        assert generator is not None
-        return _sample(logits, sampling, generator)
-
-
-def _generator(sampling: Sampling) -> np.random.Generator | None:
-    if sampling.temperature <= 0:
-        return None
-    return np.random.default_rng(sampling.seed)
-
-
-def _sample(logits: np.ndarray, sampling: Sampling, generator: np.random.Generator) -> int:
-    scaled = logits.astype(np.float64) / sampling.temperature
-    probs = np.exp(scaled - scaled.max())
-    probs /= probs.sum()
-    if sampling.top_p < 1.0:
-        order = np.argsort(-probs, kind="stable")
-        sorted_probs = probs[order]
-        outside = np.cumsum(sorted_probs) - sorted_probs > sampling.top_p  # keep the smallest nucleus
-        sorted_probs[outside] = 0.0
-        probs = np.zeros_like(probs)
-        probs[order] = sorted_probs
-        probs /= probs.sum()
-    return int(generator.choice(probs.shape[0], p=probs))
+        # The torch runtime's sampler on llama.cpp's logits: one rule, one seeded generator kind.
+        return int(sample_row(torch.from_numpy(logits.astype(np.float32)), sampling, self.generators[row]))
 
 
 def default_threads() -> int:

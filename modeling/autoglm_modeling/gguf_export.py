@@ -23,8 +23,11 @@ from __future__ import annotations
 import atexit
 import ctypes
 import json
+import logging
 import os
+import shutil
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -34,6 +37,8 @@ import numpy as np
 from safetensors import safe_open
 
 from autoglm_core.uris import SourceError
+
+log = logging.getLogger(__name__)
 
 #: GGUF kinds AutoGLM publishes, with llama.cpp's file-type numbers.
 QuantKind = Literal["F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q4_K_M"]
@@ -139,8 +144,6 @@ def write_gguf_folder(
     """``source`` as a llama.cpp artifact in ``folder``: ``model.gguf`` of ``kind`` (F32/F16 written
     here, the others quantized by llama.cpp from F16) beside the files in ``BESIDE_GGUF``.
     ``f16``: an F16 export of ``source`` already made (reused, else written and removed)."""
-    import shutil
-
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / "model.gguf"
     if kind in ("F32", "F16"):
@@ -179,17 +182,35 @@ def quantize_gguf(source: Path, out: Path, kind: QuantKind, *, threads: int | No
     return out
 
 
+_LLAMA_LOCK = threading.Lock()
+_LLAMA_READY = False
+_LOG_CALLBACK: Any = None  # kept alive: llama.cpp holds the pointer
+
+
 def _import_llama_cpp() -> Any:
+    """``llama_cpp``, its backend initialised once and its log lines routed to ours (warnings and
+    errors only: llama.cpp prints every tensor it loads or quantizes otherwise)."""
+    global _LLAMA_READY, _LOG_CALLBACK
     import llama_cpp  # optional extra: imported only when asked for
 
-    # llama_cpp._utils opens os.devnull twice at import and never closes it: closed at exit, so
-    # the interpreter's shutdown does not print two ResourceWarnings after everything else.
-    utils = sys.modules.get("llama_cpp._utils")
-    for name in ("outnull_file", "errnull_file"):
-        handle = getattr(utils, name, None)
-        if handle is not None and not getattr(handle, "_autoglm_closing", False):
-            handle._autoglm_closing = True
-            atexit.register(handle.close)
+    with _LLAMA_LOCK:
+        if _LLAMA_READY:
+            return llama_cpp
+        llama_cpp.llama_backend_init()
+
+        def forward(level: int, text: bytes, _user: Any) -> None:
+            if level in (3, 4):  # GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_ERROR
+                log.warning("llama.cpp: %s", text.decode(errors="replace").rstrip())
+
+        _LOG_CALLBACK = llama_cpp.llama_log_callback(forward)
+        llama_cpp.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
+        # llama_cpp._utils opens os.devnull twice at import and never closes it: closed at exit,
+        # so the interpreter's shutdown does not print two ResourceWarnings after everything else.
+        utils = sys.modules.get("llama_cpp._utils")
+        for name in ("outnull_file", "errnull_file"):
+            if (handle := getattr(utils, name, None)) is not None:
+                atexit.register(handle.close)
+        _LLAMA_READY = True
     return llama_cpp
 
 

@@ -140,14 +140,15 @@ def test_a_prompt_longer_than_the_context_fails_its_request_not_the_engine(sourc
         engine.stop()
 
 
-@pytest.mark.parametrize(("kind", "smaller_than"), [("Q8_0", 0.45), ("Q4_0", 0.30)])
+# Of the F32 file: Q8_0 is 8.5 bits a weight, Q4_0 4.5 (the tiny model's embedding stays Q8_0).
+@pytest.mark.parametrize(("kind", "smaller_than"), [("Q8_0", 0.32), ("Q4_0", 0.24)])
 def test_llama_cpp_quantized_gguf_serves_and_is_smaller(
     source: Path, f32: Path, tmp_path: Path, kind: str, smaller_than: float
 ) -> None:
     folder = gguf_folder(source, tmp_path / kind, kind=kind)
     path = folder / "model.gguf"
     assert gguf_kind(path) == kind
-    assert path.stat().st_size < f32.stat().st_size * (smaller_than + 0.5)
+    assert path.stat().st_size < f32.stat().st_size * smaller_than
     engine = Engine(runtime(path), max_batch_size=2).start()  # type: ignore[arg-type]
     try:
         jobs = run_jobs(engine, [Job(ids, 16) for ids in prompt_ids(source)])
@@ -156,15 +157,19 @@ def test_llama_cpp_quantized_gguf_serves_and_is_smaller(
         engine.stop()
 
 
-def test_released_runtimes_free_their_memory_when_the_engine_ends(source: Path, f32: Path) -> None:
-    engine = Engine(runtime(f32), max_batch_size=1).start()  # type: ignore[arg-type]
+def test_releasing_the_engine_frees_the_llama_cpp_context_once(source: Path, f32: Path) -> None:
+    llama = runtime(f32)
+    engine = Engine(llama, max_batch_size=1).start()  # type: ignore[arg-type]
     done = threading.Event()
     engine.on_exit.append(done.set)
     run_jobs(engine, [Job(prompt_ids(source)[0], 4)])
     assert engine.stop(30)
+    assert done.is_set()
+    assert not llama._closed  # type: ignore[attr-defined]  (stopping alone keeps it: a revision releases it)
     engine.release()
+    assert llama._closed  # type: ignore[attr-defined]
     assert engine.runtime is None
-    assert engine.kind == "released"
+    llama.release()  # a second release frees nothing twice (no double free, no crash)
 
 
 def test_perplexity_on_llama_cpp_equals_transformers_on_the_same_weights(source: Path, f32: Path) -> None:
