@@ -12,6 +12,13 @@ compression (pruning, distillation, skipped modules):
 The search (``compression.search``) tunes only the spec's own variant: a target that names a
 precision gets it unsearched. A precision that comes out the same as the spec's own compression is
 that variant (one revision, one build). Only the variants some target serves are built.
+
+The engine is part of a variant (``Variant.engine``): ``llama.cpp`` (a target asks for it: GGUF),
+``torch`` (a target asks for it, or serves on cloud-gpu: safetensors) or ``auto`` (a CPU pool's
+target left it to the pipeline: GGUF where the pipeline can make one, else safetensors). Targets
+that differ in it never share a build; an ``auto`` variant keeps the revision it had before engines
+were chosen, the others' revisions hash the engine in, and their names say it (``int8-gguf``,
+``bf16-torch``).
 """
 
 from __future__ import annotations
@@ -19,12 +26,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
-from autoglm_api.spec import AutoGLMModelSpec, Precision, Quantization, QuantizationMethod
+from autoglm_api.spec import CPU_POOLS, AutoGLMModelSpec, Precision, Quantization, QuantizationMethod, Target
 from autoglm_core.digests import canonical_digest, short_id
 from autoglm_core.revision import artifact_revision
 
 INT8_METHODS: Final = ("int8-weight-only", "int8-dynamic", "smoothquant-w8a8")
 _FIXED: Final[dict[str, QuantizationMethod]] = {"fp32": "none", "fp16": "fp16", "bf16": "bf16"}
+#: What a variant's name says of its engine (an ``auto`` variant's name says nothing).
+_ENGINE_SUFFIX: Final = {"auto": "", "torch": "torch", "llama.cpp": "gguf"}
 
 
 @dataclass(frozen=True)
@@ -37,6 +46,15 @@ class Variant:
     revision: str
     #: The targets served from it.
     targets: tuple[str, ...]
+    #: ``torch``, ``llama.cpp`` or ``auto`` (see the module's docstring): what format publish writes.
+    engine: str = "auto"
+
+
+def target_engine(target: Target) -> str:
+    """The engine a target's variant is built for: its own choice, torch on GPU nodes, else auto."""
+    if target.engine != "auto":
+        return target.engine
+    return "auto" if target.pool in CPU_POOLS else "torch"
 
 
 def precision_method(spec: AutoGLMModelSpec, precision: Precision) -> QuantizationMethod:
@@ -68,14 +86,21 @@ def variants(spec: AutoGLMModelSpec) -> tuple[Variant, ...]:
     (named "") when a target serves it, and one per other precision. A variant no target serves
     is not built, so its gates cannot reject the rollout."""
     own = artifact_revision(spec)
-    found: dict[str, tuple[str, AutoGLMModelSpec, list[str]]] = {}
+    found: dict[str, tuple[str, AutoGLMModelSpec, list[str], str]] = {}
     for target in spec.targets:
         vspec = variant_spec(spec, target.precision)
+        engine = target_engine(target)
         revision = artifact_revision(vspec)
+        if engine != "auto":
+            revision = short_id(canonical_digest({"artifact": revision, "engine": engine}))
         if revision not in found:
-            found[revision] = ("" if revision == own else str(target.precision), vspec, [])
+            base = "" if artifact_revision(vspec) == own else str(target.precision)
+            name = "-".join(part for part in (base, _ENGINE_SUFFIX[engine]) if part)
+            found[revision] = (name, vspec, [], engine)
         found[revision][2].append(target.name)
-    return tuple(Variant(name, vspec, rev, tuple(names)) for rev, (name, vspec, names) in found.items())
+    return tuple(
+        Variant(name, vspec, rev, tuple(names), engine) for rev, (name, vspec, names, engine) in found.items()
+    )
 
 
 def target_revisions(spec: AutoGLMModelSpec) -> dict[str, str]:

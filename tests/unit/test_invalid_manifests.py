@@ -122,6 +122,9 @@ CASES: list[tuple[str, Callable[[Doc], None], str, str]] = [
      "less than or equal to max (4), got 5"),
     ("replicas-max", put(f"{T0}.replicas.max", 0), f"{T0}.replicas.max", "greater than or equal to 1"),
     ("precision", put(f"{T0}.precision", "int2"), f"{T0}.precision", '"int8", "int4"'),
+    ("engine", put(f"{T0}.engine", "vllm"), f"{T0}.engine", '"auto", "torch", "llama.cpp"'),
+    ("gpu-pool-llama-cpp", put(f"{T0}.engine", "llama.cpp"), f"{T0}.engine",
+     "engine llama.cpp serves on CPU pools (cloud-cpu, kubeedge)"),
     ("memory", put(f"{T0}.resources.memory", "16 GB"), f"{T0}.resources.memory", "Kubernetes quantity"),
     ("node-selector-value", put(f"{T0}.nodeSelector", {"gpu": 1}), f"{T0}.nodeSelector[gpu]", "must be a string"),
     ("toleration-operator", put("spec.targets[1].tolerations[0].operator", "Maybe"),
@@ -188,7 +191,7 @@ def test_invalid_manifest_names_field_and_reason(
 
 CEL_CASES = [c for c in CASES if c[0] in {
     "gguf-uri", "group-size-not-int4", "sparsity-without-method", "method-without-sparsity", "two-of-four",
-    "temperature-order", "duplicate-targets", "gpu-pool-no-gpu", "gpu-pool-no-resources", "replicas-order",
+    "temperature-order", "duplicate-targets", "gpu-pool-no-gpu", "gpu-pool-llama-cpp", "gpu-pool-no-resources", "replicas-order",
     "steps-order", "steps-repeat", "steps-last", "immediate-steps", "one-variant",
     "duplicate-variants", "name-not-dns", "metric-accuracy",
 }]  # fmt: skip

@@ -90,3 +90,38 @@ def test_a_variant_no_target_serves_is_not_built() -> None:
     (only,) = variants(base)
     assert (only.name, only.targets) == ("bf16", ("t0",))
     assert rollout_revision(base) != artifact_revision(base)
+
+
+def engines(*targets: dict[str, Any]) -> AutoGLMModelSpec:
+    return AutoGLMModelSpec.model_validate({"source": {"uri": "file:///m"}, "targets": list(targets)})
+
+
+def test_a_cpu_target_left_on_auto_keeps_the_revision_of_the_spec() -> None:
+    base = engines({"name": "edge", "pool": "kubeedge"}, {"name": "cpu"})
+    (only,) = variants(base)
+    assert (only.name, only.engine, only.targets) == ("", "auto", ("edge", "cpu"))
+    assert only.revision == artifact_revision(base) == rollout_revision(base)
+
+
+def test_the_engine_splits_builds_and_names_them() -> None:
+    """A GPU target builds for torch, a target that asks for llama.cpp for GGUF: one precision, three
+    engines, three revisions, each named after its engine."""
+    base = engines(
+        {"name": "gpu", "pool": "cloud-gpu", "resources": {"gpu": 1}},
+        {"name": "cpu"},
+        {"name": "edge", "pool": "kubeedge", "engine": "llama.cpp"},
+        {"name": "edge2", "pool": "kubeedge", "engine": "llama.cpp", "precision": "int4"},
+        {"name": "torchcpu", "engine": "torch"},
+    )
+    found = {v.name: (v.engine, v.targets) for v in variants(base)}
+    assert found == {
+        "torch": ("torch", ("gpu", "torchcpu")),
+        "": ("auto", ("cpu",)),
+        "gguf": ("llama.cpp", ("edge",)),
+        "int4-gguf": ("llama.cpp", ("edge2",)),
+    }
+    revisions = target_revisions(base)
+    assert len({revisions[t] for t in ("gpu", "cpu", "edge", "edge2")}) == 4
+    assert revisions["cpu"] == artifact_revision(base)
+    # the same spec and engine, the same revision: a re-applied spec never builds twice
+    assert target_revisions(AutoGLMModelSpec.model_validate(base.to_json())) == revisions
