@@ -3,10 +3,11 @@
 SmolLM2-135M-Instruct, greedy, the same threads everywhere (``--threads``, default 2). For every
 variant the pipeline publishes for a CPU target:
 
-- **ours, llama.cpp engine**: the GGUF variant (F16, and Q8_0 / Q4_0 / Q4_K_M made by llama.cpp's own
-  quantizer from our F16 export) served by ``autoglm serve --engine llama.cpp``;
-- **ours, torch engine**: fp32, int8 and int4 (g32) weight-only, as validate measures them today,
-  served by ``autoglm serve --engine torch``;
+- **ours, llama.cpp engine**: each GGUF kind the pipeline publishes for a CPU target (``formats.
+  GGUF_KINDS``: F32, F16, BF16, Q8_0, Q4_0), made as the compress step makes it (an F32 export, then
+  llama.cpp's own quantizer), served by ``autoglm serve --engine llama.cpp``;
+- **ours, torch engine**: fp32, int8 and int4 (g32) weight-only, what a CPU target gets where
+  llama.cpp is not installed, served by ``autoglm serve --engine torch``;
 - **anchor**: llama.cpp through llama-cpp-python's own ``Llama`` (its generate loop, one sequence).
 
 Measured for each: batch-1 decode tokens/s streamed through the OpenAI route as a client sees it
@@ -54,11 +55,12 @@ from autoglm_modeling.gguf_export import (
 )
 from autoglm_modeling.loading import load_causal_lm
 from autoglm_modeling.quantization import quantize_model
+from autoglm_pipelines.formats import GGUF_KINDS as PUBLISHED_KINDS
 from autoglm_pipelines.text import read_text
 
-#: Same bits: which anchor each variant is compared with.
-GGUF_KINDS = ("F16", "Q8_0", "Q4_0", "Q4_K_M")
-TORCH_VARIANTS = {"fp32": "F16", "int8": "Q8_0", "int4": "Q4_0"}
+#: Same bits: which anchor each variant is compared with. Every kind the pipeline publishes.
+GGUF_KINDS = tuple(dict.fromkeys(PUBLISHED_KINDS.values()))
+TORCH_VARIANTS = {"fp32": "F32", "int8": "Q8_0", "int4": "Q4_0"}
 SIMD = (
     "avx2",
     "fma",
@@ -142,16 +144,17 @@ def source_folder(cache_dir: Path) -> tuple[Path, object]:
 
 
 def gguf_artifact(cache_dir: Path, source: Path, kind: str) -> Path:
-    """``source`` as the pipeline publishes a llama.cpp variant: ``model.gguf`` beside its tokenizer."""
-    folder = cache_dir / "bench" / "runtime" / f"gguf-{kind}"
+    """``source`` as the pipeline publishes a llama.cpp variant: ``model.gguf`` beside its tokenizer,
+    quantized by llama.cpp from an F32 export as the compress step does."""
+    folder = cache_dir / "bench" / "runtime" / f"gguf-f32base-{kind}"
     if (folder / MODEL_CARD).is_file():
         return folder
     shutil.rmtree(folder, ignore_errors=True)
     reference = resolve(MODEL, cache_dir=cache_dir)  # the shipped GGUF: its tokenizer fields are copied
-    f16 = cache_dir / "bench" / "runtime" / "smollm2-F16.gguf"
-    if not f16.is_file():
-        export_gguf(source, f16, dtype="F16", tokenizer_from=reference)
-    write_gguf_folder(source, folder, kind, tokenizer_from=reference, f16=f16)  # type: ignore[arg-type]
+    f32 = cache_dir / "bench" / "runtime" / "smollm2-F32.gguf"
+    if not f32.is_file():
+        export_gguf(source, f32, dtype="F32", tokenizer_from=reference)
+    write_gguf_folder(source, folder, kind, tokenizer_from=reference, f16=f32, base="F32")  # type: ignore[arg-type]
     card = {
         "model": "bench/smollm2",
         "revision": f"gguf-{kind.lower()}",

@@ -268,6 +268,12 @@ def test_malformed_requests_get_400_naming_the_field(
 
 def test_metrics_carry_latency_tokens_energy_and_labels(server: ServerProcess) -> None:
     httpx.post(f"{server.url}/openai/v1/completions", json={"model": "tiny", "prompt": "Hi", "max_tokens": 3})
+    # one error of its own: the errors counter is exported from its first count, and alone (or first
+    # in a random order) this test must not rely on another test's bad request
+    bad = httpx.post(
+        f"{server.url}/openai/v1/completions", json={"model": "tiny", "prompt": "Hi", "max_tokens": -1}
+    )
+    assert bad.status_code == 400
     text = httpx.get(f"{server.url}/metrics").text
     for family in (
         "autoglm_request_duration_seconds_bucket",
