@@ -8,7 +8,8 @@ variant the pipeline publishes for a CPU target:
   llama.cpp's own quantizer), served by ``autoglm serve --engine llama.cpp``;
 - **ours, torch engine**: fp32, int8 and int4 (g32) weight-only, what a CPU target gets where
   llama.cpp is not installed, served by ``autoglm serve --engine torch``;
-- **anchor**: llama.cpp through llama-cpp-python's own ``Llama`` (its generate loop, one sequence).
+- **anchor**: llama.cpp through llama-cpp-python's own ``Llama`` (its generate loop, one sequence),
+  with flash attention on as llama.cpp's own tools default to on a CPU (and as our engine runs).
 
 Measured for each: batch-1 decode tokens/s streamed through the OpenAI route as a client sees it
 (median of ``--reps``; tokens after the first over the time after the first), the same engine called
@@ -194,6 +195,10 @@ def measure_anchor(
         n_batch=512,
         n_threads=args.threads,
         n_threads_batch=args.threads,
+        # llama.cpp's own default (its tools' `-fa auto`: on for the CPU), which our engine's context
+        # keeps; llama-cpp-python's `Llama` turns it off unless asked, 9% (Q8_0) to 25% (Q4_0) slower
+        # here, and with other greedy tokens at Q4_0
+        flash_attn=True,
         verbose=False,
     )
     row = Row(f"llama.cpp {kind}", "anchor", kind, path.stat().st_size / 1e6)

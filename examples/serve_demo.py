@@ -40,6 +40,11 @@ def main() -> None:
 
 
 def talk(url: str) -> None:
+    (stable,) = httpx.get(f"{url}/v2/repository/index").json()
+    card = json.loads((ARTIFACT / "model-card.json").read_text())
+    print(
+        f"serving revision {stable['stable']['revision']} ({card['format']}) on {stable['stable']['engine']}"
+    )
     chat = {"model": "smollm2", "messages": [{"role": "user", "content": "Who is Hamlet?"}], "max_tokens": 40}
     r = httpx.post(f"{url}/openai/v1/chat/completions", json=chat, timeout=120)
     r.raise_for_status()
@@ -74,7 +79,7 @@ def talk(url: str) -> None:
     (entry,) = httpx.get(f"{url}/v2/repository/index").json()
     engine = entry["canary"]["engine"]  # --engine auto: llama.cpp for a GGUF where it is installed
     print(f"canary: loaded the source GGUF as revision {swapped.json()['revision']} (on {engine}) beside the "
-          f"int8 one in {swapped.json()['seconds']:.1f}s, 50% of traffic")  # fmt: skip
+          f"stable one in {swapped.json()['seconds']:.1f}s, 50% of traffic")  # fmt: skip
     seen: dict[str, int] = {}
     for _ in range(12):
         rev = httpx.post(
