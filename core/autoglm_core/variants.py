@@ -16,9 +16,11 @@ that variant (one revision, one build). Only the variants some target serves are
 The engine is part of a variant (``Variant.engine``): ``llama.cpp`` (a target asks for it: GGUF),
 ``torch`` (a target asks for it, or serves on cloud-gpu: safetensors) or ``auto`` (a CPU pool's
 target left it to the pipeline: GGUF where the pipeline can make one, else safetensors). Targets
-that differ in it never share a build; an ``auto`` variant keeps the revision it had before engines
-were chosen, the others' revisions hash the engine in, and their names say it (``int8-gguf``,
-``bf16-torch``).
+that differ in it never share a build: an ``auto`` variant keeps the revision it had before engines
+were chosen, the others' revisions hash the engine in. A variant is named after its precision
+("" for the spec's own compression); where two variants of one spec would share a name, the one
+whose engine is not ``auto`` says it (``int8-gguf``, ``torch``: a GPU target's build of the spec's
+own compression beside a CPU target's).
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ _ENGINE_SUFFIX: Final = {"auto": "", "torch": "torch", "llama.cpp": "gguf"}
 @dataclass(frozen=True)
 class Variant:
     """One artifact the pipeline builds: ``name`` is "" for the spec's own compression, else the
-    precision (it suffixes the variant's step names: ``compress-int4``)."""
+    precision, with the engine where two builds of one precision differ in it (it suffixes the
+    variant's step names: ``compress-int4``, ``compress-int8-gguf``)."""
 
     name: str
     spec: AutoGLMModelSpec
@@ -83,8 +86,8 @@ def variant_spec(spec: AutoGLMModelSpec, precision: Precision | None) -> AutoGLM
 
 def variants(spec: AutoGLMModelSpec) -> tuple[Variant, ...]:
     """One per distinct build the targets ask for, in the order of the targets: the spec's own
-    (named "") when a target serves it, and one per other precision. A variant no target serves
-    is not built, so its gates cannot reject the rollout."""
+    (named "") when a target serves it, and one per other precision and engine. A variant no
+    target serves is not built, so its gates cannot reject the rollout."""
     own = artifact_revision(spec)
     found: dict[str, tuple[str, AutoGLMModelSpec, list[str], str]] = {}
     for target in spec.targets:
@@ -95,12 +98,16 @@ def variants(spec: AutoGLMModelSpec) -> tuple[Variant, ...]:
             revision = short_id(canonical_digest({"artifact": revision, "engine": engine}))
         if revision not in found:
             base = "" if artifact_revision(vspec) == own else str(target.precision)
-            name = "-".join(part for part in (base, _ENGINE_SUFFIX[engine]) if part)
-            found[revision] = (name, vspec, [], engine)
+            found[revision] = (base, vspec, [], engine)
         found[revision][2].append(target.name)
-    return tuple(
-        Variant(name, vspec, rev, tuple(names), engine) for rev, (name, vspec, names, engine) in found.items()
-    )
+    bases = [base for base, _, _, _ in found.values()]
+    built = []
+    for rev, (base, vspec, names, engine) in found.items():
+        name = base
+        if bases.count(base) > 1 and engine != "auto":  # the same precision on two engines
+            name = "-".join(part for part in (base, _ENGINE_SUFFIX[engine]) if part)
+        built.append(Variant(name, vspec, rev, tuple(names), engine))
+    return tuple(built)
 
 
 def target_revisions(spec: AutoGLMModelSpec) -> dict[str, str]:

@@ -228,11 +228,19 @@ def require_llama_cpp(what: str) -> Any:
 
 
 def llama_cpp_available() -> bool:
+    """Whether llama.cpp can be used here: installed, and its library loads (a broken build, e.g. one
+    made for another CPU, counts as absent: what would have used it falls back and says why)."""
     try:
         _import_llama_cpp()
-    except ImportError:
+    except (ImportError, OSError, RuntimeError):
         return False
     return True
+
+
+def gguf_weight_bytes(path: Path) -> int:
+    """Bytes of the tensors in ``path``: what serving it holds, without the tokenizer and other
+    metadata (about 2 MB for SmolLM2's vocabulary), as torch's figure counts parameters alone."""
+    return sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors)
 
 
 def gguf_kind(path: Path) -> str:

@@ -93,8 +93,8 @@ class LlamaCppModel:
     def negative_log_likelihood(self, ids: Sequence[int]) -> tuple[float, int]:
         """The summed negative log-likelihood of ``ids[1:]`` given what precedes each, and how many
         tokens that is: perplexity is ``exp(nll / count)``, measured on the engine that will serve."""
-        if len(ids) < 2 or len(ids) > self.context:
-            raise ValueError(f"score 2 to {self.context} tokens, got {len(ids)}")
+        if len(ids) < 2 or len(ids) - 1 > self.context:  # the last token is scored, never decoded
+            raise ValueError(f"score 2 to {self.context + 1} tokens, got {len(ids)}")
         seq = self._take_seq("score")
         total = 0.0
         try:

@@ -135,9 +135,9 @@ def _step_options(command: Callable[..., None]) -> Callable[..., None]:
     variant = click.option(
         "--variant",
         default="",
-        metavar="PRECISION",
-        help="For compress, validate and publish: the variant a target's precision asks for (its "
-        "folders are STEP-PRECISION). Default: the spec's own compression.",
+        metavar="VARIANT",
+        help="For compress, validate and publish: the variant a target's precision (and engine) asks for, "
+        "e.g. int4 or int8-gguf (its folders are STEP-VARIANT). Default: the spec's own compression.",
     )
     return variant(spec(_run_options(command)))
 

@@ -7,8 +7,9 @@ that depend on it as an input artifact at the same path.
 
 One run builds every variant the targets ask for (``autoglm_core.variants``): fetch, calibrate and
 the search once, then compress, validate and publish per variant. The spec's own variant keeps the
-plain step names; another's are suffixed with its precision (``compress-int4``, ``publish-bf16``)
-and run as ``autoglm pipeline compress --variant int4``.
+plain step names; another's are suffixed with its name, its precision (``compress-int4``,
+``publish-bf16``) and, where one precision is built for two engines, the engine
+(``compress-int8-gguf``), and run as ``autoglm pipeline compress --variant int4``.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from transformers import DynamicCache
 
 from autoglm_core.camel import CamelModel
 from autoglm_core.energy import EnergyMeter
+from autoglm_modeling.gguf_export import gguf_weight_bytes
 from autoglm_modeling.llamacpp import LlamaCppModel
 from autoglm_modeling.loading import cache_kwargs
 from autoglm_modeling.quantization import weight_bytes
@@ -128,11 +129,16 @@ def measure_gguf(
 ) -> ModelMeasurement:
     """``measure`` on llama.cpp, the engine that serves a GGUF variant: perplexity over the same
     non-overlapping windows (``LlamaCppModel.negative_log_likelihood``), and greedy decode at batch 1
-    from the same prompt, each step timed; weight bytes are the GGUF file's."""
+    from the same prompt, each step timed, on torch's thread count; weight bytes are the GGUF's tensors'.
+    Raises ``ArtifactError`` when llama.cpp cannot load the file."""
     tokens = [int(t) for t in ids.view(-1).tolist()]
     prompt = tokens[:prompt_tokens]
     meter = EnergyMeter()
-    with LlamaCppModel(path, max_rows=1, context=max(window + 1, len(prompt) + new_tokens)) as model:
+    # the threads torch measures the baseline with, so the two sides' latencies compare
+    threads = torch.get_num_threads()
+    with LlamaCppModel(
+        path, max_rows=1, context=max(window, len(prompt) + new_tokens), threads=threads
+    ) as model:
         for _ in range(warmup):
             model.greedy(prompt, min(new_tokens, 8))
         with meter.measure() as energy:
@@ -146,4 +152,6 @@ def measure_gguf(
             scored, n = model.negative_log_likelihood(chunk)
             nll, count = nll + scored, count + n
     decode = _decode_stats(len(prompt), prefill_s, steps, energy.reading.joules, energy.reading.method)
-    return ModelMeasurement(quality=math.exp(nll / count), weight_bytes=path.stat().st_size, **dict(decode))
+    return ModelMeasurement(
+        quality=math.exp(nll / count), weight_bytes=gguf_weight_bytes(path), **dict(decode)
+    )

@@ -14,10 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Final
 
+from autoglm_modeling.gguf_export import QuantKind
+
 #: The GGUF kind per quantization method. int8 methods all become Q8_0 (blocks of 32 weights, one
 #: scale each; llama.cpp quantizes the activations to 8 bits per block for the product, so a W8A8
 #: method is as close as GGUF comes); int4 becomes Q4_0 (blocks of 32: ``groupSize`` does not carry).
-GGUF_KINDS: Final[dict[str, str]] = {
+GGUF_KINDS: Final[dict[str, QuantKind]] = {
     "none": "F32",
     "fp16": "F16",
     "bf16": "BF16",
@@ -34,7 +36,7 @@ class FormatChoice:
     ``reason`` why an ``auto`` or ``llama.cpp`` variant cannot be GGUF (None when it is)."""
 
     engine: str
-    kind: str | None = None
+    kind: QuantKind | None = None
     reason: str | None = None
 
 
@@ -61,7 +63,7 @@ def choose_format(
         reasons.append(
             f"llama.cpp's quantizer rounds to nearest; algorithm {quantization['algorithm']} has no GGUF form"
         )
-    if quantization.get("skipModules"):
+    if quantization.get("skipModules") and method != "none":  # nothing is quantized to skip
         reasons.append("skipModules (modules kept in higher precision) have no GGUF form here")
     if method not in GGUF_KINDS:
         reasons.append(f"method {method} has no GGUF kind (known: {', '.join(GGUF_KINDS)})")

@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from autoglm_api.resource import AutoGLMModel
 from autoglm_core.card import write_model_card
 from autoglm_core.digests import canonical_digest, sha256_file
+from autoglm_core.errors import AutoGLMError
 from autoglm_core.revision import artifact_revision, source_revision
 from autoglm_core.uris import SourceError, TransientSourceError, resolve
 from autoglm_core.variants import variant_named
@@ -33,6 +34,7 @@ from autoglm_modeling.gguf_export import (
     ARCHITECTURES,
     GGUFExportError,
     gguf_kind,
+    gguf_weight_bytes,
     llama_cpp_available,
     write_gguf_folder,
 )
@@ -59,6 +61,8 @@ from autoglm_pipelines.text import read_text, tokenize, windows
 MODEL_DIR = "model"
 #: The weights of a variant published for llama.cpp (``write_gguf_folder`` lays them out).
 GGUF_FILE = "model.gguf"
+#: Beside compress's model folder: the engine the variant is published for, and why (``auto``).
+ENGINE_FILE = "engine.json"
 #: Beside the published artifact: the uncompressed source, published with ``--publish-baseline``.
 BASELINE_DIR = "baseline"
 CALIBRATION_FILE = "activations.safetensors"
@@ -168,7 +172,14 @@ def compress(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
     method = config["quantization"]["method"]
     choice = _format_choice(ctx, config)
     if choice.engine == "llama.cpp":
-        return _compress_gguf(model, ctx, lm, tokenizer, config, choice, before)
+        try:
+            return _compress_gguf(model, ctx, lm, tokenizer, config, choice, before)
+        except GGUFExportError as exc:
+            if ctx.engine == "llama.cpp":
+                raise StepFailedError(f"engine llama.cpp: {exc}") from exc
+            choice = FormatChoice("torch", reason=f"GGUF export failed: {exc}")
+            shutil.rmtree(ctx.folder("compress"), ignore_errors=True)
+            lm, tokenizer, _ = load_model_folder(ctx.folder("fetch") / MODEL_DIR)  # the GGUF path pruned it
     if ctx.engine == "llama.cpp":
         raise StepFailedError(f"engine llama.cpp: {choice.reason}")
     changes_layers = spec.distillation.enabled or config["pruning"]["method"] != "none"
@@ -179,6 +190,7 @@ def compress(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
     except ValueError as exc:
         raise StepFailedError(f"compression with {method}: {exc}") from exc
     save_model_folder(lm, tokenizer, ctx.folder("compress") / MODEL_DIR, plan)
+    _write_engine(ctx, choice)
     smoothing = report.pop("smoothingAbsmax", None)
     if smoothing:  # the statistics SmoothQuant's migration used, shipped with the weights they shaped
         tensors = {f"{name}.input_absmax": t.contiguous() for name, t in smoothing.items()}
@@ -212,6 +224,13 @@ def _format_choice(ctx: StepContext, config: dict[str, Any]) -> FormatChoice:
     )  # fmt: skip
 
 
+def _write_engine(ctx: StepContext, choice: FormatChoice) -> None:
+    """The engine and (for an ``auto`` variant published for torch) why, as a file of the step's
+    output: publish's reuse key hashes it, so a changed reason is never left in a reused card."""
+    record = {"engine": choice.engine, **({"engineReason": choice.reason} if choice.reason else {})}
+    (ctx.folder("compress") / ENGINE_FILE).write_text(_json(record))
+
+
 def _compress_gguf(
     model: AutoGLMModel,
     ctx: StepContext,
@@ -223,7 +242,7 @@ def _compress_gguf(
 ) -> StepOutcome:
     """Pruning and distillation in torch on the float model, then GGUF: exported at F32 and made
     ``choice.kind`` by llama.cpp's own quantizer (``llama_model_quantize``), with the tokenizer of
-    the source GGUF where the source is one."""
+    the source GGUF where the source is one. Raises ``GGUFExportError`` for what GGUF cannot hold."""
     assert choice.kind is not None
     float_config = {**config, "quantization": {"method": "none"}}
     calibration = (
@@ -237,19 +256,18 @@ def _compress_gguf(
     staged = ctx.folder("compress") / "float.partial"
     shutil.rmtree(staged, ignore_errors=True)
     save_model_folder(lm, tokenizer, staged)
-    del lm
     source = model.spec.source
-    found = resolve(source.uri, cache_dir=ctx.cache_dir, sha256=source.sha256, revision=source.revision)
+    reference = None  # a GGUF source: its tokenizer fields are copied, so llama.cpp tokenizes as before
+    if source.format == "gguf" or source.uri.endswith(".gguf"):
+        reference = resolve(
+            source.uri, cache_dir=ctx.cache_dir, sha256=source.sha256, revision=source.revision
+        )
     try:
-        write_gguf_folder(
-            staged, out, choice.kind, base="F32",  # type: ignore[arg-type]
-            tokenizer_from=found if found.is_file() and found.suffix == ".gguf" else None,
-        )  # fmt: skip
-    except GGUFExportError as exc:
-        raise StepFailedError(f"engine llama.cpp: {exc}") from exc
+        write_gguf_folder(staged, out, choice.kind, base="F32", tokenizer_from=reference)
     finally:
         shutil.rmtree(staged, ignore_errors=True)
-    after = (out / GGUF_FILE).stat().st_size
+    after = gguf_weight_bytes(out / GGUF_FILE)
+    _write_engine(ctx, choice)
     return StepOutcome(
         metrics={
             "weightBytes": after,
@@ -530,6 +548,7 @@ def run_step(model: AutoGLMModel, step: str, ctx: StepContext) -> tuple[StepResu
     except (
         StepFailedError,
         SourceError,
+        AutoGLMError,  # e.g. llama.cpp refusing to load the GGUF validate measures
         OSError,
         ValueError,
         KeyError,
@@ -537,7 +556,7 @@ def run_step(model: AutoGLMModel, step: str, ctx: StepContext) -> tuple[StepResu
         SafetensorError,
     ) as exc:
         # One line for whatever went wrong (a truncated checkpoint, a missing input folder, ...).
-        known = isinstance(exc, StepFailedError | SourceError)
+        known = isinstance(exc, StepFailedError | SourceError | AutoGLMError)
         reason = str(exc) if known else f"{type(exc).__name__}: {' '.join(str(exc).split())[:500]}"
         failure = StepResult(
             step=step,

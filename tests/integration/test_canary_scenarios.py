@@ -33,6 +33,7 @@ from autoglm_inference.faults import ENABLE_ENV
 from autoglm_operator.backends.local_state import LocalState
 from autoglm_operator.cli.main import cli
 from autoglm_operator.embedded import EmbeddedLoop, LoopOptions
+from tests.support.loop import isolated_loop_env
 from tests.support.prometheus import prometheus
 from tests.support.tiny_models import tiny_glm
 from tests.unit.test_pipeline_steps import manifest
@@ -298,9 +299,7 @@ def test_abort_retry_and_promote_by_hand_with_autoglm_rollout(world: World) -> N
 def test_killing_autoglm_run_mid_canary_resumes_at_the_same_step(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("AUTOGLM_CACHE_DIR", str(tmp_path / "cache"))
-    audit = f"sqlite:///{tmp_path / 'state' / 'audit.db'}"
-    monkeypatch.setenv("AUTOGLM_AUDIT_URL", audit)
+    audit = isolated_loop_env(tmp_path, monkeypatch)
     source = tiny_glm(tmp_path / "glm", init_std=0.3, seed=3)
     slow = {**ROLLOUT, "steps": [{"weight": 50, "pause": "30s"}, {"weight": 100, "pause": "2s"}]}
     # 300Mi cannot hold the source beside the candidate: the first rollout goes on its offline gates

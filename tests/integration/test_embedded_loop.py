@@ -16,6 +16,7 @@ from autoglm_core.revision import artifact_revision, source_revision
 from autoglm_core.variants import rollout_revision, target_revisions
 from autoglm_inference.faults import ENABLE_ENV
 from autoglm_operator.embedded import EmbeddedLoop, LoopOptions
+from tests.support.loop import isolated_loop_env
 from tests.support.tiny_models import tiny_glm
 from tests.unit.test_pipeline_steps import manifest
 
@@ -55,9 +56,7 @@ def slow_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, path: Path) -> 
 def test_first_rollout_then_a_canary_promoted_on_live_figures(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("AUTOGLM_CACHE_DIR", str(tmp_path / "cache"))
-    audit = f"sqlite:///{tmp_path / 'state' / 'audit.db'}"
-    monkeypatch.setenv("AUTOGLM_AUDIT_URL", audit)  # the pipeline's GatePassed goes to the same ledger
+    audit = isolated_loop_env(tmp_path, monkeypatch)
     source = tiny_glm(tmp_path / "glm", init_std=0.3, seed=3)
     path = write(tmp_path, source, "int8-weight-only")
     options = LoopOptions(
@@ -106,9 +105,7 @@ def test_two_targets_each_serve_their_precision_and_a_failure_on_one_rolls_back_
 ) -> None:
     """local serves the spec's int8, edge its int4 variant, each on its own server; an edit whose
     edge candidate is made slow (the test-only fault injection) is rolled back on both targets."""
-    monkeypatch.setenv("AUTOGLM_CACHE_DIR", str(tmp_path / "cache"))
-    audit = f"sqlite:///{tmp_path / 'state' / 'audit.db'}"
-    monkeypatch.setenv("AUTOGLM_AUDIT_URL", audit)
+    audit = isolated_loop_env(tmp_path, monkeypatch)
     source = tiny_glm(tmp_path / "glm", init_std=0.3, seed=3)
     targets = [{"name": "local"}, {"name": "edge", "pool": "kubeedge", "precision": "int4"}]
     rollout = {**ROLLOUT, "steps": [{"weight": 50, "pause": "3s"}, {"weight": 100}]}

@@ -26,6 +26,8 @@ STEPS = ("fetch", "calibrate", "compress", "validate", "publish")
 #: What llama.cpp's quantizer makes of each 2-D weight, per quantization method.
 KINDS = {
     "int8-weight-only": "Q8_0",
+    "int8-dynamic": "Q8_0",
+    "smoothquant-w8a8": "Q8_0",
     "int4-weight-only": "Q4_0",
     "fp16": "F16",
     "bf16": "BF16",
@@ -96,7 +98,9 @@ def test_a_cpu_target_publishes_gguf_made_and_validated_on_llama_cpp(tmp_path: P
 
     report = json.loads((work / "validate" / "validate.json").read_text())
     assert report["engines"] == {"baseline": "torch", "candidate": "llama.cpp"}
-    assert report["candidate"]["weightBytes"] == gguf_file.stat().st_size
+    # the tensors' bytes as gguf-py reads them, not the tokenizer's and other metadata
+    tensor_bytes = sum(int(t.n_bytes) for t in gguf.GGUFReader(gguf_file).tensors)
+    assert report["candidate"]["weightBytes"] == tensor_bytes < gguf_file.stat().st_size
     # the quality gate's figure is llama.cpp's own perplexity of the weights that will serve
     text = read_text(hamlet_path())
     ids = [int(t) for t in tokenize(tiny_tokenizer(), text, max_tokens=512)]
@@ -176,7 +180,7 @@ def test_a_target_that_asks_for_llama_cpp_fails_naming_why_it_cannot(tmp_path: P
     spec = manifest(tmp_path, glm, targets=[{"name": "edge", "pool": "kubeedge", "engine": "llama.cpp"}])
     work = tmp_path / "work"
     run_steps(spec, work, ("fetch", "calibrate"))
-    code, out = step("compress", spec, work, "--variant", "gguf")
+    code, out = step("compress", spec, work)
     assert code == 1
     assert "engine llama.cpp: " in out
     assert "GlmForCausalLM cannot be written as GGUF yet (supported: LlamaForCausalLM)" in out
@@ -205,3 +209,30 @@ def test_targets_on_two_engines_get_two_builds_of_one_precision(tmp_path: Path, 
     for name, target in (("publish", "edge"), ("publish-torch", "cloud")):  # each card names its revision
         card = json.loads((work / name / "model" / "model-card.json").read_text())
         assert card["revision"] == revisions[target]
+
+
+@needs_llama_cpp
+def test_a_model_the_gguf_writer_refuses_is_published_for_torch_on_auto_and_fails_on_llama_cpp(
+    tmp_path: Path,
+) -> None:
+    """Dynamic rope scaling has no GGUF form here: only the export finds out (after pruning and
+    distillation ran), and an ``auto`` target still gets a validated torch build."""
+    source = tiny_llama(tmp_path / "llama", layers=2)
+    config = json.loads((source / "config.json").read_text())
+    config["rope_scaling"] = {"rope_type": "dynamic", "factor": 2.0}
+    (source / "config.json").write_text(json.dumps(config))
+    spec, work = manifest(tmp_path, source), tmp_path / "work"
+    run_steps(spec, work)
+    compressed = result(work, "compress")["metrics"]
+    assert compressed["engine"] == "torch"
+    assert "GGUF export failed: " in compressed["engineReason"]
+    assert "rope scaling 'dynamic'" in compressed["engineReason"]
+    assert not (work / "compress" / "model" / "model.gguf").exists()
+    card = json.loads((work / "publish" / "model" / "model-card.json").read_text())
+    assert card["engineReason"] == compressed["engineReason"]
+
+    asked = manifest(tmp_path, source, targets=[{"name": "edge", "pool": "kubeedge", "engine": "llama.cpp"}])
+    code, out = step("compress", asked, work)
+    assert code == 1
+    assert "engine llama.cpp: " in out
+    assert "rope scaling 'dynamic' is not written to GGUF yet" in out

@@ -18,6 +18,7 @@ from autoglm_core.variants import rollout_revision, target_revisions
 from autoglm_operator.embedded import EmbeddedLoop, LoopOptions
 from tests.integration.test_embedded_loop import ROLLOUT, slow_source
 from tests.support.llamacpp import needs_llama_cpp
+from tests.support.loop import isolated_loop_env
 from tests.support.tiny_models import tiny_llama
 from tests.unit.test_pipeline_steps import manifest
 
@@ -45,9 +46,7 @@ def llama_cpp_greedy(gguf: Path, prompt_ids: list[int], n: int) -> list[int]:
 def test_a_cpu_target_rolls_out_on_llama_cpp_and_a_slower_torch_edit_rolls_back(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("AUTOGLM_CACHE_DIR", str(tmp_path / "cache"))
-    audit = f"sqlite:///{tmp_path / 'state' / 'audit.db'}"
-    monkeypatch.setenv("AUTOGLM_AUDIT_URL", audit)
+    audit = isolated_loop_env(tmp_path, monkeypatch)
     source = tiny_llama(tmp_path / "llama", seed=3)
     path = manifest(tmp_path, source, rollout=ROLLOUT)
     _, faults_file = slow_source(tmp_path, monkeypatch, path)

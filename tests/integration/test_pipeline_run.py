@@ -164,8 +164,9 @@ def test_smollm2_runs_through_every_step(tmp_path: Path, cache: Path) -> None:
     report = json.loads((tmp_path / "work" / "validate" / "validate.json").read_text())
     assert report["baseline"]["quality"] < 100  # a trained model on English text, not a random one
     assert report["qualityLoss"] < 0.05
-    # int8 linears and head, the embedding table in bf16 (as compressed-tensors expects): 2.9x fp32
-    assert report["sizeReduction"] > 2.8
+    # torch: int8 linears and head, the embedding table in bf16 (as compressed-tensors expects), 2.9x
+    # fp32; llama.cpp: every matrix Q8_0 (8.5 bits a weight), 3.7x
+    assert report["sizeReduction"] > (3.6 if LLAMA_CPP else 2.8)
     card = json.loads((tmp_path / "work" / "publish" / "model" / "model-card.json").read_text())
     assert card["source"]["sha256"]
     assert card["lineage"]["fetch"]["metrics"]["architecture"] == "LlamaForCausalLM"

@@ -103,9 +103,10 @@ def test_a_cpu_target_left_on_auto_keeps_the_revision_of_the_spec() -> None:
     assert only.revision == artifact_revision(base) == rollout_revision(base)
 
 
-def test_the_engine_splits_builds_and_names_them() -> None:
-    """A GPU target builds for torch, a target that asks for llama.cpp for GGUF: one precision, three
-    engines, three revisions, each named after its engine."""
+def test_the_engine_splits_builds_and_names_them_where_a_precision_has_two() -> None:
+    """A GPU target builds for torch, a target that asks for llama.cpp for GGUF: the spec's own
+    compression on three engines is three revisions, named after the engine where they would
+    share a name; int4 is built once, on llama.cpp, and keeps its plain name."""
     base = engines(
         {"name": "gpu", "pool": "cloud-gpu", "resources": {"gpu": 1}},
         {"name": "cpu"},
@@ -118,10 +119,20 @@ def test_the_engine_splits_builds_and_names_them() -> None:
         "torch": ("torch", ("gpu", "torchcpu")),
         "": ("auto", ("cpu",)),
         "gguf": ("llama.cpp", ("edge",)),
-        "int4-gguf": ("llama.cpp", ("edge2",)),
+        "int4": ("llama.cpp", ("edge2",)),
     }
     revisions = target_revisions(base)
     assert len({revisions[t] for t in ("gpu", "cpu", "edge", "edge2")}) == 4
     assert revisions["cpu"] == artifact_revision(base)
     # the same spec and engine, the same revision: a re-applied spec never builds twice
     assert target_revisions(AutoGLMModelSpec.model_validate(base.to_json())) == revisions
+
+
+def test_a_spec_served_on_gpus_alone_keeps_the_plain_step_names() -> None:
+    """Its own build is torch's: named "", so `autoglm pipeline compress` and the workflow's
+    published-model need no variant, though its revision says torch."""
+    base = engines({"name": "gpu", "pool": "cloud-gpu", "resources": {"gpu": 1}})
+    (only,) = variants(base)
+    assert (only.name, only.engine) == ("", "torch")
+    assert only.revision != artifact_revision(base)
+    assert rollout_revision(base) not in (artifact_revision(base), only.revision)  # the targets' digest

@@ -148,28 +148,25 @@ def test_dag_edges_and_artifacts_follow_the_step_list(example: Path) -> None:
 
 
 def test_each_target_precision_is_a_variant_built_after_the_shared_steps() -> None:
-    """cloud-and-edge: bf16 on torch for the cloud GPUs (the name says the engine), the spec's own
-    (searched int4, engine auto) for the edge, one DAG."""
+    """cloud-and-edge: bf16 for the cloud GPUs (torch), the spec's own (searched int4, engine auto)
+    for the edge, one DAG."""
     model = _example(EXAMPLES / "cloud-and-edge.yaml")
     tasks, templates = _tasks(_render(model)), _templates(_render(model))
     assert list(tasks) == [
         "fetch", "calibrate", "search",
-        "compress-bf16-torch", "validate-bf16-torch", "publish-bf16-torch",  # the cloud target's precision, first target first
+        "compress-bf16", "validate-bf16", "publish-bf16",  # the cloud target's precision, first target first
         "compress", "validate", "publish",  # the spec's own variant, searched, for the edge
     ]  # fmt: skip
-    assert tasks["compress-bf16-torch"]["depends"] == "fetch && calibrate"  # a fixed precision: no search
+    assert tasks["compress-bf16"]["depends"] == "fetch && calibrate"  # a fixed precision: no search
     assert tasks["compress"]["depends"] == "fetch && calibrate && search"
-    assert (
-        tasks["publish-bf16-torch"]["depends"]
-        == "fetch && calibrate && compress-bf16-torch && validate-bf16-torch"
-    )
-    assert templates["compress-bf16-torch"]["container"]["command"][2:5] == [
+    assert tasks["publish-bf16"]["depends"] == "fetch && calibrate && compress-bf16 && validate-bf16"
+    assert templates["compress-bf16"]["container"]["command"][2:5] == [
         "compress",
         "--variant",
-        "bf16-torch",
+        "bf16",
     ]
-    (output,) = templates["publish-bf16-torch"]["outputs"]["artifacts"]
-    assert output["globalName"] == "published-model-bf16-torch"
+    (output,) = templates["publish-bf16"]["outputs"]["artifacts"]
+    assert output["globalName"] == "published-model-bf16"
 
 
 def test_publish_output_is_the_workflows_published_model(minimal: dict[str, Any]) -> None:

@@ -127,7 +127,8 @@ class LocalPipelines:
         return cached[1]
 
     def _variants(self, revision: str) -> list[str]:
-        """The variants the run builds ("" for the spec's own; a precision for the others)."""
+        """The variants the run builds ("" for the spec's own; a precision, or a precision and an
+        engine, for the others)."""
         model = self._spec(revision)
         return [v.name for v in variants(model.spec)] if model is not None else [""]
 
