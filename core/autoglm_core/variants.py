@@ -116,13 +116,13 @@ def target_revisions(spec: AutoGLMModelSpec) -> dict[str, str]:
 
 
 def rollout_revision(spec: AutoGLMModelSpec) -> str:
-    """The id of what a rollout puts on its targets: the spec's revision when every target serves
-    the spec's own variant, else the digest of each target's revision, so that a change of one
-    target's precision is a rollout of its own (the other targets' revisions are unchanged)."""
-    own = artifact_revision(spec)
+    """The id of what a rollout puts on its targets: that build's revision when every target serves
+    one build (the spec's own revision, for the spec's own variant on ``auto``), else the digest of
+    each target's revision, so that a change of one target's precision is a rollout of its own (the
+    other targets' revisions are unchanged)."""
     revisions = target_revisions(spec)
-    if all(r == own for r in revisions.values()):
-        return own
+    if len(set(revisions.values())) == 1:
+        return next(iter(revisions.values()))
     return short_id(canonical_digest({"targets": revisions}))
 
 

@@ -1,4 +1,4 @@
-"""Write a Hugging Face Llama-family model folder as GGUF, and quantize GGUF with llama.cpp's own quantizer.
+"""Write a Hugging Face Llama-family or GLM model folder as GGUF, and quantize GGUF with llama.cpp's own quantizer.
 
 ``export_gguf`` reads the folder's safetensors (never pickles) and writes F32 or F16 GGUF with the
 ``gguf`` package's writer: the llama.cpp tensor names (``gguf.TensorNameMap``), the hyper-parameters,
@@ -51,8 +51,11 @@ FILE_TYPES: Final[dict[str, gguf.LlamaFileType]] = {
     "Q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
     "Q4_K_M": gguf.LlamaFileType.MOSTLY_Q4_K_M,
 }
-#: Architectures written so far, with their GGUF architecture.
-ARCHITECTURES: Final = {"LlamaForCausalLM": gguf.MODEL_ARCH.LLAMA}
+#: Architectures written so far, with their GGUF architecture. transformers' GLM (GLM-4's ``-hf``
+#: checkpoints) is llama.cpp's ``chatglm``: separate q/k/v with biases, the fused gate/up projection
+#: as one ``ffn_up`` of twice the width (SwiGLU on its halves, gate first), and rotary on the first
+#: ``partial_rotary_factor`` of each head on adjacent pairs, which is llama.cpp's own layout.
+ARCHITECTURES: Final = {"LlamaForCausalLM": gguf.MODEL_ARCH.LLAMA, "GlmForCausalLM": gguf.MODEL_ARCH.CHATGLM}
 
 
 class GGUFExportError(SourceError):
@@ -80,7 +83,15 @@ def export_gguf(
     kv_heads = int(config.get("num_key_value_heads") or heads)
     hidden = int(config["hidden_size"])
     head_dim = int(config.get("head_dim") or hidden // heads)
+    if arch == gguf.MODEL_ARCH.CHATGLM and heads * head_dim != hidden:
+        raise GGUFExportError(
+            f"{folder}: llama.cpp's chatglm layout needs attention heads x head_dim = hidden_size, got "
+            f"{heads} x {head_dim} != {hidden} (structured pruning removed heads); prune the MLP only "
+            "(keep heads) or serve it on torch"
+        )
     tied = bool(config.get("tie_word_embeddings", False))
+    llama = arch == gguf.MODEL_ARCH.LLAMA
+    rotary = int(head_dim * _partial_rotary(config))
 
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
@@ -94,7 +105,7 @@ def export_gguf(
     writer.add_head_count_kv(kv_heads)
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
-    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_dimension_count(rotary)
     writer.add_rope_freq_base(float(_rope_theta(config)))
     writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
     writer.add_vocab_size(int(config["vocab_size"]))
@@ -103,14 +114,17 @@ def export_gguf(
     _tokenizer(writer, folder, tokenizer_from)
 
     names = gguf.TensorNameMap(arch, layers)
+    embedding = None
     for name, array in _tensors(folder):
         if tied and name == "lm_head.weight":
             continue
         if name.endswith(("rotary_emb.inv_freq",)):
             continue
-        if name.endswith("self_attn.q_proj.weight"):
+        if name == "model.embed_tokens.weight":
+            embedding = array
+        if llama and name.endswith("self_attn.q_proj.weight"):  # GLM rotates adjacent pairs already
             array = _permute(array, heads)
-        elif name.endswith("self_attn.k_proj.weight"):
+        elif llama and name.endswith("self_attn.k_proj.weight"):
             array = _permute(array, kv_heads)
         target = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if target is None:
@@ -118,6 +132,8 @@ def export_gguf(
         # Norms and other 1-D tensors stay F32, as llama.cpp's converter keeps them.
         keep_f32 = dtype == "F32" or array.ndim == 1
         writer.add_tensor(target, array.astype(np.float32 if keep_f32 else np.float16))
+    if tied and not llama and embedding is not None:  # chatglm reads its output projection from `output`
+        writer.add_tensor("output.weight", embedding.astype(np.float32 if dtype == "F32" else np.float16))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -274,6 +290,13 @@ def _rope_theta(config: dict[str, Any]) -> float:
         return float(config["rope_theta"])
     parameters = config.get("rope_parameters") or {}
     return float(parameters.get("rope_theta", 10000.0))
+
+
+def _partial_rotary(config: dict[str, Any]) -> float:
+    """The share of each head that is rotated (GLM: half; Llama: all)."""
+    if "partial_rotary_factor" in config:
+        return float(config["partial_rotary_factor"])
+    return float((config.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0))
 
 
 def _rope_scaling(writer: gguf.GGUFWriter, config: dict[str, Any]) -> None:

@@ -11,7 +11,8 @@ Rollouts' AnalysisRun does, with three outcomes:
   data: the buckets are ties) and a one-sided two-proportion z-test on the error counts, each with
   a smallest effect worth failing for, so a huge sample does not fail a 1% difference.
 - **Inconclusive**: no figures (the metrics source is down, a query returned nothing), a NaN, or
-  fewer than ``minRequests`` requests. The caller holds the weight: never promote on missing data.
+  fewer than ``minRequests`` requests, the candidate's or (below 100%) stable's. The caller holds
+  the weight: never promote on missing data.
 - **Successful** otherwise. A metric nobody feeds (no feedback yet) is *not measured*: neither a
   pass nor a failure.
 
@@ -222,9 +223,13 @@ def proportions_test(errors_a: int, n_a: int, errors_b: int, n_b: int) -> tuple[
     return z, _upper_tail(z)
 
 
-def judge(candidate: Figures | None, stable: Figures | None, limits: Analysis) -> AnalysisResult:
+def judge(
+    candidate: Figures | None, stable: Figures | None, limits: Analysis, *, weight: int = 100
+) -> AnalysisResult:
     """The outcome of one analysis interval for ``candidate`` (``stable``: the same interval's figures
-    of the serving revision, or None on a first rollout with nothing to compare with)."""
+    of the serving revision, or None on a first rollout with nothing to compare with). ``weight``:
+    the candidate's share of traffic; below 100 stable gets the rest, and a stable that served fewer
+    than ``minRequests`` is missing data (holding), not a reason to judge on absolute limits alone."""
     if candidate is None:
         return AnalysisResult(
             INCONCLUSIVE, "no figures for the candidate: the metrics source is down or empty"
@@ -237,14 +242,21 @@ def judge(candidate: Figures | None, stable: Figures | None, limits: Analysis) -
             INCONCLUSIVE,
             f"{candidate.requests} requests, fewer than minRequests {limits.min_requests}: holding",
         )
-    checks = list(_absolute_checks(candidate, limits))
     comparable = stable is not None and stable.requests >= limits.min_requests
+    checks = list(_absolute_checks(candidate, limits))
     if comparable:
         assert stable is not None
         checks.extend(_relative_checks(candidate, stable))
     failed = [c for c in checks if c.passed is False]
     if failed:
         return AnalysisResult(FAILED, "; ".join(f"{c.metric}: {c.detail}" for c in failed), tuple(checks))
+    if stable is not None and not comparable and weight < 100:  # the comparison's other half is missing
+        return AnalysisResult(
+            INCONCLUSIVE,
+            f"stable served {stable.requests} requests at {100 - weight}% of traffic, fewer than minRequests "
+            f"{limits.min_requests}: holding",
+            tuple(checks),
+        )
     if any(c.passed is None and c.metric == "p95LatencyMs" for c in checks):
         return AnalysisResult(INCONCLUSIVE, "no latency histogram for the candidate: holding", tuple(checks))
     if comparable:

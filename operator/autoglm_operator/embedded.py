@@ -220,7 +220,7 @@ class EmbeddedLoop:
         for target, (mine, theirs) in live.items():
             figures = got.get(target, {})
             ours, stable = figures.get(mine), figures.get(theirs) if theirs else None
-            result = judge(ours, stable, limits)
+            result = judge(ours, stable, limits, weight=status.canary.weight or 0)
             source = canary.sources[target]
             measured = {
                 "target": target, "stable": theirs,

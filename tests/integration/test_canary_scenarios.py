@@ -28,7 +28,8 @@ from click.testing import CliRunner
 
 from autoglm_api.status import AutoGLMModelStatus
 from autoglm_api.validation import load_manifest
-from autoglm_core.revision import artifact_revision, source_revision
+from autoglm_core.revision import source_revision
+from autoglm_core.variants import rollout_revision
 from autoglm_inference.faults import ENABLE_ENV
 from autoglm_operator.backends.local_state import LocalState
 from autoglm_operator.cli.main import cli
@@ -67,9 +68,10 @@ class World:
     def edit(self, samples: int, rollout: dict[str, Any] = ROLLOUT) -> str:
         """Rewrite the manifest into a new candidate; its revision."""
         path = manifest(
-            self.root, self.source, calibration={"samples": samples, "sequenceLength": 64}, rollout=rollout
-        )
-        return artifact_revision(load_manifest(str(path)).spec)
+            self.root, self.source, calibration={"samples": samples, "sequenceLength": 64}, rollout=rollout,
+            engine="torch",
+        )  # fmt: skip
+        return rollout_revision(load_manifest(str(path)).spec)
 
     def fault(self, revision: str | None = None, *, metrics_down: bool = False, **fault: float) -> None:
         data = json.loads(self.faults.read_text())
@@ -105,7 +107,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         env.setenv("AUTOGLM_AUDIT_URL", audit)  # the pipelines' GatePassed go to the same ledger
         faults = root / "faults.json"
         source = tiny_glm(root / "glm", init_std=0.3, seed=3)
-        path = manifest(root, source, rollout=ROLLOUT)
+        path = manifest(root, source, rollout=ROLLOUT, engine="torch")
         # The first rollout is canaried against the fp32 source: slowed, so that it is promoted (on
         # a tiny GLM a compressed variant is no faster than fp32; that race is not under test here).
         baseline = source_revision(load_manifest(str(path)).spec)
@@ -303,7 +305,7 @@ def test_killing_autoglm_run_mid_canary_resumes_at_the_same_step(
     source = tiny_glm(tmp_path / "glm", init_std=0.3, seed=3)
     slow = {**ROLLOUT, "steps": [{"weight": 50, "pause": "30s"}, {"weight": 100, "pause": "2s"}]}
     # 300Mi cannot hold the source beside the candidate: the first rollout goes on its offline gates
-    small = [{"name": "local", "resources": {"memory": "300Mi"}}]
+    small = [{"name": "local", "engine": "torch", "resources": {"memory": "300Mi"}}]
     path = manifest(tmp_path, source, rollout=slow, targets=small)
     command = [sys.executable, "-m", "autoglm_operator", "run", str(path), "--state-dir", str(tmp_path / "state"),
                "--traffic", "8", "--decode-tokens", "4", "--timeout", "300"]  # fmt: skip
@@ -313,7 +315,7 @@ def test_killing_autoglm_run_mid_canary_resumes_at_the_same_step(
     path = manifest(
         tmp_path, source, rollout=slow, targets=small, calibration={"samples": 5, "sequenceLength": 64}
     )
-    revision = artifact_revision(load_manifest(str(path)).spec)
+    revision = rollout_revision(load_manifest(str(path)).spec)
     state = LocalState(tmp_path / "state")
     killed = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -332,7 +334,7 @@ def test_killing_autoglm_run_mid_canary_resumes_at_the_same_step(
     fast = manifest(
         tmp_path, source, rollout=ROLLOUT, targets=small, calibration={"samples": 5, "sequenceLength": 64}
     )
-    assert artifact_revision(load_manifest(str(fast)).spec) == revision  # rollout is not in the revision
+    assert rollout_revision(load_manifest(str(fast)).spec) == revision  # rollout is not in the revision
     resumed = subprocess.run(command, capture_output=True, text=True, check=False, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "a killed loop left running" in resumed.stderr

@@ -12,7 +12,7 @@ import pytest
 
 from autoglm_api.validation import load_manifest
 from autoglm_core.audit import Ledger
-from autoglm_core.revision import artifact_revision, source_revision
+from autoglm_core.revision import source_revision
 from autoglm_core.variants import rollout_revision, target_revisions
 from autoglm_inference.faults import ENABLE_ENV
 from autoglm_operator.embedded import EmbeddedLoop, LoopOptions
@@ -39,7 +39,9 @@ ROLLOUT = {
 
 def write(tmp_path: Path, source: Path, method: str) -> Path:
     """The pipeline tests' tiny manifest, with a fast canary."""
-    return manifest(tmp_path, source, compression={"quantization": {"method": method}}, rollout=ROLLOUT)
+    return manifest(
+        tmp_path, source, compression={"quantization": {"method": method}}, rollout=ROLLOUT, engine="torch"
+    )
 
 
 def slow_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, path: Path) -> tuple[str, str]:
@@ -70,7 +72,7 @@ def test_first_rollout_then_a_canary_promoted_on_live_figures(
         assert first.phase == "Serving"
         old = first.revisions.stable
         assert old is not None
-        assert old == artifact_revision(load_manifest(str(path)).spec)
+        assert old == rollout_revision(load_manifest(str(path)).spec)
         assert first.revisions.baseline is None  # the source left once the candidate was promoted
         write(tmp_path, source, "int4-weight-only")  # an edit: a new revision, canaried against old
         second = loop.run()
@@ -107,7 +109,10 @@ def test_two_targets_each_serve_their_precision_and_a_failure_on_one_rolls_back_
     edge candidate is made slow (the test-only fault injection) is rolled back on both targets."""
     audit = isolated_loop_env(tmp_path, monkeypatch)
     source = tiny_glm(tmp_path / "glm", init_std=0.3, seed=3)
-    targets = [{"name": "local"}, {"name": "edge", "pool": "kubeedge", "precision": "int4"}]
+    targets = [
+        {"name": "local", "engine": "torch"},
+        {"name": "edge", "pool": "kubeedge", "precision": "int4", "engine": "torch"},
+    ]
     rollout = {**ROLLOUT, "steps": [{"weight": 50, "pause": "3s"}, {"weight": 100}]}
     path = manifest(tmp_path, source, targets=targets, rollout=rollout)
     _, faults_file = slow_source(tmp_path, monkeypatch, path)

@@ -81,20 +81,39 @@ def oracle_perplexity(path: Path, ids: list[int], window: int) -> float:
     return math.exp(nll / count)
 
 
+def tiny_mistral(folder: Path) -> Path:
+    """A tiny model of an architecture the GGUF writer does not know."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from tests.support.tiny_models import tiny_shape, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    MistralForCausalLM(
+        MistralConfig(**tiny_shape(tokenizer, layers=1, tie=True, init_std=0.02))
+    ).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 @needs_llama_cpp
-def test_a_cpu_target_publishes_gguf_made_and_validated_on_llama_cpp(tmp_path: Path, llama: Path) -> None:
+@pytest.mark.parametrize("architecture", ["llama", "glm"])
+def test_a_cpu_target_publishes_gguf_made_and_validated_on_llama_cpp(
+    tmp_path: Path, llama: Path, architecture: str
+) -> None:
     from autoglm_inference.artifact import choose_engine
     from autoglm_pipelines.text import read_text, tokenize
     from tests.support.tiny_models import hamlet_path, tiny_tokenizer
 
-    spec, work = manifest(tmp_path, llama), tmp_path / "work"
+    source = llama if architecture == "llama" else tiny_glm(tmp_path / "glm")
+    spec, work = manifest(tmp_path, source), tmp_path / "work"
     run_steps(spec, work)
     compressed = result(work, "compress")["metrics"]
     assert (compressed["engine"], compressed["gguf"]) == ("llama.cpp", "Q8_0")
     gguf_file = work / "compress" / "model" / "model.gguf"
-    types = tensor_types(gguf_file)
-    assert {t for name, t in types.items() if name.endswith("_norm.weight")} == {"F32"}
-    assert {t for name, t in types.items() if not name.endswith("norm.weight")} == {"Q8_0"}
+    reader = gguf.GGUFReader(gguf_file)
+    # matrices Q8_0; norms and biases (1-D) stay F32, as llama.cpp's quantizer keeps them
+    assert {t.tensor_type.name for t in reader.tensors if len(t.shape) == 2} == {"Q8_0"}
+    assert {t.tensor_type.name for t in reader.tensors if len(t.shape) == 1} == {"F32"}
 
     report = json.loads((work / "validate" / "validate.json").read_text())
     assert report["engines"] == {"baseline": "torch", "candidate": "llama.cpp"}
@@ -134,9 +153,13 @@ def test_each_method_becomes_the_gguf_kind_llama_cpp_makes(
 
 @needs_llama_cpp
 def test_pruning_runs_in_torch_before_the_gguf_is_made(tmp_path: Path, llama: Path) -> None:
+    """Heads and MLP channels pruned, then GGUF: llama.cpp loads and validates it."""
     spec = manifest(tmp_path, llama, compression={"pruning": {"method": "structured-l1", "sparsity": 0.5}})
     work = tmp_path / "work"
-    run_steps(spec, work, ("fetch", "calibrate", "compress"))
+    run_steps(spec, work, ("fetch", "calibrate", "compress", "validate"))
+    assert (
+        json.loads((work / "validate" / "validate.json").read_text())["engines"]["candidate"] == "llama.cpp"
+    )
     reader = gguf.GGUFReader(work / "compress" / "model" / "model.gguf")
     field = reader.fields["llama.feed_forward_length"]
     config = json.loads((llama / "config.json").read_text())
@@ -146,12 +169,12 @@ def test_pruning_runs_in_torch_before_the_gguf_is_made(tmp_path: Path, llama: Pa
 
 
 def test_auto_publishes_for_torch_where_gguf_cannot_be_made_and_says_why(tmp_path: Path) -> None:
-    glm = tiny_glm(tmp_path / "glm")
-    spec, work = manifest(tmp_path, glm), tmp_path / "work"
+    source = tiny_mistral(tmp_path / "mistral")
+    spec, work = manifest(tmp_path, source), tmp_path / "work"
     run_steps(spec, work)
     compressed = result(work, "compress")["metrics"]
     assert compressed["engine"] == "torch"
-    assert "GlmForCausalLM cannot be written as GGUF yet" in compressed["engineReason"]
+    assert "MistralForCausalLM cannot be written as GGUF yet" in compressed["engineReason"]
     card = json.loads((work / "publish" / "model" / "model-card.json").read_text())
     assert (card["engine"], card["engineReason"]) == ("torch", compressed["engineReason"])
     assert card["format"].startswith("compressed-tensors")
@@ -176,14 +199,17 @@ def test_what_gguf_cannot_express_keeps_an_auto_target_on_torch(
 
 
 def test_a_target_that_asks_for_llama_cpp_fails_naming_why_it_cannot(tmp_path: Path) -> None:
-    glm = tiny_glm(tmp_path / "glm")
-    spec = manifest(tmp_path, glm, targets=[{"name": "edge", "pool": "kubeedge", "engine": "llama.cpp"}])
+    source = tiny_mistral(tmp_path / "mistral")
+    spec = manifest(tmp_path, source, targets=[{"name": "edge", "pool": "kubeedge", "engine": "llama.cpp"}])
     work = tmp_path / "work"
     run_steps(spec, work, ("fetch", "calibrate"))
     code, out = step("compress", spec, work)
     assert code == 1
     assert "engine llama.cpp: " in out
-    assert "GlmForCausalLM cannot be written as GGUF yet (supported: LlamaForCausalLM)" in out
+    assert (
+        "MistralForCausalLM cannot be written as GGUF yet (supported: LlamaForCausalLM, GlmForCausalLM)"
+        in out
+    )
 
 
 @needs_llama_cpp
@@ -236,3 +262,15 @@ def test_a_model_the_gguf_writer_refuses_is_published_for_torch_on_auto_and_fail
     assert code == 1
     assert "engine llama.cpp: " in out
     assert "rope scaling 'dynamic' is not written to GGUF yet" in out
+
+
+@needs_llama_cpp
+def test_a_glm_with_pruned_heads_stays_on_torch_where_chatglm_cannot_hold_it(tmp_path: Path) -> None:
+    """llama.cpp's chatglm layout ties the heads' width to hidden_size: an auto target gets torch."""
+    source = tiny_glm(tmp_path / "glm")
+    spec = manifest(tmp_path, source, compression={"pruning": {"method": "structured-l1", "sparsity": 0.5}})
+    work = tmp_path / "work"
+    run_steps(spec, work, ("fetch", "calibrate", "compress"))
+    compressed = result(work, "compress")["metrics"]
+    assert compressed["engine"] == "torch"
+    assert "chatglm layout needs attention heads x head_dim = hidden_size" in compressed["engineReason"]

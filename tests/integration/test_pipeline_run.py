@@ -209,11 +209,18 @@ def test_one_run_publishes_a_validated_variant_per_target_precision(tmp_path: Pa
         assert artifact.revision == revisions[target]
         assert artifact.card is not None
         assert set(artifact.card["lineage"]) == {"fetch", "calibrate", "compress", "validate"}
-        _, _, plan = load_model_folder(published)
-        methods[target] = plan.method if plan else None
+        if LLAMA_CPP:  # CPU targets on auto: GGUF made by llama.cpp's quantizer
+            methods[target] = artifact.card["format"]
+        else:
+            _, _, plan = load_model_folder(published)
+            methods[target] = plan.method if plan else None
         report = json.loads((work / folder.replace("publish", "validate") / "validate.json").read_text())
         assert report["passed"] is True
-    assert methods == {"local": "int8-weight-only", "edge": "int4-weight-only", "cloud": "bf16"}
+    assert methods == (
+        {"local": "gguf (Q8_0)", "edge": "gguf (Q4_0)", "cloud": "gguf (BF16)"}
+        if LLAMA_CPP
+        else {"local": "int8-weight-only", "edge": "int4-weight-only", "cloud": "bf16"}
+    )
     assert "compress-int4" in done.stderr
     assert done.stderr.count("fetch: done") == 1  # fetched and calibrated once for all three
     with Ledger(f"sqlite:///{tmp_path / 'a.db'}") as ledger:

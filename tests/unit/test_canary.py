@@ -96,6 +96,18 @@ def test_absolute_limits_fail_on_their_own() -> None:
     assert "stable served 0, fewer than minRequests" in at_100.reason
 
 
+def test_below_100_a_stable_with_too_few_requests_holds_instead_of_promoting_on_absolute_limits() -> None:
+    """At 50% an unlucky split gave stable 3 requests: a 3x slower candidate was promoted on its
+    absolute limits alone (seen in the two-target loop test). Missing data holds."""
+    slow, few = figures(100, 0, 300, 1), figures(LIMITS.min_requests - 1, 0, 100, 2)
+    held = judge(slow, few, LIMITS, weight=50)
+    assert held.outcome == "Inconclusive"
+    assert f"stable served {LIMITS.min_requests - 1} requests at 50% of traffic" in held.reason
+    assert judge(slow, few, LIMITS, weight=100).outcome == "Successful"  # at 100% stable gets none
+    failing = judge(figures(100, 10, 100, 1), few, LIMITS, weight=50)  # an absolute limit still fails
+    assert failing.outcome == "Failed"
+
+
 def test_missing_data_holds_and_never_promotes() -> None:
     assert judge(None, figures(200, 0, 100, 2), LIMITS).outcome == "Inconclusive"
     assert judge(figures(20, 0, 100, 1), figures(200, 0, 100, 2), LIMITS).outcome == "Inconclusive"

@@ -14,7 +14,7 @@ from autoglm_modeling.loading import load_causal_lm
 from autoglm_pipelines.distillation import distill, kept_layers, make_student
 from autoglm_pipelines.text import tokenize, windows
 from tests.support.tiny_models import hamlet_path, tiny_glm
-from tests.unit.test_pipeline_steps import manifest, result, step
+from tests.unit.test_pipeline_steps import result, step, torch_manifest
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def test_compress_distils_a_pruned_student_then_quantizes(teacher_dir: Path, tmp
             "temperature": {"start": 4.0, "end": 1.0},
         },
     }
-    spec, work = manifest(tmp_path, teacher_dir, compression=compression), tmp_path / "work"
+    spec, work = torch_manifest(tmp_path, teacher_dir, compression=compression), tmp_path / "work"
     for name in ("fetch", "calibrate", "compress"):
         code, out = step(name, spec, work)
         assert code == 0, out

@@ -63,13 +63,37 @@ def test_the_tokenizer_written_from_tokenizer_json_tokenizes_the_same(tmp_path: 
     assert theirs.eos_token == ours.eos_token
 
 
-def test_a_glm_folder_is_refused_naming_what_is_supported(tmp_path: Path) -> None:
-    source = tiny_glm(tmp_path / "glm")
+def test_an_architecture_it_does_not_know_is_refused_naming_what_is_supported(tmp_path: Path) -> None:
+    import json
+
+    source = tiny_llama(tmp_path / "src")
+    config = json.loads((source / "config.json").read_text())
+    config["architectures"] = ["MistralForCausalLM"]
+    (source / "config.json").write_text(json.dumps(config))
     with pytest.raises(
-        GGUFExportError, match=r"GlmForCausalLM cannot be written as GGUF yet; supported: LlamaForCausalLM"
+        GGUFExportError,
+        match=r"MistralForCausalLM cannot be written as GGUF yet; supported: LlamaForCausalLM, GlmForCausalLM",
     ):
         export_gguf(source, tmp_path / "model.gguf")
     assert not (tmp_path / "model.gguf").exists()
+
+
+def test_a_glm_is_written_in_llama_cpps_chatglm_layout(tmp_path: Path) -> None:
+    """Half of each head rotated, the fused gate/up kept as one ffn_up of twice the width, the
+    attention biases, and the tied output written out (chatglm reads no tied embedding)."""
+    import gguf
+
+    source = tiny_glm(tmp_path / "glm")
+    out = export_gguf(source, tmp_path / "model.gguf", dtype="F32")
+    reader = gguf.GGUFReader(out)
+    field = reader.fields["general.architecture"]
+    assert bytes(field.parts[field.data[0]]).decode() == "chatglm"
+    rope = reader.fields["chatglm.rope.dimension_count"]
+    assert int(rope.parts[rope.data[0]][0]) == 8  # head_dim 16 x partial_rotary_factor 0.5
+    shapes = {t.name: [int(n) for n in t.shape] for t in reader.tensors}
+    assert shapes["blk.0.ffn_up.weight"] == [64, 256]  # gate and up, 2 x intermediate_size 128
+    assert shapes["blk.0.attn_q.bias"] == [64]
+    assert shapes["output.weight"] == shapes["token_embd.weight"]
 
 
 def test_a_quantized_folder_is_refused(tmp_path: Path) -> None:

@@ -27,14 +27,15 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_glm(tmp_path_factory.mktemp("src") / "glm")
 
 
-def manifest(tmp_path: Path, source: Path, **spec: Any) -> Path:
+def manifest(tmp_path: Path, source: Path, *, engine: str | None = None, **spec: Any) -> Path:
+    """The tiny manifest: one cloud-cpu target (``engine`` left to auto unless given)."""
     doc: dict[str, Any] = {
         "apiVersion": "autoglm.io/v1alpha1",
         "kind": "AutoGLMModel",
         "metadata": {"name": "tiny", "namespace": "ml"},
         "spec": {
             "source": {"uri": f"file://{source}"},
-            "targets": [{"name": "local"}],
+            "targets": [{"name": "local", **({"engine": engine} if engine else {})}],
             "calibration": {"samples": 4, "sequenceLength": 64},
             "validation": {
                 "maxTokens": 512,
@@ -48,6 +49,12 @@ def manifest(tmp_path: Path, source: Path, **spec: Any) -> Path:
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(doc))
     return path
+
+
+def torch_manifest(tmp_path: Path, source: Path, **spec: Any) -> Path:
+    """The tiny manifest on the torch engine: what these tests check is torch's artifact (where
+    llama.cpp is installed an ``auto`` target would get GGUF)."""
+    return manifest(tmp_path, source, engine="torch", **spec)
 
 
 def step(name: str, spec: Path, workdir: Path, *extra: str) -> tuple[int, str]:
@@ -64,7 +71,7 @@ def result(workdir: Path, name: str) -> dict[str, Any]:
 def test_every_step_runs_writes_its_result_and_publishes_a_loadable_artifact(
     tmp_path: Path, source: Path
 ) -> None:
-    spec, work = manifest(tmp_path, source), tmp_path / "work"
+    spec, work = torch_manifest(tmp_path, source), tmp_path / "work"
     for name in STEPS:
         code, out = step(name, spec, work)
         assert code == 0, out
@@ -104,7 +111,7 @@ def test_every_step_runs_writes_its_result_and_publishes_a_loadable_artifact(
 def test_rerun_reuses_unchanged_steps_and_redoes_changed_or_tampered_ones(
     tmp_path: Path, source: Path
 ) -> None:
-    spec, work = manifest(tmp_path, source), tmp_path / "work"
+    spec, work = torch_manifest(tmp_path, source), tmp_path / "work"
     for name in ("fetch", "calibrate", "compress"):
         assert step(name, spec, work)[0] == 0
     code, out = step("compress", spec, work)
@@ -115,7 +122,7 @@ def test_rerun_reuses_unchanged_steps_and_redoes_changed_or_tampered_ones(
     code, out = step("compress", spec, work)
     assert (code, "reused" in out) == (0, False)  # the files no longer match their hashes: redone
 
-    int4 = manifest(
+    int4 = torch_manifest(
         tmp_path, source, compression={"quantization": {"method": "int4-weight-only", "groupSize": 32}}
     )
     code, out = step("compress", int4, work)
@@ -125,7 +132,9 @@ def test_rerun_reuses_unchanged_steps_and_redoes_changed_or_tampered_ones(
 
 def test_impossible_gate_fails_validate_and_keeps_the_report(tmp_path: Path, source: Path) -> None:
     gates = {"maxQualityLoss": 0.5, "maxP95LatencyMs": 10_000, "minSizeReduction": 100.0}
-    spec = manifest(tmp_path, source, validation={"maxTokens": 512, "sequenceLength": 128, "gates": gates})
+    spec = torch_manifest(
+        tmp_path, source, validation={"maxTokens": 512, "sequenceLength": 128, "gates": gates}
+    )
     work = tmp_path / "work"
     for name in ("fetch", "calibrate", "compress"):
         assert step(name, spec, work)[0] == 0
@@ -148,7 +157,10 @@ def test_other_methods_compress_and_reload(tmp_path: Path, source: Path, method:
     quantization: dict[str, Any] = {"method": method}
     if method.startswith("int4"):
         quantization["groupSize"] = 32
-    spec, work = manifest(tmp_path, source, compression={"quantization": quantization}), tmp_path / "work"
+    spec, work = (
+        torch_manifest(tmp_path, source, compression={"quantization": quantization}),
+        tmp_path / "work",
+    )
     for name in ("fetch", "calibrate", "compress"):
         code, out = step(name, spec, work)
         assert code == 0, out
@@ -173,7 +185,7 @@ def test_other_methods_compress_and_reload(tmp_path: Path, source: Path, method:
 def test_pruning_runs_before_quantization(
     tmp_path: Path, source: Path, pruning: dict[str, Any], expected: dict[str, Any]
 ) -> None:
-    spec = manifest(tmp_path, source, compression={"pruning": pruning})
+    spec = torch_manifest(tmp_path, source, compression={"pruning": pruning})
     work = tmp_path / "work"
     for name in ("fetch", "calibrate", "compress"):
         code, out = step(name, spec, work)
@@ -192,11 +204,11 @@ def test_pruning_runs_before_quantization(
 def test_bad_source_fails_fetch_with_one_line(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
-    spec, work = manifest(tmp_path, empty), tmp_path / "work"
+    spec, work = torch_manifest(tmp_path, empty), tmp_path / "work"
     code, out = step("fetch", spec, work)
     assert code == 1
     assert "no config.json" in out
-    missing = manifest(tmp_path, tmp_path / "nope")
+    missing = torch_manifest(tmp_path, tmp_path / "nope")
     code, out = step("fetch", missing, work)
     assert code == 1
     assert "does not exist" in out
@@ -213,7 +225,7 @@ def test_invalid_manifest_exits_2(tmp_path: Path) -> None:
 def test_a_download_that_fails_exits_75_so_argo_retries_it(tmp_path: Path) -> None:
     # Port 1 on loopback refuses at once: a transient failure, unlike a missing local file (exit 1).
     spec = tmp_path / "m.yaml"
-    doc = yaml.safe_load(manifest(tmp_path, tmp_path).read_text())
+    doc = yaml.safe_load(torch_manifest(tmp_path, tmp_path).read_text())
     doc["spec"]["source"]["uri"] = "http://127.0.0.1:1/model.gguf"
     spec.write_text(yaml.safe_dump(doc))
     code, out = step("fetch", spec, tmp_path / "work")
@@ -224,10 +236,10 @@ def test_a_download_that_fails_exits_75_so_argo_retries_it(tmp_path: Path) -> No
 
 def test_compress_reruns_when_the_calibration_it_reads_changes(tmp_path: Path, source: Path) -> None:
     compression = {"quantization": {"method": "smoothquant-w8a8"}}
-    spec, work = manifest(tmp_path, source, compression=compression), tmp_path / "work"
+    spec, work = torch_manifest(tmp_path, source, compression=compression), tmp_path / "work"
     for name in ("fetch", "calibrate", "compress"):
         assert step(name, spec, work)[0] == 0
-    fewer = manifest(
+    fewer = torch_manifest(
         tmp_path, source, compression=compression, calibration={"samples": 1, "sequenceLength": 32}
     )
     code, out = step("compress", fewer, work)
@@ -235,7 +247,7 @@ def test_compress_reruns_when_the_calibration_it_reads_changes(tmp_path: Path, s
 
 
 def test_publish_to_an_output_that_was_deleted_is_redone(tmp_path: Path, source: Path) -> None:
-    spec, work, out_dir = manifest(tmp_path, source), tmp_path / "work", tmp_path / "served"
+    spec, work, out_dir = torch_manifest(tmp_path, source), tmp_path / "work", tmp_path / "served"
     for name in STEPS:
         assert step(name, spec, work, "--output", str(out_dir))[0] == 0
     assert (out_dir / "model-card.json").is_file()
@@ -254,7 +266,7 @@ def test_publish_to_an_output_that_was_deleted_is_redone(tmp_path: Path, source:
 def test_plain_transformers_loads_the_compressed_folder_with_the_weights_autoglm_validated(
     tmp_path: Path, source: Path
 ) -> None:
-    spec, work = manifest(tmp_path, source), tmp_path / "work"
+    spec, work = torch_manifest(tmp_path, source), tmp_path / "work"
     for name in ("fetch", "calibrate", "compress"):
         assert step(name, spec, work)[0] == 0
     folder = work / "compress" / "model"
@@ -267,7 +279,7 @@ def test_plain_transformers_loads_the_compressed_folder_with_the_weights_autoglm
 
 
 def test_bf16_is_a_standard_checkpoint_loaded_in_bf16(tmp_path: Path, source: Path) -> None:
-    spec = manifest(tmp_path, source, compression={"quantization": {"method": "bf16"}})
+    spec = torch_manifest(tmp_path, source, compression={"quantization": {"method": "bf16"}})
     work = tmp_path / "work"
     for name in ("fetch", "calibrate", "compress"):
         assert step(name, spec, work)[0] == 0
@@ -279,7 +291,7 @@ def test_bf16_is_a_standard_checkpoint_loaded_in_bf16(tmp_path: Path, source: Pa
 
 
 def test_a_truncated_checkpoint_fails_the_next_step_with_one_line(tmp_path: Path, source: Path) -> None:
-    spec, work = manifest(tmp_path, source), tmp_path / "work"
+    spec, work = torch_manifest(tmp_path, source), tmp_path / "work"
     assert step("fetch", spec, work)[0] == 0
     weights = work / "fetch" / "model" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
@@ -292,7 +304,7 @@ def test_a_truncated_checkpoint_fails_the_next_step_with_one_line(tmp_path: Path
 
 def test_gptq_uses_the_hessians_calibrate_recorded_on_the_source_model(tmp_path: Path, source: Path) -> None:
     gptq = {"quantization": {"method": "int4-weight-only", "groupSize": 32, "algorithm": "gptq"}}
-    spec, work = manifest(tmp_path, source, compression=gptq), tmp_path / "work"
+    spec, work = torch_manifest(tmp_path, source, compression=gptq), tmp_path / "work"
     for name in ("fetch", "calibrate", "compress"):
         code, out = step(name, spec, work)
         assert code == 0, out
@@ -306,7 +318,7 @@ def test_gptq_uses_the_hessians_calibrate_recorded_on_the_source_model(tmp_path:
     assert int4
     assert plan.rounding == dict.fromkeys(int4, "gptq")
 
-    rtn = manifest(
+    rtn = torch_manifest(
         tmp_path, source, compression={"quantization": {"method": "int4-weight-only", "groupSize": 32}}
     )
     assert step("calibrate", rtn, work)[0] == 0  # round to nearest needs no Hessians
@@ -314,7 +326,7 @@ def test_gptq_uses_the_hessians_calibrate_recorded_on_the_source_model(tmp_path:
 
 
 def test_compress_without_calibration_says_which_step_to_run(tmp_path: Path, source: Path) -> None:
-    spec, work = manifest(tmp_path, source), tmp_path / "work"
+    spec, work = torch_manifest(tmp_path, source), tmp_path / "work"
     assert step("fetch", spec, work)[0] == 0
     code, out = step("compress", spec, work)
     assert code == 1
@@ -328,7 +340,7 @@ def test_publish_baseline_serves_the_uncompressed_source_under_its_own_revision(
     from autoglm_core.card import verify
     from autoglm_core.revision import artifact_revision, source_revision
 
-    spec, work = manifest(tmp_path, source), tmp_path / "work"
+    spec, work = torch_manifest(tmp_path, source), tmp_path / "work"
     for name in STEPS:
         assert step(name, spec, work)[0] == 0
     assert "baseline" not in result(work, "publish")["metrics"]  # only when asked for

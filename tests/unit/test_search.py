@@ -12,7 +12,7 @@ from autoglm_modeling.loading import load_causal_lm
 from autoglm_pipelines.search import Trial, _dominates, search
 from autoglm_pipelines.text import tokenize, windows
 from tests.support.tiny_models import hamlet_path, tiny_glm
-from tests.unit.test_pipeline_steps import manifest, result, step
+from tests.unit.test_pipeline_steps import result, step, torch_manifest
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_dominance_needs_better_on_one_objective_and_no_worse_on_the_other() -> 
 
 def test_search_step_feeds_its_choice_to_compress(tiny: Path, tmp_path: Path) -> None:
     compression: dict[str, Any] = {"search": {"enabled": True, "maxTrials": 4, "tolerableLoss": 0.3}}
-    spec, work = manifest(tmp_path, tiny, compression=compression), tmp_path / "work"
+    spec, work = torch_manifest(tmp_path, tiny, compression=compression), tmp_path / "work"
     for name in ("fetch", "calibrate", "search", "compress"):
         code, out = step(name, spec, work)
         assert code == 0, out
@@ -73,7 +73,7 @@ def test_search_without_a_feasible_configuration_fails_with_a_reason(
     # lose 10% so the outcome does not depend on the machine's rounding.
     monkeypatch.setattr("autoglm_pipelines.search.quality_loss", lambda metric, base, cand: 0.1)
     compression: dict[str, Any] = {"search": {"enabled": True, "maxTrials": 3, "tolerableLoss": 1e-9}}
-    spec, work = manifest(tmp_path, tiny, compression=compression), tmp_path / "work"
+    spec, work = torch_manifest(tmp_path, tiny, compression=compression), tmp_path / "work"
     assert step("fetch", spec, work)[0] == 0
     assert step("calibrate", spec, work)[0] == 0
     code, out = step("search", spec, work)
