@@ -155,7 +155,7 @@ def gguf_artifact(cache_dir: Path, source: Path, kind: str) -> Path:
     f32 = cache_dir / "bench" / "runtime" / "smollm2-F32.gguf"
     if not f32.is_file():
         export_gguf(source, f32, dtype="F32", tokenizer_from=reference)
-    write_gguf_folder(source, folder, kind, tokenizer_from=reference, f16=f32, base="F32")  # type: ignore[arg-type]
+    write_gguf_folder(source, folder, kind, tokenizer_from=reference, exported=f32, base="F32")  # type: ignore[arg-type]
     card = {
         "model": "bench/smollm2",
         "revision": f"gguf-{kind.lower()}",

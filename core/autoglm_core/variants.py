@@ -93,21 +93,21 @@ def variants(spec: AutoGLMModelSpec) -> tuple[Variant, ...]:
     for target in spec.targets:
         vspec = variant_spec(spec, target.precision)
         engine = target_engine(target)
-        revision = artifact_revision(vspec)
+        built = artifact_revision(vspec)
+        revision = built
         if engine != "auto":
-            revision = short_id(canonical_digest({"artifact": revision, "engine": engine}))
+            revision = short_id(canonical_digest({"artifact": built, "engine": engine}))
         if revision not in found:
-            base = "" if artifact_revision(vspec) == own else str(target.precision)
-            found[revision] = (base, vspec, [], engine)
+            found[revision] = ("" if built == own else str(target.precision), vspec, [], engine)
         found[revision][2].append(target.name)
     bases = [base for base, _, _, _ in found.values()]
-    built = []
+    named = []
     for rev, (base, vspec, names, engine) in found.items():
         name = base
         if bases.count(base) > 1 and engine != "auto":  # the same precision on two engines
             name = "-".join(part for part in (base, _ENGINE_SUFFIX[engine]) if part)
-        built.append(Variant(name, vspec, rev, tuple(names), engine))
-    return tuple(built)
+        named.append(Variant(name, vspec, rev, tuple(names), engine))
+    return tuple(named)
 
 
 def target_revisions(spec: AutoGLMModelSpec) -> dict[str, str]:

@@ -25,7 +25,7 @@ from autoglm_core.digests import sha256_file, short_id
 from autoglm_core.uris import SourceError, resolve
 from autoglm_inference.options import EngineChoice
 from autoglm_inference.runtime import EngineKind
-from autoglm_modeling.folders import load_model_folder
+from autoglm_modeling.folders import gguf_weights_file, load_model_folder
 from autoglm_modeling.gguf_export import llama_cpp_available
 from autoglm_modeling.loading import TRANSFORMERS_LOCK, gguf_as_safetensors
 
@@ -76,10 +76,7 @@ def gguf_weights(found: Path) -> Path | None:
     """The GGUF file holding the weights of ``found`` (a .gguf file, or a folder of one and no safetensors)."""
     if found.is_file():
         return found if found.suffix == ".gguf" else None
-    files = sorted(found.glob("*.gguf"))
-    if len(files) == 1 and not any(found.glob("*.safetensors")):
-        return files[0]
-    return None
+    return gguf_weights_file(found)
 
 
 def choose_engine(found: Path, requested: EngineChoice, *, device: str = "cpu") -> EngineKind:

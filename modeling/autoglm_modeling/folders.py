@@ -106,16 +106,25 @@ def _compute_dtype(quantization_config: dict[str, Any]) -> torch.dtype:
     return torch.float32 if dynamic else torch.bfloat16
 
 
+def gguf_weights_file(folder: Path) -> Path | None:
+    """The GGUF file holding a folder's weights: its one ``.gguf`` where it has no safetensors (what
+    the pipeline publishes for llama.cpp), else None."""
+    files = sorted(folder.glob("*.gguf"))
+    if len(files) == 1 and not any(folder.glob("*.safetensors")):
+        return files[0]
+    return None
+
+
 def artifact_format(folder: Path) -> dict[str, str]:
     """What the model card says about a saved folder's format and who loads it."""
-    gguf = sorted(folder.glob("*.gguf"))
-    if len(gguf) == 1 and not any(folder.glob("*.safetensors")):
+    gguf = gguf_weights_file(folder)
+    if gguf is not None:
         from autoglm_modeling.gguf_export import gguf_kind  # the gguf reader only where there is a GGUF
 
         return {
-            "format": f"gguf ({gguf_kind(gguf[0])})",
-            "loading": f"llama.cpp: autoglm serve (engine auto or llama.cpp), llama-server -m {gguf[0].name}; "
-            f"transformers from_pretrained(folder, gguf_file='{gguf[0].name}') dequantizes it",
+            "format": f"gguf ({gguf_kind(gguf)})",
+            "loading": f"llama.cpp: autoglm serve (engine auto or llama.cpp), llama-server -m {gguf.name}; "
+            f"transformers from_pretrained(folder, gguf_file='{gguf.name}') dequantizes it",
         }
     config = _read_config(folder)
     if ctformat.is_compressed_tensors(config):

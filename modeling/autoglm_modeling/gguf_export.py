@@ -156,27 +156,27 @@ def write_gguf_folder(
     kind: QuantKind,
     *,
     tokenizer_from: Path | None = None,
-    f16: Path | None = None,
+    exported: Path | None = None,
     base: Literal["F32", "F16"] = "F16",
 ) -> Path:
     """``source`` as a llama.cpp artifact in ``folder``: ``model.gguf`` of ``kind`` (F32/F16 written
     here, the others quantized by llama.cpp from a ``base`` export) beside the files in
-    ``BESIDE_GGUF``. ``f16``: a ``base`` export of ``source`` already made (reused, else written and
-    removed)."""
+    ``BESIDE_GGUF``. ``exported``: a ``base`` export of ``source`` already made (reused, else written
+    and removed)."""
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / "model.gguf"
     if kind in ("F32", "F16"):
         export_gguf(source, target, dtype=kind, tokenizer_from=tokenizer_from)
     else:
-        made = f16 is None
-        f16 = f16 or export_gguf(
+        made = exported is None
+        exported = exported or export_gguf(
             source, folder / f"model-{base.lower()}.gguf.tmp", dtype=base, tokenizer_from=tokenizer_from
         )
         try:
-            quantize_gguf(f16, target, kind)
+            quantize_gguf(exported, target, kind)
         finally:
             if made:
-                f16.unlink(missing_ok=True)
+                exported.unlink(missing_ok=True)
     for name in BESIDE_GGUF:
         if (source / name).is_file():
             shutil.copy2(source / name, folder / name)

@@ -59,8 +59,10 @@ def inputs_digest(
         model, engine = model.model_copy(update={"spec": variant.spec}), variant.engine
     upstream = {dep: (r.files if (r := read_result(workdir / dep)) else None) for dep in deps}
     options: dict[str, Any] = {}
-    if kind == "compress" and engine == "auto":  # GGUF or not depends on llama.cpp being installed here
-        options["llamaCpp"] = importlib.util.find_spec("llama_cpp") is not None
+    if kind == "compress":  # the engine decides the format (a variant's name need not say it)
+        options["engine"] = engine
+        if engine == "auto":  # GGUF or not depends on llama.cpp being installed here
+            options["llamaCpp"] = importlib.util.find_spec("llama_cpp") is not None
     if kind in ("validate", "search"):
         options = {"decodeTokens": decode_tokens}
     elif kind == "publish":

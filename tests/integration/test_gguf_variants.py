@@ -274,3 +274,21 @@ def test_a_glm_with_pruned_heads_stays_on_torch_where_chatglm_cannot_hold_it(tmp
     compressed = result(work, "compress")["metrics"]
     assert compressed["engine"] == "torch"
     assert "chatglm layout needs attention heads x head_dim = hidden_size" in compressed["engineReason"]
+
+
+@needs_llama_cpp
+def test_compress_is_redone_when_only_the_engine_changes(tmp_path: Path, llama: Path) -> None:
+    """One target asking for torch, then for llama.cpp: both builds are named "" (nothing to tell
+    apart in the spec), so only the engine in compress's reuse key keeps the torch build from being
+    reused as the GGUF one."""
+    work = tmp_path / "work"
+    on_torch = manifest(tmp_path, llama, targets=[{"name": "edge", "pool": "kubeedge", "engine": "torch"}])
+    run_steps(on_torch, work, ("fetch", "calibrate", "compress"))
+    assert result(work, "compress")["metrics"]["engine"] == "torch"
+    on_llama = manifest(
+        tmp_path, llama, targets=[{"name": "edge", "pool": "kubeedge", "engine": "llama.cpp"}]
+    )
+    code, out = step("compress", on_llama, work)
+    assert code == 0, out
+    assert "reused" not in out
+    assert result(work, "compress")["metrics"]["engine"] == "llama.cpp"
