@@ -113,7 +113,10 @@ def test_two_targets_each_serve_their_precision_and_a_failure_on_one_rolls_back_
         {"name": "local", "engine": "torch"},
         {"name": "edge", "pool": "kubeedge", "precision": "int4", "engine": "torch"},
     ]
-    rollout = {**ROLLOUT, "steps": [{"weight": 50, "pause": "3s"}, {"weight": 100}]}
+    # 6 requests a side before a step is judged: with 3 against 3 the rank test cannot reach
+    # p < 0.02 at all (its smallest p is 0.05), and a 3x slower edge candidate was promoted
+    analysis = {**ROLLOUT["analysis"], "minRequests": 6}  # type: ignore[dict-item]
+    rollout = {**ROLLOUT, "steps": [{"weight": 50, "pause": "3s"}, {"weight": 100}], "analysis": analysis}
     path = manifest(tmp_path, source, targets=targets, rollout=rollout)
     _, faults_file = slow_source(tmp_path, monkeypatch, path)
     faults = Path(faults_file)
