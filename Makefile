@@ -102,11 +102,13 @@ lint: $(STAMP)
 crds: $(STAMP)
 	$(BIN)/autoglm crds -o crds/autoglm.io_autoglmmodels.yaml -o charts/autoglm/crds/autoglm.io_autoglmmodels.yaml
 
-# The Argo WorkflowTemplate of each example's pipeline; tests/unit/test_workflow.py compares them.
+# The Argo WorkflowTemplate of each example's pipeline, and every object the operator creates for it;
+# tests/unit/test_workflow.py and tests/unit/test_kube_objects.py compare them.
 .PHONY: render
 render: $(STAMP)
 	set -e; for f in examples/*.yaml; do \
 	  $(BIN)/autoglm pipeline render "$$f" -o "examples/rendered/$$(basename "$$f" .yaml).workflowtemplate.yaml"; \
+	  $(BIN)/autoglm objects "$$f" -o "examples/rendered/$$(basename "$$f" .yaml).objects.yaml"; \
 	done
 
 bench: $(STAMP)

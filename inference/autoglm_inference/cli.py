@@ -13,7 +13,7 @@ from typing import cast
 import click
 
 from autoglm_inference.limits import Limits
-from autoglm_inference.options import ADMIN_TOKEN_ENV, EngineChoice, ServerOptions
+from autoglm_inference.options import ADMIN_TOKEN_ENV, EngineChoice, EventLoopChoice, ServerOptions
 
 _SERVER = ServerOptions()
 _LIMITS = Limits()
@@ -54,6 +54,9 @@ _LIMITS = Limits()
 @click.option("--engine", type=click.Choice(["auto", "torch", "llama.cpp"]), default=_SERVER.engine, show_default=True,
               help="The runtime: auto serves GGUF weights (a published llama.cpp variant, a .gguf file) on "
                    "llama.cpp when llama-cpp-python is installed and the device is the CPU, everything else on torch.")  # fmt: skip
+@click.option("--event-loop", type=click.Choice(["auto", "asyncio", "uvloop"]), default=_SERVER.event_loop,
+              show_default=True, help="The HTTP server's event loop: auto is uvloop when installed (each streamed "
+                                      "token costs the server's thread less CPU, which a CPU decode shares).")  # fmt: skip
 @click.option("--device", default=_SERVER.device, show_default=True,
               help="cpu, cuda, cuda:N, or auto (cuda when torch sees one). Energy on a GPU comes from NVML.")  # fmt: skip
 @click.option(
@@ -93,6 +96,7 @@ def serve_command(
     max_body_bytes: int,
     threads: int | None,
     engine: str,
+    event_loop: str,
     device: str,
     target: str,
     prompt_variants: Path | None,
@@ -126,6 +130,7 @@ def serve_command(
             prompt_variants=prompt_variants,
             device=device,
             engine=cast(EngineChoice, engine),  # click.Choice checked it
+            event_loop=cast(EventLoopChoice, event_loop),
             admin_token=admin_token(admin_token_file),
             model_roots=model_roots,
             allow_remote_models=allow_remote_models,

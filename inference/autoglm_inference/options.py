@@ -16,6 +16,9 @@ from autoglm_inference.limits import Limits
 #: ``--engine``: the runtime, or ``auto`` (chosen from the artifact and the device).
 EngineChoice = Literal["auto", "torch", "llama.cpp"]
 
+#: ``--event-loop``: uvicorn's choices; ``auto`` is uvloop when it is installed, else asyncio's own.
+EventLoopChoice = Literal["auto", "asyncio", "uvloop"]
+
 #: The environment variable holding the repository routes' bearer token.
 ADMIN_TOKEN_ENV: Final = "AUTOGLM_ADMIN_TOKEN"
 
@@ -35,6 +38,7 @@ class ServerOptions:
     device: str = "cpu"  # cpu, cuda, cuda:N or auto (cuda when one is visible)
     #: The runtime: ``auto`` picks llama.cpp for GGUF weights on a CPU (when installed), else torch.
     engine: EngineChoice = "auto"
+    event_loop: EventLoopChoice = "auto"
     #: Bearer token of the repository routes; None: they answer only to loopback clients.
     admin_token: str | None = field(default=None, repr=False)
     #: Where ``load`` may open models (paths, file:// or pkg://); empty: the start-up model's folder.

@@ -44,7 +44,7 @@ def test_canary_weight_promote_and_rollback_through_the_repository_routes(tmp_pa
         assert backend.observe() == Serving(stable="rev-b")
 
         with pytest.raises(ServingBackendError, match="canaryWeight"):
-            backend._post("weight", {"parameters": {"canaryWeight": 101}})
+            backend.call("weight", {"parameters": {"canaryWeight": 101}})
         backend.apply(Action("Promote", "rev-a", uri=str(folders["a"])))  # not loaded: swapped in
         assert backend.observe() == Serving(stable="rev-a")
     finally:

@@ -25,11 +25,13 @@ def smollm2_tokenizer() -> object:
     return AutoTokenizer.from_pretrained(folder, gguf_file=gguf.name)
 
 
+@pytest.mark.parametrize("incremental", [True, False], ids=["DecodeStream", "window"])
 @pytest.mark.parametrize("which", ["tiny", "smollm2"])
-def test_every_prefix_streams_the_text_a_whole_decode_gives(which: str) -> None:
+def test_every_prefix_streams_the_text_a_whole_decode_gives(which: str, incremental: bool) -> None:
     tokenizer = tiny_tokenizer() if which == "tiny" else smollm2_tokenizer()
     ids = tokenizer(TEXT)["input_ids"]  # type: ignore[operator]
-    detokenizer = Detokenizer(tokenizer)
+    detokenizer = Detokenizer(tokenizer, incremental=incremental)
+    assert (detokenizer._stream is not None) == incremental  # both tokenizers are fast ones
     for end in range(1, len(ids) + 1):
         streamed = detokenizer.add(ids[:end])
         whole = tokenizer.decode(ids[:end], skip_special_tokens=True)  # type: ignore[attr-defined]
@@ -38,4 +40,14 @@ def test_every_prefix_streams_the_text_a_whole_decode_gives(which: str) -> None:
             assert whole.startswith(streamed)
         else:
             assert streamed == whole
+    assert detokenizer.text == tokenizer.decode(ids, skip_special_tokens=True)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("which", ["tiny", "smollm2"])
+def test_tokens_given_several_at_a_time_stream_the_same_text(which: str) -> None:
+    tokenizer = tiny_tokenizer() if which == "tiny" else smollm2_tokenizer()
+    ids = tokenizer(TEXT)["input_ids"]  # type: ignore[operator]
+    detokenizer = Detokenizer(tokenizer)
+    for end in range(3, len(ids) + 3, 3):
+        detokenizer.add(ids[:end])
     assert detokenizer.text == tokenizer.decode(ids, skip_special_tokens=True)  # type: ignore[attr-defined]

@@ -27,7 +27,7 @@ class LocalServing:
         self.headers = headers or {}
         self.timeout = timeout
 
-    def _post(self, verb: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    def call(self, verb: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         url = f"{self.base_url}/v2/repository/models/{self.name}/{verb}"
         try:
             r = httpx.post(url, json=body or {}, headers=self.headers, timeout=self.timeout)
@@ -59,20 +59,20 @@ class LocalServing:
         if action.kind == "LoadCanary":
             if not action.uri:
                 raise ServingBackendError(f"LoadCanary {action.revision}: no artifact URI")
-            self._post("load", {"parameters": {"uri": action.uri, "canaryWeight": action.weight or 0}})
+            self.call("load", {"parameters": {"uri": action.uri, "canaryWeight": action.weight or 0}})
         elif action.kind == "SetWeight":
             if serving.canary == action.revision:
-                self._post("weight", {"parameters": {"canaryWeight": action.weight or 0}})
+                self.call("weight", {"parameters": {"canaryWeight": action.weight or 0}})
         elif action.kind == "Promote":
             if serving.canary == action.revision:
-                self._post("promote")
+                self.call("promote")
             elif serving.stable != action.revision:
                 if not action.uri:
                     raise ServingBackendError(f"Promote {action.revision}: not loaded and no artifact URI")
-                self._post("load", {"parameters": {"uri": action.uri}})  # an atomic swap to it
+                self.call("load", {"parameters": {"uri": action.uri}})  # an atomic swap to it
         elif action.kind == "Unload":
             if serving.canary == action.revision:
-                self._post("rollback")  # the canary leaves; stable stays
+                self.call("rollback")  # the canary leaves; stable stays
             # a former stable revision was retired by the promotion already
         else:
             raise ServingBackendError(f"{action.kind} is not a serving action")

@@ -5,8 +5,10 @@ from __future__ import annotations
 import click
 
 from autoglm_inference.cli import serve_command
+from autoglm_operator.cli.agent import agent_command
 from autoglm_operator.cli.audit import audit_group
 from autoglm_operator.cli.crds import crds_command
+from autoglm_operator.cli.objects import objects_command
 from autoglm_operator.cli.rollout import rollout_group
 from autoglm_operator.cli.run import run_command
 from autoglm_operator.cli.validate import validate_command
@@ -29,3 +31,5 @@ cli.add_command(pipeline_group)
 cli.add_command(serve_command)
 cli.add_command(run_command)
 cli.add_command(rollout_group)
+cli.add_command(objects_command)
+cli.add_command(agent_command)
