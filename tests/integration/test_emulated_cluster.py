@@ -1,0 +1,123 @@
+"""The emulated cluster the operator's tests run against answers the real ``kubectl`` as an API server
+would: apply, get, edit and delete of AutoGLMModels, and of every object the operator creates."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.conftest import EXAMPLES
+from tests.support.k8s_emulator import EmulatedCluster, emulated_cluster, kubectl_binary, merge_patch
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(kubectl_binary() is None, reason="kubectl is not installed"),
+]
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[EmulatedCluster]:
+    with emulated_cluster(tmp_path) as running:
+        yield running
+
+
+def _without_nulls(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
+
+
+def _get(cluster: EmulatedCluster, *args: str) -> dict[str, Any]:
+    done = cluster.kubectl("get", *args, "-o", "json")
+    assert done.returncode == 0, done.stderr
+    data: dict[str, Any] = json.loads(done.stdout)
+    return data
+
+
+def test_kubectl_apply_creates_a_model_with_server_set_metadata(cluster: EmulatedCluster) -> None:
+    done = cluster.kubectl("apply", "-f", str(EXAMPLES / "cloud-and-edge.yaml"))
+    assert done.returncode == 0, done.stderr
+    assert "autoglmmodel.autoglm.io/glm4-chat created" in done.stdout
+    assert done.stderr == ""  # no version skew, no short-name or validation warnings
+    model = _get(cluster, "agm", "glm4-chat", "-n", "ml")
+    manifest = yaml.safe_load((EXAMPLES / "cloud-and-edge.yaml").read_text())
+    assert model["spec"] == _without_nulls(manifest["spec"])  # kubectl drops a manifest's nulls
+    meta = model["metadata"]
+    assert meta["generation"] == 1
+    assert meta["uid"]
+    assert int(meta["resourceVersion"]) > 0
+    assert meta["creationTimestamp"].endswith("Z")
+    listed = _get(cluster, "agm", "-n", "ml")
+    assert listed["kind"] == "List"  # kubectl wraps what the server's AutoGLMModelList held
+    assert [item["metadata"]["name"] for item in listed["items"]] == ["glm4-chat"]
+
+
+def test_an_edited_spec_is_a_new_generation_and_metadata_alone_is_not(
+    cluster: EmulatedCluster, tmp_path: Path
+) -> None:
+    manifest = yaml.safe_load((EXAMPLES / "cloud-and-edge.yaml").read_text())
+    path = tmp_path / "model.yaml"
+    path.write_text(yaml.safe_dump(manifest))
+    assert cluster.kubectl("apply", "-f", str(path)).returncode == 0
+    first = _get(cluster, "agm", "glm4-chat", "-n", "ml")["metadata"]
+    manifest["metadata"]["labels"] = {"team": "search"}
+    path.write_text(yaml.safe_dump(manifest))
+    assert cluster.kubectl("apply", "-f", str(path)).returncode == 0
+    labelled = _get(cluster, "agm", "glm4-chat", "-n", "ml")["metadata"]
+    assert labelled["generation"] == 1
+    assert labelled["labels"] == {"team": "search"}
+    assert int(labelled["resourceVersion"]) > int(first["resourceVersion"])
+    manifest["spec"]["rollout"]["steps"] = [{"weight": 25, "pause": "1m"}, {"weight": 100}]
+    path.write_text(yaml.safe_dump(manifest))
+    done = cluster.kubectl("apply", "-f", str(path))
+    assert done.returncode == 0, done.stderr
+    edited = _get(cluster, "agm", "glm4-chat", "-n", "ml")
+    assert edited["metadata"]["generation"] == 2
+    assert edited["spec"]["rollout"]["steps"] == [{"weight": 25, "pause": "1m"}, {"weight": 100}]
+    assert edited["metadata"]["uid"] == first["uid"]
+
+
+def test_every_object_the_operator_creates_is_accepted_by_kubectl(cluster: EmulatedCluster) -> None:
+    rendered = EXAMPLES / "rendered" / "cloud-and-edge.objects.yaml"
+    done = cluster.kubectl("apply", "-f", str(rendered))
+    assert done.returncode == 0, done.stderr
+    objects = [o for o in yaml.safe_load_all(rendered.read_text()) if o]
+    assert len(done.stdout.strip().splitlines()) == len(objects)
+    services = _get(cluster, "inferenceservices", "-n", "ml")
+    assert sorted(i["metadata"]["name"] for i in services["items"]) == ["glm4-chat-cloud", "glm4-chat-edge"]
+    runtimes = _get(cluster, "clusterservingruntimes")
+    assert sorted(r["metadata"]["name"] for r in runtimes["items"]) == [
+        "autoglm-server",
+        "autoglm-server-edge",
+    ]
+    config = _get(cluster, "configmap", "glm4-chat-edge-autoglm", "-n", "ml")
+    assert json.loads(config["data"]["desired.json"])["served"] == "glm4-chat-edge"
+
+
+def test_kubectl_delete_removes_the_model(cluster: EmulatedCluster) -> None:
+    assert cluster.kubectl("apply", "-f", str(EXAMPLES / "cloud-and-edge.yaml")).returncode == 0
+    done = cluster.kubectl("delete", "agm", "glm4-chat", "-n", "ml", "--timeout=20s")
+    assert done.returncode == 0, done.stderr
+    missing = cluster.kubectl("get", "agm", "glm4-chat", "-n", "ml")
+    assert missing.returncode != 0
+    assert "not found" in missing.stderr.lower()
+
+
+@pytest.mark.parametrize(
+    ("target", "patch", "merged"),
+    [
+        ({"a": 1, "b": {"c": 2}}, {"b": {"c": None, "d": 3}}, {"a": 1, "b": {"d": 3}}),
+        ({"a": [1, 2]}, {"a": [3]}, {"a": [3]}),
+        ({"a": 1}, {"a": None}, {}),
+        (None, {"a": {"b": 1}}, {"a": {"b": 1}}),
+    ],
+)
+def test_merge_patch_is_rfc_7386(target: Any, patch: Any, merged: Any) -> None:
+    assert merge_patch(target, patch) == merged
