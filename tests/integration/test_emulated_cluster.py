@@ -23,6 +23,9 @@ pytestmark = [
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[EmulatedCluster]:
     with emulated_cluster(tmp_path) as running:
+        namespace = "apiVersion: v1\nkind: Namespace\nmetadata: {name: ml}\n"
+        done = running.kubectl("apply", "-f", "-", stdin=namespace)
+        assert done.returncode == 0, done.stderr
         yield running
 
 
@@ -101,6 +104,11 @@ def test_every_object_the_operator_creates_is_accepted_by_kubectl(cluster: Emula
     assert json.loads(config["data"]["desired.json"])["served"] == "glm4-chat-edge"
 
 
+def test_namespaces_are_listed_and_fetched(cluster: EmulatedCluster) -> None:
+    assert _get(cluster, "namespace", "ml")["metadata"]["name"] == "ml"
+    assert "ml" in [n["metadata"]["name"] for n in _get(cluster, "namespaces")["items"]]
+
+
 def test_kubectl_delete_removes_the_model(cluster: EmulatedCluster) -> None:
     assert cluster.kubectl("apply", "-f", str(EXAMPLES / "cloud-and-edge.yaml")).returncode == 0
     done = cluster.kubectl("delete", "agm", "glm4-chat", "-n", "ml", "--timeout=20s")
@@ -121,3 +129,23 @@ def test_kubectl_delete_removes_the_model(cluster: EmulatedCluster) -> None:
 )
 def test_merge_patch_is_rfc_7386(target: Any, patch: Any, merged: Any) -> None:
     assert merge_patch(target, patch) == merged
+
+
+def test_kubectl_get_prints_the_crds_printer_columns(cluster: EmulatedCluster) -> None:
+    assert cluster.kubectl("apply", "-f", str(EXAMPLES / "cloud-and-edge.yaml")).returncode == 0
+    assert cluster.emulator is not None
+    status = {"phase": "RollingOut", "revisions": {"stable": "a3a880f77966", "candidate": "c0f9b9d52d60"},
+              "canary": {"step": 1, "weight": 10}}  # fmt: skip
+    done = cluster.kubectl(
+        "patch", "agm", "glm4-chat", "-n", "ml", "--subresource=status", "--type=merge",
+        "-p", json.dumps({"status": status}),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    done = cluster.kubectl("get", "agm", "-n", "ml")
+    assert done.returncode == 0, done.stderr
+    header, row = done.stdout.splitlines()
+    assert header.split() == ["NAME", "PHASE", "STABLE", "CANDIDATE", "CANARY", "AGE"]
+    assert row.split()[:5] == ["glm4-chat", "RollingOut", "a3a880f77966", "c0f9b9d52d60", "10"]
+    assert row.split()[5].endswith("s")  # seconds old
+    one = cluster.kubectl("get", "agm", "glm4-chat", "-n", "ml")
+    assert one.stdout.splitlines()[1].split()[:2] == ["glm4-chat", "RollingOut"]

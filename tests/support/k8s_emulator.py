@@ -8,9 +8,12 @@ kmock's ``KubernetesEmulator`` plus what kubectl and kopf need from a real API s
 - ``/version`` reporting 1.32, so the ``kubectl`` dispatcher always runs the same client;
 - an OpenAPI v3 document per group/version that declares ``fieldValidation`` on PATCH, so
   ``kubectl apply`` leaves validation to the server instead of failing to download a schema;
-- list responses with their ``kind`` (``<Kind>List``) and ``apiVersion``;
+- list responses with their ``kind`` (``<Kind>List``) and ``apiVersion``, and Table responses built
+  from the CRD's printer columns when kubectl asks for them (``kubectl get agm``);
 - discovery of the core group as ``v1`` (kmock says ``/v1``) and without the short names kmock
   copies onto status subresources;
+- ``/api/v1/namespaces`` parsed as the namespaces resource (kmock 0.8 reads it as a namespace
+  prefix), so namespaces can be applied, listed and fetched;
 - resources registered from CRD files (ours in ``crds/``, the upstream ones in ``../shared/schemas``)
   and the built-in ones kmock bundles.
 
@@ -42,6 +45,26 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     import kmock
     from kmock import ResourceInfo
+    from kmock._internal import parsing as kmock_parsing
+
+_kmock_parse_path = kmock_parsing.parse_path
+
+
+def _parse_path(path: str) -> Any:
+    """kmock 0.8 reads ``/api/v1/namespaces[/NAME]`` as a namespace prefix with no resource after it
+    (a 500 for any request to namespaces): the namespaces resource itself is parsed here. (``kubectl
+    create namespace`` still fails: it sends protobuf, which kmock cannot read; ``apply`` sends JSON.)"""
+    parts = path.strip("/").split("/")
+    if parts[:3] == ["api", "v1", "namespaces"] and (
+        len(parts) <= 4 or (len(parts) == 5 and parts[4] in ("status", "finalize"))
+    ):
+        name = parts[3] if len(parts) > 3 else None
+        subresource = parts[4] if len(parts) > 4 else None
+        return kmock_parsing.ParsedPath("", "v1", "namespaces", None, name, subresource)
+    return _kmock_parse_path(path)
+
+
+kmock_parsing.parse_path = _parse_path  # kmock is pinned below 0.9 in pyproject.toml
 
 REPO = Path(__file__).resolve().parents[2]
 SCHEMAS = REPO.parent / "shared" / "schemas"
@@ -77,6 +100,42 @@ def merge_patch(target: Any, patch: Any) -> Any:
     return result
 
 
+def _wants_table(request: Any) -> bool:
+    return "as=Table" in str(request.headers.get("Accept", ""))
+
+
+def _json_path(obj: Any, path: str) -> Any:
+    """A printer column's value: a dotted path (``.status.canary.weight``), None where it is absent."""
+    for part in path.strip(".").split("."):
+        if not isinstance(obj, dict) or part not in obj:
+            return None
+        obj = obj[part]
+    return obj
+
+
+def _cell(obj: dict[str, Any], column: dict[str, Any]) -> Any:
+    """A printer column's cell; a date shown as its age, as the API server's table convertor does."""
+    value = _json_path(obj, column["jsonPath"])
+    if column["type"] != "date" or not isinstance(value, str):
+        return value
+    then = datetime.datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.UTC)
+    return _human_duration(datetime.datetime.now(datetime.UTC) - then)
+
+
+def _human_duration(age: datetime.timedelta) -> str:
+    """Kubernetes' ``duration.HumanDuration`` for the ranges tests see: 42s, 3m12s, 45m, 5h, 3d."""
+    seconds = max(int(age.total_seconds()), 0)
+    if seconds < 120:
+        return f"{seconds}s"
+    minutes = seconds // 60
+    if minutes < 10:
+        return f"{minutes}m{seconds % 60}s" if seconds % 60 else f"{minutes}m"
+    if minutes < 180:
+        return f"{minutes}m"
+    hours = minutes // 60
+    return f"{hours}h" if hours < 48 else f"{hours // 24}d"
+
+
 def _gv_key(group: str, version: str) -> str:
     return f"api/{version}" if group == "" else f"apis/{group}/{version}"
 
@@ -84,6 +143,8 @@ def _gv_key(group: str, version: str) -> str:
 @attrs.define(kw_only=True)
 class Emulator(kmock.KubernetesEmulator):  # type: ignore[misc]
     _versions: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1), init=False)
+    #: (group, version, plural) -> the CRD's additionalPrinterColumns, for Table responses.
+    _columns: dict[tuple[str, str, str], list[dict[str, Any]]] = attrs.field(factory=dict, init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -108,6 +169,9 @@ class Emulator(kmock.KubernetesEmulator):  # type: ignore[misc]
                 shortnames=set(names.get("shortNames", [])),
                 categories=set(names.get("categories", [])),
                 subresources=set(version.get("subresources", {})),
+            )
+            self._columns[(group, version["name"], names["plural"])] = version.get(
+                "additionalPrinterColumns", []
             )
 
     def _next_version(self) -> str:
@@ -160,8 +224,14 @@ class Emulator(kmock.KubernetesEmulator):  # type: ignore[misc]
                 entry["shortNames"] = []
         return payload
 
+    async def _serve_fetch(self, request: Any) -> dict[str, Any]:
+        obj: dict[str, Any] = await super()._serve_fetch(request)
+        return self._table(request, [obj]) if _wants_table(request) else obj
+
     async def _serve_list(self, request: Any) -> dict[str, Any]:
         payload: dict[str, Any] = await super()._serve_list(request)
+        if _wants_table(request):
+            return self._table(request, payload["items"])
         resource = request.resource
         info = self.resources.get(resource, None)
         kind = getattr(info, "kind", None)
@@ -171,6 +241,40 @@ class Emulator(kmock.KubernetesEmulator):  # type: ignore[misc]
             "kind": f"{kind}List" if kind else "List",
             **payload,
             "metadata": {"resourceVersion": self._next_version()},
+        }
+
+    def _table(self, request: Any, objects: list[dict[str, Any]]) -> dict[str, Any]:
+        """A ``meta.k8s.io/v1`` Table, as kubectl asks for to print ``get``: the Name column, then the
+        CRD's printer columns (or Age, for a resource without any)."""
+        resource = request.resource
+        declared = self._columns.get((resource.group, resource.version, resource.plural)) or [
+            {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}
+        ]
+        definitions = [
+            {"name": "Name", "type": "string", "format": "name", "description": "Name", "priority": 0}
+        ]
+        definitions += [
+            {"name": c["name"], "type": c["type"], "format": c.get("format", ""),
+             "description": c.get("description", ""), "priority": c.get("priority", 0)}
+            for c in declared
+        ]  # fmt: skip
+        rows = [
+            {
+                "cells": [obj["metadata"]["name"], *(_cell(obj, c) for c in declared)],
+                "object": {
+                    "kind": "PartialObjectMetadata",
+                    "apiVersion": "meta.k8s.io/v1",
+                    "metadata": obj["metadata"],
+                },
+            }
+            for obj in objects
+        ]
+        return {
+            "kind": "Table",
+            "apiVersion": "meta.k8s.io/v1",
+            "metadata": {"resourceVersion": self._next_version()},
+            "columnDefinitions": definitions,
+            "rows": rows,
         }
 
     async def _openapi_root(self, request: Any) -> dict[str, Any]:
