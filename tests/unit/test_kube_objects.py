@@ -218,3 +218,11 @@ def test_cli_prints_the_stream_and_refuses_a_bad_manifest(tmp_path: Path) -> Non
     result = CliRunner().invoke(cli, ["objects", str(bad)])
     assert result.exit_code == 2
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_the_agent_knows_its_own_pod_to_report_on() -> None:
+    runtime = objects.cluster_serving_runtime(image="img", edge=True)
+    agent = next(c for c in runtime["spec"]["containers"] if c["name"] == "autoglm-agent")
+    fields = {e["name"]: e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") for e in agent["env"]}
+    assert fields["POD_NAME"] == "metadata.name"
+    assert fields["POD_NAMESPACE"] == "metadata.namespace"

@@ -9,8 +9,9 @@ artifact into the node's cache (``autoglm_core.uris.resolve``: a copy already th
 swap never downloads what the node has) and verifies it against its model card and the digest the
 operator wrote; a corrupt copy is never handed to the server, which keeps serving what it serves.
 
-Each pass writes what the server serves and the last error to ``--status-file`` (JSON), for the
-operator to read back; a server that is down or refuses a call is retried next pass.
+Each pass writes what the server serves and the last error to ``--status-file`` (JSON) and, in a
+pod, to the pod's ``autoglm.io/served`` annotation (``agent.report``), for the operator to read
+back; a server that is down or refuses a call is retried next pass.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from autoglm_core.card import ArtifactError, verify
 from autoglm_core.uris import SourceError, resolve
 from autoglm_operator.agent.desired import Desired, DesiredStateError
 from autoglm_operator.agent.reconcile import Step, steps
+from autoglm_operator.agent.report import PodReporter
 from autoglm_operator.backends.local_serving import LocalServing, ServingBackendError
 from autoglm_operator.plan import Serving
 
@@ -65,11 +67,13 @@ class Agent:
         server: LocalServing,
         cache_dir: Path,
         status_file: Path | None = None,
+        reporter: PodReporter | None = None,
     ) -> None:
         self.config = config
         self.server = server
         self.cache_dir = cache_dir
         self.status_file = status_file
+        self.reporter = reporter
 
     def read_desired(self) -> Desired:
         try:
@@ -128,6 +132,8 @@ class Agent:
             with contextlib.suppress(ServingBackendError):
                 result.served = self.server.observe()
         self._write_status(result)
+        if self.reporter is not None:
+            self.reporter.report(result.to_json())
         return result
 
     def run(self, interval: float, *, stop: Any = None) -> None:

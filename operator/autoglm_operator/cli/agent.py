@@ -25,6 +25,9 @@ from autoglm_inference.options import ADMIN_TOKEN_ENV
               help="Where each pass writes what the server serves and the last error (JSON).")  # fmt: skip
 @click.option("--interval", type=click.FloatRange(0.1), default=10.0, show_default=True,
               help="Seconds between passes (a change of --config starts one at once).")  # fmt: skip
+@click.option("--report-pod/--no-report-pod", default=True, show_default=True,
+              help="Write each pass into the autoglm.io/served annotation of this pod (POD_NAME and POD_NAMESPACE "
+                   "from the downward API; skipped outside a pod).")  # fmt: skip
 @click.option("--once", is_flag=True, default=False, help="One pass, then exit: 0 when the server serves the desired state, 1 if not.")  # fmt: skip
 def agent_command(
     config: Path,
@@ -33,6 +36,7 @@ def agent_command(
     admin_token_file: Path | None,
     status_file: Path | None,
     interval: float,
+    report_pod: bool,
     once: bool,
 ) -> None:
     """Make the server at --server serve what --config says: the stable revision and, during a canary,
@@ -41,6 +45,7 @@ def agent_command(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from autoglm_inference.access import admin_token
     from autoglm_operator.agent.agent import Agent
+    from autoglm_operator.agent.report import PodReporter
     from autoglm_operator.backends.local_serving import LocalServing
 
     try:
@@ -54,6 +59,7 @@ def agent_command(
         server=LocalServing(name, server, headers=headers),
         cache_dir=cache_dir,
         status_file=status_file,
+        reporter=PodReporter.from_environment() if report_pod else None,
     )
     if once:
         result = agent.reconcile_once()

@@ -45,6 +45,7 @@ from kubernetes.client import (
     V1NodeSelector,
     V1NodeSelectorRequirement,
     V1NodeSelectorTerm,
+    V1ObjectFieldSelector,
     V1ObjectMeta,
     V1OwnerReference,
     V1Probe,
@@ -308,6 +309,11 @@ def agent_config(model: AutoGLMModel, target: Target, desired: Desired) -> dict[
     return to_dict(config_map)
 
 
+def _downward(name: str, field: str) -> list[V1EnvVar]:
+    """An environment variable from the downward API: the agent reports on its own pod."""
+    return [V1EnvVar(name=name, value_from=V1EnvVarSource(field_ref=V1ObjectFieldSelector(field_path=field)))]
+
+
 def cluster_serving_runtime(*, image: str, edge: bool) -> dict[str, Any]:
     """``autoglm-server`` (cloud pools) or ``autoglm-server-edge`` (kubeedge): ``autoglm serve`` as
     KServe's model container and ``autoglm agent`` as its sidecar, sharing the model cache."""
@@ -352,7 +358,11 @@ def cluster_serving_runtime(*, image: str, edge: bool) -> dict[str, Any]:
             f"--server=http://127.0.0.1:{SERVER_PORT}",
             f"--cache-dir={CACHE_PATH}",
         ],
-        env=[token_env],
+        env=[
+            token_env,
+            *_downward("POD_NAME", "metadata.name"),
+            *_downward("POD_NAMESPACE", "metadata.namespace"),
+        ],
         volume_mounts=[
             *mounts,
             V1VolumeMount(name=AGENT_CONFIG_VOLUME, mount_path=AGENT_CONFIG_PATH, read_only=True),
