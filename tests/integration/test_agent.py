@@ -79,8 +79,8 @@ def test_the_agent_swaps_its_server_to_the_configmaps_revisions(tmp_path: Path) 
         assert _agent(config, server, cache, status)[1]["applied"] == ["promote rev-b"]
         assert backend.observe() == Serving(stable="rev-b")
 
-        # A corrupt artifact is never handed to the server: stable keeps serving, the error names it.
-        broken = tmp_path / "broken-c"
+        # A corrupt artifact: the server's load refuses it, stable keeps serving, the error names it.
+        broken = artifacts / "broken-c"
         shutil.copytree(folders["c"], broken)
         weights = next(broken.glob("*.safetensors"))
         weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
+from autoglm_api.validation import prune_nulls
 from tests.conftest import EXAMPLES
 from tests.support.k8s_emulator import EmulatedCluster, emulated_cluster, kubectl_binary, merge_patch
 
@@ -29,14 +30,6 @@ def cluster(tmp_path: Path) -> Iterator[EmulatedCluster]:
         yield running
 
 
-def _without_nulls(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
-    if isinstance(value, list):
-        return [_without_nulls(v) for v in value]
-    return value
-
-
 def _get(cluster: EmulatedCluster, *args: str) -> dict[str, Any]:
     done = cluster.kubectl("get", *args, "-o", "json")
     assert done.returncode == 0, done.stderr
@@ -51,7 +44,7 @@ def test_kubectl_apply_creates_a_model_with_server_set_metadata(cluster: Emulate
     assert done.stderr == ""  # no version skew, no short-name or validation warnings
     model = _get(cluster, "agm", "glm4-chat", "-n", "ml")
     manifest = yaml.safe_load((EXAMPLES / "cloud-and-edge.yaml").read_text())
-    assert model["spec"] == _without_nulls(manifest["spec"])  # kubectl drops a manifest's nulls
+    assert model["spec"] == prune_nulls(manifest["spec"])  # kubectl drops a manifest's nulls
     meta = model["metadata"]
     assert meta["generation"] == 1
     assert meta["uid"]

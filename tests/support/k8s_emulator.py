@@ -41,6 +41,8 @@ from typing import Any
 import attrs
 import yaml
 
+from tests.support.crd_schemas import SCHEMAS
+
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     import kmock
@@ -67,7 +69,6 @@ def _parse_path(path: str) -> Any:
 kmock_parsing.parse_path = _parse_path  # kmock is pinned below 0.9 in pyproject.toml
 
 REPO = Path(__file__).resolve().parents[2]
-SCHEMAS = REPO.parent / "shared" / "schemas"
 CRD_FILES = (
     REPO / "crds" / "autoglm.io_autoglmmodels.yaml",
     SCHEMAS / "argo-workflows.argoproj.io_workflows.yaml",

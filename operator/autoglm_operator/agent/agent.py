@@ -4,10 +4,11 @@ As KServe's model agent does for multi-model serving, the agent pulls: it reads 
 (the ConfigMap mounted as a file, which the kubelet, or KubeEdge's edgecore on an edge node,
 keeps current, so a node cut off from the API server still has the last state it received), asks
 its server what it serves (``GET /v2/repository/index``), and carries out ``reconcile.steps`` on it
-through the repository routes on loopback (with the admin token). Before a load it brings the
+through the repository routes on loopback (with the admin token). Before a load it brings a remote
 artifact into the node's cache (``autoglm_core.uris.resolve``: a copy already there is reused, so a
-swap never downloads what the node has) and verifies it against its model card and the digest the
-operator wrote; a corrupt copy is never handed to the server, which keeps serving what it serves.
+swap never downloads what the node has; a local path is used where it is). The server's load
+verifies every file against the model card and the digest the operator wrote, once, and refuses a
+corrupt copy while it keeps serving what it serves.
 
 Each pass writes what the server serves and the last error to ``--status-file`` (JSON) and, in a
 pod, to the pod's ``autoglm.io/served`` annotation (``agent.report``), for the operator to read
@@ -24,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from autoglm_core.card import ArtifactError, verify
 from autoglm_core.uris import SourceError, resolve
 from autoglm_operator.agent.desired import Desired, DesiredStateError
 from autoglm_operator.agent.reconcile import Step, steps
@@ -88,14 +88,12 @@ class Agent:
             raise AgentError(f"{self.config}: {exc}") from exc
 
     def fetch(self, step: Step) -> Path:
-        """The artifact of a load step in the node's cache, verified against its card and digest."""
+        """The artifact of a load step on this node (a remote one copied into the cache)."""
         assert step.uri is not None
         try:
-            local = resolve(step.uri, cache_dir=self.cache_dir)
-            verify(step.uri, local, step.sha256)
-        except (SourceError, ArtifactError) as exc:
+            return resolve(step.uri, cache_dir=self.cache_dir)
+        except SourceError as exc:
             raise AgentError(f"{step.kind} {step.revision}: {exc}") from exc
-        return local
 
     def apply(self, step: Step) -> None:
         try:
@@ -111,7 +109,7 @@ class Agent:
             else:  # promote, rollback
                 self.server.call(step.kind)
         except ServingBackendError as exc:
-            raise AgentError(str(exc)) from exc
+            raise AgentError(f"{step.kind} {step.revision}: {exc}") from exc
 
     def reconcile_once(self) -> PassResult:
         """One pass: read, observe, apply; never raises for what the next pass may fix."""

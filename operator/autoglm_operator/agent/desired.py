@@ -53,6 +53,7 @@ class Desired:
         return {
             "stable": self.stable.to_json(),
             "candidate": self.candidate.to_json() if self.candidate else None,
+            "generation": self.generation,
         }
 
     @classmethod

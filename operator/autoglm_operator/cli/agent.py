@@ -3,6 +3,7 @@ target's ConfigMap says (``autoglm_operator.agent``)."""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from autoglm_inference.options import ADMIN_TOKEN_ENV
 @click.option("--server", default="http://127.0.0.1:8080", show_default=True,
               help="The server's base URL; its repository routes are called with the admin token.")  # fmt: skip
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_CACHE_DIR,
-              show_default=True, help="The node's model cache: artifacts are pulled and verified here.")  # fmt: skip
+              show_default=True, help="The node's model cache: remote artifacts are pulled here (the server verifies them on load).")  # fmt: skip
 @click.option("--admin-token-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help=f"File holding the server's admin token; else ${ADMIN_TOKEN_ENV}; else none (a loopback server without one).")  # fmt: skip
 @click.option("--status-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -40,8 +41,9 @@ def agent_command(
     once: bool,
 ) -> None:
     """Make the server at --server serve what --config says: the stable revision and, during a canary,
-    the candidate at its weight. Artifacts are pulled into --cache-dir and verified before the server
-    is asked to load them; a server that is down or refuses is retried every --interval seconds."""
+    the candidate at its weight. Remote artifacts are pulled into --cache-dir; the server verifies each
+    on load and keeps serving what it serves when one is corrupt. A server that is down or refuses is
+    retried every --interval seconds."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from autoglm_inference.access import admin_token
     from autoglm_operator.agent.agent import Agent
@@ -73,8 +75,6 @@ def agent_command(
 def _model_name(config: Path) -> str:
     """The served model's name: the ConfigMap's ``model`` field (the InferenceService serves it as
     ``{{.Name}}``, which the operator writes there as ``served``), read once at start."""
-    import json
-
     try:
         data = json.loads(config.read_text())
     except (OSError, ValueError) as exc:

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import click
 
-#: Where a published revision lies in the artifact repository (the rendered examples' choice).
-DEFAULT_ARTIFACT_URI = "s3://autoglm-artifacts/{namespace}/{model}/{revision}"
+from autoglm_operator.kube import DEFAULT_ARTIFACT_URI
 
 
 @click.command("objects", short_help="Print the Kubernetes objects the operator creates for a manifest.")

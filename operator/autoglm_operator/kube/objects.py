@@ -22,6 +22,7 @@ an owner reference to it, so deleting the model deletes them.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import sys
@@ -166,11 +167,16 @@ def owner_references(model: AutoGLMModel) -> list[V1OwnerReference] | None:
     ]
 
 
+@functools.cache
+def _serializer() -> Any:
+    return KServeApiClient()
+
+
 def to_dict(obj: Any) -> dict[str, Any]:
     """A kubernetes/kserve SDK model as the JSON the API server takes (camelCase, no nulls): kserve's
     own client, whose serializer reads each model's attribute map (kubernetes' newer one falls back to
     ``to_dict()``, snake_case, for models it did not generate)."""
-    data = KServeApiClient().sanitize_for_serialization(obj)
+    data = _serializer().sanitize_for_serialization(obj)
     assert isinstance(data, dict)
     return data
 
@@ -200,6 +206,23 @@ def workflow(
 
 
 # -- serving --------------------------------------------------------------------------------------
+
+
+def _target_labels(model: AutoGLMModel, target: Target) -> dict[str, str]:
+    return labels(model, **{TARGET_LABEL: target.name, POOL_LABEL: target.pool})
+
+
+def _target_metadata(
+    model: AutoGLMModel, target: Target, name: str, annotations: dict[str, str] | None = None
+) -> V1ObjectMeta:
+    """A target's object: in the model's namespace, with the target's labels, owned by the model."""
+    return V1ObjectMeta(
+        name=name,
+        namespace=model.metadata.namespace,
+        labels=_target_labels(model, target),
+        annotations=annotations,
+        owner_references=owner_references(model),
+    )
 
 
 def runtime_name(target: Target) -> str:
@@ -246,7 +269,7 @@ def inference_service(model: AutoGLMModel, target: Target, desired: Desired) -> 
     """The target's ``InferenceService``: its servers start on the stable revision (``storageUri``)
     and the agent beside them swaps what the target's ConfigMap names."""
     annotations = {DEPLOYMENT_MODE_ANNOTATION: "RawDeployment"} if target.pool == "kubeedge" else None
-    target_labels = labels(model, **{TARGET_LABEL: target.name, POOL_LABEL: target.pool})
+    target_labels = _target_labels(model, target)
     predictor = V1beta1PredictorSpec(
         min_replicas=target.replicas.min,
         max_replicas=target.replicas.max,
@@ -271,13 +294,7 @@ def inference_service(model: AutoGLMModel, target: Target, desired: Desired) -> 
     isvc = V1beta1InferenceService(
         api_version="serving.kserve.io/v1beta1",
         kind="InferenceService",
-        metadata=V1ObjectMeta(
-            name=inference_service_name(model, target.name),
-            namespace=model.metadata.namespace,
-            labels=target_labels,
-            annotations=annotations,
-            owner_references=owner_references(model),
-        ),
+        metadata=_target_metadata(model, target, inference_service_name(model, target.name), annotations),
         spec=V1beta1InferenceServiceSpec(predictor=predictor),
     )
     return to_dict(isvc)
@@ -292,18 +309,12 @@ def agent_config(model: AutoGLMModel, target: Target, desired: Desired) -> dict[
         "served": inference_service_name(model, target.name),
         "namespace": model.metadata.namespace,
         "target": target.name,
-        "generation": desired.generation,
         **desired.to_json(),
     }
     config_map = V1ConfigMap(
         api_version="v1",
         kind="ConfigMap",
-        metadata=V1ObjectMeta(
-            name=agent_config_name(model, target.name),
-            namespace=model.metadata.namespace,
-            labels=labels(model, **{TARGET_LABEL: target.name, POOL_LABEL: target.pool}),
-            owner_references=owner_references(model),
-        ),
+        metadata=_target_metadata(model, target, agent_config_name(model, target.name)),
         data={AGENT_CONFIG_KEY: json.dumps(document, indent=2, sort_keys=True) + "\n"},
     )
     return to_dict(config_map)

@@ -17,7 +17,7 @@ import yaml
 from autoglm_api.resource import AutoGLMModel
 from autoglm_core.variants import rollout_revision, target_revisions
 from autoglm_operator.agent.desired import Assignment, Desired
-from autoglm_operator.cli.objects import DEFAULT_ARTIFACT_URI
+from autoglm_operator.kube import DEFAULT_ARTIFACT_URI
 from autoglm_operator.kube.objects import (
     agent_config,
     cluster_serving_runtime,
