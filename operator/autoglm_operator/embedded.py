@@ -39,12 +39,12 @@ from autoglm_core.audit import Ledger
 from autoglm_core.audit.ledger import URL_ENV
 from autoglm_core.variants import rollout_revision
 from autoglm_inference.process import ServerProcess
+from autoglm_operator.analysis import CanaryAnalyst
 from autoglm_operator.backends.local_pipeline import LocalPipelines
 from autoglm_operator.backends.local_serving import LocalServing
 from autoglm_operator.backends.local_state import TARGET_LABEL, LocalState
-from autoglm_operator.canary import Figures, judge
-from autoglm_operator.metrics import FiguresSource, MetricsUnavailableError, ScrapeSource
-from autoglm_operator.plan import Analysis, Observed, Plan, Serving, TargetObserved, duration, plan
+from autoglm_operator.metrics import FiguresSource, ScrapeSource
+from autoglm_operator.plan import Analysis, Observed, Plan, Serving, TargetObserved, plan
 from autoglm_operator.promql import PrometheusSource
 
 Until = Literal["serving", "promoted", "forever"]
@@ -76,27 +76,11 @@ class LoopOptions:
 
 
 @dataclass
-class _Canary:
-    """Where the current canary step's figures come from (a source per target), and since when."""
-
-    key: tuple[str, int] | None = None
-    sources: dict[str, FiguresSource] = field(default_factory=dict)
-    started: datetime | None = None
-    #: Whether the sources' windows were begun (the first read of a step only marks its start).
-    begun: bool = False
-    #: Each live target's server URL when the windows were begun.
-    servers: dict[str, str] = field(default_factory=dict)
-    #: When the newest interval was judged: the next one is judged ``analysis.interval`` later.
-    judged: datetime | None = None
-
-
-@dataclass
 class EmbeddedLoop:
     manifest: Path
     options: LoopOptions
     #: The running server of each target.
     servers: dict[str, ServerProcess] = field(default_factory=dict)
-    _canary: _Canary = field(default_factory=_Canary)
     _stop: threading.Event = field(default_factory=threading.Event)
     #: Set by ``stop()``: a ``forever`` loop returns at its next tick.
     _halt: threading.Event = field(default_factory=threading.Event)
@@ -112,6 +96,7 @@ class EmbeddedLoop:
             env={URL_ENV: self.audit_url},  # the pipeline's GatePassed/GateFailed in the same ledger
         )
         self._lock: IO[str] | None = None
+        self._analyst = CanaryAnalyst(self._source, log=self.options.log)
         self._pending: list[Path] = []
 
     @property
@@ -169,75 +154,21 @@ class EmbeddedLoop:
     def _analyse(
         self, model: AutoGLMModel, status: AutoGLMModelStatus, serving: dict[str, Serving], now: datetime
     ) -> dict[str, Analysis]:
-        """Every target's next interval verdict, once ``analysis.interval`` has passed since the last
-        one (nothing before: nothing new to judge); all judged at the same moment, each on its own
-        server's figures since the step began."""
-        candidate, step = status.revisions.candidate, status.canary.step
-        if candidate is None or step is None:
-            return {}
+        """Every target's next interval verdict (``analysis.CanaryAnalyst``), each on its own server's
+        figures; what was measured is saved for ``autoglm rollout status``."""
         live = {
             t.name: (t.candidate, t.revision)
             for t in status.targets
             if t.candidate and t.name in self.servers and serving.get(t.name, Serving()).canary == t.candidate
         }
-        if not live:
-            return {}
         name = model.metadata.name or ""
-        limits = model.spec.rollout.analysis
-        if self._canary.key != (candidate, step):  # a new step (or a restart): judge from here on
-            self._canary = _Canary((candidate, step), started=now)
         servers = {t: self.servers[t].url for t in live}
-        if self._canary.begun and servers != self._canary.servers:
-            # a server restarted (a new port, counters from zero) or a target came in late: every
-            # target's window starts again, so all are still judged on the same span
-            self.options.log("analysis: the servers changed; the step's figures start again")
-            self._canary = _Canary((candidate, step), started=now)
-        canary = self._canary
-        canary.servers = servers
-        for target in live:
-            if target not in canary.sources:
-                canary.sources[target] = self._source(target)
-        last = canary.judged or canary.started or now
-        if (canary.begun or canary.judged is not None) and now - last < duration(limits.interval):
-            return {}
-        got: dict[str, dict[str, Figures | None]] = {}
-        if not canary.begun:
-            try:
-                for target in live:
-                    canary.sources[target].begin(now)
-                canary.begun, canary.started = True, now  # the step's figures start here
-                return {}
-            except MetricsUnavailableError as exc:
-                self.options.log(f"analysis: {exc}")
-        else:
-            for target, (mine, theirs) in live.items():
-                try:
-                    got[target] = canary.sources[target].read(name, [r for r in (mine, theirs) if r], now)
-                except MetricsUnavailableError as exc:
-                    self.options.log(f"analysis of target {target}: {exc}")
-        canary.judged = now
-        analyses, saved = {}, {}
-        for target, (mine, theirs) in live.items():
-            figures = got.get(target, {})
-            ours, stable = figures.get(mine), figures.get(theirs) if theirs else None
-            result = judge(ours, stable, limits, weight=status.canary.weight or 0)
-            source = canary.sources[target]
-            measured = {
-                "target": target, "stable": theirs,
-                "since": canary.started.isoformat() if canary.started else None,
-                "source": source.description, "queries": list(getattr(source, "queries", [])),
-                "candidateFigures": _figures_json(ours), "stableFigures": _figures_json(stable),
-            }  # fmt: skip
-            analyses[target] = Analysis(mine, step, now, result, measured)
-            saved[target] = {
-                "revision": mine,
-                "step": step,
-                "at": now.isoformat(),
-                **measured,
-                **result.to_json(),
-            }
-        first = saved[next(iter(saved))]
-        self.state.save_analysis({**first, **({"targets": saved} if len(saved) > 1 else {})})
+        analyses, saved = self._analyst.analyse(
+            model.spec.rollout.analysis, status, live, servers, lambda _target: name, now
+        )
+        if saved:
+            first = saved[next(iter(saved))]
+            self.state.save_analysis({**first, **({"targets": saved} if len(saved) > 1 else {})})
         return analyses
 
     def act(self, model: AutoGLMModel, result: Plan) -> None:
@@ -435,15 +366,3 @@ def _memory_available() -> int | None:
     except (OSError, ValueError, IndexError):
         return None
     return None
-
-
-def _figures_json(f: Figures | None) -> dict[str, float | int | None] | None:
-    if f is None:
-        return None
-    p95 = f.latency.quantile(0.95) if f.latency is not None and f.latency.total else None
-    ttft = f.time_to_first_token
-    return {
-        "requests": f.requests, "errors": f.errors, "p95LatencyMs": p95,
-        "p95TimeToFirstTokenMs": ttft.quantile(0.95) if ttft is not None and ttft.total else None,
-        "joulesPerToken": f.joules_per_token, "feedbackScore": f.feedback_score,
-    }  # fmt: skip

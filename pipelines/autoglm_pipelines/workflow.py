@@ -12,7 +12,13 @@ backend; ``autoglm pipeline render`` prints it. Shape of the template:
 - each step's folder ``/autoglm/work/<step>`` is its output artifact (in the cluster's default
   artifact repository) and is handed to the steps that depend on it at the same path; the publish
   step's folder is also the workflow's global output artifact ``published-model`` (a target
-  precision's variant: ``published-model-int4``, from its ``publish-int4`` step);
+  precision's variant: ``published-model-int4``, from its ``publish-int4`` step), kept unarchived
+  (``archive: none``) so the agents can pull the model folder as it is;
+- what the operator decides on travels as global output parameters (``status.outputs.parameters``
+  of the Workflow, read without touching the artifact repository): each validate step's report
+  (``validate-result``, ``validate-int4-result``: its gates and whether they passed; written before
+  a failed gate fails the step) and each publish step's result (``publish-result``: the revision,
+  where the artifact lies inside the step folder, its weight bytes and files' digests, the baseline);
 - labels tie the template, its Workflows and their pods to the model and the artifact revision.
 """
 
@@ -34,11 +40,19 @@ from hera.workflows import (
     Task,
     WorkflowTemplate,
 )
-from hera.workflows.models import Backoff, Metadata, WorkflowMetadata
+from hera.workflows.models import (
+    ArchiveStrategy,
+    Backoff,
+    Metadata,
+    NoneStrategy,
+    ValueFrom,
+    WorkflowMetadata,
+)
 
 from autoglm_api.resource import AutoGLMModel
 from autoglm_core.revision import artifact_revision
 from autoglm_pipelines.dag import EXIT_TRANSIENT, Step, pipeline_steps
+from autoglm_pipelines.results import RESULT_FILE, VALIDATE_REPORT
 
 # The image built from this repository; clusters set their registry's reference with --image.
 DEFAULT_IMAGE = "autoglm:0.1.0"
@@ -52,6 +66,9 @@ WORK_VOLUME = "work"
 PUBLISH_STEP = "publish"
 #: The publish step's folder as a workflow output (``status.outputs.artifacts``), for the operator.
 PUBLISHED_ARTIFACT = "published-model"
+VALIDATE_STEP = "validate"
+#: A step's output parameter (and, with the step's name before it, the workflow's global one).
+RESULT_PARAMETER = "result"
 
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 MODEL_LABEL = "autoglm.io/model"
@@ -76,6 +93,11 @@ RETRY_EXPRESSION = f'lastRetry.status == "Error" || lastRetry.exitCode == "{EXIT
 def published_artifact(variant: str = "") -> str:
     """The workflow output artifact of a variant's published folder."""
     return f"{PUBLISHED_ARTIFACT}-{variant}" if variant else PUBLISHED_ARTIFACT
+
+
+def result_parameter(step: str) -> str:
+    """The workflow's global output parameter of a validate or publish step (``validate-int4-result``)."""
+    return f"{step}-{RESULT_PARAMETER}"
 
 
 def template_name(model: AutoGLMModel) -> str:
@@ -165,18 +187,28 @@ def _container(step: Step, image: str, volume: EmptyDirVolume) -> Container:
         )
     ]
     inputs += [Artifact(name=dep, path=f"{WORKDIR}/{dep}") for dep in step.depends]
+    publish = step.function == PUBLISH_STEP
     output = Artifact(
         name=step.name,
         path=f"{WORKDIR}/{step.name}",
-        global_name=published_artifact(step.variant) if step.function == PUBLISH_STEP else None,
+        global_name=published_artifact(step.variant) if publish else None,
+        archive=ArchiveStrategy(none=NoneStrategy()) if publish else None,
     )
+    results = {PUBLISH_STEP: RESULT_FILE, VALIDATE_STEP: VALIDATE_REPORT}
+    parameters = [
+        Parameter(
+            name=RESULT_PARAMETER,
+            value_from=ValueFrom(path=f"{WORKDIR}/{step.name}/{results[step.function]}", default="{}"),
+            global_name=result_parameter(step.name),
+        )
+    ] if step.function in results else []  # fmt: skip
     variant = ["--variant", step.variant] if step.variant else []
     return Container(
         name=step.name,
         image=image,
         command=["autoglm", "pipeline", step.function, *variant, "--spec", SPEC_PATH, "--workdir", WORKDIR],
         inputs=inputs,
-        outputs=[output],
+        outputs=[output, *parameters],
         resources=_resources(step),
         volumes=[volume],
         retry_strategy=_retry_strategy(step),

@@ -14,8 +14,14 @@ kmock's ``KubernetesEmulator`` plus what kubectl and kopf need from a real API s
   copies onto status subresources;
 - ``/api/v1/namespaces`` parsed as the namespaces resource (kmock 0.8 reads it as a namespace
   prefix), so namespaces can be applied, listed and fetched;
-- resources registered from CRD files (ours in ``crds/``, the upstream ones in ``../shared/schemas``)
-  and the built-in ones kmock bundles.
+- resources registered from CRD files (ours in ``crds/``, the upstream ones in ``../shared/schemas``),
+  kopf's peering resources, and the built-in ones kmock bundles;
+- JSON patches (kopf's finalizer patch tests ``/metadata/resourceVersion``): applied with the same
+  server-set metadata, and a failed ``test`` or a path that does not exist answered 422, not 500;
+- watches that start where the client's list ended (``?resourceVersion=N`` replays only the events
+  after N, deletions included, from a per-resource log) and honour
+  ``fieldSelector=metadata.name=...`` and ``labelSelector`` (equality terms), as kubectl and kopf
+  expect; the DELETED event of an object carries a new resourceVersion.
 
 ``EmulatedCluster`` runs it in a thread with its own event loop, so tests call ``kubectl`` as a plain
 blocking subprocess, with their own kubeconfig and discovery cache.
@@ -24,6 +30,7 @@ blocking subprocess, with their own kubeconfig and discovery cache.
 from __future__ import annotations
 
 import asyncio
+import collections
 import copy
 import datetime
 import itertools
@@ -39,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import jsonpatch
 import yaml
 
 from tests.support.crd_schemas import SCHEMAS
@@ -47,7 +55,9 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     import kmock
     from kmock import ResourceInfo
+    from kmock._internal import aiobus
     from kmock._internal import parsing as kmock_parsing
+    from kmock._internal.k8s import KubernetesError
 
 _kmock_parse_path = kmock_parsing.parse_path
 
@@ -76,6 +86,8 @@ CRD_FILES = (
     SCHEMAS / "kserve.serving.kserve.io_inferenceservices.yaml",
     SCHEMAS / "kserve.serving.kserve.io_clusterservingruntimes.yaml",
 )
+#: kopf's peering resources (``kopf.dev/v1``), for the operator's two-replica tests.
+KOPF_PEERINGS = {"kopfpeerings": ("KopfPeering", True), "clusterkopfpeerings": ("ClusterKopfPeering", False)}
 VERBS = {"create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"}
 #: The client every test runs (the /usr/bin/kubectl dispatcher picks one by the server's version).
 KUBECTL_VERSIONS = ("/usr/lib/google-cloud-sdk/bin/kubectl.1.32", "/usr/bin/kubectl.1.32")
@@ -99,6 +111,55 @@ def merge_patch(target: Any, patch: Any) -> Any:
         else:
             result[key] = merge_patch(result.get(key), value)
     return result
+
+
+class PatchInvalidError(KubernetesError):  # type: ignore[misc]
+    """A JSON patch whose ``test`` failed or whose path does not exist: 422, as the API server says."""
+
+    status = 422
+    reason = "Invalid"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+@attrs.mutable(weakref_slot=True)
+class LoggedBus(aiobus.Bus[Any]):  # type: ignore[misc]
+    """kmock's event bus, also keeping every event it carried: a watch from a resourceVersion
+    replays the events after it."""
+
+    log: list[Any] = attrs.field(factory=list, init=False)
+
+    async def put(self, *items: Any) -> None:
+        self.log.extend(copy.deepcopy(item) for item in items)
+        await super().put(*items)
+
+
+def _version_of(event: dict[str, Any]) -> int:
+    try:
+        return int(event.get("object", {}).get("metadata", {}).get("resourceVersion", 0))
+    except (TypeError, ValueError):
+        return 0
+
+
+def _selected(request: Any, obj: dict[str, Any]) -> bool:
+    """Whether ``obj`` passes the request's ``fieldSelector`` and ``labelSelector`` (equality terms:
+    ``a=b``, ``a==b``, ``a!=b``; fields metadata.name and metadata.namespace)."""
+    meta = obj.get("metadata", {})
+    fields = {"metadata.name": meta.get("name"), "metadata.namespace": meta.get("namespace")}
+    labels = meta.get("labels") or {}
+    for param, values in (("fieldSelector", fields), ("labelSelector", labels)):
+        for term in filter(None, str(request.params.get(param, "")).split(",")):
+            negate = "!=" in term
+            key, _, value = term.replace("!=", "=").replace("==", "=").partition("=")
+            if not _:  # a bare key: the label exists
+                if key.strip() not in values:
+                    return False
+                continue
+            if (values.get(key.strip()) == value.strip()) == negate:
+                return False
+    return True
 
 
 def _wants_table(request: Any) -> bool:
@@ -149,11 +210,16 @@ class Emulator(kmock.KubernetesEmulator):  # type: ignore[misc]
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
+        self._buses = collections.defaultdict(LoggedBus)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             self.resources.load_bundled()
         for path in CRD_FILES:
             self.register_crd(yaml.safe_load(path.read_text()))
+        for plural, (kind, namespaced) in KOPF_PEERINGS.items():
+            self.resources[f"kopf.dev/v1/{plural}"] = ResourceInfo(
+                kind=kind, namespaced=namespaced, verbs=VERBS, subresources=set()
+            )
         self.fallback["get /openapi/v3"] << self._openapi_root
         self.fallback["get", re.compile(r"/openapi/v3/apis?/.+")] << self._openapi_group_version
 
@@ -174,6 +240,54 @@ class Emulator(kmock.KubernetesEmulator):  # type: ignore[misc]
             self._columns[(group, version["name"], names["plural"])] = version.get(
                 "additionalPrinterColumns", []
             )
+
+    def _stamp_update(self, request: Any, stored: dict[str, Any], meta: dict[str, Any]) -> None:
+        """A merge patch: a new resourceVersion, and the generation bumped when the spec changes."""
+        changes_spec = (
+            "spec" in request.data
+            and request.subresource is None
+            and merge_patch(stored.get("spec"), request.data["spec"]) != stored.get("spec")
+        )
+        if changes_spec:
+            meta["generation"] = int(stored["metadata"].get("generation", 1)) + 1
+        meta["resourceVersion"] = self._next_version()
+
+    async def _serve_watch(self, request: Any) -> Any:
+        """Events from the client's resourceVersion on (every current object as ADDED without one),
+        filtered by name, namespace and the selectors; then the live ones."""
+        yield b""
+        bus = self._buses[request.resource]
+        since = str(request.params.get("resourceVersion", "") or "0")
+        async with self._lock:
+            marker = await bus.mark()
+            if since != "0":
+                version = int(since) if since.isdigit() else 0
+                events = [e for e in bus.log if _version_of(e) > version]
+            else:
+                events = [
+                    {"type": "ADDED", "object": copy.deepcopy(obj.raw)}
+                    for (resource, _, _), obj in self._objects.items()
+                    if resource == request.resource and not obj.deleted
+                ]
+        try:
+            for event in events:
+                if self._watched(request, event):
+                    yield event
+            async for event in bus.stream(since=marker):
+                if self._watched(request, event):
+                    yield event
+        finally:
+            await bus.unmark(marker)
+
+    @staticmethod
+    def _watched(request: Any, event: dict[str, Any]) -> bool:
+        obj = event.get("object", {})
+        namespace = obj.get("metadata", {}).get("namespace")
+        if request.namespace is not None and namespace != request.namespace:
+            return False
+        if request.name is not None and obj.get("metadata", {}).get("name") != request.name:
+            return False
+        return _selected(request, obj)
 
     def _next_version(self) -> str:
         return str(next(self._versions))
@@ -197,16 +311,27 @@ class Emulator(kmock.KubernetesEmulator):  # type: ignore[misc]
                 meta["resourceVersion"] = self._next_version()
             elif request.action == kmock.action.UPDATE and request.name is not None:
                 stored = self._stored(request)
-                changes_spec = (
-                    stored is not None
-                    and "spec" in request.data
-                    and request.subresource is None
-                    and merge_patch(stored.get("spec"), request.data["spec"]) != stored.get("spec")
+                if stored is not None:
+                    self._stamp_update(request, stored, meta)
+        elif request.resource is not None and isinstance(request.data, list) and request.name is not None:
+            stored = self._stored(request)  # a JSON patch
+            if request.action == kmock.action.UPDATE and stored is not None:
+                try:
+                    patched = jsonpatch.apply_patch(stored, request.data, in_place=False)
+                except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException) as exc:
+                    raise PatchInvalidError(f"the JSON patch cannot be applied: {exc}") from exc
+                extra: dict[str, Any] = {}
+                if patched.get("spec") != stored.get("spec") and request.subresource is None:
+                    extra["generation"] = int(stored["metadata"].get("generation", 1)) + 1
+                extra["resourceVersion"] = self._next_version()
+                request.data.extend(
+                    {"op": "add", "path": f"/metadata/{key}", "value": value} for key, value in extra.items()
                 )
-                if changes_spec:
-                    assert stored is not None
-                    meta["generation"] = int(stored["metadata"].get("generation", 1)) + 1
-                meta["resourceVersion"] = self._next_version()
+        if request.action == kmock.action.DELETE and request.name is not None:
+            stored = self._stored(request)
+            if stored is not None:  # the DELETED (or deletionTimestamp) event's resourceVersion
+                key = (request.resource, request.namespace, request.name)
+                self._objects[key].patch({"metadata": {"resourceVersion": self._next_version()}})
         return await super()._handle(request)
 
     async def _serve_server_version(self, request: Any) -> dict[str, Any]:

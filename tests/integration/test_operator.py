@@ -1,0 +1,246 @@
+"""The kopf operator against the emulated cluster, driven with the real ``kubectl``.
+
+``kubectl apply`` of the cloud-and-edge example → the operator submits a Workflow from the model's
+WorkflowTemplate → the test plays Argo (marks it Succeeded with the outputs the template exports) →
+an InferenceService and an agents' ConfigMap per target → the test plays the agents (their reports
+on the target's pods) → ``kubectl get agm`` and the ledger show the rollout; manual intents as
+annotations; a failed gate; ``kubectl delete`` cleans up through the finalizer.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import yaml
+
+from autoglm_api.validation import load_manifest
+from autoglm_core.audit import Ledger
+from autoglm_core.variants import rollout_revision, variants
+from autoglm_operator.agent.report import ANNOTATION
+from autoglm_pipelines.dag import step_name
+from autoglm_pipelines.workflow import WORKDIR, published_artifact, result_parameter
+from tests.conftest import EXAMPLES
+from tests.support.k8s_emulator import EmulatedCluster, emulated_cluster, kubectl_binary
+from tests.support.operator import RunningOperator, settings_for
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(kubectl_binary() is None, reason="kubectl is not installed"),
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+]
+
+EXAMPLE = EXAMPLES / "cloud-and-edge.yaml"
+NS, NAME = "ml", "glm4-chat"
+T = TypeVar("T")
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[EmulatedCluster]:
+    with emulated_cluster(tmp_path) as running:
+        done = running.kubectl(
+            "apply", "-f", "-", stdin="apiVersion: v1\nkind: Namespace\nmetadata: {name: ml}\n"
+        )
+        assert done.returncode == 0, done.stderr
+        yield running
+
+
+@pytest.fixture
+def operator(cluster: EmulatedCluster, tmp_path: Path) -> Iterator[RunningOperator]:
+    with RunningOperator(cluster, settings_for(tmp_path)) as running:
+        yield running
+
+
+def eventually(check: Callable[[], T | None], what: str, timeout: float = 30) -> T:
+    """``check()``'s first truthy value; fails naming ``what`` when none comes in time."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def kubectl_json(cluster: EmulatedCluster, *args: str) -> Any:
+    done = cluster.kubectl("get", *args, "-o", "json")
+    if done.returncode != 0:
+        return None
+    return json.loads(done.stdout)
+
+
+def items(
+    cluster: EmulatedCluster, resource: str, selector: str = f"autoglm.io/model={NAME}"
+) -> list[dict[str, Any]]:
+    found = kubectl_json(cluster, resource, "-n", NS, "-l", selector)
+    return list(found["items"]) if found else []
+
+
+def model_status(cluster: EmulatedCluster) -> dict[str, Any]:
+    found = kubectl_json(cluster, "agm", NAME, "-n", NS)
+    return (found or {}).get("status") or {}
+
+
+def apply(cluster: EmulatedCluster, manifest: dict[str, Any] | Path) -> None:
+    text = manifest.read_text() if isinstance(manifest, Path) else yaml.safe_dump(manifest)
+    done = cluster.kubectl("apply", "-f", "-", stdin=text)
+    assert done.returncode == 0, done.stderr
+
+
+def succeed(cluster: EmulatedCluster, run: dict[str, Any], *, gates: bool = True) -> None:
+    """Play Argo: the Workflow ends with the outputs the WorkflowTemplate exports (per variant, the
+    validate report and the publish result as global parameters, the published folder as a global
+    artifact in the default repository)."""
+    manifest = next(p["value"] for p in run["spec"]["arguments"]["parameters"] if p["name"] == "manifest")
+    model = load_manifest(_written(manifest))
+    parameters, artifacts = [], []
+    for variant in variants(model.spec):
+        validate, publish = step_name("validate", variant.name), step_name("publish", variant.name)
+        report = {"passed": gates, "gates": [{"name": "maxQualityLoss", "passed": gates}]}
+        parameters.append({"name": result_parameter(validate), "value": json.dumps(report)})
+        if not gates:
+            continue
+        result = {
+            "step": publish, "status": "Succeeded",
+            "metrics": {"artifact": f"{WORKDIR}/{publish}/model", "revision": variant.revision, "artifactBytes": 10**8},
+        }  # fmt: skip
+        parameters.append({"name": result_parameter(publish), "value": json.dumps(result)})
+        key = f"{NS}/{run['metadata']['name']}/{publish}"
+        artifacts.append({"name": published_artifact(variant.name), "s3": {"key": key}})
+    status = {
+        "phase": "Succeeded" if gates else "Failed",
+        "outputs": {"parameters": parameters, "artifacts": artifacts},
+    }
+    if not gates:
+        status["message"] = "child 'validate' failed"
+    done = cluster.kubectl(
+        "patch",
+        "workflow",
+        run["metadata"]["name"],
+        "-n",
+        NS,
+        "--type",
+        "merge",
+        "-p",
+        json.dumps({"status": status}),
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def _written(text: str) -> str:
+    path = Path(f"/tmp/autoglm-test-manifest-{abs(hash(text))}.yaml")
+    path.write_text(text)
+    return str(path)
+
+
+def report(cluster: EmulatedCluster, target: str, replica: int, served: dict[str, Any]) -> None:
+    """Play an agent: its pod (created if missing) carries its report."""
+    labels = {
+        "app.kubernetes.io/managed-by": "autoglm",
+        "autoglm.io/model": NAME,
+        "autoglm.io/target": target,
+    }
+    state = {"served": served, "applied": [], "error": None, "generation": 1, "at": time.time()}
+    pod = {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": f"{NAME}-{target}-predictor-{replica}", "namespace": NS, "labels": labels,
+                     "annotations": {ANNOTATION: json.dumps(state)}},
+        "spec": {"containers": [{"name": "kserve-container", "image": "autoglm:0.1.0"}]},
+        "status": {"phase": "Running"},
+    }  # fmt: skip
+    apply(cluster, pod)
+
+
+def decisions(audit_url: str) -> list[tuple[str, str | None, str]]:
+    with Ledger(audit_url) as ledger:
+        return [(r.decision, r.revision, r.actor) for r in ledger.query(namespace=NS, model=NAME)]
+
+
+def desired(cluster: EmulatedCluster, target: str) -> dict[str, Any] | None:
+    found = kubectl_json(cluster, "configmap", f"{NAME}-{target}-autoglm", "-n", NS)
+    return json.loads(found["data"]["desired.json"]) if found else None
+
+
+def test_apply_builds_serves_and_delete_cleans_up(
+    cluster: EmulatedCluster, operator: RunningOperator, tmp_path: Path
+) -> None:
+    apply(cluster, EXAMPLE)
+    model = load_manifest(str(EXAMPLE))
+    revision = rollout_revision(model.spec)
+    runs = eventually(lambda: items(cluster, "workflows"), "the pipeline's Workflow")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run["metadata"]["name"] == f"autoglm-{NAME}-{revision}-1"
+    assert run["spec"]["workflowTemplateRef"] == {"name": f"autoglm-{NAME}"}
+    assert run["metadata"]["ownerReferences"][0]["kind"] == "AutoGLMModel"
+    assert kubectl_json(cluster, "workflowtemplate", f"autoglm-{NAME}", "-n", NS) is not None
+    status = eventually(
+        lambda: model_status(cluster).get("phase") == "Compressing" and model_status(cluster), "Compressing"
+    )
+    assert status["revisions"]["candidate"] == revision
+    assert status["observedGeneration"] == 1
+
+    succeed(cluster, run)
+    isvcs = eventually(
+        lambda: len(items(cluster, "inferenceservices")) == 2 and items(cluster, "inferenceservices"),
+        "two InferenceServices",
+    )
+    by_target = {i["metadata"]["labels"]["autoglm.io/target"]: i for i in isvcs}
+    edge = by_target["edge"]
+    assert edge["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "RawDeployment"
+    assert edge["spec"]["predictor"]["model"]["runtime"] == "autoglm-server-edge"
+    cloud = by_target["cloud"]["spec"]["predictor"]
+    assert cloud["model"]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    revisions = {v.targets[0]: v.revision for v in variants(model.spec)}
+    for target in ("cloud", "edge"):
+        wanted = desired(cluster, target)
+        assert wanted is not None
+        assert wanted["stable"]["revision"] in revisions.values()
+        assert wanted["stable"]["uri"].startswith("s3://autoglm-artifacts/ml/")
+        assert wanted["candidate"] is None
+    # Promoted on its offline gates (the run published no baseline); served once agents report it.
+    assert eventually(lambda: model_status(cluster).get("phase") == "Serving", "Serving")
+    assert model_status(cluster)["revisions"]["stable"] == revision
+    for target in ("cloud", "edge"):
+        report(
+            cluster,
+            target,
+            0,
+            {"stable": desired(cluster, target)["stable"]["revision"], "canary": None, "weight": 0},
+        )
+    ready = eventually(
+        lambda: next(
+            (
+                c
+                for c in model_status(cluster).get("conditions", [])
+                if c["type"] == "Ready" and c["status"] == "True"
+            ),
+            None,
+        ),
+        "Ready",
+    )
+    assert ready["reason"] == "Serving"
+
+    table = cluster.kubectl("get", "agm", "-n", NS)
+    assert table.returncode == 0, table.stderr
+    header, row = table.stdout.splitlines()[:2]
+    assert header.split()[:4] == ["NAME", "PHASE", "STABLE", "CANDIDATE"]
+    assert row.split()[:3] == [NAME, "Serving", revision]
+    kinds = [d[0] for d in decisions(operator.audit_url)]
+    assert kinds == ["PipelineStarted", "Promoted"]
+
+    events = kubectl_json(cluster, "events", "-n", NS)
+    reasons = [e["reason"] for e in events["items"] if e["involvedObject"]["name"] == NAME]
+    assert "PipelineStarted" in reasons
+    assert "Promoted" in reasons
+
+    done = cluster.kubectl("delete", "agm", NAME, "-n", NS, "--timeout=30s")
+    assert done.returncode == 0, done.stderr
+    for resource in ("inferenceservices", "configmaps", "workflows", "workflowtemplates"):
+        assert items(cluster, resource) == [], resource
+    assert kubectl_json(cluster, "agm", NAME, "-n", NS) is None
