@@ -20,7 +20,7 @@ import yaml
 
 from autoglm_api.validation import load_manifest
 from autoglm_core.audit import Ledger
-from autoglm_core.variants import rollout_revision, variants
+from autoglm_core.variants import rollout_revision, target_revisions, variants
 from autoglm_operator.agent.report import ANNOTATION
 from autoglm_pipelines.dag import step_name
 from autoglm_pipelines.workflow import WORKDIR, published_artifact, result_parameter
@@ -244,3 +244,163 @@ def test_apply_builds_serves_and_delete_cleans_up(
     for resource in ("inferenceservices", "configmaps", "workflows", "workflowtemplates"):
         assert items(cluster, resource) == [], resource
     assert kubectl_json(cluster, "agm", NAME, "-n", NS) is None
+
+
+def _edited(**compression: Any) -> dict[str, Any]:
+    """The example with another compression: a new revision of every target."""
+    manifest = yaml.safe_load(EXAMPLE.read_text())
+    manifest["spec"]["compression"]["quantization"].update(compression)
+    return manifest
+
+
+def _serving(cluster: EmulatedCluster, audit_url: str) -> str:
+    """Apply the example, play Argo and the agents until it serves; its revision."""
+    apply(cluster, EXAMPLE)
+    run = eventually(lambda: items(cluster, "workflows"), "the first Workflow")[0]
+    succeed(cluster, run)
+    eventually(lambda: model_status(cluster).get("phase") == "Serving", "Serving")
+    for target in ("cloud", "edge"):
+        stable = eventually(lambda t=target: desired(cluster, t), f"{target}'s ConfigMap")["stable"][
+            "revision"
+        ]
+        report(cluster, target, 0, {"stable": stable, "canary": None, "weight": 0})
+    return str(model_status(cluster)["revisions"]["stable"])
+
+
+def _annotate(cluster: EmulatedCluster, intent: str) -> None:
+    done = cluster.kubectl("annotate", "agm", NAME, "-n", NS, intent)
+    assert done.returncode == 0, done.stderr
+
+
+def _in_canary(cluster: EmulatedCluster, manifest: dict[str, Any]) -> tuple[str, dict[str, str]]:
+    """Apply ``manifest``, play Argo; the canary starts on each target whose variant changes (the
+    int4 edge target's; the bf16 cloud target keeps its revision): (revision, target → its variant)."""
+    before = {t: (desired(cluster, t) or {})["stable"]["revision"] for t in ("cloud", "edge")}
+    apply(cluster, manifest)
+    spec = load_manifest(_written(yaml.safe_dump(manifest))).spec
+    revision = rollout_revision(spec)
+    changing = [t for t, r in target_revisions(spec).items() if r != before[t]]
+    assert changing == ["edge"]
+    run = eventually(
+        lambda: [
+            r
+            for r in items(cluster, "workflows")
+            if r["metadata"]["labels"]["autoglm.io/revision"] == revision
+        ],
+        "the new revision's Workflow",
+    )[0]
+    succeed(cluster, run)
+    eventually(lambda: model_status(cluster).get("phase") == "RollingOut", "RollingOut")
+    wanted = {}
+    assert desired(cluster, "cloud")["candidate"] is None
+    for target in changing:
+        state = eventually(
+            lambda t=target: (desired(cluster, t) or {}).get("candidate"), f"{target}'s candidate"
+        )
+        assert state["weight"] == 10  # the first canary step of the example
+        wanted[target] = state["revision"]
+    return revision, wanted
+
+
+def test_intents_promote_and_abort_a_canary_and_a_failed_gate_is_held(
+    cluster: EmulatedCluster, operator: RunningOperator
+) -> None:
+    stable = _serving(cluster, operator.audit_url)
+    # A canary; without Prometheus its analysis is Inconclusive and the weight holds until a person decides.
+    first, variants_of = _in_canary(cluster, _edited(groupSize=64))
+    assert model_status(cluster)["revisions"] == {"stable": stable, "candidate": first}
+    for target, revision in variants_of.items():  # every replica loads the candidate
+        report(
+            cluster,
+            target,
+            0,
+            {"stable": desired(cluster, target)["stable"]["revision"], "canary": revision, "weight": 10},
+        )
+    _annotate(cluster, "autoglm.io/promote=alice")
+    eventually(lambda: model_status(cluster).get("revisions", {}).get("stable") == first, "the promotion")
+    for target, revision in variants_of.items():
+        assert desired(cluster, target)["stable"]["revision"] == revision
+        assert desired(cluster, target)["candidate"] is None
+    annotations = kubectl_json(cluster, "agm", NAME, "-n", NS)["metadata"].get("annotations", {})
+    assert "autoglm.io/promote" not in annotations  # handled, then removed
+    records = decisions(operator.audit_url)
+    assert ("ManualOverride", first, "user:alice") in records
+    assert ("Promoted", first, "user:alice") in records
+
+    second, _ = _in_canary(cluster, _edited(groupSize=32))
+    _annotate(cluster, "autoglm.io/abort=bob")
+    eventually(lambda: model_status(cluster).get("revisions", {}).get("rejected") == second, "the rollback")
+    status = model_status(cluster)
+    assert status["revisions"]["stable"] == first
+    assert status["phase"] == "Serving"
+    for target in ("cloud", "edge"):
+        assert desired(cluster, target)["candidate"] is None
+    assert ("RolledBack", second, "user:bob") in decisions(operator.audit_url)
+
+    # A failed gate: the revision is rejected, stable keeps serving, the condition says why.
+    third = _edited(groupSize=256)
+    apply(cluster, third)
+    revision = rollout_revision(load_manifest(_written(yaml.safe_dump(third))).spec)
+    run = eventually(
+        lambda: [
+            r
+            for r in items(cluster, "workflows")
+            if r["metadata"]["labels"]["autoglm.io/revision"] == revision
+        ],
+        "the third Workflow",
+    )[0]
+    succeed(cluster, run, gates=False)
+    eventually(
+        lambda: model_status(cluster).get("revisions", {}).get("rejected") == revision, "the rejection"
+    )
+    validated = next(c for c in model_status(cluster)["conditions"] if c["type"] == "Validated")
+    assert (validated["status"], validated["reason"]) == ("False", "GatesFailed")
+    assert model_status(cluster)["revisions"]["stable"] == first
+    table = cluster.kubectl("describe", "agm", NAME, "-n", NS)
+    assert table.returncode == 0, table.stderr
+    assert "RolledBack" in table.stdout
+    assert "Validated" in table.stdout
+
+
+def test_a_restarted_operator_submits_nothing_twice_and_records_nothing_twice(
+    cluster: EmulatedCluster, tmp_path: Path
+) -> None:
+    audit = settings_for(tmp_path)
+    with RunningOperator(cluster, audit):
+        apply(cluster, EXAMPLE)
+        run = eventually(lambda: items(cluster, "workflows"), "the Workflow")[0]
+        eventually(lambda: model_status(cluster).get("phase") == "Compressing", "Compressing")
+    with RunningOperator(cluster, audit):  # resumes: the same run, no second Workflow
+        time.sleep(2)
+        assert [r["metadata"]["name"] for r in items(cluster, "workflows")] == [run["metadata"]["name"]]
+        succeed(cluster, run)
+        eventually(lambda: model_status(cluster).get("phase") == "Serving", "Serving")
+    with RunningOperator(cluster, audit):
+        time.sleep(2)
+    assert [d[0] for d in decisions(audit)] == ["PipelineStarted", "Promoted"]
+    assert len(items(cluster, "workflows")) == 1
+    assert len(items(cluster, "inferenceservices")) == 2
+
+
+def test_two_replicas_only_the_higher_priority_acts(cluster: EmulatedCluster, tmp_path: Path) -> None:
+    from autoglm_operator.kube.operator import PeeringOptions
+
+    apply(
+        cluster, {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": "autoglm"}}
+    )
+    audit = settings_for(tmp_path)
+    low = RunningOperator(cluster, audit, peering=PeeringOptions(priority=10))
+    high = RunningOperator(cluster, audit, peering=PeeringOptions(priority=20))
+    with low, high:
+        apply(cluster, EXAMPLE)
+        run = eventually(lambda: items(cluster, "workflows"), "the Workflow")[0]
+        succeed(cluster, run)
+        eventually(lambda: model_status(cluster).get("phase") == "Serving", "Serving")
+        time.sleep(2)
+        peering = kubectl_json(cluster, "clusterkopfpeerings.kopf.dev", "autoglm")
+        priorities = sorted(p["priority"] for p in peering["status"].values())
+        assert priorities == [10, 20]  # both replicas announce themselves; the lower one waits
+    writes = {c for c in low.gateway.calls if c[0] in ("create", "patch", "delete")}
+    assert writes == set(), f"the paused replica wrote: {writes}"
+    assert any(c[0] == "create" for c in high.gateway.calls)
+    assert [d[0] for d in decisions(audit)] == ["PipelineStarted", "Promoted"]

@@ -9,7 +9,8 @@
   (``autoglm.io/served``): a revision counts as the canary only when every live replica reports it,
   so weight never moves onto a candidate that some replica has not loaded;
 - ``intents(body)``: the manual intents a person set as annotations (``autoglm.io/promote``,
-  ``autoglm.io/abort``, ``autoglm.io/retry``), with who asked (the annotation's value) and when (the
+  ``autoglm.io/abort``, ``autoglm.io/retry``), with who asked (the annotation's value, as the ledger's
+  ``user:<name>``: ``kubectl annotate agm NAME autoglm.io/promote=$USER``) and when (the
   time of the managed-fields entry that set it, so the same annotation read twice is one intent).
 """
 
@@ -193,8 +194,8 @@ def intents(body: dict[str, Any], now: datetime) -> list[tuple[str, Intent]]:
         key = f"{INTENT_PREFIX}{kind}"
         if key not in annotations:
             continue
-        value = str(annotations[key]).strip()
-        actor = "unknown (annotation)" if value.lower() in ANONYMOUS else value[:128]
+        value = "-".join(str(annotations[key]).split())[:253]  # the ledger's user:<name> has no spaces
+        actor = f"user:{'unknown' if value.lower() in ANONYMOUS else value}"
         at = _annotation_time(body, key) or now
         found.append((key, Intent(kind, actor=actor, at=at.astimezone(UTC))))
     return sorted(found, key=lambda item: item[1].at)

@@ -323,6 +323,15 @@ class ClusterReconciler:
                 changed[target] = desired_after(before, action)
             except ServingActionError as exc:
                 self.gateway.event(_ref(model), "Warning", "ServingActionFailed", f"target {target}: {exc}")
+        # A candidate the status no longer has (rolled back, aborted or superseded before any replica
+        # reported it loaded, so the plan saw nothing to unload) leaves the ConfigMap too.
+        wanted = {t.name: t.candidate for t in result.status.targets}
+        for target_name in seen.desired:
+            current = changed.get(target_name, seen.desired[target_name])
+            if current is not None and current.candidate is not None:
+                if current.candidate.revision != wanted.get(target_name):
+                    unload = Action("Unload", current.candidate.revision, target=target_name)
+                    changed[target_name] = desired_after(current, unload)
         for target_name, desired in changed.items():
             if desired is None or _same(desired, seen.desired.get(target_name)):
                 continue
