@@ -328,10 +328,13 @@ class ClusterReconciler:
         wanted = {t.name: t.candidate for t in result.status.targets}
         for target_name in seen.desired:
             current = changed.get(target_name, seen.desired[target_name])
-            if current is not None and current.candidate is not None:
-                if current.candidate.revision != wanted.get(target_name):
-                    unload = Action("Unload", current.candidate.revision, target=target_name)
-                    changed[target_name] = desired_after(current, unload)
+            if (
+                current is not None
+                and current.candidate
+                and current.candidate.revision != wanted.get(target_name)
+            ):
+                unload = Action("Unload", current.candidate.revision, target=target_name)
+                changed[target_name] = desired_after(current, unload)
         for target_name, desired in changed.items():
             if desired is None or _same(desired, seen.desired.get(target_name)):
                 continue
