@@ -21,10 +21,8 @@ import yaml
 from autoglm_api.validation import load_manifest
 from autoglm_core.audit import Ledger
 from autoglm_core.variants import rollout_revision, target_revisions, variants
-from autoglm_operator.agent.report import ANNOTATION
-from autoglm_pipelines.dag import step_name
-from autoglm_pipelines.workflow import WORKDIR, published_artifact, result_parameter
 from tests.conftest import EXAMPLES
+from tests.support import playing
 from tests.support.k8s_emulator import EmulatedCluster, emulated_cluster, kubectl_binary
 from tests.support.operator import RunningOperator, settings_for
 
@@ -93,67 +91,11 @@ def apply(cluster: EmulatedCluster, manifest: dict[str, Any] | Path) -> None:
 
 
 def succeed(cluster: EmulatedCluster, run: dict[str, Any], *, gates: bool = True) -> None:
-    """Play Argo: the Workflow ends with the outputs the WorkflowTemplate exports (per variant, the
-    validate report and the publish result as global parameters, the published folder as a global
-    artifact in the default repository)."""
-    manifest = next(p["value"] for p in run["spec"]["arguments"]["parameters"] if p["name"] == "manifest")
-    model = load_manifest(_written(manifest))
-    parameters, artifacts = [], []
-    for variant in variants(model.spec):
-        validate, publish = step_name("validate", variant.name), step_name("publish", variant.name)
-        report = {"passed": gates, "gates": [{"name": "maxQualityLoss", "passed": gates}]}
-        parameters.append({"name": result_parameter(validate), "value": json.dumps(report)})
-        if not gates:
-            continue
-        result = {
-            "step": publish, "status": "Succeeded",
-            "metrics": {"artifact": f"{WORKDIR}/{publish}/model", "revision": variant.revision, "artifactBytes": 10**8},
-        }  # fmt: skip
-        parameters.append({"name": result_parameter(publish), "value": json.dumps(result)})
-        key = f"{NS}/{run['metadata']['name']}/{publish}"
-        artifacts.append({"name": published_artifact(variant.name), "s3": {"key": key}})
-    status = {
-        "phase": "Succeeded" if gates else "Failed",
-        "outputs": {"parameters": parameters, "artifacts": artifacts},
-    }
-    if not gates:
-        status["message"] = "child 'validate' failed"
-    done = cluster.kubectl(
-        "patch",
-        "workflow",
-        run["metadata"]["name"],
-        "-n",
-        NS,
-        "--type",
-        "merge",
-        "-p",
-        json.dumps({"status": status}),
-    )
-    assert done.returncode == 0, done.stderr
-
-
-def _written(text: str) -> str:
-    path = Path(f"/tmp/autoglm-test-manifest-{abs(hash(text))}.yaml")
-    path.write_text(text)
-    return str(path)
+    playing.succeed(cluster, run, gates=gates)
 
 
 def report(cluster: EmulatedCluster, target: str, replica: int, served: dict[str, Any]) -> None:
-    """Play an agent: its pod (created if missing) carries its report."""
-    labels = {
-        "app.kubernetes.io/managed-by": "autoglm",
-        "autoglm.io/model": NAME,
-        "autoglm.io/target": target,
-    }
-    state = {"served": served, "applied": [], "error": None, "generation": 1, "at": time.time()}
-    pod = {
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": f"{NAME}-{target}-predictor-{replica}", "namespace": NS, "labels": labels,
-                     "annotations": {ANNOTATION: json.dumps(state)}},
-        "spec": {"containers": [{"name": "kserve-container", "image": "autoglm:0.1.0"}]},
-        "status": {"phase": "Running"},
-    }  # fmt: skip
-    apply(cluster, pod)
+    playing.report(cluster, NS, NAME, target, replica, served)
 
 
 def decisions(audit_url: str) -> list[tuple[str, str | None, str]]:
@@ -277,7 +219,7 @@ def _in_canary(cluster: EmulatedCluster, manifest: dict[str, Any]) -> tuple[str,
     int4 edge target's; the bf16 cloud target keeps its revision): (revision, target → its variant)."""
     before = {t: (desired(cluster, t) or {})["stable"]["revision"] for t in ("cloud", "edge")}
     apply(cluster, manifest)
-    spec = load_manifest(_written(yaml.safe_dump(manifest))).spec
+    spec = playing.model_of(manifest).spec
     revision = rollout_revision(spec)
     changing = [t for t, r in target_revisions(spec).items() if r != before[t]]
     assert changing == ["edge"]
@@ -340,7 +282,7 @@ def test_intents_promote_and_abort_a_canary_and_a_failed_gate_is_held(
     # A failed gate: the revision is rejected, stable keeps serving, the condition says why.
     third = _edited(groupSize=256)
     apply(cluster, third)
-    revision = rollout_revision(load_manifest(_written(yaml.safe_dump(third))).spec)
+    revision = rollout_revision(playing.model_of(third).spec)
     run = eventually(
         lambda: [
             r

@@ -443,6 +443,7 @@ class EmulatedCluster:
         self._thread: threading.Thread | None = None
 
     def start(self) -> EmulatedCluster:
+        self.home.mkdir(parents=True, exist_ok=True)
         ready = threading.Event()
         failure: list[BaseException] = []
 

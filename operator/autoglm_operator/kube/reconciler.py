@@ -41,6 +41,7 @@ from autoglm_api.conditions import (
     set_condition,
 )
 from autoglm_api.resource import AutoGLMModel
+from autoglm_api.spec import Target
 from autoglm_api.status import AutoGLMModelStatus, Condition, ConditionStatus, Decision
 from autoglm_api.validation import validate_document
 from autoglm_core.audit import Ledger
@@ -104,6 +105,22 @@ def merge_diff(old: Any, new: Any) -> Any:
         elif old[key] != value:
             patch[key] = merge_diff(old[key], value)
     return patch
+
+
+def overlay_diff(old: Any, new: Any) -> Any:
+    """The merge patch that sets every field of ``new`` on ``old`` and removes nothing: fields others
+    own (KServe's defaults, another controller's labels) stay; None when nothing differs."""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return None if old == new else copy.deepcopy(new)
+    patch = {}
+    for key, value in new.items():
+        if key not in old:
+            patch[key] = copy.deepcopy(value)
+            continue
+        changed = overlay_diff(old[key], value)
+        if changed is not None and changed != {}:
+            patch[key] = changed
+    return patch or None
 
 
 def conditions(
@@ -170,6 +187,8 @@ class _Seen:
     run: PipelineRun | None = None
     desired: dict[str, Desired | None] = field(default_factory=dict)
     config_maps: dict[str, bool] = field(default_factory=dict)
+    #: Each target's InferenceService as the API server has it (None: not created yet).
+    services: dict[str, dict[str, Any] | None] = field(default_factory=dict)
     ready: dict[str, int] = field(default_factory=dict)
     intent_keys: list[str] = field(default_factory=list)
 
@@ -253,6 +272,9 @@ class ClusterReconciler:
             config = self.gateway.get("ConfigMap", namespace, agent_config_name(model, target.name))
             seen.config_maps[target.name] = config is not None
             seen.desired[target.name] = _desired(config)
+            seen.services[target.name] = self.gateway.get(
+                "InferenceService", namespace, inference_service_name(model, target.name)
+            )
             pods = self.gateway.list("Pod", namespace, {MODEL_LABEL: name, TARGET_LABEL: target.name})
             serving, seen.ready[target.name] = target_serving(pods)
             servers[target.name] = ",".join(sorted(p["metadata"]["name"] for p in pods))
@@ -345,8 +367,31 @@ class ClusterReconciler:
                                    {"data": config["data"]})  # fmt: skip
             else:
                 self.gateway.create(config)
-            isvc = inference_service(model, spec, desired)
-            self.gateway.create(isvc)  # the first stable's URI; swaps happen inside the pods
+        for spec in model.spec.targets:
+            desired = changed.get(spec.name) or seen.desired.get(spec.name)
+            if desired is not None:
+                self._serve(model, spec, desired, seen.services.get(spec.name))
+
+    def _serve(
+        self, model: AutoGLMModel, target: Target, desired: Desired, current: dict[str, Any] | None
+    ) -> None:
+        """The target's InferenceService: created on the first stable revision; afterwards kept to
+        the target's spec (replicas, resources, placement) with its ``storageUri`` left as it is, so
+        a swap never restarts the pods (the agents swap inside them)."""
+        built = inference_service(model, target, desired)
+        if current is None:
+            self.gateway.create(built)
+            return
+        model_spec = ((current.get("spec") or {}).get("predictor") or {}).get("model") or {}
+        if model_spec.get("storageUri"):
+            built["spec"]["predictor"]["model"]["storageUri"] = model_spec["storageUri"]
+        patch = overlay_diff(
+            {"metadata": _labelled(current), "spec": current.get("spec") or {}},
+            {"metadata": _labelled(built), "spec": built["spec"]},
+        )
+        if patch:
+            meta = built["metadata"]
+            self.gateway.patch("InferenceService", meta["namespace"], meta["name"], patch)
 
     def _submit(self, model: AutoGLMModel, action: Action) -> None:
         namespace = model.metadata.namespace or "default"
@@ -387,7 +432,7 @@ class ClusterReconciler:
         for item in status.targets:
             ready = seen.ready.get(item.name, 0)
             entries.append(item.model_copy(update={"ready": ready > 0, "replicas": ready,
-                                                    "url": f"http://{inference_service_name(model, item.name)}.{namespace}"}))  # fmt: skip
+                                                    "url": _url(seen.services.get(item.name))}))  # fmt: skip
         status = status.model_copy(update={"targets": entries})
         status.conditions = conditions(status, seen.run, rollout_revision(model.spec), seen.ready, now)
         self._write_status(body, status)
@@ -438,6 +483,18 @@ def _desired(config: dict[str, Any] | None) -> Desired | None:
         return Desired.from_json(json.loads((config.get("data") or {}).get(AGENT_CONFIG_KEY, "null")))
     except (ValueError, DesiredStateError):
         return None
+
+
+def _url(service: dict[str, Any] | None) -> str | None:
+    """The InferenceService's URL, as KServe reports it once it is ready."""
+    url = ((service or {}).get("status") or {}).get("url")
+    return str(url) if url else None
+
+
+def _labelled(obj: dict[str, Any]) -> dict[str, Any]:
+    """The labels and annotations of an object (what the operator sets of its metadata)."""
+    meta = obj.get("metadata") or {}
+    return {"labels": meta.get("labels") or {}, "annotations": meta.get("annotations") or {}}
 
 
 def _same(a: Desired, b: Desired | None) -> bool:
