@@ -78,3 +78,72 @@ def test_outside_a_pod_there_is_no_reporter() -> None:
     reporter = PodReporter.from_environment({"POD_NAME": "p", "POD_NAMESPACE": "ml"})
     assert reporter is not None
     assert (reporter.name, reporter.namespace) == ("p", "ml")
+
+
+def test_an_edge_agent_cut_off_from_the_api_server_keeps_serving_and_reports_when_it_returns(
+    cluster: EmulatedCluster, tmp_path: Path
+) -> None:
+    """The ConfigMap is a file on the node: the agent finishes a swap it received while the link is
+    down (its reports fail and are logged), and the cluster hears of it once the link is back."""
+    import time
+    from urllib.parse import urlparse
+
+    import yaml
+
+    from autoglm_inference.process import ServerProcess
+    from autoglm_operator.backends.local_serving import LocalServing
+    from autoglm_operator.plan import Serving
+    from tests.support.link import Link
+    from tests.support.tiny_models import published_tiny_glms
+
+    folders = published_tiny_glms(tmp_path / "artifacts", {"a": 1, "b": 2})
+    server = ServerProcess("glm4-chat-edge", str(folders["a"]), log=tmp_path / "server.log", admin_token="t",
+                           model_roots=[tmp_path / "artifacts"]).wait_ready()  # fmt: skip
+    parsed = urlparse(cluster.url)
+    link = Link(parsed.hostname or "127.0.0.1", parsed.port or 80)
+    kubeconfig = yaml.safe_load(cluster.kubeconfig.read_text())
+    kubeconfig["clusters"][0]["cluster"]["server"] = link.url
+    (tmp_path / "edge-kubeconfig").write_text(yaml.safe_dump(kubeconfig))
+    config = tmp_path / "desired.json"
+
+    def desired(candidate: dict[str, object] | None, generation: int) -> None:
+        stable = {"revision": "rev-a", "uri": folders["a"].as_uri(), "weight": 100}
+        config.write_text(json.dumps({"model": "glm4-chat", "served": "glm4-chat-edge", "generation": generation,
+                                      "stable": stable, "candidate": candidate}))  # fmt: skip
+
+    def eventually(check: object, what: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not check():  # type: ignore[operator]
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.2)
+
+    desired(None, 1)
+    env = {**os.environ, "KUBECONFIG": str(tmp_path / "edge-kubeconfig"), "AUTOGLM_ADMIN_TOKEN": "t",
+           "POD_NAME": "glm4-chat-edge-predictor-0", "POD_NAMESPACE": "ml"}  # fmt: skip
+    log = tmp_path / "agent.log"
+    with log.open("wb") as out:
+        agent = subprocess.Popen(
+            [sys.executable, "-m", "autoglm_operator", "agent", "--config", str(config), "--server", server.url,
+             "--cache-dir", str(tmp_path / "cache"), "--interval", "0.3"],
+            stdout=out, stderr=subprocess.STDOUT, env=env,
+        )  # fmt: skip
+    backend = LocalServing("glm4-chat-edge", server.url, headers=server.admin_headers)
+    try:
+        eventually(lambda: (_annotation(cluster) or {}).get("generation") == 1, "the first report")
+        link.cut()
+        desired({"revision": "rev-b", "uri": folders["b"].as_uri(), "weight": 10}, 2)
+        eventually(lambda: backend.observe() == Serving("rev-a", "rev-b", 10), "the swap while cut off")
+        time.sleep(1)
+        assert (_annotation(cluster) or {}).get("generation") == 1  # the cluster has not heard yet
+        assert "could not report" in log.read_text()
+        assert agent.poll() is None  # still running, still serving
+        link.restore()
+        eventually(
+            lambda: (_annotation(cluster) or {}).get("generation") == 2, "the report after the link returned"
+        )
+        assert (_annotation(cluster) or {})["served"] == {"stable": "rev-a", "canary": "rev-b", "weight": 10}
+    finally:
+        agent.terminate()
+        agent.wait(30)
+        link.close()
+        server.stop()

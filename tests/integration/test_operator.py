@@ -346,3 +346,35 @@ def test_two_replicas_only_the_higher_priority_acts(cluster: EmulatedCluster, tm
     assert writes == set(), f"the paused replica wrote: {writes}"
     assert any(c[0] == "create" for c in high.gateway.calls)
     assert [d[0] for d in decisions(audit)] == ["PipelineStarted", "Promoted"]
+
+
+def test_an_operator_restarted_mid_canary_resumes_the_same_step(
+    cluster: EmulatedCluster, tmp_path: Path
+) -> None:
+    audit = settings_for(tmp_path)
+    with RunningOperator(cluster, audit) as running:
+        _serving(cluster, running.audit_url)
+        revision, variants_of = _in_canary(cluster, _edited(groupSize=64))
+        before = model_status(cluster)
+    assert before["canary"]["step"] == 0
+    with RunningOperator(cluster, audit):
+        time.sleep(2)  # resumed: every model reconciled again, several times
+        after = model_status(cluster)
+        assert after["canary"] == before["canary"]  # the same step, since the same moment
+        assert after["revisions"] == before["revisions"]
+        for target, variant in variants_of.items():
+            assert desired(cluster, target)["candidate"]["revision"] == variant
+        _annotate(cluster, "autoglm.io/promote=carol")
+        eventually(
+            lambda: model_status(cluster).get("revisions", {}).get("stable") == revision, "the promotion"
+        )
+    kinds = [d[0] for d in decisions(audit)]
+    assert kinds == [
+        "PipelineStarted",
+        "Promoted",
+        "PipelineStarted",
+        "CanaryStarted",
+        "ManualOverride",
+        "Promoted",
+    ]
+    assert len(items(cluster, "workflows")) == 2
