@@ -117,6 +117,7 @@ render: $(STAMP)
 	  $(BIN)/autoglm pipeline render "$$f" -o "examples/rendered/$$(basename "$$f" .yaml).workflowtemplate.yaml"; \
 	  $(BIN)/autoglm objects "$$f" -o "examples/rendered/$$(basename "$$f" .yaml).objects.yaml"; \
 	done
+	$(BIN)/python -m tests.support.cluster_render examples/*.yaml
 
 bench: $(STAMP)
 	$(BIN)/python bench/ledger.py

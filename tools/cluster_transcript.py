@@ -41,6 +41,21 @@ def wait(check, what: str, timeout: float = 60):  # type: ignore[no-untyped-def]
     raise TimeoutError(f"timed out waiting for {what}")
 
 
+def _elided(text: str) -> str:
+    """``kubectl describe`` without the spec and kopf's annotation (the manifest, as applied)."""
+    lines, out, skipping = text.splitlines(), [], False
+    for line in lines:
+        if line.startswith(("Spec:", "Annotations:")):
+            out.append(line.split(":")[0] + ":  ...")
+            skipping = True
+            continue
+        if skipping and line[:1] not in (" ", ""):
+            skipping = False
+        if not skipping:
+            out.append(line)
+    return "\n".join(out)
+
+
 def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         home = Path(folder)
@@ -49,7 +64,7 @@ def main() -> None:
             def shown(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
                 done = cluster.kubectl(*args, stdin=stdin)
                 print(f"$ kubectl {shlex.join(args)}")
-                print((done.stdout + done.stderr).rstrip())
+                print(_elided((done.stdout + done.stderr).rstrip()))
                 return done
 
             def get(*args: str) -> dict:  # type: ignore[type-arg]

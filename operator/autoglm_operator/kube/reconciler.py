@@ -110,17 +110,17 @@ def merge_diff(old: Any, new: Any) -> Any:
 def overlay_diff(old: Any, new: Any) -> Any:
     """The merge patch that sets every field of ``new`` on ``old`` and removes nothing: fields others
     own (KServe's defaults, another controller's labels) stay; None when nothing differs."""
-    if not isinstance(old, dict) or not isinstance(new, dict):
-        return None if old == new else copy.deepcopy(new)
-    patch = {}
-    for key, value in new.items():
-        if key not in old:
-            patch[key] = copy.deepcopy(value)
-            continue
-        changed = overlay_diff(old[key], value)
-        if changed is not None and changed != {}:
-            patch[key] = changed
-    return patch or None
+    if isinstance(old, dict) and isinstance(new, dict):
+        patch = {}
+        for key, value in new.items():
+            if key not in old:
+                patch[key] = copy.deepcopy(value)
+                continue
+            changed = overlay_diff(old[key], value)
+            if changed is not None:
+                patch[key] = changed
+        return patch or None
+    return None if old == new else copy.deepcopy(new)
 
 
 def conditions(
