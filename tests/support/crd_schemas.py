@@ -33,7 +33,8 @@ FILES = {
 
 @functools.cache
 def schema_of(api_version: str, kind: str) -> dict[str, Any]:
-    crd = yaml.safe_load((SCHEMAS / FILES[(api_version, kind)]).read_text())
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: the upstream CRDs are megabytes
+    crd = yaml.load((SCHEMAS / FILES[(api_version, kind)]).read_text(), Loader=loader)
     group, version = api_version.split("/")
     assert crd["spec"]["group"] == group
     assert crd["spec"]["names"]["kind"] == kind

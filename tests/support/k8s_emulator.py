@@ -33,6 +33,7 @@ import asyncio
 import collections
 import copy
 import datetime
+import functools
 import itertools
 import re
 import shutil
@@ -91,6 +92,15 @@ KOPF_PEERINGS = {"kopfpeerings": ("KopfPeering", True), "clusterkopfpeerings": (
 VERBS = {"create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"}
 #: The client every test runs (the /usr/bin/kubectl dispatcher picks one by the server's version).
 KUBECTL_VERSIONS = ("/usr/lib/google-cloud-sdk/bin/kubectl.1.32", "/usr/bin/kubectl.1.32")
+
+
+@functools.cache
+def _crd(path: Path) -> dict[str, Any]:
+    """A CRD file, parsed once per process (libyaml's parser where there is one: the upstream Argo and
+    KServe CRDs are megabytes, seconds each for the pure-Python parser)."""
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    crd: dict[str, Any] = yaml.load(path.read_text(), Loader=loader)  # a safe loader
+    return crd
 
 
 def kubectl_binary() -> str | None:
@@ -215,7 +225,7 @@ class Emulator(kmock.KubernetesEmulator):  # type: ignore[misc]
             warnings.simplefilter("ignore", DeprecationWarning)
             self.resources.load_bundled()
         for path in CRD_FILES:
-            self.register_crd(yaml.safe_load(path.read_text()))
+            self.register_crd(_crd(path))
         for plural, (kind, namespaced) in KOPF_PEERINGS.items():
             self.resources[f"kopf.dev/v1/{plural}"] = ResourceInfo(
                 kind=kind, namespaced=namespaced, verbs=VERBS, subresources=set()
