@@ -443,7 +443,11 @@ class _Planner:
             return
         if canary.step is None:
             # A new canary, or one whose start a restart did not save (then it may be loaded already;
-            # its decision has the same key, so the ledger keeps one record).
+            # its decision has the same key, so the ledger keeps one record). Not before every target
+            # serves its stable revision (a first rollout's source, just promoted): the candidate is
+            # compared with what serves, and in a cluster the agents load it only after it serves.
+            if any(self.seen(t).serving.stable != self.stable_on(t) for t in wanted):
+                return
             weight = self.steps[0].weight
             self.status.canary = CanaryStatus(step=0, weight=weight, step_started_at=self.now)
             against = "baseline" if stable == self.status.revisions.baseline else "stable"

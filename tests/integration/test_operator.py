@@ -98,6 +98,17 @@ def report(cluster: EmulatedCluster, target: str, replica: int, served: dict[str
     playing.report(cluster, NS, NAME, target, replica, served)
 
 
+def follow(cluster: EmulatedCluster) -> None:
+    """Play the agents of both targets: each serves what its ConfigMap says."""
+    for target in ("cloud", "edge"):
+        wanted = desired(cluster, target)
+        assert wanted is not None
+        candidate = wanted["candidate"] or {}
+        served = {"stable": wanted["stable"]["revision"], "canary": candidate.get("revision"),
+                  "weight": candidate.get("weight", 0)}  # fmt: skip
+        report(cluster, target, 0, served)
+
+
 def decisions(audit_url: str) -> list[tuple[str, str | None, str]]:
     with Ledger(audit_url) as ledger:
         return [(r.decision, r.revision, r.actor) for r in ledger.query(namespace=NS, model=NAME)]
@@ -268,6 +279,7 @@ def test_intents_promote_and_abort_a_canary_and_a_failed_gate_is_held(
     records = decisions(operator.audit_url)
     assert ("ManualOverride", first, "user:alice") in records
     assert ("Promoted", first, "user:alice") in records
+    follow(cluster)  # the agents promote where it is warm
 
     second, _ = _in_canary(cluster, _edited(groupSize=32))
     _annotate(cluster, "autoglm.io/abort=bob")
@@ -378,3 +390,46 @@ def test_an_operator_restarted_mid_canary_resumes_the_same_step(
         "Promoted",
     ]
     assert len(items(cluster, "workflows")) == 2
+
+
+def test_a_first_rollout_serves_the_source_then_canaries_against_it(
+    cluster: EmulatedCluster, operator: RunningOperator
+) -> None:
+    """The run published the uncompressed source too: it serves first on every target (the canary's
+    baseline), the candidate is canaried against it once every replica serves it, and an abort leaves
+    the source serving."""
+    apply(cluster, EXAMPLE)
+    run = eventually(lambda: items(cluster, "workflows"), "the Workflow")[0]
+    assert run["metadata"]["annotations"]["autoglm.io/baseline"] == "true"
+    playing.succeed(cluster, run, baseline=True)
+    source = eventually(lambda: model_status(cluster).get("revisions", {}).get("baseline"), "the baseline")
+    for target in ("cloud", "edge"):
+        wanted = eventually(lambda t=target: desired(cluster, t), f"{target}'s ConfigMap")
+        assert wanted["stable"]["revision"] == source
+        assert wanted["stable"]["uri"].endswith("/baseline")  # beside the first variant the run published
+        assert wanted["candidate"] is None  # nothing canaried before the source is served
+    for target in ("cloud", "edge"):
+        report(cluster, target, 0, {"stable": source, "canary": None, "weight": 0})
+    candidates = {
+        t: eventually(lambda t=t: (desired(cluster, t) or {}).get("candidate"), f"{t}'s candidate")[
+            "revision"
+        ]
+        for t in ("cloud", "edge")
+    }
+    assert set(candidates.values()) == set(target_revisions(load_manifest(str(EXAMPLE)).spec).values())
+    status = model_status(cluster)
+    assert (status["phase"], status["revisions"]["stable"], status["canary"]["weight"]) == (
+        "RollingOut",
+        source,
+        10,
+    )
+    _annotate(cluster, "autoglm.io/abort=dave")
+    eventually(lambda: model_status(cluster).get("revisions", {}).get("rejected"), "the rollback")
+    assert all(desired(cluster, t)["candidate"] is None for t in ("cloud", "edge"))
+    kinds = [d[0] for d in decisions(operator.audit_url)]
+    assert kinds == ["PipelineStarted", "BaselineServed", "CanaryStarted", "ManualOverride", "RolledBack"]
+    rolled_back = next(
+        e for e in kubectl_json(cluster, "events", "-n", NS)["items"] if e["reason"] == "RolledBack"
+    )
+    assert "the uncompressed source" in rolled_back["message"]
+    assert rolled_back["type"] == "Warning"

@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from autoglm_api.validation import load_manifest
+from autoglm_core.revision import source_revision
 from autoglm_core.variants import variants
 from autoglm_operator.agent.report import ANNOTATION
 from autoglm_pipelines.dag import step_name
@@ -36,12 +37,19 @@ def model_of(manifest: str | dict[str, Any]) -> Any:
 
 
 def succeed(
-    cluster: EmulatedCluster, run: dict[str, Any], *, gates: bool = True, weight_bytes: int = 10**8
+    cluster: EmulatedCluster,
+    run: dict[str, Any],
+    *,
+    gates: bool = True,
+    weight_bytes: int = 10**8,
+    baseline: bool = False,
 ) -> None:
     """End the Workflow as Argo would: per variant the validate report and the publish result as
     global output parameters and the published folder as a global artifact (by its key in the default
-    repository); a failed gate fails the Workflow with the validate report still exported."""
+    repository); a failed gate fails the Workflow with the validate report still exported.
+    ``baseline``: the first variant's publish also published the uncompressed source beside it."""
     model = run_manifest(run)
+    first = True
     namespace, name = run["metadata"]["namespace"], run["metadata"]["name"]
     parameters, artifacts = [], []
     for variant in variants(model.spec):
@@ -55,6 +63,10 @@ def succeed(
             "metrics": {"artifact": f"{WORKDIR}/{publish}/model", "revision": variant.revision,
                         "artifactBytes": weight_bytes},
         }  # fmt: skip
+        if baseline and first:
+            result["metrics"].update({"baseline": f"{WORKDIR}/{publish}/baseline", "baselineBytes": weight_bytes,
+                                      "baselineRevision": source_revision(model.spec)})  # fmt: skip
+        first = False
         parameters.append({"name": result_parameter(publish), "value": json.dumps(result)})
         artifacts.append(
             {"name": published_artifact(variant.name), "s3": {"key": f"{namespace}/{name}/{publish}"}}
