@@ -142,3 +142,9 @@ def test_kubectl_get_prints_the_crds_printer_columns(cluster: EmulatedCluster) -
     assert row.split()[5].endswith("s")  # seconds old
     one = cluster.kubectl("get", "agm", "glm4-chat", "-n", "ml")
     assert one.stdout.splitlines()[1].split()[:2] == ["glm4-chat", "RollingOut"]
+
+
+def test_server_side_apply_creates_a_missing_object(cluster: EmulatedCluster) -> None:
+    done = cluster.kubectl("apply", "--server-side", "-f", str(EXAMPLES / "cloud-and-edge.yaml"))
+    assert done.returncode == 0, done.stderr
+    assert _get(cluster, "agm", "glm4-chat", "-n", "ml")["metadata"]["generation"] == 1

@@ -346,6 +346,19 @@ def test_two_replicas_only_the_higher_priority_acts(cluster: EmulatedCluster, tm
     low = RunningOperator(cluster, audit, peering=PeeringOptions(priority=10))
     high = RunningOperator(cluster, audit, peering=PeeringOptions(priority=20))
     with low, high:
+        # kopf's peering is announced, not locked: the lower replica pauses once it sees the higher
+        # one (before that, the reconcile's idempotence is what keeps two acting replicas harmless).
+        eventually(
+            lambda: (
+                len(
+                    (kubectl_json(cluster, "clusterkopfpeerings.kopf.dev", "autoglm") or {}).get("status")
+                    or {}
+                )
+                == 2
+            ),
+            "both replicas in the peering object",
+        )
+        time.sleep(1)  # the lower one reads it and pauses
         apply(cluster, EXAMPLE)
         run = eventually(lambda: items(cluster, "workflows"), "the Workflow")[0]
         succeed(cluster, run)

@@ -16,6 +16,7 @@ kmock's ``KubernetesEmulator`` plus what kubectl and kopf need from a real API s
   prefix), so namespaces can be applied, listed and fetched;
 - resources registered from CRD files (ours in ``crds/``, the upstream ones in ``../shared/schemas``),
   kopf's peering resources, and the built-in ones kmock bundles;
+- ``kubectl apply --server-side`` of a missing object creates it;
 - JSON patches (kopf's finalizer patch tests ``/metadata/resourceVersion``): applied with the same
   server-set metadata, and a failed ``test`` or a path that does not exist answered 422, not 500;
 - watches that start where the client's list ended (``?resourceVersion=N`` replays only the events
@@ -251,6 +252,20 @@ class Emulator(kmock.KubernetesEmulator):  # type: ignore[misc]
                 "additionalPrinterColumns", []
             )
 
+    async def _create_applied(self, request: Any, meta: dict[str, Any]) -> None:
+        """``kubectl apply --server-side`` of a missing object creates it (the patch that follows
+        applies the same fields again: no change)."""
+        meta.update(
+            name=request.name, uid=str(uuid.uuid4()), generation=1, resourceVersion=self._next_version(),
+            creationTimestamp=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        )  # fmt: skip
+        if request.namespace is not None:
+            meta["namespace"] = request.namespace
+        key = (request.resource, request.namespace, request.name)
+        async with self._lock:
+            self._objects[key] = copy.deepcopy(request.data)
+            await self._buses[request.resource].put({"type": "ADDED", "object": self._objects[key].raw})
+
     def _stamp_update(self, request: Any, stored: dict[str, Any], meta: dict[str, Any]) -> None:
         """A merge patch: a new resourceVersion, and the generation bumped when the spec changes."""
         changes_spec = (
@@ -323,6 +338,8 @@ class Emulator(kmock.KubernetesEmulator):  # type: ignore[misc]
                 stored = self._stored(request)
                 if stored is not None:
                     self._stamp_update(request, stored, meta)
+                elif "apply-patch" in str(request.headers.get("Content-Type", "")):
+                    await self._create_applied(request, meta)
         elif request.resource is not None and isinstance(request.data, list) and request.name is not None:
             stored = self._stored(request)  # a JSON patch
             if request.action == kmock.action.UPDATE and stored is not None:
