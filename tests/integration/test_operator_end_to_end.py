@@ -83,7 +83,8 @@ class Node:
         with pytest.MonkeyPatch.context() as patch:
             patch.setenv(ENABLE_ENV, "1")  # the test's fault injection (refused without it)
             self.server = ServerProcess(
-                SERVED, urlparse(model_uri).path, "--test-faults", str(self.faults), log=self.root / "server.log",
+                SERVED, urlparse(model_uri).path, "--target", TARGET, "--test-faults", str(self.faults),
+                log=self.root / "server.log",
                 admin_token=TOKEN, model_roots=[repository, self.root / "cache"],
             ).wait_ready()  # fmt: skip
         labels = {
@@ -209,8 +210,8 @@ def _canary(
                 )
                 node.start(repository)
                 assert node.server is not None
-                targets.write_text(json.dumps([{"targets": [urlparse(node.server.url).netloc],
-                                                "labels": {"autoglm_io_model": NAME, "autoglm_io_target": TARGET}}]))  # fmt: skip
+                # No relabelling: the server's own model, revision and target labels select it.
+                targets.write_text(json.dumps([{"targets": [urlparse(node.server.url).netloc]}]))
                 eventually(
                     lambda: any(c["type"] == "Ready" and c["status"] == "True" for c in _status(cluster).get("conditions", [])),
                     "the agent's report: Ready", timeout=60,
@@ -267,7 +268,7 @@ def test_a_canary_promoted_on_prometheus_figures_through_real_agents(
     advanced = records[4]["evidence"]["analysis"]
     assert advanced["outcome"] == "Successful"
     assert advanced["source"] == f"PromQL against {prom}"
-    assert any(f'autoglm_io_target="{TARGET}"' in q for q in advanced["queries"])
+    assert any(f'target="{TARGET}"' in q for q in advanced["queries"])
     assert advanced["candidateFigures"]["requests"] >= 3
     assert stable != candidate
 

@@ -5,5 +5,6 @@
 DEFAULT_ARTIFACT_URI = "s3://autoglm-artifacts/{namespace}/{model}/{revision}"
 #: Argo's default artifact repository, where output artifacts reported by their key alone lie.
 DEFAULT_ARTIFACT_REPOSITORY = "s3://autoglm-artifacts"
-#: PromQL matchers selecting one target's servers (the pods' labels, as a PodMonitor keeps them).
-DEFAULT_TARGET_SELECTOR = 'autoglm_io_model="{model}",autoglm_io_target="{target}"'
+#: PromQL matchers selecting one target's servers beside the model and revision: the ``target`` label
+#: every ``autoglm serve`` exports (the runtime sets it from the pod's ``autoglm.io/target`` label).
+DEFAULT_TARGET_SELECTOR = 'target="{target}"'

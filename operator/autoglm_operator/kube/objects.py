@@ -115,6 +115,8 @@ CACHE_PATH = "/var/cache/autoglm"
 EDGE_CACHE_HOST_PATH = "/var/lib/autoglm/models"
 ADMIN_TOKEN_SECRET = "autoglm-admin-token"
 SERVER_PORT = 8080
+#: The server's target label, from its pod's autoglm.io/target label (the runtime serves every target).
+TARGET_ENV = "AUTOGLM_TARGET"
 
 DEFAULT_CPU = "1"
 DEFAULT_MEMORY = "2Gi"
@@ -353,9 +355,9 @@ def cluster_serving_runtime(*, image: str, edge: bool) -> dict[str, Any]:
             f"--http-port={SERVER_PORT}",
             f"--cache-dir={CACHE_PATH}",
             f"--model-root={CACHE_PATH}",
-            "--target=edge" if edge else "--target=cloud",
+            f"--target=$({TARGET_ENV})",  # the metrics' target label: the AutoGLMModel's target name
         ],
-        env=[token_env],
+        env=[token_env, *_downward(TARGET_ENV, f"metadata.labels['{TARGET_LABEL}']")],
         ports=[V1ContainerPort(container_port=SERVER_PORT, protocol="TCP")],
         volume_mounts=mounts,
         readiness_probe=ready,

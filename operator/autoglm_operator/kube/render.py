@@ -40,7 +40,8 @@ def cluster_objects(
         uri = artifact_uri.format(
             namespace=model.metadata.namespace, model=model.metadata.name, revision=revision
         )
-        desired = Desired(stable=Assignment(revision=revision, uri=uri), generation=1)  # the first one written
+        # The first desired state the operator writes (generation 1).
+        desired = Desired(stable=Assignment(revision=revision, uri=uri), generation=1)
         objects.append(inference_service(model, target, desired))
         objects.append(agent_config(model, target, desired))
     objects.append(cluster_serving_runtime(image=image, edge=False))
