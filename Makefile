@@ -63,7 +63,7 @@ demo: $(STAMP)
 	@echo "== autoglm serve on the stable int8 artifact: chat, streaming, V1, V2, an in-server canary, metrics"
 	$(BIN)/python examples/serve_demo.py $(DEMO_STATE)/pipelines/$$($(BIN)/python -c \
 	  "import json; print(json.load(open('$(DEMO_STATE)/status.json'))['revisions']['stable'])")/work/publish/model
-	@echo "== not in this demo yet: several targets with a precision each, the operator and the feedback loop (open issues); PromQL: autoglm run --prometheus-url"
+	@echo "== not in this demo: several targets with a precision each; PromQL: autoglm run --prometheus-url; in a cluster: autoglm operator (README; tools/cluster_transcript.py runs it on an emulated cluster); not built yet: the feedback loop (issue 13)"
 
 # Tests run in a random order (pytest-randomly); the seed is printed, and `make test SEED=N` repeats it.
 ifndef SEED
