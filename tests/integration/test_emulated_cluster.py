@@ -148,3 +148,36 @@ def test_server_side_apply_creates_a_missing_object(cluster: EmulatedCluster) ->
     done = cluster.kubectl("apply", "--server-side", "-f", str(EXAMPLES / "cloud-and-edge.yaml"))
     assert done.returncode == 0, done.stderr
     assert _get(cluster, "agm", "glm4-chat", "-n", "ml")["metadata"]["generation"] == 1
+
+
+def test_kubectl_delete_waits_for_the_finalizer_and_then_returns(cluster: EmulatedCluster) -> None:
+    """kubectl waits on a watch for the deletion; the watch must stream JSON (kubectl refuses
+    application/octet-stream: a delete that waited then timed out under load in make test)."""
+    import threading
+    import time
+
+    done = cluster.kubectl("apply", "-f", str(EXAMPLES / "cloud-and-edge.yaml"))
+    assert done.returncode == 0, done.stderr
+    patch = json.dumps({"metadata": {"finalizers": ["example.com/hold"]}})
+    assert (
+        cluster.kubectl("patch", "agm", "glm4-chat", "-n", "ml", "--type", "merge", "-p", patch).returncode
+        == 0
+    )
+    result: dict[str, Any] = {}
+    waiting = threading.Thread(
+        target=lambda: result.update(
+            done=cluster.kubectl("delete", "agm", "glm4-chat", "-n", "ml", "--timeout=30s")
+        )
+    )
+    waiting.start()
+    time.sleep(2)  # kubectl is watching by now: the object stays while the finalizer does
+    assert waiting.is_alive()
+    release = json.dumps({"metadata": {"finalizers": None}})
+    assert (
+        cluster.kubectl("patch", "agm", "glm4-chat", "-n", "ml", "--type", "merge", "-p", release).returncode
+        == 0
+    )
+    waiting.join(40)
+    assert result["done"].returncode == 0, result["done"].stderr
+    assert "no stream serializers" not in result["done"].stderr
+    assert cluster.kubectl("get", "agm", "glm4-chat", "-n", "ml").returncode != 0

@@ -231,6 +231,13 @@ class Emulator(kmock.KubernetesEmulator):  # type: ignore[misc]
             self.resources[f"kopf.dev/v1/{plural}"] = ResourceInfo(
                 kind=kind, namespaced=namespaced, verbs=VERBS, subresources=set()
             )
+        # Watches answer as JSON (kubectl's watch of a deletion refuses application/octet-stream),
+        # ahead of kmock's own watch fallback.
+        (
+            (self.fallback**1)[kmock.action.WATCH]
+            << kmock.headers({"Content-Type": "application/json"})
+            << self._serve_watch
+        )
         self.fallback["get /openapi/v3"] << self._openapi_root
         self.fallback["get", re.compile(r"/openapi/v3/apis?/.+")] << self._openapi_group_version
 
