@@ -14,6 +14,7 @@ again (a Workflow submitted twice is a 409, a decision recorded twice is one led
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import os
@@ -288,17 +289,12 @@ class ClusterReconciler:
 
     def _variants(self, model: AutoGLMModel, run: dict[str, Any] | None) -> list[str]:
         """The variants a Workflow builds: those of the manifest it was given (the spec may have moved)."""
-        spec = model.spec
         for parameter in ((run or {}).get("spec") or {}).get("arguments", {}).get("parameters") or []:
             if parameter.get("name") == MANIFEST_PARAMETER:
-                try:
-                    document = yaml.safe_load(parameter.get("value") or "")
-                    built = validate_document(document).model
-                except yaml.YAMLError:
-                    built = None
+                built = _manifest_variants(str(parameter.get("value") or ""))
                 if built is not None:
-                    spec = built.spec
-        return [v.name for v in variants(spec)]
+                    return list(built)
+        return [v.name for v in variants(model.spec)]
 
     def _analyse(
         self,
@@ -459,6 +455,17 @@ class ClusterReconciler:
                 deleted.append(f"{kind}/{obj['metadata']['name']}")
         self._analysts.pop((namespace, name), None)
         return deleted
+
+
+@functools.lru_cache(maxsize=256)
+def _manifest_variants(text: str) -> tuple[str, ...] | None:
+    """The variant names of a Workflow's manifest parameter, parsed and validated once per text (a
+    Workflow's manifest never changes; every reconcile of its model asks again)."""
+    try:
+        built = validate_document(yaml.safe_load(text)).model
+    except yaml.YAMLError:
+        return None
+    return None if built is None else tuple(v.name for v in variants(built.spec))
 
 
 def _attempt(workflow: dict[str, Any]) -> int:
