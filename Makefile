@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 # Every package at the version requirements.lock pins (`make lock` rewrites it from pyproject.toml).
 LOCK   := requirements.lock
-EXTRAS := ml,serve,kube,dev,postgres
+EXTRAS := ml,serve,kube,feedback,dev,postgres
 PIP    := pip==26.3
 TORCH  := torch==2.13.0
 # Extra pip arguments for the torch install, e.g. a CPU-only wheel index where the default gives CUDA.

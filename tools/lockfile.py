@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = ROOT / "pyproject.toml"
 LOCK = ROOT / "requirements.lock"
 #: The extras `make demo` and `make test` install; `cloud` (s3fs, gcsfs) is left to the user.
-EXTRAS = ("ml", "serve", "kube", "dev", "postgres")
+EXTRAS = ("ml", "serve", "kube", "feedback", "dev", "postgres")
 #: What a CUDA build of torch brings along; the build is chosen by TORCH_PIP_ARGS, not by the lock.
 BUILD_SPECIFIC = re.compile(r"^(nvidia-.*|triton|cuda-.*)$")
 DIGEST_LINE = "# pyproject-sha256: "

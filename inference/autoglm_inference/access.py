@@ -54,35 +54,48 @@ def is_loopback(host: str | None) -> bool:
     return address.is_loopback
 
 
-def authorize(authorization: str | None, client_host: str | None, token: str | None) -> None:
-    """Allow a repository call or raise ``AccessDeniedError`` saying why. Pure: no I/O."""
+def authorize(
+    authorization: str | None,
+    client_host: str | None,
+    token: str | None,
+    *,
+    routes: str = "the repository routes",
+    configure: str = f"--admin-token-file or {ADMIN_TOKEN_ENV}",
+    role: str = "admin",
+) -> None:
+    """Allow a call to ``routes`` or raise ``AccessDeniedError`` saying why. Pure: no I/O."""
     if token is not None:
         if not authorization:
             raise AccessDeniedError(
-                "the repository routes need 'Authorization: Bearer TOKEN' with the server's admin token",
-                status=401,
+                f"{routes} need 'Authorization: Bearer TOKEN' with the server's {role} token", status=401
             )
         scheme, _, given = authorization.strip().partition(" ")
         if scheme.lower() != "bearer" or not given.strip():
             raise AccessDeniedError("the Authorization header must be 'Bearer TOKEN'", status=401)
         if not hmac.compare_digest(given.strip().encode(), token.encode()):
-            raise AccessDeniedError("the bearer token is not the server's admin token")
+            raise AccessDeniedError(f"the bearer token is not the server's {role} token")
         return
     if not is_loopback(client_host):
         raise AccessDeniedError(
-            f"the repository routes answer only to loopback clients (this one is {client_host}) unless the "
-            f"server has an admin token (--admin-token-file or {ADMIN_TOKEN_ENV})"
+            f"{routes} answer only to loopback clients (this one is {client_host}) unless the "
+            f"server has a {role} token ({configure})"
         )
 
 
-def admin_token(token_file: Path | None, environ: dict[str, str] | None = None) -> str | None:
-    """The admin token: the file's content (stripped), else the environment variable, else None."""
+def admin_token(
+    token_file: Path | None,
+    environ: dict[str, str] | None = None,
+    *,
+    env: str = ADMIN_TOKEN_ENV,
+    role: str = "admin",
+) -> str | None:
+    """A token: the file's content (stripped), else the environment variable ``env``, else None."""
     if token_file is not None:
         token = token_file.read_text().strip()
         if not token:
-            raise ValueError(f"{token_file}: the admin token file is empty")
+            raise ValueError(f"{token_file}: the {role} token file is empty")
         return token
-    token = (os.environ if environ is None else environ).get(ADMIN_TOKEN_ENV, "").strip()
+    token = (os.environ if environ is None else environ).get(env, "").strip()
     return token or None
 
 

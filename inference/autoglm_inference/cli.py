@@ -13,7 +13,13 @@ from typing import cast
 import click
 
 from autoglm_inference.limits import Limits
-from autoglm_inference.options import ADMIN_TOKEN_ENV, EngineChoice, EventLoopChoice, ServerOptions
+from autoglm_inference.options import (
+    ADMIN_TOKEN_ENV,
+    FEEDBACK_TOKEN_ENV,
+    EngineChoice,
+    EventLoopChoice,
+    ServerOptions,
+)
 
 _SERVER = ServerOptions()
 _LIMITS = Limits()
@@ -79,6 +85,14 @@ _LIMITS = Limits()
                    "and --model-uri itself may always be loaded again.")  # fmt: skip
 @click.option("--allow-remote-models", is_flag=True, default=False,
               help="Let a repository load fetch http(s)://, s3:// and gs:// URIs (off: only local roots).")  # fmt: skip
+@click.option("--feedback-url", default=None, metavar="URL",
+              help="The feedback store (SQLAlchemy URL: sqlite:///PATH, postgresql://...): every answered request is "
+                   "logged there and POST /v1/feedback rates them. Default: neither.")  # fmt: skip
+@click.option("--feedback-token-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help=f"File holding the bearer token POST /v1/feedback requires; else ${FEEDBACK_TOKEN_ENV}. With "
+                   "neither, it answers only to loopback clients.")  # fmt: skip
+@click.option("--request-log-max", type=click.IntRange(1), default=_SERVER.request_log_max, show_default=True,
+              help="Request records the feedback store keeps (the newest).")  # fmt: skip
 @click.option("--test-faults", type=click.Path(dir_okay=False, path_type=Path), default=None, hidden=True,
               help="Tests only (refused unless AUTOGLM_ENABLE_TEST_FAULTS=1): per-revision injected faults.")  # fmt: skip
 def serve_command(
@@ -104,6 +118,9 @@ def serve_command(
     admin_token_file: Path | None,
     model_roots: tuple[str, ...],
     allow_remote_models: bool,
+    feedback_url: str | None,
+    feedback_token_file: Path | None,
+    request_log_max: int,
     test_faults: Path | None,
 ) -> None:
     """Serve MODEL_URI over KServe V1, Open Inference V2 and OpenAI-compatible routes.
@@ -135,6 +152,9 @@ def serve_command(
             model_roots=model_roots,
             allow_remote_models=allow_remote_models,
             test_faults=test_faults,
+            feedback_url=feedback_url,
+            feedback_token=admin_token(feedback_token_file, env=FEEDBACK_TOKEN_ENV, role="feedback"),
+            request_log_max=request_log_max,
         )
         serve(model_name, model_uri, options, sha256=sha256)
     except (ArtifactError, AccessDeniedError, ValueError, OSError) as exc:

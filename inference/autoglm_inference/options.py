@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, Literal
 
+from autoglm_core.feedback.store import DEFAULT_MAX_REQUESTS
 from autoglm_core.paths import DEFAULT_CACHE_DIR
 from autoglm_inference.limits import Limits
 
@@ -21,6 +22,8 @@ EventLoopChoice = Literal["auto", "asyncio", "uvloop"]
 
 #: The environment variable holding the repository routes' bearer token.
 ADMIN_TOKEN_ENV: Final = "AUTOGLM_ADMIN_TOKEN"
+#: The environment variable holding the feedback writers' bearer token.
+FEEDBACK_TOKEN_ENV: Final = "AUTOGLM_FEEDBACK_TOKEN"
 
 
 @dataclass(frozen=True)
@@ -44,5 +47,11 @@ class ServerOptions:
     #: Where ``load`` may open models (paths, file:// or pkg://); empty: the start-up model's folder.
     model_roots: tuple[str, ...] = ()
     allow_remote_models: bool = False  # http(s)://, s3://, gs:// in load
+    #: The feedback store (a SQLAlchemy URL): the request log and ``POST /v1/feedback``. None: neither.
+    feedback_url: str | None = None
+    #: Bearer token of ``POST /v1/feedback``; None: it answers only to loopback clients.
+    feedback_token: str | None = field(default=None, repr=False)
+    #: Request records the log keeps (the newest).
+    request_log_max: int = DEFAULT_MAX_REQUESTS
     #: Tests only (``autoglm_inference.faults``): per-revision injected latency, errors and energy.
     test_faults: Path | None = None

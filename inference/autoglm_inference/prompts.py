@@ -7,9 +7,16 @@ A variants file (YAML or JSON) names the active variant and the text of each::
       concise: "You are a helpful assistant. Answer in one or two sentences."
       detailed: "You are a helpful assistant. Explain your reasoning step by step."
 
+The feedback loop's bandit splits traffic between variants with ``weights`` (each variant's share;
+``active`` is then the variant with the largest)::
+
+    active: concise
+    weights: {concise: 0.8, detailed: 0.2}
+    variants: {...}
+
 The file is re-read when it changes, so the feedback loop switches variants by rewriting it
 (atomically: write a temporary file and rename it). A chat request without a system message gets
-the active variant's text; a request can pin a variant (``x-autoglm-prompt-variant`` header or
+a variant drawn by the weights (without weights, the active one's text); a request can pin a variant (``x-autoglm-prompt-variant`` header or
 the ``prompt_variant`` field). A plain-text prompt is the client's whole prompt and is left as is
 (its variant is reported as ``none``). A malformed file keeps the last good variants.
 """
@@ -17,6 +24,7 @@ the ``prompt_variant`` field). A plain-text prompt is the client's whole prompt 
 from __future__ import annotations
 
 import logging
+import random
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +49,15 @@ class UnknownVariantError(AutoGLMError, ValueError):
 class Variants:
     active: str = NONE
     texts: dict[str, str] = field(default_factory=dict)
+    #: Each variant's share of chat requests (they sum to 1); empty: every request gets ``active``.
+    weights: dict[str, float] = field(default_factory=dict)
+
+    def draw(self, rng: random.Random) -> str:
+        """A variant for one request: drawn by the weights, else the active one."""
+        if not self.weights:
+            return self.active
+        names = list(self.weights)
+        return rng.choices(names, weights=[self.weights[n] for n in names])[0]
 
     @classmethod
     def parse(cls, data: Any, source: str) -> Variants:
@@ -54,7 +71,17 @@ class Variants:
         active = data.get("active", NONE)
         if active != NONE and active not in texts:
             raise ValueError(f"{source}: active variant {active!r} is not one of {sorted(texts)}")
-        return cls(active=active, texts=dict(texts))
+        weights = data.get("weights") or {}
+        if not isinstance(weights, dict) or not all(
+            k in texts and isinstance(v, int | float) and not isinstance(v, bool) and v >= 0
+            for k, v in weights.items()
+        ):
+            raise ValueError(f"{source}: 'weights' must map variants of {sorted(texts)} to shares >= 0")
+        total = float(sum(weights.values()))
+        if weights and total <= 0:
+            raise ValueError(f"{source}: the weights must not all be 0")
+        shares = {k: float(v) / total for k, v in weights.items()}
+        return cls(active=active, texts=dict(texts), weights=shares)
 
 
 class PromptVariants:
@@ -65,6 +92,7 @@ class PromptVariants:
         self._variants = variants or Variants()
         self._mtime: float | None = None
         self._lock = threading.Lock()
+        self._rng = random.Random()
         if path is not None:
             self._variants = Variants.parse(
                 yaml.safe_load(path.read_text()), str(path)
@@ -81,12 +109,12 @@ class PromptVariants:
             raise UnknownVariantError(
                 f"unknown prompt variant {name!r}; known: {[*sorted(variants.texts), NONE]}"
             )
-        self._variants = Variants(active=name, texts=variants.texts)
+        self._variants = Variants(active=name, texts=variants.texts)  # pinning one drops the weights
 
     def resolve(self, pinned: str | None) -> tuple[str, str | None]:
         """(variant name, system prompt text or None) for a request that pinned ``pinned`` (or not)."""
         variants = self.current()
-        name = pinned or variants.active
+        name = pinned or variants.draw(self._rng)
         if name == NONE:
             return NONE, None
         if name not in variants.texts:

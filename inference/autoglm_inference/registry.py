@@ -6,6 +6,7 @@ repository routes that hot-swap what a name serves.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import threading
@@ -14,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 import torch
 
 from autoglm_core.energy import EnergyMeter
+from autoglm_core.feedback.store import FeedbackStore, RequestLog
 from autoglm_inference.access import ModelPolicy
 from autoglm_inference.artifact import ArtifactError, LoadedArtifact
 from autoglm_inference.engine import Engine
@@ -88,6 +90,13 @@ class Registry:
         self.step_lock = threading.Lock()
         self._busy: dict[str, str] = {}
         self.faults = Faults(options.test_faults) if options.test_faults else None
+        #: The feedback store and the request log feeding it (None without ``feedback_url``).
+        self.feedback: FeedbackStore | None = None
+        self.request_log: RequestLog | None = None
+        if options.feedback_url:
+            self.feedback = FeedbackStore(options.feedback_url, max_requests=options.request_log_max)
+            self.request_log = RequestLog(self.feedback)
+            atexit.register(self.request_log.close)  # what is buffered is written at shutdown
 
     @contextlib.asynccontextmanager
     async def exclusive(self, name: str, what: str) -> AsyncIterator[None]:
@@ -166,7 +175,7 @@ class Registry:
         )  # fmt: skip
         service = LMService(
             name, router, prompts=self.prompts, limits=self.options.limits, target=self.options.target,
-            faults=self.faults,
+            faults=self.faults, on_request=self.request_log.record if self.request_log else None,
         )  # fmt: skip
         self.services[name] = service
         return service

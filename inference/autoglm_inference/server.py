@@ -36,6 +36,7 @@ from autoglm_inference.options import EventLoopChoice, ServerOptions
 from autoglm_inference.registry import Registry
 from autoglm_inference.routes import openai, repository
 from autoglm_inference.routes.deps import attach
+from autoglm_inference.routes.feedback import FeedbackEndpoint
 
 __all__ = ["Registry", "ServerOptions", "install_routes", "serve"]
 
@@ -65,6 +66,8 @@ def install_routes(app: FastAPI, registry: Registry, model_repository: Any) -> N
     attach(app, registry, model_repository)
     app.include_router(openai.router)
     app.include_router(repository.router)
+    if registry.feedback is not None:
+        FeedbackEndpoint(registry.feedback, registry.request_log, registry.options.feedback_token).attach(app)
 
 
 class _LoopbackAwareREST(RESTServer):

@@ -13,7 +13,7 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Self
 
@@ -34,6 +34,7 @@ from pydantic_core import PydanticCustomError
 from tokenizers.decoders import DecodeStream
 
 from autoglm_core.errors import AutoGLMError
+from autoglm_core.feedback.records import RequestRecord
 from autoglm_inference.engine import Finished, Job, Token
 from autoglm_inference.faults import NONE as NO_FAULT
 from autoglm_inference.faults import Fault, Faults
@@ -203,6 +204,7 @@ class LMService:
         limits: Limits,
         target: str = "local",
         faults: Faults | None = None,
+        on_request: Callable[[RequestRecord], None] | None = None,
     ) -> None:
         self.name = name
         self.router = router
@@ -210,6 +212,8 @@ class LMService:
         self.limits = limits
         self.target = target
         self.faults = faults  # tests only
+        #: Called with the record of every request that ran (the request log feedback is joined to).
+        self.on_request = on_request
 
     async def start_async(
         self,
@@ -428,6 +432,8 @@ class Generation:
         self._lease = lease
         self._tokens_at_stop: int | None = None
         self._closed = False
+        self._failed = False
+        self._received_unix = time.time() - (time.perf_counter() - job.submitted_at)
         self._span = telemetry().tracer.start_span(
             "autoglm.generate",
             attributes={**labels.attrs(), "request_id": job.request_id, "prompt_tokens": len(job.prompt_ids)},
@@ -467,6 +473,8 @@ class Generation:
                         shown = len(full) - hold
                 elif isinstance(event, Finished):
                     await self._injected_delay()
+                    if event.reason in ("error", "unavailable"):
+                        self._failed = True
                     if event.reason == "error":
                         raise GenerationError(f"generation failed: {event.error}")
                     if event.reason == "unavailable":
@@ -551,6 +559,32 @@ class Generation:
         self._span.set_attribute("finish_reason", self.finish_reason or "cancelled")
         self._span.set_attribute("energy_joules", job.joules)
         self._span.end()
+        if self.service.on_request is not None:
+            try:
+                record = self._record(now, tokens, joules)
+            except ValueError:  # a client's own x-request-id that feedback could not name: not logged
+                return
+            self.service.on_request(record)
+
+    def _record(self, now: float, tokens: int, joules: float) -> RequestRecord:
+        job = self.job
+        status = "error" if self._failed else ("ok" if self.finish_reason else "cancelled")
+        return RequestRecord(
+            request_id=job.request_id, time=self._received_unix, model=self.labels.model,
+            revision=self.labels.revision, prompt_variant=self.labels.prompt_variant, target=self.labels.target,
+            latency_s=now - job.submitted_at,
+            ttft_s=None if job.first_token_at is None else job.first_token_at - job.submitted_at,
+            prompt_tokens=len(job.prompt_ids), completion_tokens=tokens, joules=joules,
+            energy_method=job.energy_method, status=status, prompt=_prompt_text(self.request), output=self.text,
+        )  # fmt: skip
+
+
+def _prompt_text(request: GenerateRequest) -> str:
+    """The client's prompt as the request log keeps it: the text, or the chat as JSON (each message's
+    content cut to a quarter of what the log keeps, so the JSON stays whole)."""
+    if request.messages is None:
+        return request.prompt or ""
+    return json.dumps([{"role": m.role, "content": m.content[:2048]} for m in request.messages])
 
 
 def _first_stop(text: str, stops: list[str]) -> int | None:

@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 LATENCY_BUCKETS = tuple(round(0.005 * 2 ** (i / 3), 6) for i in range(45))
 TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+#: Feedback scores are in [0, 1] (a thumb is 0 or 1, a 1-5 rating one of five steps).
+SCORE_BUCKETS = (0.0, 0.25, 0.5, 0.75, 1.0)
 JOULE_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 50, 100, 500)
 
 _lock = threading.Lock()
@@ -141,6 +143,12 @@ class Telemetry:
             unit="J",
             description="Joules per generated token",
             explicit_bucket_boundaries_advisory=JOULE_BUCKETS,
+        )
+        self.feedback_score = meter.create_histogram(
+            "autoglm.feedback.score",
+            unit="{score}",
+            description="User feedback scores in [0, 1] of the requests each revision and prompt variant answered",
+            explicit_bucket_boundaries_advisory=SCORE_BUCKETS,
         )
         self._queue_sources: dict[int, tuple[Labels, Callable[[], int]]] = {}
         meter.create_observable_gauge(
