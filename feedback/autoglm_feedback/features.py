@@ -100,7 +100,7 @@ def definitions(data_dir: Path) -> list[Any]:
             Field(name="error_rate", dtype=Float64),
             Field(name="latency_p95_s", dtype=Float64),
             Field(name="joules_per_token", dtype=Float64),
-        ],  # fmt: skip
+        ],
         source=stats_push,
         online=True,
         description="Feedback and telemetry of each revision and prompt variant",

@@ -31,6 +31,7 @@ FIRST_TOKEN = "autoglm_time_to_first_token_seconds"
 ERRORS = "autoglm_errors"
 TOKENS = "autoglm_tokens"
 ENERGY = "autoglm_energy_joules"
+FEEDBACK = "autoglm_feedback_score"
 
 
 class MetricsUnavailableError(Exception):
@@ -49,6 +50,9 @@ class Counters:
     first_token: dict[float, float] = field(default_factory=dict)
     tokens_out: float = 0.0
     joules: float = 0.0
+    #: Feedback scores observed (POST /v1/feedback) and their sum.
+    feedback_count: float = 0.0
+    feedback_sum: float = 0.0
 
 
 Scrape = dict[tuple[str, str], Counters]  # (model, revision) -> counters
@@ -78,6 +82,10 @@ def parse(text: str) -> Scrape:
                 counters.tokens_out += sample.value
             elif sample.name == f"{ENERGY}_total":
                 counters.joules += sample.value
+            elif sample.name == f"{FEEDBACK}_count":
+                counters.feedback_count += sample.value
+            elif sample.name == f"{FEEDBACK}_sum":
+                counters.feedback_sum += sample.value
     return dict(out)
 
 
@@ -93,12 +101,14 @@ def figures(later: Scrape, earlier: Scrape | None, model: str, revision: str) ->
     latency = _histogram(now.buckets, before.buckets)
     tokens = now.tokens_out - before.tokens_out
     joules = now.joules - before.joules
+    rated = now.feedback_count - before.feedback_count
     return Figures(
         requests=round(finished + errors),
         errors=round(errors),
         latency=latency,
         joules_per_token=joules / tokens if tokens > 0 else None,
         time_to_first_token=_histogram(now.first_token, before.first_token),
+        feedback_score=(now.feedback_sum - before.feedback_sum) / rated if rated > 0 else None,
     )
 
 

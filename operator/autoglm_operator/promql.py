@@ -7,6 +7,7 @@ scrapes the model servers: for a window from the step's start to now, per revisi
 - errors: ``sum(increase(autoglm_errors_total{...}[W]))``,
 - latency: ``sum by (le) (increase(autoglm_request_duration_seconds_bucket{...}[W]))``, and the
   same of ``autoglm_time_to_first_token_seconds_bucket`` for the time to first token,
+- feedback score: the increase of ``autoglm_feedback_score_sum`` over that of its ``_count``,
 - joules per token: the increase of ``autoglm_energy_joules_total`` over that of the generated
   ``autoglm_tokens_total{direction="out"}``,
 
@@ -31,7 +32,15 @@ import httpx
 import numpy as np
 
 from autoglm_operator.canary import Figures, Histogram
-from autoglm_operator.metrics import DURATION, ENERGY, ERRORS, FIRST_TOKEN, TOKENS, MetricsUnavailableError
+from autoglm_operator.metrics import (
+    DURATION,
+    ENERGY,
+    ERRORS,
+    FEEDBACK,
+    FIRST_TOKEN,
+    TOKENS,
+    MetricsUnavailableError,
+)
 
 
 def _quote(value: str) -> str:
@@ -108,6 +117,8 @@ class PrometheusSource:
             f'sum by (revision) (increase({TOKENS}_total{{{matcher},direction="out"}}[{window}]))'
         )
         joules = by_revision(f"sum by (revision) (increase({ENERGY}_total{{{matcher}}}[{window}]))")
+        rated = by_revision(f"sum by (revision) (increase({FEEDBACK}_count{{{matcher}}}[{window}]))")
+        score_sum = by_revision(f"sum by (revision) (increase({FEEDBACK}_sum{{{matcher}}}[{window}]))")
         out: dict[str, Figures | None] = {}
         for revision in wanted:
             key = (revision,)
@@ -126,6 +137,9 @@ class PrometheusSource:
                 latency=latency,
                 joules_per_token=spent / out_tokens if spent is not None and out_tokens > 0 else None,
                 time_to_first_token=ttft,
+                feedback_score=score_sum.get(key, 0.0) / n_rated
+                if (n_rated := rated.get(key, 0.0)) > 0
+                else None,
             )
         return out
 

@@ -103,3 +103,24 @@ async def feedback(
         "accepted": counts["accepted"], "duplicate": counts["duplicate"],
         "unknown_request": counts["unknown_request"], "results": [r.to_json() for r in results],
     })  # fmt: skip
+
+
+def feedback_app(store: FeedbackStore, token: str | None) -> FastAPI:
+    """The feedback API alone (``autoglm feedback serve``): ``POST /v1/feedback``, ``GET /healthz``
+    and ``/metrics`` (the feedback scores, for a Prometheus that scrapes it beside the servers)."""
+    from prometheus_client import make_asgi_app
+
+    from autoglm_core.errors import AutoGLMError
+
+    app = FastAPI(title="AutoGLM feedback API")
+
+    async def on_error(_request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, AutoGLMError)
+        return JSONResponse(exc.to_json(), status_code=exc.status, headers=exc.headers() or None)
+
+    app.add_exception_handler(AutoGLMError, on_error)
+    telemetry()  # the feedback score instrument on prometheus_client's registry
+    FeedbackEndpoint(store, None, token).attach(app)
+    app.add_api_route("/healthz", lambda: {"status": "ok"}, methods=["GET"])
+    app.mount("/metrics", make_asgi_app())
+    return app

@@ -1,0 +1,135 @@
+"""The Feast feature repository fed by the micro-batch pipeline, on Feast's real local provider
+(SQLite online store, parquet offline store): online features equal the aggregates pandas computes
+from the store's rows, and a pipeline killed between its push and its mark loses and doubles nothing."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from autoglm_core.feedback.records import RequestRecord, parse_feedback
+from autoglm_core.feedback.store import FeedbackStore
+from autoglm_feedback.features import FeaturePipeline, online_stats, open_features
+
+pytestmark = pytest.mark.integration
+
+
+def _fill(store: FeedbackStore, n: int, seed: int = 0, *, start: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    now = time.time()
+    records = [
+        RequestRecord(
+            f"q{i}",
+            now + i * 1e-3,
+            "m",
+            str(rng.choice(["r1", "r2"])),
+            str(rng.choice(["concise", "detailed"])),
+            "local",
+            float(rng.uniform(0.05, 2.0)),
+            int(rng.integers(4, 40)),
+            int(rng.integers(1, 30)),
+            float(rng.uniform(0.1, 3.0)),
+            "cpu-time-model",
+            str(rng.choice(["ok", "ok", "ok", "error"])),
+            prompt="to be or not to be",
+            output="x",
+        )
+        for i in range(start, start + n)
+    ]
+    store.add_requests(records)
+    events = [
+        {"request_id": r.request_id, "score": float(rng.random())} for r in records if rng.random() < 0.7
+    ]
+    store.accept(parse_feedback({"feedback": events}))
+
+
+def _oracle(db: Path) -> pd.DataFrame:
+    """Mean score, count, error rate and joules per token per (revision, variant), with plain SQL + pandas."""
+    with sqlite3.connect(db) as conn:
+        fb = pd.read_sql("SELECT revision, prompt_variant, score FROM autoglm_feedback", conn)
+        rq = pd.read_sql(
+            "SELECT revision, prompt_variant, status, joules, completion_tokens FROM autoglm_requests", conn
+        )
+    scores = fb.groupby(["revision", "prompt_variant"])["score"].agg(["mean", "count"])
+    rq["error"] = rq["status"] == "error"
+    served = rq.groupby(["revision", "prompt_variant"]).agg(
+        errors=("error", "mean"),
+        joules=("joules", "sum"),
+        tokens=("completion_tokens", "sum"),
+        n=("status", "size"),
+    )
+    served["jpt"] = served["joules"] / served["tokens"]
+    return scores.join(served)
+
+
+def _check_online(data: Path, db: Path) -> None:
+    features = open_features(data)
+    oracle = _oracle(db)
+    got = online_stats(features, [("m", rev, var) for rev, var in oracle.index])
+    for (rev, var), row in oracle.iterrows():
+        online = got[("m", rev, var)]
+        assert online["feedback_count"] == row["count"]
+        assert online["feedback_score"] == pytest.approx(row["mean"])
+        assert online["requests"] == row["n"]
+        assert online["error_rate"] == pytest.approx(row["errors"])
+        assert online["joules_per_token"] == pytest.approx(row["jpt"])
+
+
+def test_online_features_are_the_stores_aggregates(tmp_path: Path) -> None:
+    db, data = tmp_path / "fb.db", tmp_path / "feast"
+    store = FeedbackStore(f"sqlite:///{db}")
+    _fill(store, 400)
+    pipeline = FeaturePipeline(store, open_features(data), data, batch=100)
+    assert pipeline.run_until_empty() == store.count_feedback()
+    assert store.count_feedback(pushed=False) == 0
+    _check_online(data, db)
+    _fill(store, 200, seed=1, start=400)  # a second micro-batch updates the same keys
+    pipeline.run_until_empty()
+    _check_online(data, db)
+    offline = pd.read_parquet(data / "feedback_stats.parquet")  # pushed online and offline
+    assert set(offline["model_revision"]) == {"m@r1", "m@r2"}
+
+
+KILLED_AFTER_PUSH = """
+import sys, time
+from pathlib import Path
+from autoglm_core.feedback.store import FeedbackStore
+from autoglm_feedback.features import FeaturePipeline, open_features
+data = Path(sys.argv[2])
+features = open_features(data)
+push = features.push
+def push_then_hang(*args, **kwargs):
+    push(*args, **kwargs)
+    Path(sys.argv[3]).write_text("pushed")
+    time.sleep(600)  # killed here: pushed, not marked
+features.push = push_then_hang
+FeaturePipeline(FeedbackStore(sys.argv[1]), features, data, batch=100).step()
+"""
+
+
+def test_a_pipeline_killed_mid_batch_loses_nothing_and_counts_nothing_twice(tmp_path: Path) -> None:
+    db, data, marker = tmp_path / "fb.db", tmp_path / "feast", tmp_path / "pushed"
+    store = FeedbackStore(f"sqlite:///{db}")
+    _fill(store, 300)
+    before = store.count_feedback()
+    child = subprocess.Popen([sys.executable, "-c", KILLED_AFTER_PUSH, store.url, str(data), str(marker)])
+    deadline = time.monotonic() + 120
+    while not marker.exists():
+        assert child.poll() is None and time.monotonic() < deadline, "the pipeline did not reach its push"
+        time.sleep(0.1)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    assert store.count_feedback(pushed=False) == before  # nothing marked: the spool holds all of it
+    FeaturePipeline(store, open_features(data), data, batch=100).run_until_empty()  # the next start
+    assert store.count_feedback(pushed=False) == 0
+    assert store.count_feedback() == before
+    _check_online(data, db)
