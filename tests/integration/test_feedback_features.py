@@ -124,7 +124,8 @@ def test_a_pipeline_killed_mid_batch_loses_nothing_and_counts_nothing_twice(tmp_
     child = subprocess.Popen([sys.executable, "-c", KILLED_AFTER_PUSH, store.url, str(data), str(marker)])
     deadline = time.monotonic() + 120
     while not marker.exists():
-        assert child.poll() is None and time.monotonic() < deadline, "the pipeline did not reach its push"
+        assert child.poll() is None, "the pipeline exited before its push"
+        assert time.monotonic() < deadline, "the pipeline did not reach its push"
         time.sleep(0.1)
     os.kill(child.pid, signal.SIGKILL)
     child.wait()
