@@ -86,6 +86,23 @@ class Decision(ApiModel):
     reason: Annotated[str, Field(max_length=32768)] = Field(default="", description="Why, with the figures.")
 
 
+class PromptPolicy(ApiModel):
+    """The traffic share of each prompt variant, as the feedback loop's bandit last published it."""
+
+    algorithm: Annotated[str, Field(max_length=32)] = Field(description="thompson, ucb or reinforce.")
+    revision: RevisionId | None = Field(default=None, description="The revision whose feedback decided it.")
+    shares: dict[Annotated[str, Field(max_length=63)], Annotated[float, Field(ge=0.0, le=1.0)]] = Field(
+        default={}, description="Each variant's share of chat requests; they sum to 1."
+    )
+    feedback: int = Field(default=0, ge=0, description="Feedback events behind these shares.")
+    held: list[Annotated[str, Field(max_length=63)]] = Field(
+        default=[],
+        max_length=32,
+        description="Variants held at an equal share at most: their step failed the analysis gates.",
+    )
+    updated_at: datetime | None = Field(default=None, description="When the shares were last published.")
+
+
 class AutoGLMModelStatus(ApiModel):
     """The observed state of one served model."""
 
@@ -98,3 +115,6 @@ class AutoGLMModelStatus(ApiModel):
     conditions: list[Condition] = Field(default=[], max_length=32, description="Standard conditions.")
     targets: list[TargetStatus] = Field(default=[], max_length=16, description="Per-target serving state.")
     last_decision: Decision | None = Field(default=None, description="The newest autonomous decision.")
+    prompt_policy: PromptPolicy | None = Field(
+        default=None, description="Prompt variants' traffic shares (spec.feedback.promptOptimization)."
+    )

@@ -115,9 +115,10 @@ class ThompsonSampling(Policy):
 @dataclass
 class UCB1(Policy):
     algorithm: ClassVar[Algorithm] = "ucb"
-    #: Exploration weight; sqrt(2) is Auer et al.'s UCB1. Scores in [0, 1] have variance at most 1/4,
-    #: so a smaller constant still explores enough (UCB1-Tuned's observation).
-    exploration: float = math.sqrt(2)
+    #: Exploration weight. Auer et al.'s UCB1 has sqrt(2); scores in [0, 1] have variance at most 1/4,
+    #: so a smaller constant still explores enough (UCB1-Tuned's observation). bench/feedback.py, five
+    #: thumbs-rated variants 5 points apart, 5,000 events, 20 seeds: regret 205 with sqrt(2), 48 with 0.5.
+    exploration: float = 0.5
 
     def bounds(self) -> dict[str, float]:
         total = sum(arm.n for arm in self.arms.values())
@@ -145,7 +146,9 @@ class Reinforce(Policy):
     H += lr * (r - baseline) * (1[a] - pi). The baseline is the running mean reward."""
 
     algorithm: ClassVar[Algorithm] = "reinforce"
-    learning_rate: float = 0.5
+    #: bench/feedback.py (as for UCB1): regret 65 at 0.5, 61 at 0.2, and the best variant held 80% of
+    #: traffic at event 2,000 in 90 of 100 seeds at 0.2.
+    learning_rate: float = 0.2
     preferences: dict[str, float] = field(default_factory=dict)
     baseline: float = 0.0
     steps: int = 0

@@ -30,9 +30,10 @@ _WORD = re.compile(r"[a-z0-9']+")
 def _normalise(counts: np.ndarray) -> np.ndarray:
     counts = np.asarray(counts, dtype=float)
     total = counts.sum()
-    p = counts / total if total > 0 else np.full(len(counts), 1.0 / len(counts))
+    p: np.ndarray = counts / total if total > 0 else np.full(len(counts), 1.0 / len(counts))
     p = np.maximum(p, FLOOR)
-    return p / p.sum()
+    shares: np.ndarray = p / p.sum()
+    return shares
 
 
 def psi(reference: Sequence[float], current: Sequence[float]) -> float:

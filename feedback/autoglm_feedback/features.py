@@ -25,7 +25,6 @@ import json
 import logging
 import math
 import time
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -40,7 +39,7 @@ from feast.repo_config import RepoConfig
 from feast.types import Float64, Int64
 
 from autoglm_core.feedback.records import RequestRecord
-from autoglm_core.feedback.store import FeedbackRow, FeedbackStore
+from autoglm_core.feedback.store import FeedbackStore, RequestTotals
 from autoglm_feedback.drift import Drift, Window, compare
 
 log = logging.getLogger(__name__)
@@ -151,15 +150,16 @@ def repo_config(data_dir: Path, online_store: str = "sqlite") -> RepoConfig:
 def open_features(data_dir: Path, online_store: str = "sqlite") -> FeatureStore:
     """The feature store under ``data_dir``, with the definitions applied (idempotent)."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    _offline_files(data_dir)
+    prepare_offline_files(data_dir)
     store = FeatureStore(config=repo_config(data_dir, online_store))
     store.apply(definitions(data_dir))
     return store
 
 
-def _offline_files(data_dir: Path) -> None:
+def prepare_offline_files(data_dir: Path) -> None:
     """The offline store's parquet files, empty with their schema until the first push (Feast's file
     source reads a file's schema when the definitions are applied, and appends pushed rows to it)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
     keys = {
         "model_revision": pd.Series(dtype="string"),
         "event_timestamp": pd.Series(dtype="datetime64[us, UTC]"),
@@ -213,28 +213,25 @@ def stats_of(
     model: str,
     revision: str,
     variant: str,
-    feedback: Sequence[FeedbackRow],
-    requests: Sequence[RequestRecord],
+    feedback: tuple[int, float],
+    totals: RequestTotals | None,
+    latencies: Sequence[float],
 ) -> Stats:
-    """The features of one key from its feedback and its requests (pure)."""
-    done = [r for r in requests if r.status != "cancelled"]
-    latencies = sorted(r.latency_s for r in done if r.status == "ok")
-    tokens = sum(r.completion_tokens for r in done)
+    """The features of one key from its feedback totals, request totals and newest latencies (pure)."""
+    count, score_sum = feedback
+    ordered = sorted(latencies)
+    requests = totals.requests if totals else 0
     return Stats(
-        model=model, revision=revision, prompt_variant=variant, feedback_count=len(feedback),
-        feedback_sum=round(sum(f.score for f in feedback), 9), requests=len(done),
-        error_rate=(sum(r.status == "error" for r in done) / len(done)) if done else None,
-        latency_p95_s=latencies[min(len(latencies) - 1, math.ceil(0.95 * len(latencies)) - 1)] if latencies else None,
-        joules_per_token=(sum(r.joules for r in done) / tokens) if tokens else None,
+        model=model, revision=revision, prompt_variant=variant, feedback_count=count,
+        feedback_sum=round(score_sum, 9), requests=requests,
+        error_rate=(totals.errors / requests) if totals and requests else None,
+        latency_p95_s=ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)] if ordered else None,
+        joules_per_token=(totals.joules / totals.completion_tokens) if totals and totals.completion_tokens else None,
     )  # fmt: skip
 
 
-def window_of(requests: Sequence[RequestRecord], feedback: Sequence[FeedbackRow]) -> Window:
-    return Window.of(
-        (r.prompt_tokens for r in requests),
-        (_user_text(r.prompt) for r in requests),
-        (f.score for f in feedback),
-    )
+def window_of(requests: Sequence[RequestRecord], scores: Sequence[float]) -> Window:
+    return Window.of((r.prompt_tokens for r in requests), (_user_text(r.prompt) for r in requests), scores)
 
 
 def _user_text(prompt: str) -> str:
@@ -298,32 +295,26 @@ class FeaturePipeline:
         return total
 
     def compute(self, model: str) -> tuple[list[Stats], dict[str, Drift]]:
-        """Every (revision, variant) of ``model``'s features, and each revision's drift."""
-        feedback = self.store.feedback(model)
-        requests = self.store.requests(model)
-        by_key_feedback: dict[tuple[str, str], list[FeedbackRow]] = defaultdict(list)
-        for f in feedback:
-            by_key_feedback[(f.revision, f.prompt_variant)].append(f)
-        by_key_requests: dict[tuple[str, str], list[RequestRecord]] = defaultdict(list)
-        for r in requests:
-            by_key_requests[(r.revision, r.prompt_variant)].append(r)
-        keys = sorted(set(by_key_feedback) | set(by_key_requests))
+        """Every (revision, variant) of ``model``'s features, and each revision's drift: aggregates
+        asked of the store (SQL), so a step costs the same however much the store holds."""
+        feedback = self.store.feedback_totals(model)
+        totals = self.store.request_totals(model)
+        keys = sorted(set(feedback) | set(totals))
         stats = [
-            stats_of(model, rev, var, by_key_feedback[(rev, var)], by_key_requests[(rev, var)][-self.window_requests :])
+            stats_of(model, rev, var, feedback.get((rev, var), (0, 0.0)), totals.get((rev, var)),
+                     self.store.latencies(model, rev, var, limit=self.window_requests))
             for rev, var in keys
         ]  # fmt: skip
-        reference = self.reference(model, requests, feedback)
+        reference = self.reference(model)
         drift: dict[str, Drift] = {}
         if reference is not None:
             for revision in sorted({rev for rev, _ in keys}):
-                recent = [r for r in requests if r.revision == revision][-self.reference_requests :]
-                scores = [f for f in feedback if f.revision == revision][-self.reference_requests :]
+                recent = self.store.recent_requests(model, revision, limit=self.reference_requests)
+                scores = self.store.scores_of([r.request_id for r in recent])
                 drift[revision] = compare(reference, window_of(recent, scores))
         return stats, drift
 
-    def reference(
-        self, model: str, requests: Sequence[RequestRecord], feedback: Sequence[FeedbackRow]
-    ) -> Window | None:
+    def reference(self, model: str) -> Window | None:
         """The model's reference window: its first ``reference_requests`` requests (and their
         feedback), kept in ``DATA_DIR/reference-MODEL.json`` once that many were seen."""
         if model in self._references:
@@ -331,15 +322,14 @@ class FeaturePipeline:
         path = self.data_dir / f"reference-{model}.json"
         if path.exists():
             window = Window.from_json(json.loads(path.read_text()))
-        elif len(requests) >= self.reference_requests:
-            first = list(requests[: self.reference_requests])
-            ids = {r.request_id for r in first}
-            window = window_of(first, [f for f in feedback if f.request_id in ids])
+        else:
+            first = self.store.first_requests(model, limit=self.reference_requests)
+            if len(first) < self.reference_requests:
+                return None
+            window = window_of(first, self.store.scores_of([r.request_id for r in first]))
             tmp = path.with_suffix(".tmp")
             tmp.write_text(json.dumps(window.to_json()))
             tmp.replace(path)
-        else:
-            return None
         self._references[model] = window
         return window
 

@@ -24,7 +24,7 @@ import dataclasses
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -43,11 +43,14 @@ from autoglm_operator.analysis import CanaryAnalyst
 from autoglm_operator.backends.local_pipeline import LocalPipelines
 from autoglm_operator.backends.local_serving import LocalServing
 from autoglm_operator.backends.local_state import TARGET_LABEL, LocalState
+from autoglm_operator.feedback_loop import FeedbackLoop
 from autoglm_operator.metrics import FiguresSource, ScrapeSource
-from autoglm_operator.plan import Analysis, Observed, Plan, Serving, TargetObserved, plan
+from autoglm_operator.plan import Analysis, DecisionRecord, Observed, Plan, Serving, TargetObserved, plan
 from autoglm_operator.promql import PrometheusSource
 
-Until = Literal["serving", "promoted", "forever"]
+Until = Literal["serving", "promoted", "policy", "forever"]
+#: ``policy``: promoted, and the prompt policy gives one variant at least this share of chat traffic.
+POLICY_SETTLED = 0.8
 
 
 @dataclass
@@ -61,6 +64,15 @@ class LoopOptions:
     #: and an int8 candidate measured 1.15x slower than its fp32 source instead of faster.
     traffic_clients: int = 1
     traffic_prompts: tuple[str, ...] = ("To be, or not to be", "The king", "Words, words, words")
+    #: Simulated users (``short``: chat requests without a system prompt, so the server applies the
+    #: policy's variant, each answer rated 1 - tokens/limit on POST /v1/feedback: they prefer short
+    #: answers). They send traffic while serving too, not only during a canary. ``none``: no users.
+    simulated_users: Literal["none", "short"] = "none"
+    user_questions: tuple[str, ...] = (
+        "What is Hamlet about?", "Who is Ophelia?", "Why does Hamlet hesitate?", "What is a soliloquy?",
+        "Where is Elsinore?", "Who wrote Hamlet?",
+    )  # fmt: skip
+    user_max_tokens: int = 32
     tick_seconds: float = 1.0
     timeout_seconds: float = 1800.0
     audit_url: str | None = None
@@ -98,6 +110,9 @@ class EmbeddedLoop:
         self._lock: IO[str] | None = None
         self._analyst = CanaryAnalyst(self._source, log=self.options.log)
         self._pending: list[Path] = []
+        self.feedback = FeedbackLoop(self.options.state_dir, say=self.options.log)
+        #: Feedback events the simulated users had accepted.
+        self.rated = 0
 
     @property
     def audit_url(self) -> str:
@@ -194,25 +209,32 @@ class EmbeddedLoop:
 
     def record(self, model: AutoGLMModel, result: Plan) -> AutoGLMModelStatus:
         """Append the decisions (each once, by its key); the status with the newest as lastDecision."""
-        status = result.status
-        if result.decisions:
-            namespace, name = model.metadata.namespace or "default", model.metadata.name or ""
-            with Ledger(self.audit_url) as ledger:
-                for d in result.decisions:
-                    record = ledger.append(
-                        namespace, name, d.kind, d.reason[:4000], revision=d.revision, actor=d.actor,
-                        evidence=d.evidence, idempotency_key=d.idempotency_key[:255],
-                    )  # fmt: skip
-                    self.options.log(f"decision: {d.kind} {d.revision}: {d.reason}")
-            status = status.model_copy(
-                update={"last_decision": Decision(kind=record.decision, time=record.time,
-                                                  audit_id=record.id, reason=record.reason[:32768])}
-            )  # fmt: skip
+        status = self.append(model, result.status, result.decisions)
         for intent, why in result.ignored:
             self.options.log(f"intent {intent.kind} from {intent.actor} changed nothing: {why}")
         self.state.done(self._pending, ignored={i.at.isoformat(): why for i, why in result.ignored})
         self._pending = []
         return status
+
+    def append(
+        self, model: AutoGLMModel, status: AutoGLMModelStatus, decisions: Sequence[DecisionRecord]
+    ) -> AutoGLMModelStatus:
+        """Append ``decisions`` to the ledger, each once (by its key); the status with the newest as
+        lastDecision."""
+        if not decisions:
+            return status
+        namespace, name = model.metadata.namespace or "default", model.metadata.name or ""
+        with Ledger(self.audit_url) as ledger:
+            for d in decisions:
+                record = ledger.append(
+                    namespace, name, d.kind, d.reason[:4000], revision=d.revision, actor=d.actor,
+                    evidence=d.evidence, idempotency_key=d.idempotency_key[:255],
+                )  # fmt: skip
+                self.options.log(f"decision: {d.kind} {d.revision}: {d.reason}")
+        return status.model_copy(
+            update={"last_decision": Decision(kind=record.decision, time=record.time,
+                                              audit_id=record.id, reason=record.reason[:32768])}
+        )  # fmt: skip
 
     def _targets(self, model: AutoGLMModel, status: AutoGLMModelStatus) -> AutoGLMModelStatus:
         """Each target's entry (its revisions from the plan) with its server's URL and readiness."""
@@ -239,9 +261,14 @@ class EmbeddedLoop:
         observed = self.observe(model, now)
         result = plan(model, observed, now)
         self.act(model, result)
-        result = dataclasses.replace(result, status=self._targets(model, self.record(model, result)))
+        status = self._targets(model, self.record(model, result))
+        if self.servers:
+            status, decisions = self.feedback.tick(model, status, now)
+            status = self.append(model, status, decisions)
+        result = dataclasses.replace(result, status=status)
         self.save(result.status)
-        self._traffic_to = model.metadata.name if result.status.revisions.candidate else None
+        users = self.options.simulated_users != "none" and bool(result.status.revisions.stable)
+        self._traffic_to = model.metadata.name if result.status.revisions.candidate or users else None
         if self.options.on_tick is not None:
             self.options.on_tick(model, observed, result)
         return model, result
@@ -259,14 +286,32 @@ class EmbeddedLoop:
             if not servers or name is None:
                 continue
             server = rng.choice(servers)  # each target's clients
-            body = {"model": name, "prompt": rng.choice(self.options.traffic_prompts), "max_tokens": 8}
             with contextlib.suppress(httpx.HTTPError):  # a swap or a stop in between: the next one
+                if self.options.simulated_users == "short":
+                    self._user(rng, server.url, name)
+                    continue
+                body = {"model": name, "prompt": rng.choice(self.options.traffic_prompts), "max_tokens": 8}
                 httpx.post(f"{server.url}/openai/v1/completions", json=body, timeout=60)
+
+    def _user(self, rng: random.Random, url: str, name: str) -> None:
+        """One simulated user: a chat question, then a rating that prefers short answers."""
+        limit = self.options.user_max_tokens
+        body = {"model": name, "max_tokens": limit,
+                "messages": [{"role": "user", "content": rng.choice(self.options.user_questions)}]}  # fmt: skip
+        answer = httpx.post(f"{url}/openai/v1/chat/completions", json=body, timeout=120)
+        if answer.status_code != 200:
+            return
+        tokens = int(answer.json()["usage"]["completion_tokens"])
+        rating = {"request_id": answer.headers["x-request-id"], "score": round(max(0.0, 1.0 - tokens / limit), 4),
+                  "source": "simulated-user"}  # fmt: skip
+        if httpx.post(f"{url}/v1/feedback", json=rating, timeout=30).status_code == 200:
+            self.rated += 1
 
     def _start_server(self, name: str, target: str, uri: str) -> None:
         log = self.options.state_dir / f"server-{target}.log"
+        feedback = self.feedback.server_args(load_manifest(str(self.manifest)))
         server = ServerProcess(
-            name, uri, *self.options.server_args, log=log, model_roots=[self.options.state_dir],
+            name, uri, *self.options.server_args, *feedback, log=log, model_roots=[self.options.state_dir],
         ).wait_ready()  # fmt: skip
         self.servers[target] = server
         self.state.set_server(target, server.url, server.process.pid)
@@ -333,10 +378,20 @@ class EmbeddedLoop:
 
     def _reached(self, model: AutoGLMModel, status: AutoGLMModelStatus) -> bool:
         desired = rollout_revision(model.spec)
-        if status.revisions.stable == desired and status.revisions.candidate is None:
+        if (
+            status.revisions.stable == desired
+            and status.revisions.candidate is None
+            and self.options.until != "policy"
+        ):
             return True
         if status.revisions.rejected == desired:
             return True  # rolled back or failed: held until the manifest changes
+        if self.options.until == "policy":
+            policy = status.prompt_policy
+            return (
+                status.revisions.stable == desired and status.revisions.candidate is None
+                and policy is not None and max(policy.shares.values(), default=0.0) >= POLICY_SETTLED
+            )  # fmt: skip
         return self.options.until == "serving" and bool(self.servers) and bool(status.revisions.stable)
 
     def stop(self) -> None:

@@ -134,3 +134,22 @@ def test_a_pipeline_killed_mid_batch_loses_nothing_and_counts_nothing_twice(tmp_
     assert store.count_feedback(pushed=False) == 0
     assert store.count_feedback() == before
     _check_online(data, db)
+
+
+def test_the_feature_repository_folder_applies_with_the_feast_cli(tmp_path: Path, repo_root: Path) -> None:
+    """`feast apply` (Feast's own CLI) on a copy of feedback/feature_repo registers the views the
+    loop pushes to, with the schema the code declares."""
+    import shutil
+
+    from feast import FeatureStore
+
+    repo = tmp_path / "feature_repo"
+    shutil.copytree(repo_root / "feedback" / "feature_repo", repo, ignore=shutil.ignore_patterns("data"))
+    feast = Path(sys.executable).parent / "feast"
+    done = subprocess.run([str(feast), "apply"], cwd=repo, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    views = {v.name: v for v in FeatureStore(repo_path=str(repo)).list_feature_views()}
+    assert set(views) == {"feedback_stats", "revision_drift"}
+    assert sorted(views["feedback_stats"].entities) == ["model_revision", "prompt_variant"]
+    assert {f.name for f in views["feedback_stats"].features} >= {"feedback_score", "feedback_count", "error_rate",
+                                                                   "latency_p95_s", "joules_per_token"}  # fmt: skip

@@ -38,6 +38,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    case,
     create_engine,
     delete,
     event,
@@ -120,6 +121,14 @@ def open_engine(url: str) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
     metadata.create_all(engine)
     return engine
+
+
+@dataclass(frozen=True)
+class RequestTotals:
+    requests: int
+    errors: int
+    joules: float
+    completion_tokens: int
 
 
 @dataclass(frozen=True)
@@ -207,6 +216,79 @@ class FeedbackStore:
         )
         with self.engine.connect() as conn:
             return [RequestRecord(**row._mapping) for row in conn.execute(query)]
+
+    def request_totals(self, model: str) -> dict[tuple[str, str], RequestTotals]:
+        """Per (revision, prompt variant) of ``model``: requests that ran to the end or failed (not
+        the cancelled), errors, joules and generated tokens, over what the log keeps."""
+        t = requests_table
+        query = (
+            select(
+                t.c.revision, t.c.prompt_variant, func.count(), func.sum(case((t.c.status == "error", 1), else_=0)),
+                func.sum(t.c.joules), func.sum(t.c.completion_tokens),
+            )
+            .where(t.c.model == model, t.c.status != "cancelled")
+            .group_by(t.c.revision, t.c.prompt_variant)
+        )  # fmt: skip
+        with self.engine.connect() as conn:
+            return {
+                (r[0], r[1]): RequestTotals(int(r[2]), int(r[3] or 0), float(r[4] or 0.0), int(r[5] or 0))
+                for r in conn.execute(query)
+            }
+
+    def latencies(self, model: str, revision: str, variant: str, *, limit: int) -> list[float]:
+        """The latencies (s) of the newest ``limit`` requests of a key that answered without error."""
+        t = requests_table
+        query = (
+            select(t.c.latency_s)
+            .where(
+                t.c.model == model,
+                t.c.revision == revision,
+                t.c.prompt_variant == variant,
+                t.c.status == "ok",
+            )
+            .order_by(t.c.time.desc())
+            .limit(limit)
+        )
+        with self.engine.connect() as conn:
+            return [float(v) for v in conn.scalars(query)]
+
+    def recent_requests(self, model: str, revision: str | None, *, limit: int) -> list[RequestRecord]:
+        """The newest ``limit`` requests of ``model`` (of one revision, or of all), oldest first."""
+        t = requests_table
+        where = [t.c.model == model] + ([t.c.revision == revision] if revision is not None else [])
+        query = select(t).where(*where).order_by(t.c.time.desc()).limit(limit)
+        with self.engine.connect() as conn:
+            return [RequestRecord(**row._mapping) for row in conn.execute(query)][::-1]
+
+    def first_requests(self, model: str, *, limit: int) -> list[RequestRecord]:
+        """The oldest ``limit`` requests the log keeps of ``model``."""
+        query = (
+            select(requests_table)
+            .where(requests_table.c.model == model)
+            .order_by(requests_table.c.time)
+            .limit(limit)
+        )
+        with self.engine.connect() as conn:
+            return [RequestRecord(**row._mapping) for row in conn.execute(query)]
+
+    def feedback_totals(self, model: str) -> dict[tuple[str, str], tuple[int, float]]:
+        """Per (revision, prompt variant) of ``model``: feedback events and the sum of their scores."""
+        f = feedback_table
+        query = (
+            select(f.c.revision, f.c.prompt_variant, func.count(), func.sum(f.c.score))
+            .where(f.c.model == model)
+            .group_by(f.c.revision, f.c.prompt_variant)
+        )
+        with self.engine.connect() as conn:
+            return {(r[0], r[1]): (int(r[2]), float(r[3] or 0.0)) for r in conn.execute(query)}
+
+    def scores_of(self, request_ids: Sequence[str]) -> list[float]:
+        """The feedback scores given to these requests."""
+        if not request_ids:
+            return []
+        query = select(feedback_table.c.score).where(feedback_table.c.request_id.in_(list(request_ids)))
+        with self.engine.connect() as conn:
+            return [float(v) for v in conn.scalars(query)]
 
     def count_requests(self) -> int:
         with self.engine.connect() as conn:

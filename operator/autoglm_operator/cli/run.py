@@ -36,6 +36,12 @@ def progress_table(
         table.add_row(
             "pipeline", Text(f"{run.revision} attempt {run.attempt}: {run.phase} {run.reason}".strip())
         )
+    policy = status.prompt_policy
+    if policy is not None and policy.shares:
+        shares = "  ".join(f"{n} {v:.0%}" for n, v in policy.shares.items())
+        table.add_row(
+            "prompt policy", Text(f"{policy.algorithm}: {shares}  ({policy.feedback} feedback events)")
+        )
     canary = status.canary
     if canary.step is not None:
         steps = len(model.spec.rollout.steps)
@@ -76,13 +82,17 @@ def _http_url(value: str | None) -> str | None:
 @click.argument("manifest", metavar="MANIFEST", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=Path(".autoglm/run"),
               show_default=True, help="Pipelines, each target's server log (server-TARGET.log), the saved status and the audit ledger.")  # fmt: skip
-@click.option("--until", type=click.Choice(["serving", "promoted", "forever"]), default="promoted", show_default=True,
-              help="Stop once something serves, once the manifest's revision is promoted (or rejected), or never "
-                   "(Ctrl-C stops; edits of the manifest are rolled out as they are saved).")  # fmt: skip
+@click.option("--until", type=click.Choice(["serving", "promoted", "policy", "forever"]), default="promoted", show_default=True,
+              help="Stop once something serves, once the manifest's revision is promoted (or rejected), once it is "
+                   "promoted and the prompt policy gives one variant 80% of chat traffic, or never (Ctrl-C stops; "
+                   "edits of the manifest are rolled out as they are saved).")  # fmt: skip
 @click.option("--traffic", "traffic_rate", type=click.FloatRange(0, 100), default=2.0, show_default=True,
               help="Demo requests per second during a canary, so it has data to judge; 0 when real clients send it.")  # fmt: skip
 @click.option("--traffic-clients", type=click.IntRange(1, 64), default=1, show_default=True,
               help="Demo clients sending that traffic side by side (each waits for its answer).")  # fmt: skip
+@click.option("--simulate-users", type=click.Choice(["none", "short"]), default="none", show_default=True,
+              help="Simulated users at the --traffic rate: chat questions answered with the policy's prompt variant, "
+                   "each answer rated on POST /v1/feedback (short: they prefer short answers).")  # fmt: skip
 @click.option("--timeout", "timeout_seconds", type=click.FloatRange(1), default=1800.0, show_default=True,
               help="Give up after this many seconds (not with --until forever).")  # fmt: skip
 @click.option("--prometheus-url", metavar="URL", callback=lambda _c, _p, v: _http_url(v),
@@ -97,6 +107,7 @@ def run_command(
     until: str,
     traffic_rate: float,
     traffic_clients: int,
+    simulate_users: str,
     timeout_seconds: float,
     prometheus_url: str | None,
     decode_tokens: int,
@@ -121,6 +132,7 @@ def run_command(
         until=until,  # type: ignore[arg-type]
         traffic_rate=traffic_rate,
         traffic_clients=traffic_clients,
+        simulated_users=simulate_users,  # type: ignore[arg-type]
         timeout_seconds=timeout_seconds,
         prometheus_url=prometheus_url,
         pipeline_args=("--decode-tokens", str(decode_tokens)),
@@ -143,6 +155,11 @@ def run_command(
         loop.close()
     revisions = status.revisions
     click.echo(f"phase {status.phase}: stable {revisions.stable}, rejected {revisions.rejected}")
+    if status.prompt_policy is not None and status.prompt_policy.shares:
+        policy = status.prompt_policy
+        shares = ", ".join(f"{n} {v:.0%}" for n, v in policy.shares.items())
+        click.echo(f"prompt policy ({policy.algorithm}, {policy.feedback} feedback events): {shares}"
+                   + (f"; {loop.rated} ratings sent by the simulated users" if loop.rated else ""))  # fmt: skip
     for target, url in urls.items():
         revision = next((t.revision for t in status.targets if t.name == target), None)
         click.echo(f"{target}: {revision} served at {url} until this command ended "

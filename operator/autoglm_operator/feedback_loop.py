@@ -1,0 +1,142 @@
+"""The feedback loop of ``autoglm run``: feedback store -> Feast -> prompt policy -> the servers.
+
+On one machine the servers log every request to ``STATE/feedback.db`` and take ratings on
+``POST /v1/feedback`` (``--feedback-url``); they read their system prompts and the policy's traffic
+shares from ``STATE/prompt-variants.yaml`` (``--prompt-variants``), which this loop rewrites
+atomically. Each tick: one micro-batch into the Feast repository in ``STATE/feast`` (local provider),
+the stable revision's online features as the bandit's evidence, ``autoglm_feedback.policy.decide``,
+and, when it decides, the new shares in the file, the status (``promptPolicy``) and the ledger
+(``PromptPolicyChanged`` or ``PromptPolicyRolledBack``, with the arms' posteriors as evidence).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from autoglm_api.resource import AutoGLMModel
+from autoglm_api.status import AutoGLMModelStatus, PromptPolicy
+from autoglm_operator.plan import DecisionRecord, duration
+
+log = logging.getLogger(__name__)
+
+
+def enabled(model: AutoGLMModel) -> bool:
+    feedback = model.spec.feedback
+    return feedback.prompt_optimization.enabled or feedback.retraining.enabled
+
+
+class FeedbackLoop:
+    def __init__(
+        self, state_dir: Path, *, say: Callable[[str], None] = print, online_store: str = "sqlite"
+    ) -> None:
+        self.state_dir = state_dir
+        self.url = f"sqlite:///{state_dir / 'feedback.db'}"
+        self.variants_path = state_dir / "prompt-variants.yaml"
+        self.feast_dir = state_dir / "feast"
+        self.online_store = online_store
+        self.say = say
+        self._pipeline: Any = None  # Feast is imported (about a second) only when feedback is on
+        self._refreshed: datetime | None = None
+        #: How often the request features (latency, errors, energy, drift) are pushed without feedback.
+        self.refresh_seconds = 10.0
+
+    # -- what the servers are started with ---------------------------------------------------------
+
+    def server_args(self, model: AutoGLMModel) -> list[str]:
+        if not enabled(model):
+            return []
+        if not self.variants_path.exists():
+            self.write_variants(model, self.initial(model).shares)
+        return ["--feedback-url", self.url, "--prompt-variants", str(self.variants_path)]
+
+    def initial(self, model: AutoGLMModel) -> PromptPolicy:
+        from autoglm_feedback.policy import uniform
+
+        optimization = model.spec.feedback.prompt_optimization
+        names = [v.name for v in optimization.variants]
+        return PromptPolicy(
+            algorithm=optimization.algorithm, shares=uniform(names) if len(names) >= 2 else {}
+        )
+
+    def write_variants(self, model: AutoGLMModel, shares: dict[str, float]) -> None:
+        """The servers' variants file: every variant's text and the shares (atomic rename)."""
+        variants = {v.name: v.system for v in model.spec.feedback.prompt_optimization.variants}
+        data: dict[str, Any] = {"active": max(shares, key=lambda n: shares[n]) if shares else "none",
+                                "variants": variants}  # fmt: skip
+        if shares:
+            data["weights"] = shares
+        fd, tmp = tempfile.mkstemp(dir=self.state_dir, prefix=".prompt-variants-", suffix=".yaml")
+        with os.fdopen(fd, "w") as out:
+            yaml.safe_dump(data, out, sort_keys=False)
+        os.replace(tmp, self.variants_path)
+
+    # -- one tick ----------------------------------------------------------------------------------
+
+    def pipeline(self) -> Any:
+        if self._pipeline is None:
+            from autoglm_core.feedback.store import FeedbackStore
+            from autoglm_feedback.features import FeaturePipeline, open_features
+
+            store = FeedbackStore(self.url)
+            self._pipeline = FeaturePipeline(
+                store, open_features(self.feast_dir, self.online_store), self.feast_dir
+            )
+            if pending := store.count_feedback(pushed=False):
+                self.say(f"feedback: replaying {pending} events a stopped loop had not pushed to Feast")
+        return self._pipeline
+
+    def tick(
+        self, model: AutoGLMModel, status: AutoGLMModelStatus, now: datetime
+    ) -> tuple[AutoGLMModelStatus, list[DecisionRecord]]:
+        """Push the waiting feedback's features; decide the prompt policy of the stable revision."""
+        if not enabled(model) or not self.variants_path.exists():
+            return status, []
+        from autoglm_feedback.features import evidence, online_stats
+        from autoglm_feedback.policy import decide
+
+        name = model.metadata.name or ""
+        pipeline = self.pipeline()
+        refresh = self._refreshed is None or (now - self._refreshed).total_seconds() >= self.refresh_seconds
+        pipeline.run_until_empty(models=[name] if refresh else [])
+        if refresh:
+            self._refreshed = now
+        optimization = model.spec.feedback.prompt_optimization
+        stable = status.revisions.stable
+        policy = status.prompt_policy or self.initial(model)
+        if not optimization.enabled or not stable:
+            return status.model_copy(update={"prompt_policy": policy}), []
+        names = [v.name for v in optimization.variants]
+        stats = online_stats(pipeline.features, [(name, stable, v) for v in names])
+        same_revision = policy.revision in (None, stable)
+        analysis = model.spec.rollout.analysis
+        decision = decide(
+            optimization, evidence(stats, stable), policy.shares,
+            features={v: stats[(name, stable, v)] for v in names}, analysis=analysis,
+            last_change=policy.updated_at, now=now, interval=duration(analysis.interval),
+            held=frozenset(policy.held if same_revision else ()),
+        )  # fmt: skip
+        if decision is None:
+            return status.model_copy(update={"prompt_policy": policy}), []
+        self.write_variants(model, decision.shares)
+        held = set(policy.held if same_revision else ())
+        if decision.kind == "PromptPolicyRolledBack":
+            held |= set(decision.evidence.get("failed", {}))
+        updated = PromptPolicy(
+            algorithm=optimization.algorithm, revision=stable, shares=decision.shares, feedback=decision.feedback,
+            updated_at=now, held=sorted(held),
+        )  # fmt: skip
+        shown = ", ".join(f"{n} {s:.0%}" for n, s in decision.shares.items())
+        self.say(f"prompt policy: {shown} ({decision.reason})")
+        record = DecisionRecord(
+            kind=decision.kind, revision=stable, reason=f"{shown}: {decision.reason}",
+            evidence={"revision": stable, **decision.evidence}, idempotency_key=decision.key(stable),
+        )  # fmt: skip
+        return status.model_copy(update={"prompt_policy": updated}), [record]
