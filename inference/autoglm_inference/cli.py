@@ -85,7 +85,7 @@ _LIMITS = Limits()
                    "and --model-uri itself may always be loaded again.")  # fmt: skip
 @click.option("--allow-remote-models", is_flag=True, default=False,
               help="Let a repository load fetch http(s)://, s3:// and gs:// URIs (off: only local roots).")  # fmt: skip
-@click.option("--feedback-url", default=None, metavar="URL",
+@click.option("--feedback-url", default=None, metavar="URL", envvar="AUTOGLM_FEEDBACK_URL", show_envvar=True,
               help="The feedback store (SQLAlchemy URL: sqlite:///PATH, postgresql://...): every answered request is "
                    "logged there and POST /v1/feedback rates them. Default: neither.")  # fmt: skip
 @click.option("--feedback-token-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,

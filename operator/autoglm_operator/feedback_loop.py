@@ -1,6 +1,9 @@
-"""The feedback loop of ``autoglm run``: feedback store -> Feast -> prompt policy -> the servers.
+"""The feedback loop: feedback store -> Feast -> prompt policy -> the servers' variants file.
 
-On one machine the servers log every request to ``STATE/feedback.db`` and take ratings on
+``FeedbackLoop.decide`` is shared by ``autoglm run`` and the operator; what they publish differs. In a
+cluster the policy goes into each target's ConfigMap (key ``prompt-variants.yaml``, mounted into the
+server's pod, which re-reads it when the kubelet swaps it in: ``kube.objects.agent_config``). On one
+machine the servers log every request to ``STATE/feedback.db`` and take ratings on
 ``POST /v1/feedback`` (``--feedback-url``); they read their system prompts and the policy's traffic
 shares from ``STATE/prompt-variants.yaml`` (``--prompt-variants``), which this loop rewrites
 atomically. Each tick: one micro-batch into the Feast repository in ``STATE/feast`` (local provider),
@@ -33,14 +36,39 @@ def enabled(model: AutoGLMModel) -> bool:
     return feedback.prompt_optimization.enabled or feedback.retraining.enabled
 
 
+#: The ConfigMap key (and file name) of the servers' prompt variants.
+VARIANTS_KEY = "prompt-variants.yaml"
+
+
+def variants_document(model: AutoGLMModel, shares: dict[str, float] | None) -> str:
+    """The servers' prompt-variants file (``autoglm_inference.prompts``): every variant's text and
+    the shares (the initial policy, an equal split, when none was published yet); an empty one
+    (every chat request as the client sent it) without prompt optimization."""
+    optimization = model.spec.feedback.prompt_optimization
+    variants = {v.name: v.system for v in optimization.variants} if optimization.enabled else {}
+    if variants and not shares:
+        shares = {n: round(1.0 / len(variants), 6) for n in variants}
+    data: dict[str, Any] = {"active": "none", "variants": variants}
+    if variants and shares:
+        data["active"] = max(variants, key=lambda n: shares.get(n, 0.0))
+        data["weights"] = {n: shares.get(n, 0.0) for n in variants}
+    return yaml.safe_dump(data, sort_keys=False)
+
+
 class FeedbackLoop:
     def __init__(
-        self, state_dir: Path, *, say: Callable[[str], None] = print, online_store: str = "sqlite"
+        self,
+        state_dir: Path,
+        *,
+        say: Callable[[str], None] = print,
+        url: str | None = None,
+        feast_dir: Path | None = None,
+        online_store: str = "sqlite",
     ) -> None:
         self.state_dir = state_dir
-        self.url = f"sqlite:///{state_dir / 'feedback.db'}"
-        self.variants_path = state_dir / "prompt-variants.yaml"
-        self.feast_dir = state_dir / "feast"
+        self.url = url or f"sqlite:///{state_dir / 'feedback.db'}"
+        self.variants_path = state_dir / VARIANTS_KEY
+        self.feast_dir = feast_dir or state_dir / "feast"
         self.online_store = online_store
         self.say = say
         self._pipeline: Any = None  # Feast is imported (about a second) only when feedback is on
@@ -67,15 +95,10 @@ class FeedbackLoop:
         )
 
     def write_variants(self, model: AutoGLMModel, shares: dict[str, float]) -> None:
-        """The servers' variants file: every variant's text and the shares (atomic rename)."""
-        variants = {v.name: v.system for v in model.spec.feedback.prompt_optimization.variants}
-        data: dict[str, Any] = {"active": max(shares, key=lambda n: shares[n]) if shares else "none",
-                                "variants": variants}  # fmt: skip
-        if shares:
-            data["weights"] = shares
+        """The servers' variants file (atomic rename: a server never reads half of it)."""
         fd, tmp = tempfile.mkstemp(dir=self.state_dir, prefix=".prompt-variants-", suffix=".yaml")
         with os.fdopen(fd, "w") as out:
-            yaml.safe_dump(data, out, sort_keys=False)
+            out.write(variants_document(model, shares))
         os.replace(tmp, self.variants_path)
 
     # -- one tick ----------------------------------------------------------------------------------
@@ -96,8 +119,22 @@ class FeedbackLoop:
     def tick(
         self, model: AutoGLMModel, status: AutoGLMModelStatus, now: datetime
     ) -> tuple[AutoGLMModelStatus, list[DecisionRecord]]:
-        """Push the waiting feedback's features; decide the prompt policy of the stable revision."""
-        if not enabled(model) or not self.variants_path.exists():
+        """``decide``, then the new shares into the servers' variants file."""
+        if not self.variants_path.exists():
+            return status, []
+        before = status.prompt_policy
+        status, records = self.decide(model, status, now)
+        policy = status.prompt_policy
+        if records and policy is not None and (before is None or policy.shares != before.shares):
+            self.write_variants(model, policy.shares)
+        return status, records
+
+    def decide(
+        self, model: AutoGLMModel, status: AutoGLMModelStatus, now: datetime
+    ) -> tuple[AutoGLMModelStatus, list[DecisionRecord]]:
+        """Push the waiting feedback's features; decide the prompt policy of the stable revision (the
+        status carries it; the records are for the ledger)."""
+        if not enabled(model):
             return status, []
         from autoglm_feedback.features import evidence, online_stats
         from autoglm_feedback.policy import decide
@@ -125,7 +162,6 @@ class FeedbackLoop:
         )  # fmt: skip
         if decision is None:
             return status.model_copy(update={"prompt_policy": policy}), []
-        self.write_variants(model, decision.shares)
         held = set(policy.held if same_revision else ())
         if decision.kind == "PromptPolicyRolledBack":
             held |= set(decision.evidence.get("failed", {}))

@@ -446,3 +446,47 @@ def test_a_first_rollout_serves_the_source_then_canaries_against_it(
     )
     assert "the uncompressed source" in rolled_back["message"]
     assert rolled_back["type"] == "Warning"
+
+
+def test_the_prompt_policy_goes_to_every_targets_configmap_the_status_and_the_ledger(
+    cluster: EmulatedCluster, tmp_path: Path
+) -> None:
+    """With a feedback store, the operator runs the prompt policy on its Feast features and publishes
+    it in each target's ConfigMap (``prompt-variants.yaml``, which the servers read), the status and
+    the ledger. The document is read back with the server's own parser."""
+    from autoglm_core.feedback.records import RequestRecord, parse_feedback
+    from autoglm_core.feedback.store import FeedbackStore
+    from autoglm_inference.prompts import Variants
+
+    feedback_url = f"sqlite:///{tmp_path / 'feedback.db'}"
+    options = {"feedback_url": feedback_url, "feast_dir": tmp_path / "feast"}
+    with RunningOperator(cluster, settings_for(tmp_path), options=options) as running:
+        stable = _serving(cluster, running.audit_url)
+
+        def shares(target: str) -> dict[str, float]:
+            found = kubectl_json(cluster, "configmap", f"{NAME}-{target}-autoglm", "-n", NS)
+            return Variants.parse(yaml.safe_load(found["data"]["prompt-variants.yaml"]), target).weights
+
+        assert shares("cloud") == shares("edge") == {"concise": 0.5, "detailed": 0.5}
+        # The servers' users: concise answers rated well, detailed ones poorly.
+        store = FeedbackStore(feedback_url)
+        now = time.time()
+        store.add_requests([
+            RequestRecord(f"q{i}", now + i * 1e-3, NAME, stable, ("concise", "detailed")[i % 2], "cloud", 0.3, 10, 12,
+                          0.5, "cpu-time-model", "ok")
+            for i in range(80)
+        ])  # fmt: skip
+        store.accept(parse_feedback({"feedback": [
+            {"request_id": f"q{i}", "score": "up" if i % 2 == 0 else "down"} for i in range(80)
+        ]}))  # fmt: skip
+        moved = eventually(
+            lambda: shares("cloud")["concise"] > 0.5 and shares("edge"), "the policy in the ConfigMaps"
+        )
+        assert moved["concise"] == pytest.approx(0.75)  # one step of at most 25% of traffic
+        policy = model_status(cluster)["promptPolicy"]
+        assert policy["revision"] == stable
+        assert policy["shares"] == {"concise": 0.75, "detailed": 0.25}
+        assert policy["feedback"] == 80
+        changed = [d for d in decisions(running.audit_url) if d[0] == "PromptPolicyChanged"]
+        assert changed[0][1] == stable
+        assert desired(cluster, "cloud")["stable"]["revision"]  # the agents' document is untouched

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import click
 
@@ -29,6 +30,14 @@ from autoglm_operator.kube import DEFAULT_ARTIFACT_REPOSITORY, DEFAULT_TARGET_SE
                    "(Inconclusive) and never promotes on its own.")  # fmt: skip
 @click.option("--target-selector", default=DEFAULT_TARGET_SELECTOR, show_default=True,
               help="PromQL label matchers that select one target's servers; {model} and {target} are filled in.")  # fmt: skip
+@click.option("--feedback-url", envvar="AUTOGLM_FEEDBACK_URL", default=None, show_envvar=True,
+              help="The feedback store the servers log to (PostgreSQL in a cluster): runs the prompt policy on its "
+                   "features and publishes it in each target's ConfigMap. Default: no feedback loop.")  # fmt: skip
+@click.option("--feast-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("/var/lib/autoglm/feast"),
+              show_default=True, help="The Feast repository's files (registry, offline store).")  # fmt: skip
+@click.option("--online-store", envvar="AUTOGLM_FEAST_ONLINE_STORE", default="sqlite", show_default=True,
+              show_envvar=True, help="Feast's online store: sqlite (in --feast-dir), redis://HOST:PORT or "
+                                     "postgresql://USER:PASS@HOST/DB.")  # fmt: skip
 @click.option("--interval", type=click.FloatRange(0.5), default=5.0, show_default=True,
               help="Seconds between reconciles of each model besides those its events trigger.")  # fmt: skip
 @click.option("--standalone", is_flag=True, default=False,
@@ -49,6 +58,9 @@ def operator_command(
     audit_url: str | None,
     prometheus_url: str | None,
     target_selector: str,
+    feedback_url: str | None,
+    feast_dir: Path,
+    online_store: str,
     interval: float,
     standalone: bool,
     peering_name: str,
@@ -73,7 +85,8 @@ def operator_command(
 
     load_config(kubeconfig)
     options = ClusterOptions(image=image or DEFAULT_IMAGE, artifact_repository=artifact_repository, audit_url=audit_url,
-                             prometheus_url=prometheus_url, target_selector=target_selector)  # fmt: skip
+                             prometheus_url=prometheus_url, target_selector=target_selector,
+                             feedback_url=feedback_url, feast_dir=feast_dir, online_store=online_store)  # fmt: skip
     reconciler = ClusterReconciler(Gateway(), options)
     peering = PeeringOptions(standalone=standalone, name=peering_name, priority=priority)
     registry = build_registry(

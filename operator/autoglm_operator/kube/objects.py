@@ -59,8 +59,11 @@ from kubernetes.client import (
 
 from autoglm_api.resource import AutoGLMModel
 from autoglm_api.spec import Target
+from autoglm_api.status import PromptPolicy
+from autoglm_core.feedback.store import URL_ENV as FEEDBACK_URL_ENV
 from autoglm_inference.options import ADMIN_TOKEN_ENV
 from autoglm_operator.agent.desired import Desired
+from autoglm_operator.feedback_loop import VARIANTS_KEY, variants_document
 from autoglm_pipelines.workflow import (
     MANAGED_BY_LABEL,
     MANIFEST_PARAMETER,
@@ -114,6 +117,8 @@ CACHE_PATH = "/var/cache/autoglm"
 #: On an edge node: the node's own cache, kept across pod restarts and swaps.
 EDGE_CACHE_HOST_PATH = "/var/lib/autoglm/models"
 ADMIN_TOKEN_SECRET = "autoglm-admin-token"
+#: The Secret holding the feedback store's URL (key ``url``); optional: without it, no feedback.
+FEEDBACK_SECRET = "autoglm-feedback"
 SERVER_PORT = 8080
 #: The server's target label, from its pod's autoglm.io/target label (the runtime serves every target).
 TARGET_ENV = "AUTOGLM_TARGET"
@@ -302,9 +307,13 @@ def inference_service(model: AutoGLMModel, target: Target, desired: Desired) -> 
     return to_dict(isvc)
 
 
-def agent_config(model: AutoGLMModel, target: Target, desired: Desired) -> dict[str, Any]:
+def agent_config(
+    model: AutoGLMModel, target: Target, desired: Desired, *, prompt_policy: PromptPolicy | None = None
+) -> dict[str, Any]:
     """The ConfigMap the target's agents read: ``desired.json`` (stable, candidate, weights) and the
-    model's generation it was written for."""
+    model's generation it was written for; and the servers' ``prompt-variants.yaml`` (the variants
+    and the prompt policy's shares: ``prompt_policy``, else the model's status's)."""
+    policy = prompt_policy or (model.status.prompt_policy if model.status else None)
     document = {
         "model": _model_name(model),
         # The name its servers serve it under: KServe's {{.Name}}, the InferenceService's name.
@@ -317,7 +326,10 @@ def agent_config(model: AutoGLMModel, target: Target, desired: Desired) -> dict[
         api_version="v1",
         kind="ConfigMap",
         metadata=_target_metadata(model, target, agent_config_name(model, target.name)),
-        data={AGENT_CONFIG_KEY: json.dumps(document, indent=2, sort_keys=True) + "\n"},
+        data={
+            AGENT_CONFIG_KEY: json.dumps(document, indent=2, sort_keys=True) + "\n",
+            VARIANTS_KEY: variants_document(model, policy.shares if policy else None),
+        },
     )
     return to_dict(config_map)
 
@@ -356,10 +368,25 @@ def cluster_serving_runtime(*, image: str, edge: bool) -> dict[str, Any]:
             f"--cache-dir={CACHE_PATH}",
             f"--model-root={CACHE_PATH}",
             f"--target=$({TARGET_ENV})",  # the metrics' target label: the AutoGLMModel's target name
+            # The prompt policy, from the target's ConfigMap; re-read when the kubelet swaps it in.
+            f"--prompt-variants={AGENT_CONFIG_PATH}/{VARIANTS_KEY}",
         ],
-        env=[token_env, *_downward(TARGET_ENV, f"metadata.labels['{TARGET_LABEL}']")],
+        env=[
+            token_env,
+            *_downward(TARGET_ENV, f"metadata.labels['{TARGET_LABEL}']"),
+            # The feedback store (request log and POST /v1/feedback) when the Secret exists.
+            V1EnvVar(
+                name=FEEDBACK_URL_ENV,
+                value_from=V1EnvVarSource(
+                    secret_key_ref=V1SecretKeySelector(name=FEEDBACK_SECRET, key="url", optional=True)
+                ),
+            ),
+        ],
         ports=[V1ContainerPort(container_port=SERVER_PORT, protocol="TCP")],
-        volume_mounts=mounts,
+        volume_mounts=[
+            *mounts,
+            V1VolumeMount(name=AGENT_CONFIG_VOLUME, mount_path=AGENT_CONFIG_PATH, read_only=True),
+        ],
         readiness_probe=ready,
     )
     agent = V1Container(

@@ -14,6 +14,7 @@ again (a Workflow submitted twice is a 409, a decision recorded twice is one led
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import json
 import logging
@@ -22,6 +23,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -50,6 +52,7 @@ from autoglm_core.audit.ledger import resolve_url
 from autoglm_core.variants import rollout_revision, variants
 from autoglm_operator.agent.desired import Desired, DesiredStateError
 from autoglm_operator.analysis import CanaryAnalyst
+from autoglm_operator.feedback_loop import VARIANTS_KEY, FeedbackLoop, variants_document
 from autoglm_operator.kube import DEFAULT_ARTIFACT_REPOSITORY, DEFAULT_TARGET_SELECTOR
 from autoglm_operator.kube.gateway import Gateway
 from autoglm_operator.kube.objects import (
@@ -93,6 +96,13 @@ class ClusterOptions:
     #: The Prometheus HTTP API that scrapes the servers (None: canaries hold, Inconclusive).
     prometheus_url: str | None = None
     target_selector: str = DEFAULT_TARGET_SELECTOR
+    #: The feedback store the servers log to (None: no feedback loop; the servers' prompts stay as the
+    #: spec's variants, equally shared).
+    feedback_url: str | None = None
+    #: The Feast repository's local files (registry, offline parquet; the SQLite online store unless
+    #: ``online_store`` names Redis or PostgreSQL).
+    feast_dir: Path = Path("/var/lib/autoglm/feast")
+    online_store: str = "sqlite"
 
 
 def merge_diff(old: Any, new: Any) -> Any:
@@ -192,6 +202,8 @@ class _Seen:
     services: dict[str, dict[str, Any] | None] = field(default_factory=dict)
     ready: dict[str, int] = field(default_factory=dict)
     intent_keys: list[str] = field(default_factory=list)
+    #: Each target's ConfigMap's prompt-variants document (None: the key or the ConfigMap is missing).
+    variants: dict[str, str | None] = field(default_factory=dict)
 
 
 class ClusterReconciler:
@@ -210,6 +222,12 @@ class ClusterReconciler:
         self._analysts: dict[tuple[str, str], CanaryAnalyst] = {}
         self._ledger = Ledger(resolve_url(self.options.audit_url, os.environ))
         self._ledger_lock = threading.Lock()
+        self.feedback: FeedbackLoop | None = None
+        if self.options.feedback_url:
+            self.feedback = FeedbackLoop(
+                self.options.feast_dir, url=self.options.feedback_url, feast_dir=self.options.feast_dir,
+                online_store=self.options.online_store, say=log.info,
+            )  # fmt: skip
 
     def close(self) -> None:
         self._ledger.close()
@@ -232,6 +250,9 @@ class ClusterReconciler:
                 return None
             observed, seen = self.observe(model, body, now)
             result = plan(model, observed, now)
+            if self.feedback is not None:
+                status, records = self.feedback.decide(model, result.status, now)
+                result = dataclasses.replace(result, status=status, decisions=(*result.decisions, *records))
             self.act(model, result, seen)
             self.record(model, body, result, seen, now)
             return result
@@ -272,6 +293,7 @@ class ClusterReconciler:
         for target in model.spec.targets:
             config = self.gateway.get("ConfigMap", namespace, agent_config_name(model, target.name))
             seen.config_maps[target.name] = config is not None
+            seen.variants[target.name] = ((config or {}).get("data") or {}).get(VARIANTS_KEY)
             seen.desired[target.name] = _desired(config)
             seen.services[target.name] = self.gateway.get(
                 "InferenceService", namespace, inference_service_name(model, target.name)
@@ -353,16 +375,29 @@ class ClusterReconciler:
             ):
                 unload = Action("Unload", current.candidate.revision, target=target_name)
                 changed[target_name] = desired_after(current, unload)
+        policy = result.status.prompt_policy
+        written = set()
         for target_name, desired in changed.items():
             if desired is None or _same(desired, seen.desired.get(target_name)):
                 continue
             spec = next(t for t in model.spec.targets if t.name == target_name)
-            config = agent_config(model, spec, desired)
+            config = agent_config(model, spec, desired, prompt_policy=policy)
+            written.add(target_name)
             if seen.config_maps.get(target_name):
                 self.gateway.patch("ConfigMap", config["metadata"]["namespace"], config["metadata"]["name"],
                                    {"data": config["data"]})  # fmt: skip
             else:
                 self.gateway.create(config)
+        document = variants_document(model, policy.shares if policy else None)
+        for spec in model.spec.targets:  # the prompt policy moved, or a ConfigMap from before it existed
+            if (
+                spec.name in written
+                or not seen.config_maps.get(spec.name)
+                or seen.variants.get(spec.name) == document
+            ):
+                continue
+            self.gateway.patch("ConfigMap", model.metadata.namespace or "default",
+                               agent_config_name(model, spec.name), {"data": {VARIANTS_KEY: document}})  # fmt: skip
         for spec in model.spec.targets:
             desired = changed.get(spec.name) or seen.desired.get(spec.name)
             if desired is not None:
