@@ -57,7 +57,12 @@ def test_every_object_is_valid_against_its_upstream_crd(example: Path) -> None:
     for obj in cluster_objects(_example(example)):
         if obj["kind"] == "ConfigMap":
             assert obj["apiVersion"] == "v1"
-            assert set(obj["data"]) == {objects.AGENT_CONFIG_KEY}
+            assert set(obj["data"]) == {objects.AGENT_CONFIG_KEY, objects.VARIANTS_KEY}
+            # The server's own parser takes the prompt-variants document (an equal split at first).
+            from autoglm_inference.prompts import Variants
+
+            variants = Variants.parse(yaml.safe_load(obj["data"][objects.VARIANTS_KEY]), "ConfigMap")
+            assert sum(variants.weights.values()) == pytest.approx(1.0)
             continue
         assert problems(obj) == [], obj["metadata"]["name"]
         checked += 1
