@@ -9,8 +9,8 @@ and score sum) into the next published shares:
   file is not rewritten for noise;
 - a larger move is taken like a canary: at most ``max_step`` of the traffic moves per analysis
   interval, and the next step is taken only if the variants that gained traffic in the last one
-  pass the rollout's analysis gates on their own figures (error rate, p95 latency, and the feedback
-  score floor once they have ``min_requests`` requests); if they fail, they go back to an equal
+  pass the rollout's analysis gates on their own figures (error rate and p95 latency, once they have
+  ``min_requests`` requests, against the limits and the other variants); if they fail, they go back to an equal
   share at most (a rollback) and are *held* there (``held``, kept in the status by the caller) until
   the stable revision changes, so the policy never flaps between a step and its rollback.
 """
@@ -130,21 +130,37 @@ def _failed_gates(
     features: Mapping[str, Mapping[str, Any]],
     analysis: Analysis | None,
 ) -> dict[str, str]:
-    """The variants holding more than an equal share whose own figures fail the analysis gates."""
+    """The variants holding more than an equal share whose own figures break an analysis limit
+    (error rate, p95 latency) that some other variant meets, or meets better: all variants run on the
+    same revision, which its own canary already judged, so a limit every variant breaks (a slow
+    model) is not the prompt's fault. The feedback score is the bandit's objective, not a gate."""
     if analysis is None:
         return {}
+    judged = {
+        n: features.get(n) or {}
+        for n in names
+        if (features.get(n) or {}).get("requests", 0) >= analysis.min_requests
+    }
     failed = {}
-    for name in names:
-        f = features.get(name) or {}
-        if shares.get(name, 0.0) <= 1.0 / len(names) or (f.get("requests") or 0) < analysis.min_requests:
+    for name, f in judged.items():
+        if shares.get(name, 0.0) <= 1.0 / len(names):
             continue
+        others = [o for n, o in judged.items() if n != name]
         problems = []
-        if (rate := f.get("error_rate")) is not None and rate > analysis.max_error_rate:
-            problems.append(f"error rate {rate:.3f} > {analysis.max_error_rate}")
-        if (p95 := f.get("latency_p95_s")) is not None and p95 * 1000 > analysis.max_p95_latency_ms:
-            problems.append(f"p95 latency {p95 * 1000:.0f} ms > {analysis.max_p95_latency_ms:g} ms")
-        if (score := f.get("feedback_score")) is not None and score < analysis.min_feedback_score:
-            problems.append(f"feedback score {score:.3f} < {analysis.min_feedback_score}")
+        for key, limit, scale, label, unit in (
+            ("error_rate", analysis.max_error_rate, 1.0, "error rate", ""),
+            ("latency_p95_s", analysis.max_p95_latency_ms, 1000.0, "p95 latency", " ms"),
+        ):
+            value = f.get(key)
+            if value is None or value * scale <= limit:
+                continue
+            best = min((o[key] for o in others if o.get(key) is not None), default=None)
+            if best is None or value > best:
+                shown = f"{value * scale:.3g}{unit} > {limit:g}{unit}"
+                problems.append(
+                    f"{label} {shown}"
+                    + (f" (another variant: {best * scale:.3g}{unit})" if best is not None else "")
+                )
         if problems:
             failed[name] = ", ".join(problems)
     return failed

