@@ -59,7 +59,7 @@ def test_users_who_prefer_short_answers_move_the_policy_to_the_concise_prompt(
     model = load_manifest(str(repo_root / "examples" / "autoglm-model.yaml"))
     loop = FeedbackLoop(tmp_path, say=lambda _line: None)
     server = ServerProcess(
-        "support-glm", SMOLLM2, "--max-batch-size", "8", *loop.server_args(model), log=tmp_path / "server.log",
+        "support-glm", SMOLLM2, "--max-batch-size", "8", *loop.server_args(model), log=tmp_path / "server.log", threads=2,
     ).wait_ready(timeout=300)  # fmt: skip
     ledger_url = f"sqlite:///{tmp_path / 'audit.db'}"
     try:

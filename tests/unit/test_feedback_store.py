@@ -142,3 +142,47 @@ def test_a_request_log_whose_database_is_down_keeps_the_records_for_later(tmp_pa
     store.add_requests = real  # type: ignore[method-assign]
     log.close()
     assert store.request("req-1") is not None
+
+
+def _postgres_url() -> str:
+    import os
+
+    from sqlalchemy import create_engine
+
+    from autoglm_core.feedback.store import metadata
+
+    url = os.environ.get("AUTOGLM_TEST_POSTGRES_URL")
+    if not url:
+        pytest.skip("set AUTOGLM_TEST_POSTGRES_URL to run against PostgreSQL (CI does)")
+    engine = create_engine(url)
+    try:
+        metadata.drop_all(engine)  # fresh feedback tables for this test
+    finally:
+        engine.dispose()
+    return url
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_the_store_works_the_same_on_sqlite_and_postgresql(backend: str, tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'fb.db'}" if backend == "sqlite" else _postgres_url()
+    store = FeedbackStore(url, max_requests=40)
+    base = time.time()
+    records = [record(i, revision="r1", variant=("a", "b")[i % 2], at=base + i) for i in range(50)]
+    records[3] = RequestRecord(**{**records[3].__dict__, "status": "error"})
+    store.add_requests(records)
+    store.trim()
+    assert store.count_requests() == 40
+    events = [{"request_id": f"req-{i}", "score": i % 2 == 0} for i in range(10, 20)]
+    results = store.accept(
+        parse_feedback({"feedback": [*events, events[0], {"request_id": "req-0", "score": 1.0}]})
+    )
+    assert [r.status for r in results] == ["accepted"] * 10 + ["duplicate", "unknown_request"]
+    assert store.feedback_totals("m") == {("r1", "a"): (5, 5.0), ("r1", "b"): (5, 0.0)}
+    totals = store.request_totals("m")
+    assert totals[("r1", "a")].requests + totals[("r1", "b")].requests == 40
+    assert sum(t.errors for t in totals.values()) == 0  # req-3 was trimmed with the oldest
+    spool = store.unpushed(limit=4)
+    assert [f.request_id for f in spool] == ["req-10", "req-11", "req-12", "req-13"]
+    store.mark_pushed([f.id for f in spool])
+    assert store.count_feedback(pushed=False) == 6
+    store.close()
