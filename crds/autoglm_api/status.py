@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 from pydantic import Field
 
 from autoglm_api.base import ApiModel
+from autoglm_api.spec import PromptVariant
 
 Phase = Literal[
     "Pending", "Compressing", "Validating", "RollingOut", "Serving", "Retraining", "Degraded", "Failed"
@@ -101,6 +102,10 @@ class PromptPolicy(ApiModel):
         description="Variants held at an equal share at most: their step failed the analysis gates.",
     )
     updated_at: datetime | None = Field(default=None, description="When the shares were last published.")
+    proposals: list[PromptVariant] = Field(
+        default=[], max_length=3,
+        description="System prompts the served model proposed (OPRO), arms beside the spec's variants.",
+    )
 
 
 class AutoGLMModelStatus(ApiModel):

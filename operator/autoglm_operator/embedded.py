@@ -73,6 +73,8 @@ class LoopOptions:
         "Where is Elsinore?", "Who wrote Hamlet?",
     )  # fmt: skip
     user_max_tokens: int = 64
+    #: OPRO: ask the served model for new system prompts (arms beside the spec's variants).
+    propose_prompts: bool = False
     tick_seconds: float = 1.0
     timeout_seconds: float = 1800.0
     audit_url: str | None = None
@@ -110,7 +112,11 @@ class EmbeddedLoop:
         self._lock: IO[str] | None = None
         self._analyst = CanaryAnalyst(self._source, log=self.options.log)
         self._pending: list[Path] = []
-        self.feedback = FeedbackLoop(self.options.state_dir, say=self.options.log)
+        self.feedback = FeedbackLoop(
+            self.options.state_dir,
+            say=self.options.log,
+            ask=self._ask if self.options.propose_prompts else None,
+        )
         #: Feedback events the simulated users had accepted.
         self.rated = 0
 
@@ -292,6 +298,19 @@ class EmbeddedLoop:
                     continue
                 body = {"model": name, "prompt": rng.choice(self.options.traffic_prompts), "max_tokens": 8}
                 httpx.post(f"{server.url}/openai/v1/completions", json=body, timeout=60)
+
+    def _ask(self, messages: list[dict[str, str]]) -> str:
+        """The served model's answer to ``messages`` (a proposal's meta-prompt), from the first
+        target's server, sampled (temperature 0.8) so a second ask can propose something else."""
+        server = self.server
+        if server is None:
+            raise RuntimeError("no server runs to ask")
+        name = load_manifest(str(self.manifest)).metadata.name or ""
+        body = {"model": name, "messages": messages, "max_tokens": 64, "temperature": 0.8,
+                "prompt_variant": "none"}  # fmt: skip
+        answer = httpx.post(f"{server.url}/openai/v1/chat/completions", json=body, timeout=120)
+        answer.raise_for_status()
+        return str(answer.json()["choices"][0]["message"]["content"])
 
     def _user(self, rng: random.Random, url: str, name: str) -> None:
         """One simulated user: a chat question, then a rating that prefers short answers."""

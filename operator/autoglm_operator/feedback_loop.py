@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from autoglm_api.resource import AutoGLMModel
+from autoglm_api.spec import PromptVariant
 from autoglm_api.status import AutoGLMModelStatus, PromptPolicy
 from autoglm_operator.plan import DecisionRecord, duration
 
@@ -40,12 +41,26 @@ def enabled(model: AutoGLMModel) -> bool:
 VARIANTS_KEY = "prompt-variants.yaml"
 
 
-def variants_document(model: AutoGLMModel, shares: dict[str, float] | None) -> str:
-    """The servers' prompt-variants file (``autoglm_inference.prompts``): every variant's text and
-    the shares (the initial policy, an equal split, when none was published yet); an empty one
-    (every chat request as the client sent it) without prompt optimization."""
+def arms_of(model: AutoGLMModel, policy: PromptPolicy | None) -> list[PromptVariant]:
+    """The bandit's arms: the spec's variants, then the proposals the served model made."""
     optimization = model.spec.feedback.prompt_optimization
-    variants = {v.name: v.system for v in optimization.variants} if optimization.enabled else {}
+    if not optimization.enabled:
+        return []
+    spec = list(optimization.variants)
+    taken = {v.name for v in spec}
+    return spec + [p for p in (policy.proposals if policy else []) if p.name not in taken]
+
+
+def variants_document(
+    model: AutoGLMModel, shares: dict[str, float] | None, proposals: Sequence[PromptVariant] = ()
+) -> str:
+    """The servers' prompt-variants file (``autoglm_inference.prompts``): every variant's text
+    (the spec's, then the ``proposals``) and the shares (the initial policy, an equal split, when
+    none was published yet); an empty one (every chat request as the client sent it) without prompt
+    optimization."""
+    optimization = model.spec.feedback.prompt_optimization
+    arms = [*optimization.variants, *proposals] if optimization.enabled else []
+    variants = {v.name: v.system for v in arms}
     if variants and not shares:
         shares = {n: round(1.0 / len(variants), 6) for n in variants}
     data: dict[str, Any] = {"active": "none", "variants": variants}
@@ -61,6 +76,7 @@ class FeedbackLoop:
         state_dir: Path,
         *,
         say: Callable[[str], None] = print,
+        ask: Callable[[list[dict[str, str]]], str] | None = None,
         url: str | None = None,
         feast_dir: Path | None = None,
         online_store: str = "sqlite",
@@ -71,6 +87,8 @@ class FeedbackLoop:
         self.feast_dir = feast_dir or state_dir / "feast"
         self.online_store = online_store
         self.say = say
+        #: Asks the served model a chat and returns its answer: OPRO proposals (None: none are made).
+        self.ask = ask
         self._pipeline: Any = None  # Feast is imported (about a second) only when feedback is on
         self._refreshed: datetime | None = None
         #: How often the request features (latency, errors, energy, drift) are pushed without feedback.
@@ -78,11 +96,11 @@ class FeedbackLoop:
 
     # -- what the servers are started with ---------------------------------------------------------
 
-    def server_args(self, model: AutoGLMModel) -> list[str]:
+    def server_args(self, model: AutoGLMModel, status_policy: PromptPolicy | None = None) -> list[str]:
         if not enabled(model):
             return []
         if not self.variants_path.exists():
-            self.write_variants(model, self.initial(model).shares)
+            self.write_variants(model, status_policy or self.initial(model))
         return ["--feedback-url", self.url, "--prompt-variants", str(self.variants_path)]
 
     def initial(self, model: AutoGLMModel) -> PromptPolicy:
@@ -94,11 +112,15 @@ class FeedbackLoop:
             algorithm=optimization.algorithm, shares=uniform(names) if len(names) >= 2 else {}
         )
 
-    def write_variants(self, model: AutoGLMModel, shares: dict[str, float] | None) -> None:
+    def write_variants(self, model: AutoGLMModel, policy: PromptPolicy | None) -> None:
         """The servers' variants file (atomic rename: a server never reads half of it)."""
         fd, tmp = tempfile.mkstemp(dir=self.state_dir, prefix=".prompt-variants-", suffix=".yaml")
         with os.fdopen(fd, "w") as out:
-            out.write(variants_document(model, shares))
+            out.write(
+                variants_document(
+                    model, policy.shares if policy else None, policy.proposals if policy else ()
+                )
+            )
         os.replace(tmp, self.variants_path)
 
     # -- one tick ----------------------------------------------------------------------------------
@@ -124,13 +146,15 @@ class FeedbackLoop:
             return status, []
         status, records = self.decide(model, status, now)
         policy = status.prompt_policy
-        document = variants_document(model, policy.shares if policy else None)
+        document = variants_document(
+            model, policy.shares if policy else None, policy.proposals if policy else ()
+        )
         try:
             current = self.variants_path.read_text()
         except OSError:
             current = None
         if current != document:  # a new policy, or the manifest's variants were edited
-            self.write_variants(model, policy.shares if policy else None)
+            self.write_variants(model, policy)
         return status, records
 
     def decide(
@@ -142,6 +166,7 @@ class FeedbackLoop:
             return status, []
         from autoglm_feedback.features import evidence, online_stats
         from autoglm_feedback.policy import decide
+        from autoglm_feedback.proposals import with_priors
 
         name = model.metadata.name or ""
         pipeline = self.pipeline()
@@ -154,28 +179,77 @@ class FeedbackLoop:
         policy = status.prompt_policy or self.initial(model)
         if not optimization.enabled or not stable:
             return status.model_copy(update={"prompt_policy": policy}), []
-        names = [v.name for v in optimization.variants]
+        arms = arms_of(model, policy)
+        names = [v.name for v in arms]
+        proposed = [p.name for p in policy.proposals]
         stats = online_stats(pipeline.features, [(name, stable, v) for v in names])
+        rated = evidence(stats, stable)
         same_revision = policy.revision in (None, stable)
         analysis = model.spec.rollout.analysis
         decision = decide(
-            optimization, evidence(stats, stable), policy.shares,
+            optimization.model_copy(update={"variants": arms}),
+            with_priors(rated, proposed, self._arms(arms, rated)), policy.shares,
             features={v: stats[(name, stable, v)] for v in names}, analysis=analysis,
             last_change=policy.updated_at, now=now, interval=duration(analysis.interval),
             held=frozenset(policy.held if same_revision else ()),
         )  # fmt: skip
-        if decision is None:
-            return status.model_copy(update={"prompt_policy": policy}), []
-        held = set(policy.held if same_revision else ())
-        if decision.kind == "PromptPolicyRolledBack":
-            held |= set(decision.evidence.get("failed", {}))
-        updated = PromptPolicy(
-            algorithm=optimization.algorithm, revision=stable, shares=decision.shares, feedback=decision.feedback,
-            updated_at=now, held=sorted(held),
-        )  # fmt: skip
-        shown = ", ".join(f"{n} {s:.0%}" for n, s in decision.shares.items())
+        records: list[DecisionRecord] = []
+        if decision is not None:
+            held = set(policy.held if same_revision else ())
+            if decision.kind == "PromptPolicyRolledBack":
+                held |= set(decision.evidence.get("failed", {}))
+            policy = policy.model_copy(update={
+                "algorithm": optimization.algorithm, "revision": stable, "shares": decision.shares,
+                "feedback": decision.feedback, "updated_at": now, "held": sorted(held),
+            })  # fmt: skip
+            shown = ", ".join(f"{n} {s:.0%}" for n, s in decision.shares.items())
+            records.append(DecisionRecord(
+                kind=decision.kind, revision=stable, reason=f"{shown}: {decision.reason}",
+                evidence={"revision": stable, **decision.evidence}, idempotency_key=decision.key(stable),
+            ))  # fmt: skip
+        if self.ask is not None:
+            policy, proposal = self._propose(arms, rated, policy, stable)
+            records += proposal
+        return status.model_copy(update={"prompt_policy": policy}), records
+
+    @staticmethod
+    def _arms(arms: Sequence[PromptVariant], rated: dict[str, tuple[float, float]]) -> list[Any]:
+        from autoglm_feedback.proposals import Arm
+
+        return [Arm(v.name, v.system, *rated.get(v.name, (0.0, 0.0))) for v in arms]
+
+    def _propose(
+        self,
+        arms: Sequence[PromptVariant],
+        rated: dict[str, tuple[float, float]],
+        policy: PromptPolicy,
+        stable: str,
+    ) -> tuple[PromptPolicy, list[DecisionRecord]]:
+        """An OPRO proposal from the served model when one is due: a new arm (or the worst proposal's
+        replacement), with a ``PromptProposed`` record."""
+        from autoglm_feedback.policy import MIN_FEEDBACK
+        from autoglm_feedback.proposals import propose
+
+        proposed = [p.name for p in policy.proposals]
+        assert self.ask is not None
+        try:
+            proposal = propose(self._arms(arms, rated), proposed, self.ask, min_feedback=MIN_FEEDBACK)
+        except Exception as exc:  # the server is busy or down: try again at a later tick
+            log.warning("no prompt proposal this time: %s", exc)
+            return policy, []
+        if proposal is None:
+            return policy, []
+        kept = [p for p in policy.proposals if p.name != proposal.replaces]
+        policy = policy.model_copy(
+            update={"proposals": [*kept, PromptVariant(name=proposal.name, system=proposal.text)]}
+        )
+        replaced = f", replacing {proposal.replaces}" if proposal.replaces else ""
         record = DecisionRecord(
-            kind=decision.kind, revision=stable, reason=f"{shown}: {decision.reason}",
-            evidence={"revision": stable, **decision.evidence}, idempotency_key=decision.key(stable),
+            kind="PromptProposed", revision=stable,
+            reason=f"{proposal.name}: {proposal.text!r}, proposed by the served model{replaced}; it joins the arms",
+            evidence={"name": proposal.name, "text": proposal.text, "replaces": proposal.replaces,
+                      "metaPrompt": proposal.messages[0]["content"],
+                      "arms": {n: {"n": v[0], "sum": v[1]} for n, v in rated.items()}},
+            idempotency_key=f"PromptProposed/{stable}/{proposal.name}",
         )  # fmt: skip
-        return status.model_copy(update={"prompt_policy": updated}), [record]
+        return policy, [record]

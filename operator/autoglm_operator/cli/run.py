@@ -93,6 +93,9 @@ def _http_url(value: str | None) -> str | None:
 @click.option("--simulate-users", type=click.Choice(["none", "short"]), default="none", show_default=True,
               help="Simulated users at the --traffic rate: chat questions answered with the policy's prompt variant, "
                    "each answer rated on POST /v1/feedback (short: they prefer short answers).")  # fmt: skip
+@click.option("--propose-prompts", is_flag=True, default=False,
+              help="OPRO: ask the served model for new system prompts once every variant has 20 ratings; each "
+                   "joins the bandit as a new arm (status.promptPolicy.proposals, a PromptProposed record).")  # fmt: skip
 @click.option("--timeout", "timeout_seconds", type=click.FloatRange(1), default=1800.0, show_default=True,
               help="Give up after this many seconds (not with --until forever).")  # fmt: skip
 @click.option("--prometheus-url", metavar="URL", callback=lambda _c, _p, v: _http_url(v),
@@ -108,6 +111,7 @@ def run_command(
     traffic_rate: float,
     traffic_clients: int,
     simulate_users: str,
+    propose_prompts: bool,
     timeout_seconds: float,
     prometheus_url: str | None,
     decode_tokens: int,
@@ -133,6 +137,7 @@ def run_command(
         traffic_rate=traffic_rate,
         traffic_clients=traffic_clients,
         simulated_users=simulate_users,  # type: ignore[arg-type]
+        propose_prompts=propose_prompts,
         timeout_seconds=timeout_seconds,
         prometheus_url=prometheus_url,
         pipeline_args=("--decode-tokens", str(decode_tokens)),

@@ -328,7 +328,9 @@ def agent_config(
         metadata=_target_metadata(model, target, agent_config_name(model, target.name)),
         data={
             AGENT_CONFIG_KEY: json.dumps(document, indent=2, sort_keys=True) + "\n",
-            VARIANTS_KEY: variants_document(model, policy.shares if policy else None),
+            VARIANTS_KEY: variants_document(
+                model, policy.shares if policy else None, policy.proposals if policy else ()
+            ),
         },
     )
     return to_dict(config_map)

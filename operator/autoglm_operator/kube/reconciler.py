@@ -388,7 +388,9 @@ class ClusterReconciler:
                                    {"data": config["data"]})  # fmt: skip
             else:
                 self.gateway.create(config)
-        document = variants_document(model, policy.shares if policy else None)
+        document = variants_document(
+            model, policy.shares if policy else None, policy.proposals if policy else ()
+        )
         for spec in model.spec.targets:  # the prompt policy moved, or a ConfigMap from before it existed
             if (
                 spec.name in written
