@@ -93,6 +93,9 @@ def build_registry(
         )
         settings.watching.server_timeout = 300
         settings.execution.max_workers = 8
+        # A deletion waits for the timer's reconcile in progress to end; kopf polls an exiting timer
+        # every 60 s by default, so a `kubectl delete` that came during a reconcile hung for a minute.
+        settings.background.cancellation_polling = 1.0
 
     def reconcile(namespace: str | None, name: str | None) -> None:
         if namespace and name:
