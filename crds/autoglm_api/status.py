@@ -103,7 +103,8 @@ class PromptPolicy(ApiModel):
     )
     updated_at: datetime | None = Field(default=None, description="When the shares were last published.")
     proposals: list[PromptVariant] = Field(
-        default=[], max_length=3,
+        default=[],
+        max_length=3,
         description="System prompts the served model proposed (OPRO), arms beside the spec's variants.",
     )
 
