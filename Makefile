@@ -56,9 +56,6 @@ demo: $(STAMP)
 	$(BIN)/autoglm run examples/autoglm-model.yaml --state-dir $(DEMO_STATE) --until promoted --traffic 8
 	@echo "== an edit (examples/edits/autoglm-model-uncompressed.yaml): compression off; canaried against the int8 stable"
 	$(BIN)/autoglm run examples/edits/autoglm-model-uncompressed.yaml --state-dir $(DEMO_STATE) --until promoted --traffic 8
-	@echo "== the feedback loop: simulated users who prefer short answers rate the int8 stable's chat answers (POST /v1/feedback); Feast features; Thompson sampling moves the prompt policy"
-	$(BIN)/autoglm run examples/autoglm-model.yaml --state-dir $(DEMO_STATE) --until policy --simulate-users short --traffic 4 --traffic-clients 2
-	$(BIN)/autoglm feedback features support-glm --feedback-url sqlite:///$(DEMO_STATE)/feedback.db --feast-dir $(DEMO_STATE)/feast
 	@echo "== autoglm rollout history / status: what the loop decided, as the audit ledger has it"
 	$(BIN)/autoglm rollout history support-glm --state-dir $(DEMO_STATE)
 	$(BIN)/autoglm rollout status support-glm --state-dir $(DEMO_STATE)
@@ -66,7 +63,10 @@ demo: $(STAMP)
 	@echo "== autoglm serve on the stable int8 artifact: chat, streaming, V1, V2, an in-server canary, metrics"
 	$(BIN)/python examples/serve_demo.py $(DEMO_STATE)/pipelines/$$($(BIN)/python -c \
 	  "import json; print(json.load(open('$(DEMO_STATE)/status.json'))['revisions']['stable'])")/work/publish/model
-	@echo "== not in this demo: several targets with a precision each; PromQL: autoglm run --prometheus-url; in a cluster: autoglm operator (README; tools/cluster_transcript.py runs it on an emulated cluster); not built yet: canary retraining and OPRO prompt proposals (issue 13)"
+	@echo "== the feedback loop: simulated users who prefer short answers rate the int8 stable's chat answers (POST /v1/feedback); Feast features; Thompson sampling moves the prompt policy"
+	$(BIN)/autoglm run examples/autoglm-model.yaml --state-dir $(DEMO_STATE) --until policy --simulate-users short --traffic 4 --traffic-clients 2
+	$(BIN)/autoglm feedback features support-glm --feedback-url sqlite:///$(DEMO_STATE)/feedback.db --feast-dir $(DEMO_STATE)/feast
+	@echo "== not in this demo: several targets with a precision each; PromQL: autoglm run --prometheus-url; in a cluster: autoglm operator (README; tools/cluster_transcript.py runs it on an emulated cluster); OPRO prompt proposals: autoglm run --propose-prompts; not built yet: canary retraining (issue 13)"
 
 # Tests run in a random order (pytest-randomly); the seed is printed, and `make test SEED=N` repeats it.
 ifndef SEED
