@@ -186,3 +186,25 @@ def test_the_store_works_the_same_on_sqlite_and_postgresql(backend: str, tmp_pat
     store.mark_pushed([f.id for f in spool])
     assert store.count_feedback(pushed=False) == 6
     store.close()
+
+
+def test_the_feedback_api_alone_refuses_a_body_over_its_limit_and_takes_a_batch(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from autoglm_inference.routes.feedback import feedback_app
+
+    store = FeedbackStore(f"sqlite:///{tmp_path / 'fb.db'}")
+    store.add_requests([record(1)])
+    client = TestClient(feedback_app(store, None, max_body_bytes=2048), client=("127.0.0.1", 5000))
+    too_big = client.post(
+        "/v1/feedback", json={"request_id": "req-1", "score": "up", "correction": "x" * 4000}
+    )
+    assert too_big.status_code == 413
+    assert "2048" in too_big.json()["error"]
+    ok = client.post("/v1/feedback", json={"feedback": [{"request_id": "req-1", "score": "up"}]})
+    assert ok.status_code == 200
+    assert ok.json()["accepted"] == 1
+    outsider = TestClient(feedback_app(store, None), client=("10.1.2.3", 5000))
+    refused = outsider.post("/v1/feedback", json={"request_id": "req-1", "score": "down", "source": "x"})
+    assert refused.status_code == 403
+    assert "loopback" in refused.json()["error"]

@@ -105,14 +105,18 @@ async def feedback(
     })  # fmt: skip
 
 
-def feedback_app(store: FeedbackStore, token: str | None) -> FastAPI:
+def feedback_app(store: FeedbackStore, token: str | None, *, max_body_bytes: int = 1 << 20) -> FastAPI:
     """The feedback API alone (``autoglm feedback serve``): ``POST /v1/feedback``, ``GET /healthz``
-    and ``/metrics`` (the feedback scores, for a Prometheus that scrapes it beside the servers)."""
+    and ``/metrics`` (the feedback scores, for a Prometheus that scrapes it beside the servers).
+    Bodies over ``max_body_bytes`` (1 MiB: a full batch with corrections fits) get 413, as the
+    model server's do."""
     from prometheus_client import make_asgi_app
 
     from autoglm_core.errors import AutoGLMError
+    from autoglm_inference.middleware import RequestGuard
 
     app = FastAPI(title="AutoGLM feedback API")
+    app.add_middleware(RequestGuard, max_body_bytes=max_body_bytes, target="feedback")
 
     async def on_error(_request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, AutoGLMError)
