@@ -18,6 +18,7 @@ policy gradient with a running-mean baseline (Sutton & Barto, 2.8). ``EpsilonGre
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -42,7 +43,7 @@ class Arm:
 
 
 @dataclass
-class Policy:
+class Policy(ABC):
     """The shared part: arms by name, evidence in, shares and choices out."""
 
     names: list[str]
@@ -69,8 +70,9 @@ class Policy:
             n, total = evidence.get(name, (0.0, 0.0))
             self.arms[name] = Arm(float(n), float(total))
 
+    @abstractmethod
     def shares(self) -> dict[str, float]:
-        raise NotImplementedError
+        """Each arm's share of traffic now (they sum to 1)."""
 
     def choose(self, rng: np.random.Generator) -> str:
         shares = self.shares()

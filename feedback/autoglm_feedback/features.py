@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -369,7 +368,3 @@ def evidence(
         for (_m, rev, variant), v in stats.items()
         if rev == revision
     }
-
-
-def now() -> float:
-    return time.time()

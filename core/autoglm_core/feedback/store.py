@@ -206,17 +206,6 @@ class FeedbackStore:
             ).first()
         return RequestRecord(**row._mapping) if row is not None else None
 
-    def requests(self, model: str, *, since: float = 0.0, limit: int = 100_000) -> list[RequestRecord]:
-        """The model's request records since ``since`` (unix seconds), oldest first."""
-        query = (
-            select(requests_table)
-            .where(requests_table.c.model == model, requests_table.c.time >= since)
-            .order_by(requests_table.c.time)
-            .limit(limit)
-        )
-        with self.engine.connect() as conn:
-            return [RequestRecord(**row._mapping) for row in conn.execute(query)]
-
     def request_totals(self, model: str) -> dict[tuple[str, str], RequestTotals]:
         """Per (revision, prompt variant) of ``model``: requests that ran to the end or failed (not
         the cancelled), errors, joules and generated tokens, over what the log keeps."""
@@ -382,17 +371,6 @@ class FeedbackStore:
             return
         with self.engine.begin() as conn:
             conn.execute(update(feedback_table).where(feedback_table.c.id.in_(list(ids))).values(pushed=True))
-
-    def feedback(self, model: str, *, since: float = 0.0, limit: int = 1_000_000) -> list[FeedbackRow]:
-        """The model's feedback since ``since`` (unix seconds), oldest first."""
-        query = (
-            select(feedback_table)
-            .where(feedback_table.c.model == model, feedback_table.c.time >= since)
-            .order_by(feedback_table.c.id)
-            .limit(limit)
-        )
-        with self.engine.connect() as conn:
-            return [_feedback_row(row._mapping) for row in conn.execute(query)]
 
     def count_feedback(self, *, pushed: bool | None = None) -> int:
         query = select(func.count()).select_from(feedback_table)
