@@ -9,14 +9,15 @@ from __future__ import annotations
 from autoglm_api.spec import AutoGLMModelSpec
 from autoglm_core.digests import canonical_digest, short_id
 
-ARTIFACT_SPEC_PARTS = ("source", "compression", "calibration", "validation")
+ARTIFACT_SPEC_PARTS = ("source", "training", "compression", "calibration", "validation")
 
 
 def artifact_revision(spec: AutoGLMModelSpec) -> str:
     """Content-addressed id of what the pipeline builds: the first 12 hex digits of a SHA-256.
 
     Hashes the canonical JSON (sorted keys, defaults filled in, unset optionals left out) of
-    ``source``, ``compression``, ``calibration`` and ``validation``, so a re-applied or reformatted
+    ``source``, ``training`` (when set: a fine-tune, e.g. a retraining revision's), ``compression``,
+    ``calibration`` and ``validation``, so a re-applied or reformatted
     spec gets the same revision and a change to targets, rollout or feedback does not rebuild.
     """
     data = spec.to_json()

@@ -201,6 +201,35 @@ class Calibration(ApiModel):
     sequence_length: int = Field(default=512, ge=8, le=131_072, description="Tokens per sequence.")
 
 
+class Training(ApiModel):
+    """Supervised fine-tuning of the source before compression: LoRA adapters trained on a dataset of
+    conversations and merged into the weights. The operator sets it on a retraining revision (the
+    feedback collected, ``status.retraining``); a user may set it to fine-tune on their own data."""
+
+    dataset: Uri = Field(
+        description='JSON Lines, one example per line: {"messages": [{"role": ..., "content": ...}, ...]} '
+        'whose last message is the assistant\'s answer to learn, or {"prompt": ..., "completion": ...}; '
+        'an optional "split": "heldout" keeps an example for validation. Same schemes as source.uri.'
+    )
+    sha256: Sha256 | None = Field(
+        default=None,
+        description="Expected SHA-256 of the dataset file; the finetune step refuses anything else.",
+    )
+    method: Literal["lora"] = Field(
+        default="lora", description="lora (low-rank adapters, merged after training)."
+    )
+    rank: int = Field(default=8, ge=1, le=256, description="LoRA rank.")
+    epochs: int = Field(default=2, ge=1, le=100, description="Passes over the training examples.")
+    learning_rate: float = Field(default=2e-4, gt=0.0, le=1.0, description="AdamW learning rate.")
+    max_examples: int = Field(
+        default=2000, ge=1, le=1_000_000, description="Training examples at most (the newest are kept)."
+    )
+    held_out: Rate = Field(
+        default=0.2,
+        description="Share of the examples not marked with a split that is held out for validation, in [0, 1].",
+    )
+
+
 class Gates(ApiModel):
     """Thresholds a candidate must meet before it may be rolled out."""
 
@@ -484,6 +513,11 @@ class AutoGLMModelSpec(ApiModel):
     compression: Compression = Field(default=Compression(), description="Compression settings.")
     calibration: Calibration = Field(default=Calibration(), description="Calibration data.")
     validation: Validation = Field(default=Validation(), description="Validation data, metric and gates.")
+    training: Training | None = Field(
+        default=None,
+        description="Fine-tune the source on a dataset before compression. Absent: the source as it is "
+        "(or the feedback a retraining revision collected, status.retraining).",
+    )
     targets: list[Target] = Field(min_length=1, max_length=16, description="Where the model is served.")
     rollout: Rollout = Field(
         default=Rollout(steps=list(DEFAULT_CANARY_STEPS)),

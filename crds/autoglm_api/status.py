@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 from pydantic import Field
 
 from autoglm_api.base import ApiModel
-from autoglm_api.spec import PromptVariant
+from autoglm_api.spec import PromptVariant, Training
 
 Phase = Literal[
     "Pending", "Compressing", "Validating", "RollingOut", "Serving", "Retraining", "Degraded", "Failed"
@@ -109,6 +109,36 @@ class PromptPolicy(ApiModel):
     )
 
 
+class Retraining(ApiModel):
+    """Canary retraining (spec.feedback.retraining): the fine-tune on collected feedback the revision
+    being rolled out adds to the spec, and the one the stable revision was built with."""
+
+    candidate: Training | None = Field(
+        default=None,
+        description="The fine-tune of the retraining revision being built or canaried; cleared when it is "
+        "promoted (it becomes stable) or rejected.",
+    )
+    stable: Training | None = Field(
+        default=None,
+        description="The fine-tune the stable revision was built with (kept by later spec edits).",
+    )
+    triggered_at: datetime | None = Field(default=None, description="When retraining was last triggered.")
+    reason: Annotated[str, Field(max_length=4096)] = Field(default="", description="Why, with the figures.")
+    revision: RevisionId | None = Field(
+        default=None, description="The stable revision whose feedback and drift triggered it."
+    )
+    feedback: int = Field(
+        default=0,
+        ge=0,
+        description="That revision's feedback events when it was triggered (the next "
+        "trigger on the same revision needs minFeedback more).",
+    )
+    examples: int = Field(default=0, ge=0, description="Examples in the dataset (training and held out).")
+    outcome: Literal["", "Promoted", "Rejected"] = Field(
+        default="", description="How the last retraining revision's rollout ended (empty while it runs)."
+    )
+
+
 class AutoGLMModelStatus(ApiModel):
     """The observed state of one served model."""
 
@@ -123,4 +153,8 @@ class AutoGLMModelStatus(ApiModel):
     last_decision: Decision | None = Field(default=None, description="The newest autonomous decision.")
     prompt_policy: PromptPolicy | None = Field(
         default=None, description="Prompt variants' traffic shares (spec.feedback.promptOptimization)."
+    )
+    retraining: Retraining | None = Field(
+        default=None,
+        description="Retraining revisions triggered by feedback or drift (spec.feedback.retraining).",
     )

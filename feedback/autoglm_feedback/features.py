@@ -5,8 +5,10 @@ through push sources (online and offline at once):
 
 - ``feedback_stats`` (model_revision x prompt_variant): feedback score (mean), feedback volume and
   score sum (the bandit's evidence), requests, error rate, p95 latency, joules per token;
-- ``revision_drift`` (model_revision): PSI of prompt length, vocabulary and feedback score against
-  the model's reference window, and the drift statistic (their largest).
+- ``revision_drift`` (model_revision): PSI of prompt length, vocabulary and feedback score of the
+  revision's newest requests against its reference window (its first requests), and the drift
+  statistic (their largest). Each revision is its own reference: a revision promoted after
+  retraining measures drift from the traffic it was rolled out on.
 
 The store is Feast's local provider by default: SQLite online store, file (parquet) offline store and
 a file registry, all under one folder. ``online_store`` chooses a Redis (``redis://HOST:PORT``) or
@@ -55,7 +57,7 @@ STATS_FEATURES: Final = (
 DRIFT_FEATURES: Final = ("drift_prompt_length", "drift_vocabulary", "drift_score", "drift_statistic")
 #: Requests of a revision the latency, error and energy features are computed over (the newest).
 WINDOW_REQUESTS: Final = 2000
-#: The reference window of drift: the first requests of a model the store saw.
+#: The reference window of drift: a revision's first requests (and the newest window compared with it).
 REFERENCE_REQUESTS: Final = 500
 
 
@@ -304,38 +306,35 @@ class FeaturePipeline:
                      self.store.latencies(model, rev, var, limit=self.window_requests))
             for rev, var in keys
         ]  # fmt: skip
-        reference = self.reference(model)
         drift: dict[str, Drift] = {}
-        if reference is not None:
-            for revision in sorted({rev for rev, _ in keys}):
-                recent = self.store.recent_requests(model, revision, limit=self.reference_requests)
-                scores = self.store.scores_of([r.request_id for r in recent])
-                drift[revision] = compare(reference, window_of(recent, scores))
+        for revision in sorted({rev for rev, _ in keys}):
+            reference = self.reference(model, revision)
+            if reference is None:
+                continue
+            recent = self.store.recent_requests(model, revision, limit=self.reference_requests)
+            scores = self.store.scores_of([r.request_id for r in recent])
+            drift[revision] = compare(reference, window_of(recent, scores))
         return stats, drift
 
-    def reference(self, model: str) -> Window | None:
-        """The model's reference window: its first ``reference_requests`` requests (and their
-        feedback), kept in ``DATA_DIR/reference-MODEL.json`` once that many were seen."""
-        if model in self._references:
-            return self._references[model]
-        path = self.data_dir / f"reference-{model}.json"
+    def reference(self, model: str, revision: str) -> Window | None:
+        """``revision``'s reference window: its first ``reference_requests`` requests (and their
+        feedback), kept in ``DATA_DIR/reference-MODEL@REVISION.json`` once that many were seen."""
+        key = model_revision(model, revision)
+        if key in self._references:
+            return self._references[key]
+        path = self.data_dir / f"reference-{key}.json"
         if path.exists():
             window = Window.from_json(json.loads(path.read_text()))
         else:
-            first = self.store.first_requests(model, limit=self.reference_requests)
+            first = self.store.first_requests(model, revision=revision, limit=self.reference_requests)
             if len(first) < self.reference_requests:
                 return None
             window = window_of(first, self.store.scores_of([r.request_id for r in first]))
             tmp = path.with_suffix(".tmp")
             tmp.write_text(json.dumps(window.to_json()))
             tmp.replace(path)
-        self._references[model] = window
+        self._references[key] = window
         return window
-
-    def reset_reference(self, model: str) -> None:
-        """Forget ``model``'s reference (after a retraining revision is promoted: its traffic is the new normal)."""
-        self._references.pop(model, None)
-        (self.data_dir / f"reference-{model}.json").unlink(missing_ok=True)
 
 
 # -- reading them back ------------------------------------------------------------------------------

@@ -47,8 +47,9 @@ from autoglm_operator.feedback_loop import FeedbackLoop
 from autoglm_operator.metrics import FiguresSource, ScrapeSource
 from autoglm_operator.plan import Analysis, DecisionRecord, Observed, Plan, Serving, TargetObserved, plan
 from autoglm_operator.promql import PrometheusSource
+from autoglm_operator.retraining import effective
 
-Until = Literal["serving", "promoted", "policy", "forever"]
+Until = Literal["serving", "promoted", "policy", "retrained", "forever"]
 #: ``policy``: promoted, and the prompt policy gives one variant at least this share of chat traffic.
 POLICY_SETTLED = 0.8
 
@@ -73,6 +74,17 @@ class LoopOptions:
         "Where is Elsinore?", "Who wrote Hamlet?",
     )  # fmt: skip
     user_max_tokens: int = 64
+    #: An injected drift: after this many questions the simulated users ask ``drift_questions``
+    #: instead (longer, on another topic). None: no drift.
+    drift_after: int | None = None
+    drift_questions: tuple[str, ...] = (
+        "Can you explain how a hash table handles collisions, and when open addressing is better than chaining?",
+        "What is the difference between a process and a thread in an operating system, and why does it matter?",
+        "How does gradient descent find the minimum of a loss function when training a neural network?",
+        "Why do databases use B-trees for their indexes instead of binary search trees?",
+    )  # fmt: skip
+    #: Requests in the drift reference window (and in the window compared with it); None: 500.
+    drift_window: int | None = None
     #: OPRO: ask the served model for new system prompts (arms beside the spec's variants).
     propose_prompts: bool = False
     tick_seconds: float = 1.0
@@ -116,7 +128,10 @@ class EmbeddedLoop:
             self.options.state_dir,
             say=self.options.log,
             ask=self._ask if self.options.propose_prompts else None,
+            drift_window=self.options.drift_window,
         )
+        #: Questions the simulated users asked.
+        self.asked = 0
         #: Feedback events the simulated users had accepted.
         self.rated = 0
 
@@ -263,13 +278,16 @@ class EmbeddedLoop:
             self.state.clear_server(target)
         if died:
             self._resume_servers()
-        model = self.load()
+        manifest = self.load()
+        model = effective(manifest)  # a retraining revision's fine-tune (status.retraining) added
         observed = self.observe(model, now)
         result = plan(model, observed, now)
         self.act(model, result)
         status = self._targets(model, self.record(model, result))
         if self.servers:
             status, decisions = self.feedback.tick(model, status, now)
+            status = self.append(model, status, decisions)
+            status, decisions = self.feedback.retrain(manifest, status, now)
             status = self.append(model, status, decisions)
         result = dataclasses.replace(result, status=status)
         self.save(result.status)
@@ -315,8 +333,11 @@ class EmbeddedLoop:
     def _user(self, rng: random.Random, url: str, name: str) -> None:
         """One simulated user: a chat question, then a rating that prefers short answers."""
         limit = self.options.user_max_tokens
+        self.asked += 1
+        drifted = self.options.drift_after is not None and self.asked > self.options.drift_after
+        questions = self.options.drift_questions if drifted else self.options.user_questions
         body = {"model": name, "max_tokens": limit,
-                "messages": [{"role": "user", "content": rng.choice(self.options.user_questions)}]}  # fmt: skip
+                "messages": [{"role": "user", "content": rng.choice(questions)}]}  # fmt: skip
         answer = httpx.post(f"{url}/openai/v1/chat/completions", json=body, timeout=120)
         if answer.status_code != 200:
             return
@@ -396,22 +417,25 @@ class EmbeddedLoop:
                 self._lock = None
 
     def _reached(self, model: AutoGLMModel, status: AutoGLMModelStatus) -> bool:
+        until = self.options.until
         desired = rollout_revision(model.spec)
-        if (
-            status.revisions.stable == desired
-            and status.revisions.candidate is None
-            and self.options.until != "policy"
-        ):
+        settled = status.revisions.stable == desired and status.revisions.candidate is None
+        if settled and until in ("serving", "promoted"):
             return True
         if status.revisions.rejected == desired:
             return True  # rolled back or failed: held until the manifest changes
-        if self.options.until == "policy":
+        if until == "policy":
             policy = status.prompt_policy
             return (
-                status.revisions.stable == desired and status.revisions.candidate is None
-                and policy is not None and max(policy.shares.values(), default=0.0) >= POLICY_SETTLED
+                settled and policy is not None and max(policy.shares.values(), default=0.0) >= POLICY_SETTLED
+            )
+        if until == "retrained":  # a retraining revision was triggered, and promoted or rejected
+            retraining = status.retraining
+            return (
+                retraining is not None and retraining.triggered_at is not None and retraining.candidate is None
+                and status.revisions.candidate is None
             )  # fmt: skip
-        return self.options.until == "serving" and bool(self.servers) and bool(status.revisions.stable)
+        return until == "serving" and bool(self.servers) and bool(status.revisions.stable)
 
     def stop(self) -> None:
         """Make ``run()`` return at its next tick (from another thread)."""

@@ -14,6 +14,7 @@ and, when it decides, the new shares in the file, the status (``promptPolicy``) 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import tempfile
@@ -80,6 +81,7 @@ class FeedbackLoop:
         url: str | None = None,
         feast_dir: Path | None = None,
         online_store: str = "sqlite",
+        drift_window: int | None = None,
     ) -> None:
         self.state_dir = state_dir
         self.url = url or f"sqlite:///{state_dir / 'feedback.db'}"
@@ -93,6 +95,11 @@ class FeedbackLoop:
         self._refreshed: datetime | None = None
         #: How often the request features (latency, errors, energy, drift) are pushed without feedback.
         self.refresh_seconds = 10.0
+        #: The drift reference window and the window compared with it, in requests (None: Feast
+        #: pipeline's default, 500).
+        self.drift_window = drift_window
+        #: The feedback count at which a trigger last found too few examples (said once per count).
+        self._thin = -1
 
     # -- what the servers are started with ---------------------------------------------------------
 
@@ -128,12 +135,13 @@ class FeedbackLoop:
     def pipeline(self) -> Any:
         if self._pipeline is None:
             from autoglm_core.feedback.store import FeedbackStore
-            from autoglm_feedback.features import FeaturePipeline, open_features
+            from autoglm_feedback.features import REFERENCE_REQUESTS, FeaturePipeline, open_features
 
             store = FeedbackStore(self.url)
             self._pipeline = FeaturePipeline(
-                store, open_features(self.feast_dir, self.online_store), self.feast_dir
-            )
+                store, open_features(self.feast_dir, self.online_store), self.feast_dir,
+                reference_requests=self.drift_window or REFERENCE_REQUESTS,
+            )  # fmt: skip
             if pending := store.count_feedback(pushed=False):
                 self.say(f"feedback: replaying {pending} events a stopped loop had not pushed to Feast")
         return self._pipeline
@@ -211,6 +219,86 @@ class FeedbackLoop:
             policy, proposal = self._propose(arms, rated, policy, stable)
             records += proposal
         return status.model_copy(update={"prompt_policy": policy}), records
+
+    # -- canary retraining -------------------------------------------------------------------------
+
+    def retrain(
+        self, model: AutoGLMModel, status: AutoGLMModelStatus, now: datetime
+    ) -> tuple[AutoGLMModelStatus, list[DecisionRecord]]:
+        """Settle a retraining candidate whose rollout ended (``retraining.settle``; a promoted one's
+        first requests are its own drift reference); then, when no rollout runs, whether the stable
+        revision's Feast features trigger retraining (``autoglm_feedback.retraining.trigger``). A
+        trigger exports the rated requests as a dataset (``STATE/datasets/``, content-addressed) and
+        sets ``status.retraining.candidate``: the next ``plan()`` builds and canaries its revision."""
+        from autoglm_operator.retraining import can_trigger, settle
+
+        settled = settle(model, status)
+        status = settled.status
+        if settled.outcome == "promoted":
+            self.say(f"retraining: {settled.revision} promoted; its first requests are its drift reference")
+        elif settled.outcome == "rejected":
+            self.say(f"retraining: {settled.revision} was rejected; the stable revision keeps serving")
+        spec = model.spec.feedback.retraining
+        if not spec.enabled or not can_trigger(status):
+            return status, []
+        return self._trigger(model, status, now)
+
+    def _trigger(
+        self, model: AutoGLMModel, status: AutoGLMModelStatus, now: datetime
+    ) -> tuple[AutoGLMModelStatus, list[DecisionRecord]]:
+        from autoglm_core.variants import rollout_revision
+        from autoglm_feedback.features import online_stats
+        from autoglm_feedback.retraining import MIN_EXAMPLES, dataset, trigger
+        from autoglm_operator.retraining import fine_tune, triggered, with_training
+
+        name, stable = model.metadata.name or "", status.revisions.stable or ""
+        arms = arms_of(model, status.prompt_policy)
+        names = sorted({"none", *(v.name for v in arms)})
+        stats = online_stats(self.pipeline().features, [(name, stable, v) for v in names])
+        count = sum(int(v.get("feedback_count") or 0) for v in stats.values())
+        total = sum(float(v.get("feedback_sum") or 0.0) for v in stats.values())
+        drift = next(iter(stats.values()), {})  # one per revision: every variant's row carries it
+        previous = status.retraining
+        since = previous.feedback if previous is not None and previous.revision == stable else 0
+        spec = model.spec.feedback.retraining
+        found = trigger(
+            spec, revision=stable, feedback_count=count, feedback_sum=total, drift=drift, since=since
+        )
+        if found is None:
+            return status, []
+        settings = fine_tune(model.spec.training, "file:///pending", "0" * 64)
+        rated = self.pipeline().store.rated_requests(name, limit=settings.max_examples)
+        data = dataset(rated, {v.name: v.system for v in arms})
+        if len(data.examples) < MIN_EXAMPLES:
+            if self._thin != count:
+                self._thin = count
+                self.say(f"retraining: {found.reason}, but only {len(data.examples)} usable examples "
+                         f"(at least {MIN_EXAMPLES}): waiting for more feedback")  # fmt: skip
+            return status, []
+        body = data.jsonl().encode()
+        digest = hashlib.sha256(body).hexdigest()
+        folder = self.state_dir / "datasets"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"retrain-{digest[:12]}.jsonl"
+        if not path.exists():
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=".retrain-", suffix=".jsonl")
+            with os.fdopen(fd, "wb") as out:
+                out.write(body)
+            os.replace(tmp, path)
+        candidate = fine_tune(model.spec.training, path.resolve().as_uri(), digest)
+        revision = rollout_revision(with_training(model, candidate).spec)
+        status = triggered(status, candidate, revision=stable, feedback=count, reason=found.reason,
+                           examples=len(data.examples), now=now)  # fmt: skip
+        record = DecisionRecord(
+            kind="RetrainingTriggered", revision=stable,
+            reason=f"{found.reason}: retraining revision {revision} fine-tunes on {len(data.examples)} examples "
+                   f"of {len(rated)} rated requests ({data.counts['corrections']} corrections; "
+                   f"{data.counts['lowScored']} scored below {data.counts['keepAbove']:.3f} left out)",
+            evidence={**found.evidence, "dataset": {"uri": candidate.dataset, "sha256": digest, **data.counts},
+                      "training": candidate.to_json(), "retrainingRevision": revision},
+            idempotency_key=f"RetrainingTriggered/{stable}/{digest[:16]}",
+        )  # fmt: skip
+        return status, [record]
 
     @staticmethod
     def _arms(arms: Sequence[PromptVariant], rated: dict[str, tuple[float, float]]) -> list[Any]:

@@ -84,7 +84,7 @@ def render_command(manifest: str, image: str | None, output: Path | None) -> Non
     click.echo(f"wrote {output}", err=True)
 
 
-STEP_NAMES = ("fetch", "search", "compress", "calibrate", "validate", "publish")
+STEP_NAMES = ("fetch", "finetune", "search", "compress", "calibrate", "validate", "publish")
 
 
 def _run_options(command: Callable[..., None]) -> Callable[..., None]:
@@ -199,11 +199,11 @@ def _make_step_command(step: str) -> click.Command:
         note = " (inputs unchanged: reused)" if reused else ""
         click.echo(f"{name}: {result.status} in {result.duration_seconds:.1f}s{note}")
 
-    from autoglm_pipelines.dag import CALIBRATE, COMPRESS, FETCH, PUBLISH, SEARCH, VALIDATE
+    from autoglm_pipelines.dag import CALIBRATE, COMPRESS, FETCH, FINETUNE, PUBLISH, SEARCH, VALIDATE
 
-    description = {s.name: s.description for s in (FETCH, SEARCH, COMPRESS, CALIBRATE, VALIDATE, PUBLISH)}[
-        step
-    ]
+    description = {
+        s.name: s.description for s in (FETCH, FINETUNE, SEARCH, COMPRESS, CALIBRATE, VALIDATE, PUBLISH)
+    }[step]
     return click.command(step, help=f"{description}. Writes WORKDIR/{step}/ and its STEP.json.")(command)
 
 

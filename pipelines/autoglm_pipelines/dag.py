@@ -1,5 +1,9 @@
 """The pipeline's steps and their order: one definition for the Argo WorkflowTemplate and the local runner.
 
+A spec with ``training`` adds ``finetune`` after fetch: the fine-tuned source is what calibrate,
+search and compress read, validate compares it (compressed) with fetch's source, and publish lists
+it in the lineage.
+
 Pure: no I/O. Every step runs as ``autoglm pipeline STEP --spec SPEC --workdir DIR``, reads what
 the steps it depends on wrote under ``DIR/<step>/`` and writes its own outputs and ``STEP.json``
 under ``DIR/<step>/``. In Argo each step's folder is an output artifact, handed to the steps
@@ -52,6 +56,13 @@ class Step:
 FETCH = Step(
     "fetch", "Resolve spec.source.uri and load the checkpoint as safetensors", depends=(), memory="4Gi"
 )
+FINETUNE = Step(
+    "finetune",
+    "Fine-tune the source on spec.training's conversations (LoRA, merged into the weights)",
+    depends=("fetch",),
+    retries=1,
+    timeout_seconds=6 * 3600,
+)
 CALIBRATE = Step(
     "calibrate",
     "Run calibration data through the source model; record the activation statistics compression uses",
@@ -84,7 +95,7 @@ PUBLISH = Step(
 )
 
 
-SHARED: tuple[str, ...] = ("fetch", "calibrate", "search")
+SHARED: tuple[str, ...] = ("fetch", "finetune", "calibrate", "search")
 PER_VARIANT: tuple[str, ...] = ("compress", "validate", "publish")
 
 
@@ -97,10 +108,16 @@ def pipeline_steps(spec: AutoGLMModelSpec) -> tuple[Step, ...]:
     """The steps ``spec`` needs, in an order where every step comes after its dependencies."""
     built = variants(spec)
     searched = any(v.spec.compression.search.enabled for v in built)
-    steps = [FETCH, CALIBRATE, *([SEARCH] if searched else [])]
+    # A fine-tuned source: what every later step reads as "the model" is finetune's, not fetch's.
+    tuned = ("finetune",) if spec.training is not None else ()
+    steps = [FETCH, *([FINETUNE] if tuned else [])]
+    steps += [
+        dataclasses.replace(s, depends=(*s.depends, *tuned))
+        for s in (CALIBRATE, *([SEARCH] if searched else []))
+    ]
     for variant in built:
         search = ("search",) if variant.spec.compression.search.enabled else ()
-        for base, extra in ((COMPRESS, search), (VALIDATE, ()), (PUBLISH, search)):
+        for base, extra in ((COMPRESS, (*search, *tuned)), (VALIDATE, tuned), (PUBLISH, (*search, *tuned))):
             steps.append(
                 dataclasses.replace(
                     base,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -155,3 +156,17 @@ def measure_gguf(
     return ModelMeasurement(
         quality=math.exp(nll / count), weight_bytes=gguf_weight_bytes(path), **dict(decode)
     )
+
+
+def answer_nll_gguf(path: Path, rows: Sequence[tuple[list[int], int]]) -> float:
+    """``finetune.answer_nll`` on llama.cpp: the mean NLL per answer token of rows ``(ids, answer
+    start)``, each as the full sequence's NLL less its prompt's (the model is causal: the prompt's
+    tokens score the same with or without the answer after them)."""
+    context = max(len(ids) for ids, _ in rows)
+    total, count = 0.0, 0
+    with LlamaCppModel(path, max_rows=1, context=context, threads=torch.get_num_threads()) as model:
+        for ids, start in rows:
+            whole, n = model.negative_log_likelihood(ids)
+            prompt = model.negative_log_likelihood(ids[:start])[0] if start >= 2 else 0.0
+            total, count = total + whole - prompt, count + n - max(start - 1, 0)
+    return total / count if count else math.nan

@@ -30,11 +30,28 @@ def quality_loss(metric: str, baseline: float, candidate: float) -> float:
     return (baseline - candidate) / baseline if baseline else 0.0
 
 
+#: The held-out gate of a fine-tuned candidate: its answers' NLL over the source's, at most this.
+HELD_OUT_RATIO = 1.0
+
+
 def evaluate_gates(
-    gates: Gates, *, quality_loss: float, p95_token_latency_ms: float, size_reduction: float
+    gates: Gates,
+    *,
+    quality_loss: float,
+    p95_token_latency_ms: float,
+    size_reduction: float,
+    held_out_nll_ratio: float | None = None,
 ) -> list[GateResult]:
-    """Every gate with its measured value, threshold and verdict."""
+    """Every gate with its measured value, threshold and verdict. A fine-tuned candidate (``spec.training``)
+    also has ``heldOutNllRatio``: the held-out examples' answers must be at least as likely under it as
+    under the source (the fine-tune learned what users preferred, and compression kept it)."""
+    held = (
+        [GateResult(name="heldOutNllRatio", value=held_out_nll_ratio, threshold=HELD_OUT_RATIO,
+                    passed=held_out_nll_ratio <= HELD_OUT_RATIO, comparison="<=")]
+        if held_out_nll_ratio is not None else []
+    )  # fmt: skip
     return [
+        *held,
         GateResult(
             name="maxQualityLoss",
             value=quality_loss,

@@ -27,6 +27,7 @@ def _data(m: AutoGLMModel) -> dict[str, Any]:
 #: The part of the spec each step reads (the rest reaches it through its inputs' hashes).
 _SPEC_PARTS: dict[str, Callable[[AutoGLMModel], Any]] = {
     "fetch": lambda m: m.spec.source.to_json(),
+    "finetune": lambda m: m.spec.training.to_json() if m.spec.training is not None else None,
     "search": lambda m: {"compression": m.spec.compression.to_json(), **_data(m)},
     "compress": lambda m: {"compression": m.spec.compression.to_json(), **_data(m)},
     # whether the Hessians are recorded depends on the rounding algorithm
@@ -72,6 +73,8 @@ def inputs_digest(
     if kind in _READS_DATA:
         uris = {model.spec.calibration.dataset, model.spec.validation.dataset}
         options["datasets"] = {uri: _local_digest(uri) for uri in sorted(uris)}
+    if kind == "finetune" and model.spec.training is not None:
+        options["datasets"] = {model.spec.training.dataset: _local_digest(model.spec.training.dataset)}
     return canonical_digest({"step": step, "spec": _SPEC_PARTS[kind](model), "upstream": upstream, **options})
 
 

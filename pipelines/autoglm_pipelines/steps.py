@@ -49,7 +49,8 @@ from autoglm_modeling.quantization import (
 )
 from autoglm_pipelines.calibration import Statistics, collect_statistics
 from autoglm_pipelines.dag import PER_VARIANT, baseline_publisher, find_step, step_name
-from autoglm_pipelines.evaluation import measure, measure_gguf
+from autoglm_pipelines.evaluation import answer_nll_gguf, measure, measure_gguf
+from autoglm_pipelines.finetune import answer_nll, encode
 from autoglm_pipelines.formats import FormatChoice, choose_format
 from autoglm_pipelines.gates import evaluate_gates, quality_loss
 from autoglm_pipelines.results import VALIDATE_REPORT, StepResult, read_result, step_files, write_result
@@ -144,6 +145,59 @@ def fetch(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
     )
 
 
+def source_folder(model: AutoGLMModel, ctx: StepContext) -> Path:
+    """The model the later steps start from: finetune's when the spec fine-tunes, else fetch's."""
+    return ctx.folder("finetune" if model.spec.training is not None else "fetch") / MODEL_DIR
+
+
+#: Beside finetune's model: the held-out examples, for validate (one JSON object per line).
+HELD_OUT_FILE = "heldout.jsonl"
+
+
+def finetune_step(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
+    """``spec.training``: LoRA on the dataset's training examples, merged (``autoglm_pipelines.finetune``);
+    the held-out answers' NLL before and after, measured here on the float model."""
+    from autoglm_pipelines.finetune import DatasetError, finetune, read_examples
+
+    training = model.spec.training
+    if training is None:
+        raise StepFailedError("spec.training is not set: there is nothing to fine-tune on")
+    path = resolve(training.dataset, cache_dir=ctx.cache_dir, sha256=training.sha256)
+    if not path.is_file():
+        raise StepFailedError(
+            f"training dataset {training.dataset}: not a file (a JSON Lines file is expected)"
+        )
+    try:
+        examples = read_examples(path, held_out=training.held_out, max_examples=training.max_examples)
+    except DatasetError as exc:
+        raise StepFailedError(f"training dataset {training.dataset}: {exc}") from exc
+    lm, tokenizer, _ = load_model_folder(ctx.folder("fetch") / MODEL_DIR)
+    held = [e for e in examples if e.held_out]
+    before = answer_nll(lm, tokenizer, held)[0] if held else None
+    tuned, report = finetune(
+        lm,
+        tokenizer,
+        examples,
+        rank=training.rank,
+        epochs=training.epochs,
+        learning_rate=training.learning_rate,
+    )
+    after = answer_nll(tuned, tokenizer, held)[0] if held else None
+    folder = ctx.folder("finetune")
+    save_model_folder(tuned, tokenizer, folder / MODEL_DIR)
+    (folder / HELD_OUT_FILE).write_text(
+        "".join(
+            json.dumps({"messages": [{"role": r, "content": c} for r, c in e.messages], "split": "heldout"})
+            + "\n"
+            for e in held
+        )
+    )
+    return StepOutcome(
+        metrics={**report.to_json(), "heldOutNllBefore": before, "heldOutNllAfter": after},
+        parameters={**training.to_json(), "datasetSha256": sha256_file(path)},
+    )
+
+
 def calibration_batches(model: AutoGLMModel, tokenizer: Any, ctx: StepContext) -> torch.Tensor:
     """``calibration.samples`` windows of ``sequenceLength`` tokens from the calibration dataset.
 
@@ -159,7 +213,7 @@ def calibration_batches(model: AutoGLMModel, tokenizer: Any, ctx: StepContext) -
 
 def compress(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
     spec = model.spec.compression
-    lm, tokenizer, _ = load_model_folder(ctx.folder("fetch") / MODEL_DIR)
+    lm, tokenizer, _ = load_model_folder(source_folder(model, ctx))
     before = weight_bytes(lm)
     config = spec.to_json()
     if spec.search.enabled:
@@ -170,7 +224,7 @@ def compress(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
         )
         config = {**config, **chosen, "quantization": {**chosen["quantization"], "skipModules": skip}}
     method = config["quantization"]["method"]
-    choice = _format_choice(ctx, config)
+    choice = _format_choice(model, ctx, config)
     if choice.engine == "llama.cpp":
         try:
             return _compress_gguf(model, ctx, lm, tokenizer, config, choice, before)
@@ -179,7 +233,7 @@ def compress(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
                 raise StepFailedError(f"engine llama.cpp: {exc}") from exc
             choice = FormatChoice("torch", reason=f"GGUF export failed: {exc}")
             shutil.rmtree(ctx.folder("compress"), ignore_errors=True)
-            lm, tokenizer, _ = load_model_folder(ctx.folder("fetch") / MODEL_DIR)  # the GGUF path pruned it
+            lm, tokenizer, _ = load_model_folder(source_folder(model, ctx))  # the GGUF path pruned it
     if ctx.engine == "llama.cpp":
         raise StepFailedError(f"engine llama.cpp: {choice.reason}")
     changes_layers = spec.distillation.enabled or config["pruning"]["method"] != "none"
@@ -212,11 +266,11 @@ def compress(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
     )
 
 
-def _format_choice(ctx: StepContext, config: dict[str, Any]) -> FormatChoice:
+def _format_choice(model: AutoGLMModel, ctx: StepContext, config: dict[str, Any]) -> FormatChoice:
     """GGUF for llama.cpp or safetensors for torch (``formats.choose_format``), for this variant."""
     if ctx.engine == "torch":
         return FormatChoice("torch")
-    source = ctx.folder("fetch") / MODEL_DIR
+    source = source_folder(model, ctx)
     architecture = (json.loads((source / "config.json").read_text()).get("architectures") or ["?"])[0]
     return choose_format(
         ctx.engine, config["quantization"], architecture=architecture, writable=tuple(ARCHITECTURES),
@@ -299,7 +353,7 @@ def calibrate(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
     """Record, once, on the source model, the activation statistics compression uses: per-channel
     input ranges (SmoothQuant, static ranges) and, for GPTQ, each layer's input Hessian."""
     spec = model.spec.calibration
-    lm, tokenizer, _ = load_model_folder(ctx.folder("fetch") / MODEL_DIR)
+    lm, tokenizer, _ = load_model_folder(source_folder(model, ctx))
     batches = calibration_batches(model, tokenizer, ctx)
     stats = collect_statistics(lm, batches, hessians=needs_hessians(model))
     absmax, mean_nll = stats.absmax, stats.mean_nll
@@ -333,12 +387,20 @@ def validate(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
     engines = {"baseline": "torch", "candidate": "llama.cpp" if gguf.is_file() else "torch"}
     if gguf.is_file():  # measured on llama.cpp, before torch computes anything in this process
         cand = measure_gguf(gguf, ids, window=spec.sequence_length, new_tokens=ctx.decode_tokens)
+    held = _held_out(model, ctx)
+    held_nll: dict[str, float] = {}
+    if held and gguf.is_file():
+        held_nll["candidate"] = answer_nll_gguf(gguf, [encode(tokenizer, e) for e in held])
     base = measure(baseline, ids, window=spec.sequence_length, new_tokens=ctx.decode_tokens)
+    if held:
+        held_nll["baseline"] = answer_nll(baseline, tokenizer, held)[0]
     del baseline
     if not gguf.is_file():
         candidate, _, _ = load_model_folder(ctx.folder("compress") / MODEL_DIR)
         run_activations_in_fp32(candidate)  # measured as a CPU server runs it (autoglm serve does the same)
         cand = measure(candidate, ids, window=spec.sequence_length, new_tokens=ctx.decode_tokens)
+        if held:
+            held_nll["candidate"] = answer_nll(candidate, tokenizer, held)[0]
     loss = quality_loss(spec.metric, base.quality, cand.quality)
     reduction = base.weight_bytes / cand.weight_bytes
     gates = evaluate_gates(
@@ -346,6 +408,7 @@ def validate(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
         quality_loss=loss,
         p95_token_latency_ms=cand.p95_token_latency_ms,
         size_reduction=reduction,
+        held_out_nll_ratio=held_nll["candidate"] / held_nll["baseline"] if held else None,
     )
     report = {
         "metric": spec.metric,
@@ -356,6 +419,7 @@ def validate(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
         "qualityLoss": loss,
         "sizeReduction": reduction,
         "decodeSpeedup": cand.decode_tokens_per_second / base.decode_tokens_per_second,
+        **({"heldOut": {"examples": len(held), "answerNll": held_nll}} if held else {}),
         "gates": [g.to_json() for g in gates],
         "passed": all(g.passed for g in gates),
     }
@@ -366,6 +430,18 @@ def validate(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
     if failed:
         raise StepFailedError("gate failed: " + "; ".join(g.describe() for g in failed))
     return StepOutcome(metrics=report, parameters=spec.to_json())
+
+
+def _held_out(model: AutoGLMModel, ctx: StepContext) -> list[Any]:
+    """The fine-tune's held-out examples (none without ``spec.training``, or when none were held out)."""
+    if model.spec.training is None:
+        return []
+    from autoglm_pipelines.finetune import read_examples
+
+    path = ctx.folder("finetune") / HELD_OUT_FILE
+    if not path.is_file() or not path.read_text().strip():
+        return []
+    return read_examples(path, held_out=1.0, training=False)
 
 
 def publish(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
@@ -382,9 +458,10 @@ def publish(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
     if not gguf:  # a GGUF folder holds its weights in one file: llama.cpp's statistics are its own
         shutil.copy2(ctx.folder("calibrate") / CALIBRATION_FILE, partial / CALIBRATION_FILE)
     searched = ("search",) if model.spec.compression.search.enabled else ()
+    tuned = ("finetune",) if model.spec.training is not None else ()
     lineage = {
         kind: (r.to_json() if (r := read_result(ctx.folder(kind))) else None)
-        for kind in ("fetch", "calibrate", *searched, "compress", "validate")
+        for kind in ("fetch", *tuned, "calibrate", *searched, "compress", "validate")
     }
     fetched = lineage.get("fetch")
     card = {
@@ -392,6 +469,7 @@ def publish(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
         "revision": ctx.revision or artifact_revision(model.spec),
         **artifact_format(partial),
         "source": fetched["parameters"] if fetched else None,
+        **({"training": model.spec.training.to_json()} if model.spec.training is not None else {}),
         "compression": model.spec.compression.to_json(),
         **_engine(lineage.get("compress")),
         "validation": report.metrics,
@@ -466,7 +544,7 @@ def _weight_bytes(folder: Path) -> int:
 
 def search(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
     spec, validation = model.spec.compression.search, model.spec.validation
-    lm, tokenizer, _ = load_model_folder(ctx.folder("fetch") / MODEL_DIR)
+    lm, tokenizer, _ = load_model_folder(source_folder(model, ctx))
     text = read_text(resolve(validation.dataset, cache_dir=ctx.cache_dir))
     ids = tokenize(tokenizer, text, max_tokens=min(validation.max_tokens, SEARCH_MAX_TOKENS))
     calibration = calibration_batches(model, tokenizer, ctx)[:SEARCH_CALIBRATION_WINDOWS]
@@ -503,6 +581,7 @@ def search(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
 
 STEPS: dict[str, StepFunction] = {
     "fetch": fetch,
+    "finetune": finetune_step,
     "search": search,
     "compress": compress,
     "calibrate": calibrate,

@@ -149,6 +149,20 @@ class FeedbackRow:
     target: str
 
 
+@dataclass(frozen=True)
+class RatedRequest:
+    """A feedback event with the request it rates: what retraining learns from."""
+
+    request_id: str
+    time: float
+    revision: str
+    prompt_variant: str
+    score: float
+    correction: str | None
+    prompt: str
+    output: str
+
+
 class FeedbackStore:
     """Reads and writes of both tables; safe to share between threads."""
 
@@ -249,14 +263,11 @@ class FeedbackStore:
         with self.engine.connect() as conn:
             return [RequestRecord(**row._mapping) for row in conn.execute(query)][::-1]
 
-    def first_requests(self, model: str, *, limit: int) -> list[RequestRecord]:
-        """The oldest ``limit`` requests the log keeps of ``model``."""
-        query = (
-            select(requests_table)
-            .where(requests_table.c.model == model)
-            .order_by(requests_table.c.time)
-            .limit(limit)
-        )
+    def first_requests(self, model: str, *, limit: int, revision: str | None = None) -> list[RequestRecord]:
+        """The oldest ``limit`` requests the log keeps of ``model`` (of one revision, or of all)."""
+        t = requests_table
+        where = [t.c.model == model] + ([t.c.revision == revision] if revision is not None else [])
+        query = select(t).where(*where).order_by(t.c.time).limit(limit)
         with self.engine.connect() as conn:
             return [RequestRecord(**row._mapping) for row in conn.execute(query)]
 
@@ -371,6 +382,22 @@ class FeedbackStore:
             return
         with self.engine.begin() as conn:
             conn.execute(update(feedback_table).where(feedback_table.c.id.in_(list(ids))).values(pushed=True))
+
+    def rated_requests(self, model: str, *, limit: int) -> list[RatedRequest]:
+        """The newest ``limit`` feedback events of ``model`` joined to the requests they rate (those
+        the bounded log still keeps), oldest first; a request rated by several sources comes once per
+        event."""
+        f, r = feedback_table, requests_table
+        query = (
+            select(f.c.request_id, f.c.time, f.c.revision, f.c.prompt_variant, f.c.score, f.c.correction,
+                   r.c.prompt, r.c.output)
+            .join(r, r.c.request_id == f.c.request_id)
+            .where(f.c.model == model)
+            .order_by(f.c.time.desc(), f.c.id.desc())
+            .limit(limit)
+        )  # fmt: skip
+        with self.engine.connect() as conn:
+            return [RatedRequest(**row._mapping) for row in conn.execute(query)][::-1]
 
     def count_feedback(self, *, pushed: bool | None = None) -> int:
         query = select(func.count()).select_from(feedback_table)

@@ -82,10 +82,12 @@ def _http_url(value: str | None) -> str | None:
 @click.argument("manifest", metavar="MANIFEST", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=Path(".autoglm/run"),
               show_default=True, help="Pipelines, each target's server log (server-TARGET.log), the saved status and the audit ledger.")  # fmt: skip
-@click.option("--until", type=click.Choice(["serving", "promoted", "policy", "forever"]), default="promoted", show_default=True,
+@click.option("--until", type=click.Choice(["serving", "promoted", "policy", "retrained", "forever"]), default="promoted",
+              show_default=True,
               help="Stop once something serves, once the manifest's revision is promoted (or rejected), once it is "
-                   "promoted and the prompt policy gives one variant 80% of chat traffic, or never (Ctrl-C stops; "
-                   "edits of the manifest are rolled out as they are saved).")  # fmt: skip
+                   "promoted and the prompt policy gives one variant 80% of chat traffic, once a retraining revision "
+                   "was triggered and promoted or rejected, or never (Ctrl-C stops; edits of the manifest are "
+                   "rolled out as they are saved).")  # fmt: skip
 @click.option("--traffic", "traffic_rate", type=click.FloatRange(0, 100), default=2.0, show_default=True,
               help="Demo requests per second during a canary, so it has data to judge; 0 when real clients send it.")  # fmt: skip
 @click.option("--traffic-clients", type=click.IntRange(1, 64), default=1, show_default=True,
@@ -93,6 +95,11 @@ def _http_url(value: str | None) -> str | None:
 @click.option("--simulate-users", type=click.Choice(["none", "short"]), default="none", show_default=True,
               help="Simulated users at the --traffic rate: chat questions answered with the policy's prompt variant, "
                    "each answer rated on POST /v1/feedback (short: they prefer short answers).")  # fmt: skip
+@click.option("--inject-drift", "drift_after", type=click.IntRange(0), default=None, metavar="N",
+              help="With --simulate-users: after N questions the users ask about another topic at greater length "
+                   "(a drift the retraining trigger should see).")  # fmt: skip
+@click.option("--drift-window", type=click.IntRange(10, 100_000), default=None, metavar="REQUESTS",
+              help="Requests in the drift reference window and in the window compared with it (default 500).")  # fmt: skip
 @click.option("--propose-prompts", is_flag=True, default=False,
               help="OPRO: ask the served model for new system prompts once every variant has 20 ratings; each "
                    "joins the bandit as a new arm (status.promptPolicy.proposals, a PromptProposed record).")  # fmt: skip
@@ -111,6 +118,8 @@ def run_command(
     traffic_rate: float,
     traffic_clients: int,
     simulate_users: str,
+    drift_after: int | None,
+    drift_window: int | None,
     propose_prompts: bool,
     timeout_seconds: float,
     prometheus_url: str | None,
@@ -137,6 +146,8 @@ def run_command(
         traffic_rate=traffic_rate,
         traffic_clients=traffic_clients,
         simulated_users=simulate_users,  # type: ignore[arg-type]
+        drift_after=drift_after,
+        drift_window=drift_window,
         propose_prompts=propose_prompts,
         timeout_seconds=timeout_seconds,
         prometheus_url=prometheus_url,
@@ -165,6 +176,10 @@ def run_command(
         shares = ", ".join(f"{n} {v:.0%}" for n, v in policy.shares.items())
         click.echo(f"prompt policy ({policy.algorithm}, {policy.feedback} feedback events): {shares}"
                    + (f"; {loop.rated} ratings sent by the simulated users" if loop.rated else ""))  # fmt: skip
+    retraining = status.retraining
+    if retraining is not None and retraining.triggered_at is not None:
+        outcome = (retraining.outcome or "building").lower()
+        click.echo(f"retraining ({outcome}): {retraining.reason}; {retraining.examples} examples")
     for target, url in urls.items():
         revision = next((t.revision for t in status.targets if t.name == target), None)
         click.echo(f"{target}: {revision} served at {url} until this command ended "
