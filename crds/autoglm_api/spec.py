@@ -201,20 +201,9 @@ class Calibration(ApiModel):
     sequence_length: int = Field(default=512, ge=8, le=131_072, description="Tokens per sequence.")
 
 
-class Training(ApiModel):
-    """Supervised fine-tuning of the source before compression: LoRA adapters trained on a dataset of
-    conversations and merged into the weights. The operator sets it on a retraining revision (the
-    feedback collected, ``status.retraining``); a user may set it to fine-tune on their own data."""
+class FineTune(ApiModel):
+    """How the source is fine-tuned: LoRA adapters trained on the answers, merged into the weights."""
 
-    dataset: Uri = Field(
-        description='JSON Lines, one example per line: {"messages": [{"role": ..., "content": ...}, ...]} '
-        'whose last message is the assistant\'s answer to learn, or {"prompt": ..., "completion": ...}; '
-        'an optional "split": "heldout" keeps an example for validation. Same schemes as source.uri.'
-    )
-    sha256: Sha256 | None = Field(
-        default=None,
-        description="Expected SHA-256 of the dataset file; the finetune step refuses anything else.",
-    )
     method: Literal["lora"] = Field(
         default="lora", description="lora (low-rank adapters, merged after training)."
     )
@@ -227,6 +216,22 @@ class Training(ApiModel):
     held_out: Rate = Field(
         default=0.2,
         description="Share of the examples not marked with a split that is held out for validation, in [0, 1].",
+    )
+
+
+class Training(FineTune):
+    """Supervised fine-tuning of the source before compression on a dataset of conversations. The
+    operator sets it on a retraining revision (the feedback collected, ``status.retraining``); a user
+    may set it to fine-tune on their own data."""
+
+    dataset: Uri = Field(
+        description='JSON Lines, one example per line: {"messages": [{"role": ..., "content": ...}, ...]} '
+        'whose last message is the assistant\'s answer to learn, or {"prompt": ..., "completion": ...}; '
+        'an optional "split": "heldout" keeps an example for validation. Same schemes as source.uri.'
+    )
+    sha256: Sha256 | None = Field(
+        default=None,
+        description="Expected SHA-256 of the dataset file; the finetune step refuses anything else.",
     )
 
 
@@ -485,7 +490,15 @@ class Retraining(ApiModel):
         default=0.5, description="Retrain when the mean feedback score falls below."
     )
     drift_above: Rate = Field(default=0.2, description="Retrain when input drift rises above, in [0, 1].")
-    min_feedback: int = Field(default=200, ge=1, le=100_000_000, description="Feedback records needed first.")
+    min_feedback: int = Field(
+        default=200,
+        ge=1,
+        le=100_000_000,
+        description="Feedback events the stable revision needs first (and again, more, before it is retrained again).",
+    )
+    fine_tune: FineTune = Field(
+        default=FineTune(), description="How a retraining revision fine-tunes the source on the feedback."
+    )
 
 
 class Feedback(ApiModel):

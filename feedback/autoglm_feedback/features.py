@@ -6,7 +6,8 @@ through push sources (online and offline at once):
 - ``feedback_stats`` (model_revision x prompt_variant): feedback score (mean), feedback volume and
   score sum (the bandit's evidence), requests, error rate, p95 latency, joules per token;
 - ``revision_drift`` (model_revision): PSI of prompt length, vocabulary and feedback score of the
-  revision's newest requests against its reference window (its first requests), and the drift
+  revision's newest requests against its reference window (its first requests once it served
+  alone), and the drift
   statistic (their largest). Each revision is its own reference: a revision promoted after
   retraining measures drift from the traffic it was rolled out on.
 
@@ -317,8 +318,9 @@ class FeaturePipeline:
         return stats, drift
 
     def reference(self, model: str, revision: str) -> Window | None:
-        """``revision``'s reference window: its first ``reference_requests`` requests (and their
-        feedback), kept in ``DATA_DIR/reference-MODEL@REVISION.json`` once that many were seen."""
+        """``revision``'s reference window: its first ``reference_requests`` requests once it served
+        alone (after its canary: a canary's split, and demo traffic, are not the traffic it serves),
+        with their feedback; kept in ``DATA_DIR/reference-MODEL@REVISION.json`` once that many were seen."""
         key = model_revision(model, revision)
         if key in self._references:
             return self._references[key]
@@ -326,7 +328,7 @@ class FeaturePipeline:
         if path.exists():
             window = Window.from_json(json.loads(path.read_text()))
         else:
-            first = self.store.first_requests(model, revision=revision, limit=self.reference_requests)
+            first = self.store.first_requests_alone(model, revision, limit=self.reference_requests)
             if len(first) < self.reference_requests:
                 return None
             window = window_of(first, self.store.scores_of([r.request_id for r in first]))

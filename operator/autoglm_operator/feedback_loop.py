@@ -266,7 +266,7 @@ class FeedbackLoop:
         )
         if found is None:
             return status, []
-        settings = fine_tune(model.spec.training, "file:///pending", "0" * 64)
+        settings = spec.fine_tune
         rated = self.pipeline().store.rated_requests(name, limit=settings.max_examples)
         data = dataset(rated, {v.name: v.system for v in arms})
         if len(data.examples) < MIN_EXAMPLES:
@@ -285,7 +285,7 @@ class FeedbackLoop:
             with os.fdopen(fd, "wb") as out:
                 out.write(body)
             os.replace(tmp, path)
-        candidate = fine_tune(model.spec.training, path.resolve().as_uri(), digest)
+        candidate = fine_tune(settings, path.resolve().as_uri(), digest)
         revision = rollout_revision(with_training(model, candidate).spec)
         status = triggered(status, candidate, revision=stable, feedback=count, reason=found.reason,
                            examples=len(data.examples), now=now)  # fmt: skip

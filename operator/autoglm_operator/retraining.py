@@ -5,9 +5,9 @@ feedback loop exported, with its SHA-256), so it is content-addressed like any o
 ``plan()`` builds and canaries it like any other: the fine-tune is kept in the status
 (``status.retraining``), never written into the user's spec (a GitOps tool would report that as
 drift). ``effective`` gives the model ``plan()`` and the pipeline see: the candidate's fine-tune
-while one is tried, else the stable revision's, else the spec's own ``training``; a fine-tune's
-settings (rank, epochs, ...) are the spec's ``training`` where it has one, with the feedback's
-dataset in place of its own. ``settle`` follows the rollout's outcome: a promoted candidate's
+while one is tried, else the stable revision's, else the spec's own ``training`` (a user's dataset,
+which a retraining revision's replaces); its settings (rank, epochs, ...) are
+``spec.feedback.retraining.fineTune``. ``settle`` follows the rollout's outcome: a promoted candidate's
 fine-tune becomes the stable one, a rejected one is dropped (the stable revision keeps serving,
 and the spec's revision is the stable one again).
 """
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from autoglm_api.resource import AutoGLMModel
-from autoglm_api.spec import Training
+from autoglm_api.spec import FineTune, Training
 from autoglm_api.status import AutoGLMModelStatus, Retraining
 from autoglm_core.variants import rollout_revision
 
@@ -37,11 +37,9 @@ def effective(model: AutoGLMModel) -> AutoGLMModel:
     return with_training(model, retraining.candidate or retraining.stable)
 
 
-def fine_tune(spec_training: Training | None, dataset: str, sha256: str) -> Training:
-    """The fine-tune of a retraining revision: the spec's settings (or the defaults) on ``dataset``."""
-    if spec_training is None:
-        return Training(dataset=dataset, sha256=sha256)
-    return spec_training.model_copy(update={"dataset": dataset, "sha256": sha256})
+def fine_tune(settings: FineTune, dataset: str, sha256: str) -> Training:
+    """The fine-tune of a retraining revision: ``spec.feedback.retraining.fineTune`` on ``dataset``."""
+    return Training(**settings.model_dump(), dataset=dataset, sha256=sha256)
 
 
 @dataclass(frozen=True)

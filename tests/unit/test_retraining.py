@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from autoglm_api.spec import Retraining, Training
+from autoglm_api.spec import FineTune, Retraining, Training
 from autoglm_api.status import AutoGLMModelStatus, Revisions
 from autoglm_api.status import Retraining as RetrainingStatus
 from autoglm_api.validation import load_manifest
@@ -109,13 +109,13 @@ def model(repo_root: Path):  # type: ignore[no-untyped-def]
 
 def test_a_fine_tune_is_part_of_the_revision_and_spec_without_one_keeps_its_revision(model) -> None:  # type: ignore[no-untyped-def]
     before = artifact_revision(model.spec)
-    tune = fine_tune(None, "file:///data/a.jsonl", "a" * 64)
+    tune = fine_tune(FineTune(), "file:///data/a.jsonl", "a" * 64)
     assert tune == Training(dataset="file:///data/a.jsonl", sha256="a" * 64)
     tuned = model.model_copy(
         update={"status": AutoGLMModelStatus(retraining=RetrainingStatus(candidate=tune))}
     )
     assert artifact_revision(effective(tuned).spec) != before
-    other = fine_tune(None, "file:///data/a.jsonl", "b" * 64)  # same file name, other content
+    other = fine_tune(FineTune(), "file:///data/a.jsonl", "b" * 64)  # same file name, other content
     retuned = model.model_copy(
         update={"status": AutoGLMModelStatus(retraining=RetrainingStatus(candidate=other))}
     )
@@ -123,18 +123,17 @@ def test_a_fine_tune_is_part_of_the_revision_and_spec_without_one_keeps_its_revi
     # the user's manifest is untouched: the fine-tune lives in the status
     assert model.spec.training is None
     assert "training" not in model.spec.to_json()
-    # the spec's own training settings are kept, its dataset replaced
-    own = Training(dataset="file:///mine.jsonl", rank=4, epochs=1)
-    assert fine_tune(own, "file:///fb.jsonl", "c" * 64).model_dump() == {
-        **own.model_dump(), "dataset": "file:///fb.jsonl", "sha256": "c" * 64,
-    }  # fmt: skip
+    # retraining.fineTune's settings
+    assert fine_tune(FineTune(rank=4, epochs=1), "file:///fb.jsonl", "c" * 64) == Training(
+        dataset="file:///fb.jsonl", sha256="c" * 64, rank=4, epochs=1
+    )
 
 
 def test_a_triggered_retraining_is_built_by_plan_then_settled_when_promoted_or_rejected(model) -> None:  # type: ignore[no-untyped-def]
     stable = rollout_revision(model.spec)
     status = AutoGLMModelStatus(phase="Serving", revisions=Revisions(stable=stable))
     assert can_trigger(status)
-    tune = fine_tune(None, "file:///data/a.jsonl", "a" * 64)
+    tune = fine_tune(FineTune(), "file:///data/a.jsonl", "a" * 64)
     status = triggered(status, tune, revision=stable, feedback=250, reason="drift", examples=40, now=NOW)
     assert not can_trigger(status)  # one retraining at a time
     current = model.model_copy(update={"status": status})

@@ -263,11 +263,19 @@ class FeedbackStore:
         with self.engine.connect() as conn:
             return [RequestRecord(**row._mapping) for row in conn.execute(query)][::-1]
 
-    def first_requests(self, model: str, *, limit: int, revision: str | None = None) -> list[RequestRecord]:
-        """The oldest ``limit`` requests the log keeps of ``model`` (of one revision, or of all)."""
+    def first_requests_alone(self, model: str, revision: str, *, limit: int) -> list[RequestRecord]:
+        """The oldest ``limit`` requests of ``revision`` since it served alone: after the newest
+        request of any other revision of ``model`` (a canary's split, a baseline before it)."""
         t = requests_table
-        where = [t.c.model == model] + ([t.c.revision == revision] if revision is not None else [])
-        query = select(t).where(*where).order_by(t.c.time).limit(limit)
+        others = (
+            select(func.max(t.c.time)).where(t.c.model == model, t.c.revision != revision).scalar_subquery()
+        )
+        query = (
+            select(t)
+            .where(t.c.model == model, t.c.revision == revision, t.c.time > func.coalesce(others, -1.0))
+            .order_by(t.c.time)
+            .limit(limit)
+        )
         with self.engine.connect() as conn:
             return [RequestRecord(**row._mapping) for row in conn.execute(query)]
 
