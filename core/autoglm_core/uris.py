@@ -36,12 +36,10 @@ def resolve(uri: str, *, cache_dir: Path, sha256: str | None = None, revision: s
     """The local path of ``uri`` (a file or a folder); raises SourceError naming the problem."""
     parsed = urlparse(uri)
     scheme, rest = parsed.scheme, (parsed.netloc + parsed.path)
-    if scheme == "file":
-        path = Path(rest)  # file:///abs/path, or file://relative/path
+    if scheme in ("file", "pvc"):
+        path = local_path(uri)
     elif scheme == "pkg":
         path = _package_file(parsed.netloc, parsed.path.lstrip("/"), uri)
-    elif scheme == "pvc":
-        path = Path(os.environ.get(PVC_ROOT_ENV, DEFAULT_PVC_ROOT)) / parsed.netloc / parsed.path.lstrip("/")
     elif scheme == "hf":
         path = _hf_cached(rest.strip("/"), revision, uri)
     elif scheme in ("s3", "gs"):
@@ -61,6 +59,17 @@ def resolve(uri: str, *, cache_dir: Path, sha256: str | None = None, revision: s
         if actual != sha256:
             raise SourceError(f"{uri}: sha256 mismatch: expected {sha256}, got {actual}")
     return path
+
+
+def local_path(uri: str) -> Path:
+    """Where a ``file://`` or ``pvc://CLAIM/PATH`` URI is on this machine (it need not exist yet:
+    what is written there is read back at the same URI); SourceError for any other scheme."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        return Path(parsed.netloc + parsed.path)  # file:///abs/path, or file://relative/path
+    if parsed.scheme == "pvc":
+        return Path(os.environ.get(PVC_ROOT_ENV, DEFAULT_PVC_ROOT)) / parsed.netloc / parsed.path.lstrip("/")
+    raise SourceError(f"{uri}: not a local path; use file:// or pvc://CLAIM/PATH")
 
 
 def _package_file(package: str, relative: str, uri: str) -> Path:

@@ -129,6 +129,7 @@ class EmbeddedLoop:
             say=self.options.log,
             ask=self._ask if self.options.propose_prompts else None,
             drift_window=self.options.drift_window,
+            datasets=(self.options.state_dir / "datasets").resolve().as_uri(),
         )
         #: Questions the simulated users asked.
         self.asked = 0

@@ -82,6 +82,7 @@ class FeedbackLoop:
         feast_dir: Path | None = None,
         online_store: str = "sqlite",
         drift_window: int | None = None,
+        datasets: str | None = None,
     ) -> None:
         self.state_dir = state_dir
         self.url = url or f"sqlite:///{state_dir / 'feedback.db'}"
@@ -100,6 +101,11 @@ class FeedbackLoop:
         self.drift_window = drift_window
         #: The feedback count at which a trigger last found too few examples (said once per count).
         self._thin = -1
+        #: Where retraining datasets are written, as the pipeline reads them: a ``file://`` folder on
+        #: one machine (``STATE/datasets``), a ``pvc://CLAIM/PATH`` folder in a cluster (the operator
+        #: writes it through its own mount of the claim; each pipeline step mounts it read-only).
+        #: None: no retraining revisions (the operator was given nowhere to put them).
+        self.datasets = datasets
 
     # -- what the servers are started with ---------------------------------------------------------
 
@@ -239,7 +245,7 @@ class FeedbackLoop:
         elif settled.outcome == "rejected":
             self.say(f"retraining: {settled.revision} was rejected; the stable revision keeps serving")
         spec = model.spec.feedback.retraining
-        if not spec.enabled or not can_trigger(status):
+        if not spec.enabled or self.datasets is None or not can_trigger(status):
             return status, []
         return self._trigger(model, status, now)
 
@@ -277,15 +283,8 @@ class FeedbackLoop:
             return status, []
         body = data.jsonl().encode()
         digest = hashlib.sha256(body).hexdigest()
-        folder = self.state_dir / "datasets"
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"retrain-{digest[:12]}.jsonl"
-        if not path.exists():
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix=".retrain-", suffix=".jsonl")
-            with os.fdopen(fd, "wb") as out:
-                out.write(body)
-            os.replace(tmp, path)
-        candidate = fine_tune(settings, path.resolve().as_uri(), digest)
+        uri = self._write_dataset(body, f"retrain-{digest[:12]}.jsonl")
+        candidate = fine_tune(settings, uri, digest)
         revision = rollout_revision(with_training(model, candidate).spec)
         status = triggered(status, candidate, revision=stable, feedback=count, reason=found.reason,
                            examples=len(data.examples), now=now)  # fmt: skip
@@ -299,6 +298,22 @@ class FeedbackLoop:
             idempotency_key=f"RetrainingTriggered/{stable}/{digest[:16]}",
         )  # fmt: skip
         return status, [record]
+
+    def _write_dataset(self, body: bytes, name: str) -> str:
+        """Write ``body`` (atomically, once: the name is its digest) into the datasets folder; its URI."""
+        from autoglm_core.uris import local_path
+
+        assert self.datasets is not None
+        base = self.datasets.rstrip("/")
+        folder = local_path(base)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / name
+        if not path.exists():
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=".retrain-", suffix=".jsonl")
+            with os.fdopen(fd, "wb") as out:
+                out.write(body)
+            os.replace(tmp, path)
+        return f"{base}/{name}"
 
     @staticmethod
     def _arms(arms: Sequence[PromptVariant], rated: dict[str, tuple[float, float]]) -> list[Any]:

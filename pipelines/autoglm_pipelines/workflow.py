@@ -24,7 +24,9 @@ backend; ``autoglm pipeline render`` prints it. Shape of the template:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
+from urllib.parse import urlparse
 
 import yaml
 from hera.workflows import (
@@ -32,6 +34,7 @@ from hera.workflows import (
     Artifact,
     Container,
     EmptyDirVolume,
+    ExistingVolume,
     Parameter,
     RawArtifact,
     Resources,
@@ -51,6 +54,7 @@ from hera.workflows.models import (
 
 from autoglm_api.resource import AutoGLMModel
 from autoglm_core.revision import artifact_revision
+from autoglm_core.uris import DEFAULT_PVC_ROOT
 from autoglm_pipelines.dag import EXIT_TRANSIENT, Step, pipeline_steps
 from autoglm_pipelines.results import RESULT_FILE, VALIDATE_REPORT
 
@@ -178,7 +182,27 @@ def _resources(step: Step) -> Resources:
     )
 
 
-def _container(step: Step, image: str, volume: EmptyDirVolume) -> Container:
+def pvc_claims(model: AutoGLMModel) -> list[str]:
+    """The PersistentVolumeClaims the spec's ``pvc://CLAIM/PATH`` URIs name (source, datasets, a
+    fine-tune's dataset): each step mounts them read-only where ``autoglm_core.uris`` resolves them."""
+    spec = model.spec
+    uris = [spec.source.uri, spec.calibration.dataset, spec.validation.dataset]
+    if spec.training is not None:
+        uris.append(spec.training.dataset)
+    return sorted({urlparse(u).netloc for u in uris if u.startswith("pvc://") and urlparse(u).netloc})
+
+
+def _pvc_volumes(model: AutoGLMModel) -> list[ExistingVolume]:
+    return [
+        ExistingVolume(name=f"pvc-{claim}"[:63].rstrip("-"), claim_name=claim, mount_path=f"{DEFAULT_PVC_ROOT}/{claim}",
+                       read_only=True)
+        for claim in pvc_claims(model)
+    ]  # fmt: skip
+
+
+def _container(
+    step: Step, image: str, volume: EmptyDirVolume, claims: Sequence[ExistingVolume] = ()
+) -> Container:
     inputs: list[Artifact] = [
         # A reference to the parameter, not the manifest pasted into every template: one copy, and
         # its text (a "{{" in a prompt) stays out of the templates Argo parses for {{...}} tags.
@@ -210,7 +234,7 @@ def _container(step: Step, image: str, volume: EmptyDirVolume) -> Container:
         inputs=inputs,
         outputs=[output, *parameters],
         resources=_resources(step),
-        volumes=[volume],
+        volumes=[volume, *claims],
         retry_strategy=_retry_strategy(step),
         active_deadline_seconds=step.timeout_seconds,
         labels={STEP_LABEL: step.name},
@@ -263,7 +287,7 @@ def build_workflow_template(
         pod_metadata=Metadata(labels=dict(labels)),
         templates=[
             DAG(name=ENTRYPOINT, tasks=[_task(step) for step in steps]),
-            *(_container(step, image, work) for step in steps),
+            *(_container(step, image, work, _pvc_volumes(model)) for step in steps),
         ],
     )
 

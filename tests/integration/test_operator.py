@@ -9,6 +9,7 @@ annotations; a failed gate; ``kubectl delete`` cleans up through the finalizer.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -490,3 +491,74 @@ def test_the_prompt_policy_goes_to_every_targets_configmap_the_status_and_the_le
         changed = [d for d in decisions(running.audit_url) if d[0] == "PromptPolicyChanged"]
         assert changed[0][1] == stable
         assert desired(cluster, "cloud")["stable"]["revision"]  # the agents' document is untouched
+
+
+def test_a_low_feedback_score_triggers_a_retraining_workflow_that_fine_tunes_on_a_mounted_dataset(
+    cluster: EmulatedCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The example's ``feedback.retraining`` (score below 0.5 over 200 events): the operator exports
+    the rated requests to the PVC it was given, records ``RetrainingTriggered``, and submits the
+    retraining revision's Workflow: the manifest it runs fine-tunes on that file (by its SHA-256),
+    and every step mounts the claim where ``pvc://`` resolves. The user's spec is not written."""
+    from autoglm_core.feedback.records import RequestRecord, parse_feedback
+    from autoglm_core.feedback.store import FeedbackStore
+
+    monkeypatch.setenv("AUTOGLM_PVC_ROOT", str(tmp_path / "pvc"))
+    feedback_url = f"sqlite:///{tmp_path / 'feedback.db'}"
+    options = {"feedback_url": feedback_url, "feast_dir": tmp_path / "feast",
+               "retraining_datasets": "pvc://feedback-data/retraining"}  # fmt: skip
+    with RunningOperator(cluster, settings_for(tmp_path), options=options) as running:
+        stable = _serving(cluster, running.audit_url)
+        generation = kubectl_json(cluster, "agm", NAME, "-n", NS)["metadata"]["generation"]
+        store = FeedbackStore(feedback_url)
+        now = time.time()
+        chat = json.dumps([{"role": "user", "content": "What is Hamlet about?"}])
+        store.add_requests([
+            RequestRecord(f"q{i}", now + i * 1e-3, NAME, stable, "concise", "cloud", 0.3, 10, 12, 0.5,
+                          "cpu-time-model", "ok", prompt=chat, output=f"Revenge ({i}).")
+            for i in range(220)
+        ])  # fmt: skip
+        store.accept(parse_feedback({"feedback": [
+            {"request_id": f"q{i}", "score": "up" if i % 3 == 0 else "down"} for i in range(220)
+        ]}))  # fmt: skip
+        retraining = eventually(
+            lambda: (model_status(cluster).get("retraining") or {}).get("candidate"), "a retraining candidate"
+        )
+        dataset = retraining["dataset"]
+        assert dataset.startswith("pvc://feedback-data/retraining/retrain-")
+        written = tmp_path / "pvc" / dataset.removeprefix("pvc://")
+        assert hashlib.sha256(written.read_bytes()).hexdigest() == retraining["sha256"]
+        examples = [json.loads(line) for line in written.read_text().splitlines()]
+        assert len(examples) == 74  # the thumbs-up answers; the thumbs-down ones are left out
+        assert all(e["messages"][-1]["content"].startswith("Revenge") for e in examples)
+
+        def retraining_run() -> dict[str, Any] | None:
+            runs = [
+                r
+                for r in items(cluster, "workflows")
+                if r["metadata"]["labels"]["autoglm.io/revision"] != stable
+            ]
+            return runs[0] if runs else None
+
+        run = eventually(retraining_run, "the retraining revision's Workflow")
+        revision = run["metadata"]["labels"]["autoglm.io/revision"]
+        params = {p["name"]: p["value"] for p in run["spec"]["arguments"]["parameters"]}
+        spec = yaml.safe_load(params["manifest"])["spec"]
+        assert spec["training"]["dataset"] == dataset
+        assert spec["training"]["sha256"] == retraining["sha256"]
+        assert revision == rollout_revision(playing.model_of(yaml.safe_load(params["manifest"])).spec)
+        (template,) = items(cluster, "workflowtemplates")
+        steps = {t["name"]: t for t in template["spec"]["templates"] if "container" in t}
+        assert "finetune" in steps  # the template follows the revision it runs
+        for step in steps.values():
+            assert {
+                "name": "pvc-feedback-data",
+                "mountPath": "/mnt/pvc/feedback-data",
+                "readOnly": True,
+            } in step["container"]["volumeMounts"]
+        triggered = [d for d in decisions(running.audit_url) if d[0] == "RetrainingTriggered"]
+        assert triggered == [("RetrainingTriggered", stable, "operator")]
+        # the spec a GitOps tool syncs is untouched
+        current = kubectl_json(cluster, "agm", NAME, "-n", NS)
+        assert "training" not in current["spec"]
+        assert current["metadata"]["generation"] == generation

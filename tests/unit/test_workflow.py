@@ -391,3 +391,46 @@ def test_cli_two_models_in_one_file_are_refused(tmp_path: Path) -> None:
     code, _, err = _cli(str(path))
     assert code == 2
     assert "expected one AutoGLMModel document, found 2" in err
+
+
+def test_a_fine_tune_runs_after_fetch_and_its_pvc_dataset_is_mounted_where_it_resolves(
+    minimal: dict[str, Any],
+) -> None:
+    from tests.support.crd_schemas import problems
+
+    minimal["spec"]["training"] = {
+        "dataset": "pvc://feedback-data/retraining/retrain-0123.jsonl",
+        "sha256": "a" * 64,
+    }
+    minimal["spec"]["validation"] = {"dataset": "pvc://corpora/hamlet.txt"}
+    doc = _render(_model(minimal))
+    assert problems(doc) == []  # the upstream Argo WorkflowTemplate schema
+    tasks = _tasks(doc)
+    assert tasks["finetune"]["depends"] == "fetch"
+    # everything after it reads the fine-tuned model
+    assert tasks["calibrate"]["depends"] == "fetch && finetune"
+    assert tasks["compress"]["depends"] == "fetch && calibrate && finetune"
+    assert tasks["validate"]["depends"] == "fetch && compress && finetune"
+    for name, template in _templates(doc).items():
+        if "container" not in template:
+            continue
+        mounts = {m["name"]: m for m in template["container"]["volumeMounts"]}
+        assert mounts["pvc-feedback-data"] == {
+            "name": "pvc-feedback-data", "mountPath": "/mnt/pvc/feedback-data", "readOnly": True,
+        }, name  # fmt: skip
+        assert mounts["pvc-corpora"]["mountPath"] == "/mnt/pvc/corpora"
+    claims = {
+        v["name"]: v["persistentVolumeClaim"]
+        for v in doc["spec"]["templates"][1]["volumes"]
+        if "persistentVolumeClaim" in v
+    }
+    assert claims == {"pvc-corpora": {"claimName": "corpora", "readOnly": True},
+                      "pvc-feedback-data": {"claimName": "feedback-data", "readOnly": True}}  # fmt: skip
+    # a spec without pvc:// URIs mounts nothing more than its work folder
+    minimal["spec"].pop("training")
+    minimal["spec"].pop("validation")
+    plain = _render(_model(minimal))
+    assert all(
+        [m["name"] for m in t["container"]["volumeMounts"]] == ["work"]
+        for t in _templates(plain).values() if "container" in t
+    )  # fmt: skip

@@ -11,6 +11,14 @@ from autoglm_core.audit.ledger import URL_ENV
 from autoglm_operator.kube import DEFAULT_ARTIFACT_REPOSITORY, DEFAULT_TARGET_SELECTOR
 
 
+def _datasets(value: str | None) -> str | None:
+    if value is not None and not (value.startswith("pvc://") and len(value) > len("pvc://")):
+        raise click.BadParameter(
+            f"{value!r}: give pvc://CLAIM/PATH, a PersistentVolumeClaim both the operator and the pipeline mount"
+        )
+    return value
+
+
 @click.command("operator", short_help="Run the Kubernetes operator (kopf) for AutoGLMModel resources.")
 @click.option("-n", "--namespace", "namespaces", multiple=True, metavar="NAMESPACE",
               help="Watch this namespace (repeatable; a glob like 'team-*' works). Default: -A.")  # fmt: skip
@@ -38,6 +46,10 @@ from autoglm_operator.kube import DEFAULT_ARTIFACT_REPOSITORY, DEFAULT_TARGET_SE
 @click.option("--online-store", envvar="AUTOGLM_FEAST_ONLINE_STORE", default="sqlite", show_default=True,
               show_envvar=True, help="Feast's online store: sqlite (in --feast-dir), redis://HOST:PORT or "
                                      "postgresql://USER:PASS@HOST/DB.")  # fmt: skip
+@click.option("--retraining-datasets", default=None, metavar="pvc://CLAIM/PATH", callback=lambda _c, _p, v: _datasets(v),
+              help="Where retraining datasets are written (through this pod's mount of the claim at "
+                   "$AUTOGLM_PVC_ROOT/CLAIM, default /mnt/pvc) and read by the pipeline's steps, which mount the "
+                   "claim read-only. Without it, spec.feedback.retraining triggers nothing.")  # fmt: skip
 @click.option("--interval", type=click.FloatRange(0.5), default=5.0, show_default=True,
               help="Seconds between reconciles of each model besides those its events trigger.")  # fmt: skip
 @click.option("--standalone", is_flag=True, default=False,
@@ -61,6 +73,7 @@ def operator_command(
     feedback_url: str | None,
     feast_dir: Path,
     online_store: str,
+    retraining_datasets: str | None,
     interval: float,
     standalone: bool,
     peering_name: str,
@@ -86,7 +99,8 @@ def operator_command(
     load_config(kubeconfig)
     options = ClusterOptions(image=image or DEFAULT_IMAGE, artifact_repository=artifact_repository, audit_url=audit_url,
                              prometheus_url=prometheus_url, target_selector=target_selector,
-                             feedback_url=feedback_url, feast_dir=feast_dir, online_store=online_store)  # fmt: skip
+                             feedback_url=feedback_url, feast_dir=feast_dir, online_store=online_store,
+                             retraining_datasets=retraining_datasets)  # fmt: skip
     reconciler = ClusterReconciler(Gateway(), options)
     peering = PeeringOptions(standalone=standalone, name=peering_name, priority=priority)
     registry = build_registry(

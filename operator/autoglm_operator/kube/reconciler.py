@@ -72,6 +72,7 @@ from autoglm_operator.kube.serving import ServingActionError, desired_after
 from autoglm_operator.metrics import FiguresSource
 from autoglm_operator.plan import Action, Observed, PipelineRun, Plan, TargetObserved, plan
 from autoglm_operator.promql import PrometheusSource
+from autoglm_operator.retraining import effective
 from autoglm_pipelines.workflow import (
     DEFAULT_IMAGE,
     MANIFEST_PARAMETER,
@@ -103,6 +104,9 @@ class ClusterOptions:
     #: ``online_store`` names Redis or PostgreSQL).
     feast_dir: Path = Path("/var/lib/autoglm/feast")
     online_store: str = "sqlite"
+    #: Where retraining datasets go (``pvc://CLAIM/PATH``: written through the operator's mount of the
+    #: claim, read by the pipeline's steps, which mount it). None: no retraining revisions.
+    retraining_datasets: str | None = None
 
 
 def merge_diff(old: Any, new: Any) -> Any:
@@ -226,7 +230,7 @@ class ClusterReconciler:
         if self.options.feedback_url:
             self.feedback = FeedbackLoop(
                 self.options.feast_dir, url=self.options.feedback_url, feast_dir=self.options.feast_dir,
-                online_store=self.options.online_store, say=log.info,
+                online_store=self.options.online_store, say=log.info, datasets=self.options.retraining_datasets,
             )  # fmt: skip
 
     def close(self) -> None:
@@ -245,14 +249,18 @@ class ClusterReconciler:
             if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
                 return None
             now = self.clock()
-            model = self._parse(body, now)
-            if model is None:
+            manifest = self._parse(body, now)
+            if manifest is None:
                 return None
+            model = effective(manifest)  # a retraining revision's fine-tune (status.retraining) added
             observed, seen = self.observe(model, body, now)
             result = plan(model, observed, now)
             if self.feedback is not None:
                 status, records = self.feedback.decide(model, result.status, now)
-                result = dataclasses.replace(result, status=status, decisions=(*result.decisions, *records))
+                status, retrained = self.feedback.retrain(manifest, status, now)
+                result = dataclasses.replace(
+                    result, status=status, decisions=(*result.decisions, *records, *retrained)
+                )
             self.act(model, result, seen)
             self.record(model, body, result, seen, now)
             return result
