@@ -131,3 +131,28 @@ def test_a_server_left_by_a_loop_of_the_version_before_is_found_and_stopped(tmp_
     finally:
         orphan.kill()
         orphan.wait()
+
+
+def test_rollout_status_tells_where_a_retraining_stands(tmp_path: Path) -> None:
+    from datetime import UTC, datetime
+
+    from autoglm_api.spec import Training
+    from autoglm_api.status import Retraining
+
+    state = LocalState(tmp_path)
+    state.release(state.claim("ml/tiny", tmp_path / "tiny.yaml"))
+    tune = Training(dataset="file:///s/datasets/retrain-0123.jsonl", sha256="a" * 64)
+    retraining = Retraining(candidate=tune, triggered_at=datetime(2026, 12, 3, 7, 0, tzinfo=UTC),
+                            reason="drift 3.100 (vocabulary 3.100) is above driftAbove 1", revision="a1", examples=40)  # fmt: skip
+    state.save_status(AutoGLMModelStatus(phase="RollingOut", revisions=Revisions(stable="a1", candidate="c3"),
+                                         retraining=retraining))  # fmt: skip
+    shown = CliRunner().invoke(cli, ["rollout", "status", "ml/tiny", "--state-dir", str(tmp_path)])
+    assert shown.exit_code == 0, shown.output
+    assert (
+        "retraining (building or canarying, triggered 2026-12-03 07:00:00): drift 3.100 (vocabulary 3.100) is above "
+        "driftAbove 1; 40 examples in file:///s/datasets/retrain-0123.jsonl"
+    ) in shown.output
+    done = retraining.model_copy(update={"candidate": None, "stable": tune, "outcome": "Promoted"})
+    state.save_status(AutoGLMModelStatus(phase="Serving", revisions=Revisions(stable="c3"), retraining=done))
+    shown = CliRunner().invoke(cli, ["rollout", "status", "ml/tiny", "--state-dir", str(tmp_path)])
+    assert "retraining (promoted, triggered" in shown.output

@@ -98,6 +98,18 @@ def status_command(model: str, state_dir: Path, output: str) -> None:
         click.echo(
             f"canary: step {status.canary.step + 1} at {status.canary.weight}%, failed intervals {status.canary.failures}"
         )
+    retraining = status.retraining
+    if retraining is not None and retraining.triggered_at is not None:
+        where = (
+            "building or canarying"
+            if retraining.candidate is not None
+            else (retraining.outcome or "").lower()
+        )
+        fine_tune = retraining.candidate or retraining.stable
+        click.echo(
+            f"retraining ({where}, triggered {retraining.triggered_at:%Y-%m-%d %H:%M:%S}): {retraining.reason}; "
+            f"{retraining.examples} examples" + (f" in {fine_tune.dataset}" if fine_tune is not None else "")
+        )
     analysis = data["analysis"]
     if analysis and analysis.get("revision") == r.candidate:
         click.echo(f"analysis ({analysis.get('at')}): {analysis.get('outcome')}: {analysis.get('reason')}")

@@ -42,6 +42,14 @@ def progress_table(
         table.add_row(
             "prompt policy", Text(f"{policy.algorithm}: {shares}  ({policy.feedback} feedback events)")
         )
+    retraining = status.retraining
+    if retraining is not None and retraining.triggered_at is not None:
+        where = (
+            "building and canarying"
+            if retraining.candidate is not None
+            else (retraining.outcome or "").lower()
+        )
+        table.add_row("retraining", Text(f"{where}: {retraining.reason} ({retraining.examples} examples)"))
     canary = status.canary
     if canary.step is not None:
         steps = len(model.spec.rollout.steps)
