@@ -233,6 +233,11 @@ class Training(FineTune):
         default=None,
         description="Expected SHA-256 of the dataset file; the finetune step refuses anything else.",
     )
+    against: Uri | None = Field(
+        default=None,
+        description="An artifact the fine-tuned candidate must beat on the held-out examples (a retraining "
+        "revision's: the stable revision's artifact); absent: the source.",
+    )
 
 
 class Gates(ApiModel):

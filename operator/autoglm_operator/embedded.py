@@ -74,8 +74,9 @@ class LoopOptions:
         "Where is Elsinore?", "Who wrote Hamlet?",
     )  # fmt: skip
     user_max_tokens: int = 64
-    #: An injected drift: after this many questions the simulated users ask ``drift_questions``
-    #: instead (longer, on another topic). None: no drift.
+    #: An injected drift: after this many questions asked of a promoted revision serving alone (no
+    #: canary, no baseline), the simulated users ask ``drift_questions`` instead (longer, on another
+    #: topic). None: no drift.
     drift_after: int | None = None
     drift_questions: tuple[str, ...] = (
         "Can you explain how a hash table handles collisions, and when open addressing is better than chaining?",
@@ -131,8 +132,10 @@ class EmbeddedLoop:
             drift_window=self.options.drift_window,
             datasets=(self.options.state_dir / "datasets").resolve().as_uri(),
         )
-        #: Questions the simulated users asked.
+        #: Questions the simulated users asked, and of them those asked of a revision serving alone.
         self.asked = 0
+        self.asked_alone = 0
+        self._alone = False
         #: Feedback events the simulated users had accepted.
         self.rated = 0
 
@@ -288,10 +291,12 @@ class EmbeddedLoop:
         if self.servers:
             status, decisions = self.feedback.tick(model, status, now)
             status = self.append(model, status, decisions)
-            status, decisions = self.feedback.retrain(manifest, status, now)
+            status, decisions = self.feedback.retrain(manifest, status, now, self._artifact_uri)
             status = self.append(model, status, decisions)
         result = dataclasses.replace(result, status=status)
         self.save(result.status)
+        revisions = result.status.revisions
+        self._alone = bool(revisions.stable) and revisions.candidate is None and revisions.baseline is None
         users = self.options.simulated_users != "none" and bool(result.status.revisions.stable)
         self._traffic_to = model.metadata.name if result.status.revisions.candidate or users else None
         if self.options.on_tick is not None:
@@ -335,7 +340,8 @@ class EmbeddedLoop:
         """One simulated user: a chat question, then a rating that prefers short answers."""
         limit = self.options.user_max_tokens
         self.asked += 1
-        drifted = self.options.drift_after is not None and self.asked > self.options.drift_after
+        self.asked_alone += self._alone
+        drifted = self.options.drift_after is not None and self.asked_alone > self.options.drift_after
         questions = self.options.drift_questions if drifted else self.options.user_questions
         body = {"model": name, "max_tokens": limit,
                 "messages": [{"role": "user", "content": rng.choice(questions)}]}  # fmt: skip
@@ -347,6 +353,11 @@ class EmbeddedLoop:
                   "source": "simulated-user"}  # fmt: skip
         if httpx.post(f"{url}/v1/feedback", json=rating, timeout=30).status_code == 200:
             self.rated += 1
+
+    def _artifact_uri(self, revision: str) -> str | None:
+        """Where ``revision`` was published, as a URI (what a retraining revision is judged against)."""
+        found = self.pipelines.artifact(revision)
+        return Path(found).resolve().as_uri() if found else None
 
     def _start_server(self, name: str, target: str, uri: str) -> None:
         log = self.options.state_dir / f"server-{target}.log"

@@ -229,13 +229,19 @@ class FeedbackLoop:
     # -- canary retraining -------------------------------------------------------------------------
 
     def retrain(
-        self, model: AutoGLMModel, status: AutoGLMModelStatus, now: datetime
+        self,
+        model: AutoGLMModel,
+        status: AutoGLMModelStatus,
+        now: datetime,
+        artifact_of: Callable[[str], str | None] | None = None,
     ) -> tuple[AutoGLMModelStatus, list[DecisionRecord]]:
         """Settle a retraining candidate whose rollout ended (``retraining.settle``; a promoted one's
         first requests are its own drift reference); then, when no rollout runs, whether the stable
         revision's Feast features trigger retraining (``autoglm_feedback.retraining.trigger``). A
         trigger exports the rated requests as a dataset (``STATE/datasets/``, content-addressed) and
-        sets ``status.retraining.candidate``: the next ``plan()`` builds and canaries its revision."""
+        sets ``status.retraining.candidate``: the next ``plan()`` builds and canaries its revision.
+        ``artifact_of``: the URI of a revision's artifact, which validate measures the fine-tune
+        against on the held-out feedback (without it: against the source)."""
         from autoglm_operator.retraining import can_trigger, settle
 
         settled = settle(model, status)
@@ -247,10 +253,14 @@ class FeedbackLoop:
         spec = model.spec.feedback.retraining
         if not spec.enabled or self.datasets is None or not can_trigger(status):
             return status, []
-        return self._trigger(model, status, now)
+        return self._trigger(model, status, now, artifact_of)
 
     def _trigger(
-        self, model: AutoGLMModel, status: AutoGLMModelStatus, now: datetime
+        self,
+        model: AutoGLMModel,
+        status: AutoGLMModelStatus,
+        now: datetime,
+        artifact_of: Callable[[str], str | None] | None,
     ) -> tuple[AutoGLMModelStatus, list[DecisionRecord]]:
         from autoglm_core.variants import rollout_revision
         from autoglm_feedback.features import online_stats
@@ -284,7 +294,7 @@ class FeedbackLoop:
         body = data.jsonl().encode()
         digest = hashlib.sha256(body).hexdigest()
         uri = self._write_dataset(body, f"retrain-{digest[:12]}.jsonl")
-        candidate = fine_tune(settings, uri, digest)
+        candidate = fine_tune(settings, uri, digest, artifact_of(stable) if artifact_of is not None else None)
         revision = rollout_revision(with_training(model, candidate).spec)
         status = triggered(status, candidate, revision=stable, feedback=count, reason=found.reason,
                            examples=len(data.examples), now=now)  # fmt: skip

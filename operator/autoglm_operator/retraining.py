@@ -37,9 +37,10 @@ def effective(model: AutoGLMModel) -> AutoGLMModel:
     return with_training(model, retraining.candidate or retraining.stable)
 
 
-def fine_tune(settings: FineTune, dataset: str, sha256: str) -> Training:
-    """The fine-tune of a retraining revision: ``spec.feedback.retraining.fineTune`` on ``dataset``."""
-    return Training(**settings.model_dump(), dataset=dataset, sha256=sha256)
+def fine_tune(settings: FineTune, dataset: str, sha256: str, against: str | None = None) -> Training:
+    """The fine-tune of a retraining revision: ``spec.feedback.retraining.fineTune`` on ``dataset``,
+    judged against the artifact ``against`` (the stable revision's) on the held-out feedback."""
+    return Training(**settings.model_dump(), dataset=dataset, sha256=sha256, against=against)
 
 
 @dataclass(frozen=True)

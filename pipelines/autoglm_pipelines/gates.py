@@ -98,6 +98,7 @@ def verdict_of(report: Mapping[str, Any]) -> Verdict:
         "qualityLoss": report["qualityLoss"],
         "sizeReduction": report["sizeReduction"],
         "decodeSpeedup": report.get("decodeSpeedup"),
+        **({"heldOut": report["heldOut"]} if "heldOut" in report else {}),
     }
     if failed:
         return Verdict("GateFailed", "gate failed: " + ", ".join(failed), evidence)

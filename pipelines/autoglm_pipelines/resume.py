@@ -32,7 +32,12 @@ _SPEC_PARTS: dict[str, Callable[[AutoGLMModel], Any]] = {
     "compress": lambda m: {"compression": m.spec.compression.to_json(), **_data(m)},
     # whether the Hessians are recorded depends on the rounding algorithm
     "calibrate": lambda m: {"algorithm": m.spec.compression.quantization.algorithm, **_data(m)},
-    "validate": lambda m: m.spec.validation.to_json(),
+    # a fine-tune is also judged against training.against's artifact (its URI: a revision's artifact never changes)
+    "validate": lambda m: (
+        m.spec.validation.to_json()
+        if m.spec.training is None
+        else {"validation": m.spec.validation.to_json(), "against": m.spec.training.against}
+    ),
     "publish": lambda m: {"model": m.namespaced_name, "compression": m.spec.compression.to_json()},
 }
 #: Steps that read the datasets: their contents are part of the identity, not only their URIs.

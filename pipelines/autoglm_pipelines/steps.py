@@ -388,9 +388,13 @@ def validate(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
     if gguf.is_file():  # measured on llama.cpp, before torch computes anything in this process
         cand = measure_gguf(gguf, ids, window=spec.sequence_length, new_tokens=ctx.decode_tokens)
     held = _held_out(model, ctx)
+    rows = [encode(tokenizer, e) for e in held]
+    against = _against(model, ctx) if held else None
     held_nll: dict[str, float] = {}
     if held and gguf.is_file():
-        held_nll["candidate"] = answer_nll_gguf(gguf, [encode(tokenizer, e) for e in held])
+        held_nll["candidate"] = answer_nll_gguf(gguf, rows)
+    if against is not None and (against / GGUF_FILE).is_file():
+        held_nll["stable"] = answer_nll_gguf(against / GGUF_FILE, rows)
     base = measure(baseline, ids, window=spec.sequence_length, new_tokens=ctx.decode_tokens)
     if held:
         held_nll["baseline"] = answer_nll(baseline, tokenizer, held)[0]
@@ -401,6 +405,14 @@ def validate(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
         cand = measure(candidate, ids, window=spec.sequence_length, new_tokens=ctx.decode_tokens)
         if held:
             held_nll["candidate"] = answer_nll(candidate, tokenizer, held)[0]
+        del candidate
+    if against is not None and "stable" not in held_nll:
+        stable, _, _ = load_model_folder(against)
+        run_activations_in_fp32(stable)
+        held_nll["stable"] = answer_nll(stable, tokenizer, held)[0]
+        del stable
+    # the fine-tune must beat what serves now (the stable revision's artifact), else the source
+    versus = "stable" if "stable" in held_nll else "baseline"
     loss = quality_loss(spec.metric, base.quality, cand.quality)
     reduction = base.weight_bytes / cand.weight_bytes
     gates = evaluate_gates(
@@ -408,7 +420,7 @@ def validate(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
         quality_loss=loss,
         p95_token_latency_ms=cand.p95_token_latency_ms,
         size_reduction=reduction,
-        held_out_nll_ratio=held_nll["candidate"] / held_nll["baseline"] if held else None,
+        held_out_nll_ratio=held_nll["candidate"] / held_nll[versus] if held else None,
     )
     report = {
         "metric": spec.metric,
@@ -419,7 +431,7 @@ def validate(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
         "qualityLoss": loss,
         "sizeReduction": reduction,
         "decodeSpeedup": cand.decode_tokens_per_second / base.decode_tokens_per_second,
-        **({"heldOut": {"examples": len(held), "answerNll": held_nll}} if held else {}),
+        **({"heldOut": {"examples": len(held), "answerNll": held_nll, "against": versus}} if held else {}),
         "gates": [g.to_json() for g in gates],
         "passed": all(g.passed for g in gates),
     }
@@ -442,6 +454,15 @@ def _held_out(model: AutoGLMModel, ctx: StepContext) -> list[Any]:
     if not path.is_file() or not path.read_text().strip():
         return []
     return read_examples(path, held_out=1.0, training=False)
+
+
+def _against(model: AutoGLMModel, ctx: StepContext) -> Path | None:
+    """The artifact ``training.against`` names (the stable revision's), as a local folder."""
+    training = model.spec.training
+    if training is None or training.against is None:
+        return None
+    path = resolve(training.against, cache_dir=ctx.cache_dir)
+    return path.parent if path.is_file() else path
 
 
 def publish(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:

@@ -140,6 +140,8 @@ def test_injected_drift_triggers_a_retraining_revision_that_is_canaried_and_prom
     assert trigger.revision == stable
     assert trigger.evidence["drift"]["drift_statistic"] > 1.0
     assert trigger.evidence["retrainingRevision"] == new
+    # the fine-tune is judged against what serves: the stable revision's published artifact
+    assert trigger.evidence["training"]["against"].startswith("file://")
     data = trigger.evidence["dataset"]
     assert data["corrections"] == data["kept"] >= 30  # nothing was right before
     dataset = Path(data["uri"].removeprefix("file://"))
@@ -152,6 +154,7 @@ def test_injected_drift_triggers_a_retraining_revision_that_is_canaried_and_prom
     gates = {g["name"]: g for g in gate.evidence["gates"]}
     assert gates["heldOutNllRatio"]["passed"]
     assert gates["heldOutNllRatio"]["value"] < 1.0
+    assert gate.evidence["heldOut"]["against"] == "stable"
     assert any(r.revision == new for r in by_kind["CanaryStarted"])
     (promoted,) = [r for r in by_kind["Promoted"] if r.revision == new]
     assert promoted.evidence["previous"] == stable

@@ -210,3 +210,35 @@ def test_a_dataset_that_is_not_the_one_named_is_refused(source: Path, tmp_path: 
     code, out = step("finetune", spec, work)
     assert code != 0
     assert "d.jsonl line 1: not JSON" in out
+
+
+def test_a_retraining_revision_is_judged_against_the_stable_artifact_on_the_held_out_answers(
+    source: Path, tmp_path: Path
+) -> None:
+    # the stable revision: the plain pipeline's artifact
+    (tmp_path / "plain").mkdir()
+    plain, stable_work = torch_manifest(tmp_path / "plain", source), tmp_path / "stable"
+    for name in ("fetch", "calibrate", "compress", "validate", "publish"):
+        code, out = step(name, plain, stable_work)
+        assert code == 0, out
+    artifact = stable_work / "publish" / "model"
+    data = write_dataset(tmp_path / "d.jsonl", 80)
+    spec = training_manifest(tmp_path, source, data, against=artifact.as_uri())
+    work = tmp_path / "work"
+    for name in ("fetch", "finetune", "calibrate", "compress", "validate"):
+        code, out = step(name, spec, work)
+        assert code == 0, out
+    report = json.loads((work / "validate" / "validate.json").read_text())
+    held = report["heldOut"]
+    assert held["against"] == "stable"
+    assert set(held["answerNll"]) == {"baseline", "stable", "candidate"}
+    gate = next(g for g in report["gates"] if g["name"] == "heldOutNllRatio")
+    assert gate["value"] == pytest.approx(held["answerNll"]["candidate"] / held["answerNll"]["stable"])
+    assert gate["passed"]
+    # the oracle: the stable artifact loaded on its own scores the same held-out answers the same
+    stable, tokenizer, _ = load_model_folder(artifact)
+    from autoglm_modeling.quantization import run_activations_in_fp32
+
+    run_activations_in_fp32(stable)
+    examples = read_examples(work / "finetune" / "heldout.jsonl", held_out=1.0, training=False)
+    assert answer_nll(stable, tokenizer, examples)[0] == pytest.approx(held["answerNll"]["stable"], rel=1e-5)

@@ -104,8 +104,8 @@ def _http_url(value: str | None) -> str | None:
               help="Simulated users at the --traffic rate: chat questions answered with the policy's prompt variant, "
                    "each answer rated on POST /v1/feedback (short: they prefer short answers).")  # fmt: skip
 @click.option("--inject-drift", "drift_after", type=click.IntRange(0), default=None, metavar="N",
-              help="With --simulate-users: after N questions the users ask about another topic at greater length "
-                   "(a drift the retraining trigger should see).")  # fmt: skip
+              help="With --simulate-users: after N questions asked of a promoted revision serving alone, the users "
+                   "ask about another topic at greater length (a drift the retraining trigger should see).")  # fmt: skip
 @click.option("--drift-window", type=click.IntRange(10, 100_000), default=None, metavar="REQUESTS",
               help="Requests in the drift reference window and in the window compared with it (default 500).")  # fmt: skip
 @click.option("--propose-prompts", is_flag=True, default=False,
