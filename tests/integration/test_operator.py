@@ -546,6 +546,8 @@ def test_a_low_feedback_score_triggers_a_retraining_workflow_that_fine_tunes_on_
         spec = yaml.safe_load(params["manifest"])["spec"]
         assert spec["training"]["dataset"] == dataset
         assert spec["training"]["sha256"] == retraining["sha256"]
+        # judged on the held-out feedback against what the first target serves
+        assert spec["training"]["against"] == desired(cluster, "cloud")["stable"]["uri"]
         assert revision == rollout_revision(playing.model_of(yaml.safe_load(params["manifest"])).spec)
         (template,) = items(cluster, "workflowtemplates")
         steps = {t["name"]: t for t in template["spec"]["templates"] if "container" in t}

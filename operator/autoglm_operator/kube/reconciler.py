@@ -257,7 +257,9 @@ class ClusterReconciler:
             result = plan(model, observed, now)
             if self.feedback is not None:
                 status, records = self.feedback.decide(model, result.status, now)
-                status, retrained = self.feedback.retrain(manifest, status, now)
+                status, retrained = self.feedback.retrain(
+                    manifest, status, now, _stable_artifact(model, seen)
+                )
                 result = dataclasses.replace(
                     result, status=status, decisions=(*result.decisions, *records, *retrained)
                 )
@@ -525,6 +527,22 @@ def _status_of(body: dict[str, Any]) -> AutoGLMModelStatus | None:
         return AutoGLMModelStatus.model_validate(body.get("status") or {})
     except ValueError:
         return None
+
+
+def _stable_artifact(model: AutoGLMModel, seen: _Seen) -> Callable[[str], str | None]:
+    """What a retraining revision is validated against: the stable artifact the first target's agents
+    were told to serve (its URI in the artifact repository), when it is that revision's."""
+
+    def artifact_of(revision: str) -> str | None:
+        status = model.status or AutoGLMModelStatus()
+        first = model.spec.targets[0].name
+        desired = seen.desired.get(first)
+        served = next((t.revision for t in status.targets if t.name == first), None)
+        if desired is None or revision != status.revisions.stable or desired.stable.revision != served:
+            return None
+        return desired.stable.uri
+
+    return artifact_of
 
 
 def _desired(config: dict[str, Any] | None) -> Desired | None:
