@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final
-from urllib.parse import urlparse
+from urllib.parse import parse_qs, urlparse
 
 import pandas as pd
 from feast import Entity, FeatureStore, FeatureView, Field, FileSource, PushSource, ValueType
@@ -131,9 +131,12 @@ def repo_config(data_dir: Path, online_store: str = "sqlite") -> RepoConfig:
                   + (f",password={url.password}" if url.password else "")}  # fmt: skip
     elif online_store.startswith(("postgresql://", "postgres://")):
         url = urlparse(online_store)
+        # Feast requires SSL unless told otherwise: the URL's ?sslmode= says, else libpq's default
+        sslmode = parse_qs(url.query).get("sslmode", ["prefer"])[0]
         online = {
             "type": "postgres", "host": url.hostname or "localhost", "port": url.port or 5432,
             "database": url.path.lstrip("/"), "user": url.username or "", "password": url.password or "",
+            "sslmode": sslmode,
         }  # fmt: skip
     else:
         raise ValueError(
@@ -156,6 +159,19 @@ def open_features(data_dir: Path, online_store: str = "sqlite") -> FeatureStore:
     store = FeatureStore(config=repo_config(data_dir, online_store))
     store.apply(definitions(data_dir))
     return store
+
+
+def close_features(features: FeatureStore) -> None:
+    """Close the online store's connections. Feast opens one (a psycopg connection or pool, a Redis
+    client) per store object and has no call that closes it; this reads its provider's private
+    fields, checked against Feast 0.67 (``tests/integration/test_feedback_features.py``)."""
+    provider = getattr(features, "_provider", None)
+    online = getattr(provider, "_online_store", None)
+    for name in ("_conn", "_conn_pool", "_client"):
+        handle = getattr(online, name, None)
+        if handle is not None:
+            handle.close()
+            setattr(online, name, None)
 
 
 def prepare_offline_files(data_dir: Path) -> None:

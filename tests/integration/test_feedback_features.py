@@ -5,11 +5,15 @@ from the store's rows, and a pipeline killed between its push and its mark loses
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +22,7 @@ import pytest
 
 from autoglm_core.feedback.records import RequestRecord, parse_feedback
 from autoglm_core.feedback.store import FeedbackStore
-from autoglm_feedback.features import FeaturePipeline, online_stats, open_features
+from autoglm_feedback.features import FeaturePipeline, close_features, online_stats, open_features
 
 pytestmark = pytest.mark.integration
 
@@ -71,10 +75,13 @@ def _oracle(db: Path) -> pd.DataFrame:
     return scores.join(served)
 
 
-def _check_online(data: Path, db: Path) -> None:
-    features = open_features(data)
+def _check_online(data: Path, db: Path, online_store: str = "sqlite") -> None:
+    features = open_features(data, online_store)
     oracle = _oracle(db)
-    got = online_stats(features, [("m", rev, var) for rev, var in oracle.index])
+    try:
+        got = online_stats(features, [("m", rev, var) for rev, var in oracle.index])
+    finally:
+        close_features(features)
     for (rev, var), row in oracle.iterrows():
         online = got[("m", rev, var)]
         assert online["feedback_count"] == row["count"]
@@ -97,6 +104,70 @@ def test_online_features_are_the_stores_aggregates(tmp_path: Path) -> None:
     _check_online(data, db)
     offline = pd.read_parquet(data / "feedback_stats.parquet")  # pushed online and offline
     assert set(offline["model_revision"]) == {"m@r1", "m@r2"}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def _online_store(kind: str, tmp_path: Path) -> Iterator[str]:
+    """A cluster's online store: CI's PostgreSQL (``.ci/postgres.sh``), or a Redis server started
+    here (Debian's redis-server, which ``.ci/run`` installs). Skipped without one, failed in CI."""
+    missing = pytest.fail if os.environ.get("CI") else pytest.skip
+    if kind == "postgres":
+        url = os.environ.get("AUTOGLM_TEST_POSTGRES_URL")
+        if not url:
+            missing("set AUTOGLM_TEST_POSTGRES_URL (bash .ci/postgres.sh start prints one; CI does)")
+        yield str(url).replace("postgresql+psycopg://", "postgresql://")
+        return
+    exe = shutil.which("redis-server")
+    if exe is None:
+        missing("no redis-server (apt-get install redis-server; .ci/run does)")
+    port = _free_port()
+    server = subprocess.Popen(
+        [str(exe), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        yield f"redis://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+@pytest.mark.parametrize("kind", ["postgres", "redis"])
+def test_a_clusters_online_store_is_one_setting_and_holds_the_same_features(
+    kind: str, tmp_path: Path
+) -> None:
+    """``--online-store postgresql://...`` or ``redis://...``: the same pipeline, the same features."""
+    db, data = tmp_path / "fb.db", tmp_path / "feast"
+    store = FeedbackStore(f"sqlite:///{db}")
+    _fill(store, 300, seed=3)
+    with _online_store(kind, tmp_path) as online:
+        pipeline = FeaturePipeline(store, open_features(data, online), data, batch=100)
+        try:
+            assert pipeline.run_until_empty() == store.count_feedback()
+            _check_online(data, db, online)
+            _fill(store, 100, seed=4, start=300)
+            pipeline.run_until_empty()
+            _check_online(data, db, online)
+        finally:
+            close_features(pipeline.features)
+    # nothing of it went to the local SQLite online store
+    assert not (data / "online.db").exists()
 
 
 KILLED_AFTER_PUSH = """

@@ -81,7 +81,7 @@ def push_command(
     """Feed the Feast repository from the feedback store in micro-batches (replaying a killed run's)."""
     logging.basicConfig(level=logging.WARNING)
     from autoglm_core.feedback.store import FeedbackStore
-    from autoglm_feedback.features import FeaturePipeline, open_features
+    from autoglm_feedback.features import FeaturePipeline, close_features, open_features
 
     try:
         store = FeedbackStore(feedback_url)
@@ -91,13 +91,18 @@ def push_command(
     pending = store.count_feedback(pushed=False)
     if pending:
         click.echo(f"replaying {pending} feedback events not pushed yet")
-    while True:
-        n = pipeline.run_until_empty(models=models)
-        if n or once:
-            click.echo(f"pushed features of {n} feedback events ({pipeline.pushed_rows} feature rows so far)")
-        if once:
-            return
-        time.sleep(interval)
+    try:
+        while True:
+            n = pipeline.run_until_empty(models=models)
+            if n or once:
+                click.echo(
+                    f"pushed features of {n} feedback events ({pipeline.pushed_rows} feature rows so far)"
+                )
+            if once:
+                return
+            time.sleep(interval)
+    finally:
+        close_features(pipeline.features)
 
 
 @feedback_group.command("features")
@@ -114,7 +119,7 @@ def features_command(model: str, feedback_url: str, feast_dir: Path, online_stor
     from sqlalchemy import select
 
     from autoglm_core.feedback.store import FeedbackStore, feedback_table, requests_table
-    from autoglm_feedback.features import online_stats, open_features
+    from autoglm_feedback.features import close_features, online_stats, open_features
 
     try:
         store = FeedbackStore(feedback_url)
@@ -129,7 +134,10 @@ def features_command(model: str, feedback_url: str, feast_dir: Path, online_stor
                 select(table.c.revision, table.c.prompt_variant).where(table.c.model == model).distinct()
             )
         }
-    stats = online_stats(features, sorted(keys))
+    try:
+        stats = online_stats(features, sorted(keys))
+    finally:
+        close_features(features)
     rows = [{"revision": r, "prompt_variant": v, **values} for (_m, r, v), values in stats.items()
             if values.get("requests") is not None or values.get("feedback_count") is not None]  # fmt: skip
     if output == "json":
