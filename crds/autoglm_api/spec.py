@@ -217,6 +217,11 @@ class FineTune(ApiModel):
         default=0.2,
         description="Share of the examples not marked with a split that is held out for validation, in [0, 1].",
     )
+    rehearsal: bool = Field(
+        default=True,
+        description="Add the calibration data's language-modelling loss at every step, so that the model keeps "
+        "what it knew (rehearsal against forgetting; the validation tokens are never trained on).",
+    )
 
 
 class Training(FineTune):

@@ -208,9 +208,14 @@ def train_lora(
     epochs: int,
     learning_rate: float,
     seed: int = 0,
+    rehearsal: torch.Tensor | None = None,
 ) -> tuple[Any, FineTuneReport]:
     """LoRA on every linear layer of the decoder (rank ``rank``, alpha twice that; ``peft``), AdamW on
-    the answers' tokens of the training examples; returns the peft model (adapters unmerged)."""
+    the answers' tokens of the training examples; returns the peft model (adapters unmerged).
+
+    ``rehearsal``: token windows ``[n, length]`` of general text (the calibration data) whose
+    language-modelling loss is added at every step, one window per step in turn, so the model
+    keeps what it knew (rehearsal against catastrophic forgetting)."""
     from peft import LoraConfig, get_peft_model
 
     train = [e for e in examples if not e.held_out]
@@ -236,6 +241,9 @@ def train_lora(
         for at in range(0, len(indices), BATCH_SIZE):
             batch = _batch([rows[i] for i in indices[at : at + BATCH_SIZE]], int(pad))
             loss = peft_model(**batch).loss
+            if rehearsal is not None and len(rehearsal):
+                window = rehearsal[steps % len(rehearsal)].unsqueeze(0)
+                loss = loss + peft_model(input_ids=window, labels=window).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -261,11 +269,19 @@ def finetune(
     epochs: int,
     learning_rate: float,
     seed: int = 0,
+    rehearsal: torch.Tensor | None = None,
 ) -> tuple[Any, FineTuneReport]:
     """``train_lora``, then the adapters merged into the weights: the model returned has the
     source's modules and shapes."""
     peft_model, report = train_lora(
-        model, tokenizer, examples, rank=rank, epochs=epochs, learning_rate=learning_rate, seed=seed
+        model,
+        tokenizer,
+        examples,
+        rank=rank,
+        epochs=epochs,
+        learning_rate=learning_rate,
+        seed=seed,
+        rehearsal=rehearsal,
     )
     merged = peft_model.merge_and_unload()  # a transformers PreTrainedModel again
     merged.eval()

@@ -27,7 +27,10 @@ def _data(m: AutoGLMModel) -> dict[str, Any]:
 #: The part of the spec each step reads (the rest reaches it through its inputs' hashes).
 _SPEC_PARTS: dict[str, Callable[[AutoGLMModel], Any]] = {
     "fetch": lambda m: m.spec.source.to_json(),
-    "finetune": lambda m: m.spec.training.to_json() if m.spec.training is not None else None,
+    "finetune": lambda m: {
+        "training": m.spec.training.to_json() if m.spec.training is not None else None,
+        **_data(m),
+    },
     "search": lambda m: {"compression": m.spec.compression.to_json(), **_data(m)},
     "compress": lambda m: {"compression": m.spec.compression.to_json(), **_data(m)},
     # whether the Hessians are recorded depends on the rounding algorithm
@@ -41,7 +44,7 @@ _SPEC_PARTS: dict[str, Callable[[AutoGLMModel], Any]] = {
     "publish": lambda m: {"model": m.namespaced_name, "compression": m.spec.compression.to_json()},
 }
 #: Steps that read the datasets: their contents are part of the identity, not only their URIs.
-_READS_DATA = {"search", "compress", "calibrate", "validate"}
+_READS_DATA = {"finetune", "search", "compress", "calibrate", "validate"}
 
 
 def inputs_digest(
@@ -79,7 +82,8 @@ def inputs_digest(
         uris = {model.spec.calibration.dataset, model.spec.validation.dataset}
         options["datasets"] = {uri: _local_digest(uri) for uri in sorted(uris)}
     if kind == "finetune" and model.spec.training is not None:
-        options["datasets"] = {model.spec.training.dataset: _local_digest(model.spec.training.dataset)}
+        dataset = model.spec.training.dataset
+        options["datasets"] = {**options.get("datasets", {}), dataset: _local_digest(dataset)}
     return canonical_digest({"step": step, "spec": _SPEC_PARTS[kind](model), "upstream": upstream, **options})
 
 

@@ -174,14 +174,12 @@ def finetune_step(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
     lm, tokenizer, _ = load_model_folder(ctx.folder("fetch") / MODEL_DIR)
     held = [e for e in examples if e.held_out]
     before = answer_nll(lm, tokenizer, held)[0] if held else None
+    # rehearsal on the calibration windows (they skip the tokens validation scores)
+    rehearsal = calibration_batches(model, tokenizer, ctx) if training.rehearsal else None
     tuned, report = finetune(
-        lm,
-        tokenizer,
-        examples,
-        rank=training.rank,
-        epochs=training.epochs,
-        learning_rate=training.learning_rate,
-    )
+        lm, tokenizer, examples, rank=training.rank, epochs=training.epochs, learning_rate=training.learning_rate,
+        rehearsal=rehearsal,
+    )  # fmt: skip
     after = answer_nll(tuned, tokenizer, held)[0] if held else None
     folder = ctx.folder("finetune")
     save_model_folder(tuned, tokenizer, folder / MODEL_DIR)
@@ -193,7 +191,12 @@ def finetune_step(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
         )
     )
     return StepOutcome(
-        metrics={**report.to_json(), "heldOutNllBefore": before, "heldOutNllAfter": after},
+        metrics={
+            **report.to_json(),
+            "heldOutNllBefore": before,
+            "heldOutNllAfter": after,
+            "rehearsalWindows": 0 if rehearsal is None else int(rehearsal.shape[0]),
+        },
         parameters={**training.to_json(), "datasetSha256": sha256_file(path)},
     )
 

@@ -56,7 +56,7 @@ def test_drifted_questions_trigger_a_retraining_revision_of_smollm2_that_goes_th
         records = list(ledger.query(namespace="ml", model="support-glm", limit=500))
     triggers = [r for r in records if r.decision == "RetrainingTriggered"]
     assert triggers, log
-    trigger = triggers[-1]
+    trigger = triggers[0]
     new = trigger.evidence["retrainingRevision"]
     assert trigger.evidence["drift"]["drift_statistic"] > 1.0
     assert trigger.evidence["dataset"]["kept"] >= 8
