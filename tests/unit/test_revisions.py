@@ -6,8 +6,10 @@ import asyncio
 import gc
 import shutil
 import threading
+import time
 import weakref
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -72,6 +74,20 @@ def test_a_corrupt_card_is_refused(folders: dict[str, Path], tmp_path: Path) -> 
         verify("c", copy)
 
 
+async def _collected(ref: weakref.ref[Any], timeout: float = 10.0) -> bool:
+    """Whether ``ref``'s object is garbage collected within ``timeout``: the engine's worker thread
+    may still be leaving the step that used it when the release is signalled (seen once in a full
+    run: the weights were held a moment after ``wait_released``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        gc.collect()
+        if ref() is None:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+
+
 @pytest.mark.asyncio
 async def test_a_swap_flips_atomically_and_the_old_revision_is_released_after_its_leases(
     folders: dict[str, Path], tmp_path: Path
@@ -88,8 +104,7 @@ async def test_a_swap_flips_atomically_and_the_old_revision_is_released_after_it
     assert old.wait_released(30)  # the last lease ended: released without anyone waiting for it
     assert old.engine.model is None
     del old, held
-    gc.collect()
-    assert model_ref() is None, "the retired revision's weights are still referenced"
+    assert await _collected(model_ref), "the retired revision's weights are still referenced"
     await r.close()
 
 
@@ -127,8 +142,7 @@ async def test_unloading_while_a_row_decodes_releases_the_weights_when_it_ends(
     assert await asyncio.to_thread(revision.wait_released, 30)
     assert job.finish_reason == "length"
     del revision
-    gc.collect()
-    assert model_ref() is None
+    assert await _collected(model_ref)
 
 
 @pytest.mark.asyncio
