@@ -95,3 +95,11 @@ def triggered(
                 "feedback": feedback, "examples": examples, "outcome": ""}
     )  # fmt: skip
     return status.model_copy(update={"retraining": retraining})
+
+
+def stage(retraining: Retraining | None) -> str | None:
+    """Where the last retraining stands, for people: ``building or canarying``, ``promoted`` or
+    ``rejected``; None when none was triggered."""
+    if retraining is None or retraining.triggered_at is None:
+        return None
+    return "building or canarying" if retraining.candidate is not None else (retraining.outcome or "").lower()

@@ -20,6 +20,7 @@ from autoglm_core.audit import Ledger
 from autoglm_core.audit.records import USER_ACTOR_PREFIX, validate_actor
 from autoglm_operator.backends.local_state import LocalState, StateError
 from autoglm_operator.cli.audit import default_actor, print_records
+from autoglm_operator.retraining import stage
 
 _STATE = click.option(
     "--state-dir", type=click.Path(file_okay=False, path_type=Path), default=Path(".autoglm/run"),
@@ -99,12 +100,8 @@ def status_command(model: str, state_dir: Path, output: str) -> None:
             f"canary: step {status.canary.step + 1} at {status.canary.weight}%, failed intervals {status.canary.failures}"
         )
     retraining = status.retraining
-    if retraining is not None and retraining.triggered_at is not None:
-        where = (
-            "building or canarying"
-            if retraining.candidate is not None
-            else (retraining.outcome or "").lower()
-        )
+    where = stage(retraining)
+    if retraining is not None and where is not None:
         fine_tune = retraining.candidate or retraining.stable
         click.echo(
             f"retraining ({where}, triggered {retraining.triggered_at:%Y-%m-%d %H:%M:%S}): {retraining.reason}; "

@@ -11,6 +11,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from autoglm_operator.retraining import stage
+
 if TYPE_CHECKING:
     from autoglm_api.resource import AutoGLMModel
     from autoglm_operator.plan import Observed, Plan
@@ -43,12 +45,8 @@ def progress_table(
             "prompt policy", Text(f"{policy.algorithm}: {shares}  ({policy.feedback} feedback events)")
         )
     retraining = status.retraining
-    if retraining is not None and retraining.triggered_at is not None:
-        where = (
-            "building and canarying"
-            if retraining.candidate is not None
-            else (retraining.outcome or "").lower()
-        )
+    where = stage(retraining)
+    if retraining is not None and where is not None:
         table.add_row("retraining", Text(f"{where}: {retraining.reason} ({retraining.examples} examples)"))
     canary = status.canary
     if canary.step is not None:
