@@ -5,9 +5,11 @@
 The dataset is JSON Lines. Each line is ``{"messages": [...]}`` whose last message is the
 assistant's answer to learn (the ones before it are the prompt, system prompt included), or
 ``{"prompt": "...", "completion": "..."}``; ``"split": "heldout"`` (or ``"train"``) places it, and
-a line without one is held out when the SHA-256 of its text falls in the ``heldOut`` share, so a
-dataset always splits the same way. Held-out examples are never trained on: validate scores the
-answers' negative log-likelihood on them, source against candidate.
+a line without one is held out when the SHA-256 of its conversation falls in the ``heldOut``
+share, so a dataset always splits the same way and every copy of a conversation falls on the same
+side (when none falls in the share, the first of two or more distinct conversations is held out).
+Held-out examples are never trained on: validate scores the answers' negative log-likelihood on
+them, candidate against the stable revision's artifact (``training.against``) or the source.
 
 The prompt is formatted by the tokenizer's chat template (what the server applies to a chat
 request), or as ``role: content`` lines where the tokenizer has none; the answer ends with the
@@ -80,6 +82,12 @@ def _messages(data: dict[str, Any], where: str) -> tuple[tuple[str, str], ...]:
     )
 
 
+def _position(messages: tuple[tuple[str, str], ...]) -> float:
+    """Where a conversation's SHA-256 places it in [0, 1): the same place every time."""
+    digest = hashlib.sha256(json.dumps(messages).encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
 def read_examples(
     path: Path, *, held_out: float, max_examples: int | None = None, training: bool = True
 ) -> list[Example]:
@@ -87,6 +95,8 @@ def read_examples(
     (held-out ones all). Raises ``DatasetError`` naming the first bad line, or when ``training`` and
     no example is left to train on."""
     examples: list[Example] = []
+    #: Each distinct conversation without a split, and where its hash places it in [0, 1).
+    unsplit: dict[tuple[tuple[str, str], ...], float] = {}
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as exc:
@@ -106,11 +116,21 @@ def read_examples(
         if split is not None and split not in SPLITS:
             raise DatasetError(f"{where}: split must be one of {', '.join(SPLITS)}, got {split!r}")
         if split is None:
-            digest = hashlib.sha256(json.dumps(messages).encode()).digest()
-            held = int.from_bytes(digest[:8], "big") / 2**64 < held_out
+            position = _position(messages)
+            unsplit[messages] = position
+            held = position < held_out
         else:
             held = split == "heldout"
         examples.append(Example(messages, held))
+    # A few distinct conversations (users asking the same questions) can all fall outside the share:
+    # then the one placed first is held out, so that validation has something unseen to score.
+    if (
+        held_out > 0
+        and len(unsplit) >= 2
+        and not any(unsplit[e.messages] < held_out for e in examples if e.messages in unsplit)
+    ):
+        first = min(unsplit, key=unsplit.__getitem__)
+        examples = [Example(e.messages, True) if e.messages == first else e for e in examples]
     if training and not any(not e.held_out for e in examples):
         raise DatasetError(
             f"{path.name}: no training examples (all {len(examples)} are held out or the file is empty)"

@@ -86,6 +86,26 @@ def test_a_bad_line_is_named_with_what_is_allowed(tmp_path: Path, line: str, mes
     assert str(caught.value).startswith(message)
 
 
+def test_a_few_distinct_conversations_still_hold_one_out(tmp_path: Path) -> None:
+    """Users asking the same few questions: every copy of a conversation goes to the same side, and
+    when the share picks none of them, one is held out anyway (the e2e run on SmolLM2 held out 0 of
+    88 examples of a handful of conversations)."""
+    from autoglm_pipelines.finetune import _position
+
+    path = tmp_path / "d.jsonl"
+    chats = [{"prompt": q, "completion": "Short."} for q in QUESTIONS[:3]]
+    path.write_text("".join(json.dumps(chats[i % 3]) + "\n" for i in range(30)))
+    # a share below every conversation's place: none would be held out by the hash alone
+    below = min(_position((("user", q), ("assistant", "Short."))) for q in QUESTIONS[:3]) / 2
+    examples = read_examples(path, held_out=below)
+    held = {e.messages for e in examples if e.held_out}
+    assert len(held) == 1  # one conversation, all ten of its copies
+    assert sum(e.held_out for e in examples) == 10
+    assert all(not e.held_out for e in examples if e.messages not in held)
+    assert read_examples(path, held_out=0.0) == read_examples(path, held_out=0.0)
+    assert not any(e.held_out for e in read_examples(path, held_out=0.0))  # 0: nothing held out
+
+
 def test_only_held_out_examples_is_refused_for_training(tmp_path: Path) -> None:
     path = tmp_path / "d.jsonl"
     path.write_text('{"prompt": "q", "completion": "a", "split": "heldout"}\n')
