@@ -66,7 +66,7 @@ demo: $(STAMP)
 	@echo "== the feedback loop: simulated users who prefer short answers rate the int8 stable's chat answers (POST /v1/feedback); Feast features; Thompson sampling moves the prompt policy"
 	$(BIN)/autoglm run examples/autoglm-model.yaml --state-dir $(DEMO_STATE) --until policy --simulate-users short --traffic 4 --traffic-clients 2
 	$(BIN)/autoglm feedback features support-glm --feedback-url sqlite:///$(DEMO_STATE)/feedback.db --feast-dir $(DEMO_STATE)/feast
-	@echo "== not in this demo: several targets with a precision each; PromQL: autoglm run --prometheus-url; in a cluster: autoglm operator (README; tools/cluster_transcript.py runs it on an emulated cluster); OPRO prompt proposals: autoglm run --propose-prompts; not built yet: canary retraining (issue 13)"
+	@echo "== not in this demo: several targets with a precision each; PromQL: autoglm run --prometheus-url; in a cluster: autoglm operator (README; tools/cluster_transcript.py runs it on an emulated cluster); OPRO prompt proposals: autoglm run --propose-prompts; canary retraining: autoglm run --simulate-users short --inject-drift N --until retrained (make test-e2e runs it on SmolLM2, about 20 minutes)"
 
 # Tests run in a random order (pytest-randomly); the seed is printed, and `make test SEED=N` repeats it.
 ifndef SEED
