@@ -132,8 +132,7 @@ class EmbeddedLoop:
             drift_window=self.options.drift_window,
             datasets=(self.options.state_dir / "datasets").resolve().as_uri(),
         )
-        #: Questions the simulated users asked, and of them those asked of a revision serving alone.
-        self.asked = 0
+        #: Questions the simulated users asked of a promoted revision serving alone (``drift_after``).
         self.asked_alone = 0
         self._alone = False
         #: Feedback events the simulated users had accepted.
@@ -339,7 +338,6 @@ class EmbeddedLoop:
     def _user(self, rng: random.Random, url: str, name: str) -> None:
         """One simulated user: a chat question, then a rating that prefers short answers."""
         limit = self.options.user_max_tokens
-        self.asked += 1
         self.asked_alone += self._alone
         drifted = self.options.drift_after is not None and self.asked_alone > self.options.drift_after
         questions = self.options.drift_questions if drifted else self.options.user_questions

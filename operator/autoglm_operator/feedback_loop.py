@@ -99,7 +99,8 @@ class FeedbackLoop:
         #: The drift reference window and the window compared with it, in requests (None: Feast
         #: pipeline's default, 500).
         self.drift_window = drift_window
-        #: The feedback count at which a trigger last found too few examples (said once per count).
+        #: The feedback count at which a trigger last found too few examples: the dataset is not
+        #: queried again (nor the wait said again) until more feedback came.
         self._thin = -1
         #: Where retraining datasets are written, as the pipeline reads them: a ``file://`` folder on
         #: one machine (``STATE/datasets``), a ``pvc://CLAIM/PATH`` folder in a cluster (the operator
@@ -238,7 +239,7 @@ class FeedbackLoop:
         """Settle a retraining candidate whose rollout ended (``retraining.settle``; a promoted one's
         first requests are its own drift reference); then, when no rollout runs, whether the stable
         revision's Feast features trigger retraining (``autoglm_feedback.retraining.trigger``). A
-        trigger exports the rated requests as a dataset (``STATE/datasets/``, content-addressed) and
+        trigger exports the rated requests as a dataset (into ``datasets``, content-addressed) and
         sets ``status.retraining.candidate``: the next ``plan()`` builds and canaries its revision.
         ``artifact_of``: the URI of a revision's artifact, which validate measures the fine-tune
         against on the held-out feedback (without it: against the source)."""
@@ -280,16 +281,15 @@ class FeedbackLoop:
         found = trigger(
             spec, revision=stable, feedback_count=count, feedback_sum=total, drift=drift, since=since
         )
-        if found is None:
+        if found is None or self._thin == count:  # nothing, or too few examples at this count already
             return status, []
         settings = spec.fine_tune
         rated = self.pipeline().store.rated_requests(name, limit=settings.max_examples)
         data = dataset(rated, {v.name: v.system for v in arms})
         if len(data.examples) < MIN_EXAMPLES:
-            if self._thin != count:
-                self._thin = count
-                self.say(f"retraining: {found.reason}, but only {len(data.examples)} usable examples "
-                         f"(at least {MIN_EXAMPLES}): waiting for more feedback")  # fmt: skip
+            self._thin = count
+            self.say(f"retraining: {found.reason}, but only {len(data.examples)} usable examples "
+                     f"(at least {MIN_EXAMPLES}): waiting for more feedback")  # fmt: skip
             return status, []
         body = data.jsonl().encode()
         digest = hashlib.sha256(body).hexdigest()

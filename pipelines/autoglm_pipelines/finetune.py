@@ -116,19 +116,15 @@ def read_examples(
         if split is not None and split not in SPLITS:
             raise DatasetError(f"{where}: split must be one of {', '.join(SPLITS)}, got {split!r}")
         if split is None:
-            position = _position(messages)
-            unsplit[messages] = position
-            held = position < held_out
+            if messages not in unsplit:  # users repeat conversations: hashed once each
+                unsplit[messages] = _position(messages)
+            held = unsplit[messages] < held_out
         else:
             held = split == "heldout"
         examples.append(Example(messages, held))
     # A few distinct conversations (users asking the same questions) can all fall outside the share:
     # then the one placed first is held out, so that validation has something unseen to score.
-    if (
-        held_out > 0
-        and len(unsplit) >= 2
-        and not any(unsplit[e.messages] < held_out for e in examples if e.messages in unsplit)
-    ):
+    if held_out > 0 and len(unsplit) >= 2 and min(unsplit.values()) >= held_out:
         first = min(unsplit, key=unsplit.__getitem__)
         examples = [Example(e.messages, True) if e.messages == first else e for e in examples]
     if training and not any(not e.held_out for e in examples):

@@ -30,7 +30,8 @@ def quality_loss(metric: str, baseline: float, candidate: float) -> float:
     return (baseline - candidate) / baseline if baseline else 0.0
 
 
-#: The held-out gate of a fine-tuned candidate: its answers' NLL over the source's, at most this.
+#: The held-out gate of a fine-tuned candidate: its answers' NLL over the stable artifact's (or the
+#: source's), at most this.
 HELD_OUT_RATIO = 1.0
 
 
@@ -44,7 +45,8 @@ def evaluate_gates(
 ) -> list[GateResult]:
     """Every gate with its measured value, threshold and verdict. A fine-tuned candidate (``spec.training``)
     also has ``heldOutNllRatio``: the held-out examples' answers must be at least as likely under it as
-    under the source (the fine-tune learned what users preferred, and compression kept it)."""
+    under the stable revision's artifact, or the source without one (the fine-tune learned what users
+    preferred, and compression kept it)."""
     held = (
         [GateResult(name="heldOutNllRatio", value=held_out_nll_ratio, threshold=HELD_OUT_RATIO,
                     passed=held_out_nll_ratio <= HELD_OUT_RATIO, comparison="<=")]

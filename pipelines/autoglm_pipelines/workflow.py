@@ -184,11 +184,11 @@ def _resources(step: Step) -> Resources:
 
 def pvc_claims(model: AutoGLMModel) -> list[str]:
     """The PersistentVolumeClaims the spec's ``pvc://CLAIM/PATH`` URIs name (source, datasets, a
-    fine-tune's dataset): each step mounts them read-only where ``autoglm_core.uris`` resolves them."""
+    fine-tune's dataset and the artifact it is judged against): each step mounts them read-only where ``autoglm_core.uris`` resolves them."""
     spec = model.spec
     uris = [spec.source.uri, spec.calibration.dataset, spec.validation.dataset]
     if spec.training is not None:
-        uris.append(spec.training.dataset)
+        uris += [spec.training.dataset, *([spec.training.against] if spec.training.against else [])]
     return sorted({urlparse(u).netloc for u in uris if u.startswith("pvc://") and urlparse(u).netloc})
 
 
@@ -268,6 +268,7 @@ def build_workflow_template(
     # The working directory lives on the node's ephemeral storage, not in the container's writable
     # layer: checkpoints are gigabytes. Input artifacts under it are loaded into this volume by Argo.
     work = EmptyDirVolume(name=WORK_VOLUME, mount_path=WORKDIR)
+    claims = _pvc_volumes(model)  # every step mounts them
     manifest = yaml.safe_dump(pipeline_manifest(model), sort_keys=False, allow_unicode=True)
     return WorkflowTemplate(
         name=name,
@@ -287,7 +288,7 @@ def build_workflow_template(
         pod_metadata=Metadata(labels=dict(labels)),
         templates=[
             DAG(name=ENTRYPOINT, tasks=[_task(step) for step in steps]),
-            *(_container(step, image, work, _pvc_volumes(model)) for step in steps),
+            *(_container(step, image, work, claims) for step in steps),
         ],
     )
 
