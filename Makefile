@@ -110,7 +110,7 @@ lint: $(STAMP)
 	$(BIN)/mypy -p autoglm_api -p autoglm_core -p autoglm_modeling -p autoglm_operator -p autoglm_pipelines -p autoglm_inference -p autoglm_feedback
 
 crds: $(STAMP)
-	$(BIN)/autoglm crds -o crds/autoglm.io_autoglmmodels.yaml -o charts/autoglm/crds/autoglm.io_autoglmmodels.yaml
+	$(BIN)/autoglm crds -o crds/autoglm.io_autoglmmodels.yaml -o charts/autoglm-crds/files/autoglm.io_autoglmmodels.yaml
 
 # The Argo WorkflowTemplate of each example's pipeline, and every object the operator creates for it;
 # tests/unit/test_workflow.py and tests/unit/test_kube_objects.py compare them.

@@ -28,6 +28,16 @@ FILES = {
     ("serving.kserve.io/v1alpha1", "ServingRuntime"): "kserve.serving.kserve.io_servingruntimes.yaml",
     ("argoproj.io/v1alpha1", "Workflow"): "argo-workflows.argoproj.io_workflows.yaml",
     ("argoproj.io/v1alpha1", "WorkflowTemplate"): "argo-workflows.argoproj.io_workflowtemplates.yaml",
+    (
+        "monitoring.coreos.com/v1",
+        "ServiceMonitor",
+    ): "prometheus-operator.monitoring.coreos.com_servicemonitors.yaml",
+    ("monitoring.coreos.com/v1", "PodMonitor"): "prometheus-operator.monitoring.coreos.com_podmonitors.yaml",
+    ("argoproj.io/v1alpha1", "Application"): "argo-cd.application-crd.yaml",
+    (
+        "kustomize.toolkit.fluxcd.io/v1",
+        "Kustomization",
+    ): "flux.kustomize.toolkit.fluxcd.io_kustomizations.yaml",
 }
 
 

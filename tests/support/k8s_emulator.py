@@ -14,8 +14,8 @@ kmock's ``KubernetesEmulator`` plus what kubectl and kopf need from a real API s
   copies onto status subresources;
 - ``/api/v1/namespaces`` parsed as the namespaces resource (kmock 0.8 reads it as a namespace
   prefix), so namespaces can be applied, listed and fetched;
-- resources registered from CRD files (ours in ``crds/``, the upstream ones in ``../shared/schemas``),
-  kopf's peering resources, and the built-in ones kmock bundles;
+- resources registered from CRD files (ours in ``crds/`` and the autoglm-crds chart, the upstream
+  ones in ``../shared/schemas``), and the built-in ones kmock bundles;
 - ``kubectl apply --server-side`` of a missing object creates it;
 - JSON patches (kopf's finalizer patch tests ``/metadata/resourceVersion``): applied with the same
   server-set metadata, and a failed ``test`` or a path that does not exist answered 422, not 500;
@@ -88,8 +88,8 @@ CRD_FILES = (
     SCHEMAS / "kserve.serving.kserve.io_inferenceservices.yaml",
     SCHEMAS / "kserve.serving.kserve.io_clusterservingruntimes.yaml",
 )
-#: kopf's peering resources (``kopf.dev/v1``), for the operator's two-replica tests.
-KOPF_PEERINGS = {"kopfpeerings": ("KopfPeering", True), "clusterkopfpeerings": ("ClusterKopfPeering", False)}
+#: kopf's peering resources (``kopf.dev/v1``) as the autoglm-crds chart installs them.
+PEERING_CRDS = REPO / "charts" / "autoglm-crds" / "files" / "kopf.dev_peerings.yaml"
 VERBS = {"create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"}
 #: The client every test runs (the /usr/bin/kubectl dispatcher picks one by the server's version).
 KUBECTL_VERSIONS = ("/usr/lib/google-cloud-sdk/bin/kubectl.1.32", "/usr/bin/kubectl.1.32")
@@ -227,10 +227,8 @@ class Emulator(kmock.KubernetesEmulator):  # type: ignore[misc]
             self.resources.load_bundled()
         for path in CRD_FILES:
             self.register_crd(_crd(path))
-        for plural, (kind, namespaced) in KOPF_PEERINGS.items():
-            self.resources[f"kopf.dev/v1/{plural}"] = ResourceInfo(
-                kind=kind, namespaced=namespaced, verbs=VERBS, subresources=set()
-            )
+        for crd in yaml.safe_load_all(PEERING_CRDS.read_text()):
+            self.register_crd(crd)
         # Watches answer as JSON (kubectl's watch of a deletion refuses application/octet-stream),
         # ahead of kmock's own watch fallback.
         (

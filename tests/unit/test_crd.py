@@ -12,7 +12,7 @@ import yaml
 
 from autoglm_api.crd import CRD_FILENAME, render_crd, render_crd_yaml
 
-COMMITTED = [Path("crds") / CRD_FILENAME, Path("charts/autoglm/crds") / CRD_FILENAME]
+COMMITTED = [Path("crds") / CRD_FILENAME, Path("charts/autoglm-crds/files") / CRD_FILENAME]
 
 
 @pytest.mark.parametrize("relative", COMMITTED, ids=str)

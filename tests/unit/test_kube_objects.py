@@ -97,7 +97,10 @@ def test_an_edge_target_runs_raw_on_edge_nodes_with_the_node_cache(cloud_and_edg
     assert "nvidia.com/gpu" not in predictor["model"]["resources"]["requests"]
     runtime = objects.cluster_serving_runtime(image="img", edge=True)
     (cache,) = [v for v in runtime["spec"]["volumes"] if v["name"] == objects.CACHE_VOLUME]
-    assert cache["hostPath"]["path"] == objects.EDGE_CACHE_HOST_PATH  # survives pods and swaps
+    assert cache == {"name": objects.CACHE_VOLUME, "emptyDir": {}}  # restricted: no hostPath by default
+    kept = objects.cluster_serving_runtime(image="img", edge=True, edge_cache_host_path="/var/lib/autoglm")
+    (cache,) = [v for v in kept["spec"]["volumes"] if v["name"] == objects.CACHE_VOLUME]
+    assert cache["hostPath"] == {"path": "/var/lib/autoglm", "type": "DirectoryOrCreate"}  # survives pods
 
 
 def test_an_edge_toleration_the_user_gave_is_not_doubled(minimal: dict[str, Any]) -> None:

@@ -60,6 +60,11 @@ def _datasets(value: str | None) -> str | None:
               help="This replica's peering priority: the highest acts, the others wait. Default: random per process.")  # fmt: skip
 @click.option("--liveness", "liveness_endpoint", default=None, metavar="URL",
               help="Serve kopf's liveness probe, e.g. http://0.0.0.0:8080/healthz.")  # fmt: skip
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=0, show_default=True,
+              help="Serve the operator's Prometheus metrics (reconciles, their duration, decisions) on this port; "
+                   "0: none.")  # fmt: skip
+@click.option("--metrics-host", default="127.0.0.1", show_default=True,
+              help="The address the metrics bind to (0.0.0.0 in a pod, for Prometheus to scrape).")  # fmt: skip
 @click.option("-v", "--verbose", is_flag=True, default=False, help="Log at DEBUG.")
 def operator_command(
     namespaces: tuple[str, ...],
@@ -79,6 +84,8 @@ def operator_command(
     peering_name: str,
     priority: int | None,
     liveness_endpoint: str | None,
+    metrics_port: int,
+    metrics_host: str,
     verbose: bool,
 ) -> None:
     """Reconcile AutoGLMModel resources: submit the pipeline as an Argo Workflow, serve each target
@@ -97,6 +104,10 @@ def operator_command(
     from autoglm_pipelines.workflow import DEFAULT_IMAGE
 
     load_config(kubeconfig)
+    if metrics_port:
+        from autoglm_operator.kube import telemetry
+
+        telemetry.serve(metrics_port, metrics_host)
     options = ClusterOptions(image=image or DEFAULT_IMAGE, artifact_repository=artifact_repository, audit_url=audit_url,
                              prometheus_url=prometheus_url, target_selector=target_selector,
                              feedback_url=feedback_url, feast_dir=feast_dir, online_store=online_store,

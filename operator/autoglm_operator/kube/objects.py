@@ -33,6 +33,7 @@ from hera.workflows import Parameter, Workflow
 from hera.workflows.models import WorkflowTemplateRef
 from kubernetes.client import (
     V1Affinity,
+    V1Capabilities,
     V1ConfigMap,
     V1ConfigMapVolumeSource,
     V1Container,
@@ -49,9 +50,12 @@ from kubernetes.client import (
     V1ObjectFieldSelector,
     V1ObjectMeta,
     V1OwnerReference,
+    V1PodSecurityContext,
     V1Probe,
     V1ResourceRequirements,
+    V1SeccompProfile,
     V1SecretKeySelector,
+    V1SecurityContext,
     V1Toleration,
     V1Volume,
     V1VolumeMount,
@@ -114,8 +118,12 @@ AGENT_CONFIG_PATH = "/etc/autoglm/agent"
 AGENT_CONFIG_KEY = "desired.json"
 CACHE_VOLUME = "autoglm-model-cache"
 CACHE_PATH = "/var/cache/autoglm"
-#: On an edge node: the node's own cache, kept across pod restarts and swaps.
-EDGE_CACHE_HOST_PATH = "/var/lib/autoglm/models"
+#: The containers' root filesystems are read-only: scratch space (Python's, torch's, Hugging Face's
+#: caches under $HOME, which the image sets to /tmp) is an emptyDir.
+TMP_VOLUME = "tmp"
+TMP_PATH = "/tmp"
+#: The image's user (the Dockerfile's ``USER``): a number, so ``runAsNonRoot`` can be checked.
+IMAGE_UID = 10001
 ADMIN_TOKEN_SECRET = "autoglm-admin-token"
 #: The Secret holding the feedback store's URL (key ``url``); optional: without it, no feedback.
 FEEDBACK_SECRET = "autoglm-feedback"
@@ -284,6 +292,7 @@ def inference_service(model: AutoGLMModel, target: Target, desired: Desired) -> 
         tolerations=_tolerations(target),
         affinity=_affinity(target),
         labels=dict(target_labels),
+        security_context=pod_security(),
         volumes=[
             V1Volume(
                 name=AGENT_CONFIG_VOLUME,
@@ -341,18 +350,52 @@ def _downward(name: str, field: str) -> list[V1EnvVar]:
     return [V1EnvVar(name=name, value_from=V1EnvVarSource(field_ref=V1ObjectFieldSelector(field_path=field)))]
 
 
-def cluster_serving_runtime(*, image: str, edge: bool) -> dict[str, Any]:
+def container_security() -> V1SecurityContext:
+    """The Kubernetes ``restricted`` Pod Security standard for one container, and a read-only root."""
+    return V1SecurityContext(
+        run_as_non_root=True,
+        run_as_user=IMAGE_UID,
+        run_as_group=IMAGE_UID,
+        allow_privilege_escalation=False,
+        read_only_root_filesystem=True,
+        capabilities=V1Capabilities(drop=["ALL"]),
+        seccomp_profile=V1SeccompProfile(type="RuntimeDefault"),
+    )
+
+
+def pod_security() -> V1PodSecurityContext:
+    """The same at the pod level (KServe's injected storage initializer included); ``fsGroup`` lets
+    the image's user write the cache volume."""
+    return V1PodSecurityContext(
+        run_as_non_root=True,
+        fs_group=IMAGE_UID,
+        seccomp_profile=V1SeccompProfile(type="RuntimeDefault"),
+    )
+
+
+def cluster_serving_runtime(
+    *, image: str, edge: bool, edge_cache_host_path: str | None = None
+) -> dict[str, Any]:
     """``autoglm-server`` (cloud pools) or ``autoglm-server-edge`` (kubeedge): ``autoglm serve`` as
-    KServe's model container and ``autoglm agent`` as its sidecar, sharing the model cache."""
+    KServe's model container and ``autoglm agent`` as its sidecar, sharing the model cache.
+
+    The cache is an emptyDir (a pod that restarts fetches its artifacts again). On an edge node
+    ``edge_cache_host_path`` keeps them on the node across pods instead; a hostPath volume is outside
+    the ``restricted`` and ``baseline`` Pod Security standards, so it is the platform team's choice
+    (the chart's ``runtimes.edge.cacheHostPath``), never the default."""
     cache = (
         V1Volume(
             name=CACHE_VOLUME,
-            host_path=V1HostPathVolumeSource(path=EDGE_CACHE_HOST_PATH, type="DirectoryOrCreate"),
+            host_path=V1HostPathVolumeSource(path=edge_cache_host_path, type="DirectoryOrCreate"),
         )
-        if edge
+        if edge and edge_cache_host_path
         else V1Volume(name=CACHE_VOLUME, empty_dir=V1EmptyDirVolumeSource())
     )
-    mounts = [V1VolumeMount(name=CACHE_VOLUME, mount_path=CACHE_PATH)]
+    scratch = V1Volume(name=TMP_VOLUME, empty_dir=V1EmptyDirVolumeSource())
+    mounts = [
+        V1VolumeMount(name=CACHE_VOLUME, mount_path=CACHE_PATH),
+        V1VolumeMount(name=TMP_VOLUME, mount_path=TMP_PATH),
+    ]
     token_env = V1EnvVar(
         name=ADMIN_TOKEN_ENV,
         value_from=V1EnvVarSource(secret_key_ref=V1SecretKeySelector(name=ADMIN_TOKEN_SECRET, key="token")),
@@ -390,6 +433,7 @@ def cluster_serving_runtime(*, image: str, edge: bool) -> dict[str, Any]:
             V1VolumeMount(name=AGENT_CONFIG_VOLUME, mount_path=AGENT_CONFIG_PATH, read_only=True),
         ],
         readiness_probe=ready,
+        security_context=container_security(),
     )
     agent = V1Container(
         name="autoglm-agent",
@@ -410,8 +454,9 @@ def cluster_serving_runtime(*, image: str, edge: bool) -> dict[str, Any]:
             V1VolumeMount(name=AGENT_CONFIG_VOLUME, mount_path=AGENT_CONFIG_PATH, read_only=True),
         ],
         resources=V1ResourceRequirements(
-            requests={"cpu": "50m", "memory": "64Mi"}, limits={"memory": "256Mi"}
+            requests={"cpu": "50m", "memory": "64Mi"}, limits={"cpu": "500m", "memory": "256Mi"}
         ),
+        security_context=container_security(),
     )
     runtime = V1alpha1ClusterServingRuntime(
         api_version="serving.kserve.io/v1alpha1",
@@ -427,7 +472,7 @@ def cluster_serving_runtime(*, image: str, edge: bool) -> dict[str, Any]:
             ],
             protocol_versions=["v1", "v2"],
             containers=[server, agent],
-            volumes=[cache],
+            volumes=[cache, scratch],
         ),
     )
     return to_dict(runtime)

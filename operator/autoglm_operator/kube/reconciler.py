@@ -53,7 +53,7 @@ from autoglm_core.variants import rollout_revision, variants
 from autoglm_operator.agent.desired import Desired, DesiredStateError
 from autoglm_operator.analysis import CanaryAnalyst
 from autoglm_operator.feedback_loop import VARIANTS_KEY, FeedbackLoop, variants_document
-from autoglm_operator.kube import DEFAULT_ARTIFACT_REPOSITORY, DEFAULT_TARGET_SELECTOR
+from autoglm_operator.kube import DEFAULT_ARTIFACT_REPOSITORY, DEFAULT_TARGET_SELECTOR, telemetry
 from autoglm_operator.kube.gateway import Gateway
 from autoglm_operator.kube.objects import (
     AGENT_CONFIG_KEY,
@@ -244,6 +244,16 @@ class ClusterReconciler:
 
     def reconcile(self, namespace: str, name: str) -> Plan | None:
         """Reconcile the model once; None when it is gone, being deleted or invalid."""
+        outcome = "error"
+        try:
+            with telemetry.RECONCILE_SECONDS.time():
+                result = self._reconcile(namespace, name)
+            outcome = "ok" if result is not None else "skipped"
+            return result
+        finally:
+            telemetry.RECONCILES.labels(outcome).inc()
+
+    def _reconcile(self, namespace: str, name: str) -> Plan | None:
         with self._lock((namespace, name)):
             body = self.gateway.get_model(namespace, name)
             if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
@@ -462,6 +472,7 @@ class ClusterReconciler:
                     namespace, name, d.kind, d.reason[:4000], revision=d.revision, actor=d.actor,
                     evidence=d.evidence, idempotency_key=d.idempotency_key[:255],
                 )  # fmt: skip
+            telemetry.DECISIONS.labels(d.kind).inc()
             self.gateway.event(
                 body, "Warning" if d.kind in WARNINGS else "Normal", d.kind, f"{d.revision}: {d.reason}"
             )
