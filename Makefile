@@ -104,6 +104,7 @@ test-e2e: $(STAMP)
 	$(BIN)/python -m pytest -m e2e -q
 
 lint: $(STAMP)
+	$(BIN)/hadolint Dockerfile
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports --no-cache --no-logo
