@@ -14,7 +14,6 @@ import subprocess
 import sys
 import sysconfig
 import tomllib
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -87,7 +86,7 @@ def _commands() -> set[tuple[str, ...]]:
 
 
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The project's wheel (built without isolation by the locked hatchling) in a fresh venv; its
     dependencies are the test environment's, reached through a .pth line (the image installs the same
     locked versions), so the project's own modules come from the wheel alone."""
@@ -114,7 +113,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     (site / "zz-locked-dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    yield venv
+    return venv
 
 
 def _run(venv: Path, *args: str) -> subprocess.CompletedProcess[str]:
