@@ -115,9 +115,13 @@ crds: $(STAMP)
 
 # What charts/autoglm takes from the code: values.yaml and values.schema.json (from the models in
 # tools/chart.py) and the ClusterServingRuntimes (from autoglm_operator.kube.objects).
-.PHONY: chart
+.PHONY: chart dashboards
 chart: $(STAMP)
 	$(BIN)/python tools/chart.py write
+
+# The Grafana dashboards (charts/autoglm/dashboards/*.json) from autoglm_operator.dashboards.
+dashboards: $(STAMP)
+	$(BIN)/python tools/dashboards.py write
 
 # The Argo WorkflowTemplate of each example's pipeline, and every object the operator creates for it;
 # tests/unit/test_workflow.py and tests/unit/test_kube_objects.py compare them.

@@ -10,7 +10,7 @@ import atexit
 import contextlib
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import torch
 
@@ -89,6 +89,8 @@ class Registry:
         # One decode step at a time on the device: each step's energy reading is then its own.
         self.step_lock = threading.Lock()
         self._busy: dict[str, str] = {}
+        telemetry().watch("traffic", id(self), self.traffic)
+        telemetry().watch("validated", id(self), self.validated_energy)
         self.faults = Faults(options.test_faults) if options.test_faults else None
         #: The feedback store and the request log feeding it (None without ``feedback_url``).
         self.feedback: FeedbackStore | None = None
@@ -179,6 +181,32 @@ class Registry:
         )  # fmt: skip
         self.services[name] = service
         return service
+
+    def traffic(self) -> Iterator[tuple[dict[str, str], float]]:
+        """Each served revision's share of its model's traffic, with its role: what a dashboard needs
+        to tell a canary's series from its stable's (requests pinned to a revision aside)."""
+        for name, service in list(self.services.items()):
+            table = service.router.table
+            canary = table.canary_weight / 100 if table.canary is not None else 0.0
+            labels = {"model": name, "target": self.options.target}
+            yield {**labels, "revision": table.stable.name, "role": "stable"}, 1.0 - canary
+            if table.canary is not None:
+                yield {**labels, "revision": table.canary.name, "role": "canary"}, canary
+
+    def validated_energy(self) -> Iterator[tuple[dict[str, str], float]]:
+        """Joules per token that validate measured for each served revision and for its source
+        (the model card's ``validation``), so a dashboard can show what compression saved."""
+        for name, service in list(self.services.items()):
+            for revision in service.router.revisions():
+                validation = (revision.loaded.artifact.card or {}).get("validation") or {}
+                for of, figures in (
+                    ("candidate", validation.get("candidate")),
+                    ("source", validation.get("baseline")),
+                ):
+                    if isinstance(figures, dict) and isinstance(figures.get("joulesPerToken"), int | float):
+                        labels = {"model": name, "revision": revision.name, "target": self.options.target,
+                                  "of": of, "method": str(figures.get("energyMethod", "unknown"))}  # fmt: skip
+                        yield labels, float(figures["joulesPerToken"])
 
     def get(self, name: str) -> LMService:
         service = self.services.get(name)

@@ -16,6 +16,7 @@ import contextvars
 import logging
 import os
 import threading
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -62,6 +63,9 @@ def request_labels(**known: str) -> None:
 
 
 _telemetry: Telemetry | None = None
+
+
+Source = Callable[[], Iterable[tuple[dict[str, str], float]]]
 
 
 @dataclass(frozen=True)
@@ -157,6 +161,21 @@ class Telemetry:
             unit="{request}",
             description="Requests waiting for a batch slot",
         )
+        #: Observed each collection from their owners (held weakly): (labels, value) per served revision.
+        self._sources: dict[str, dict[int, weakref.WeakMethod[Source]]] = {"traffic": {}, "validated": {}}
+        meter.create_observable_gauge(
+            "autoglm.revision.traffic",
+            callbacks=[lambda _: self._observe("traffic")],
+            unit="1",
+            description="Each served revision's share of its model's traffic (role: stable or canary)",
+        )
+        meter.create_observable_gauge(
+            "autoglm.revision.validated.energy_per_token",
+            callbacks=[lambda _: self._observe("validated")],
+            unit="J",
+            description="Joules per generated token that validate measured for a served revision (of: candidate, "
+            "the revision itself; source, the uncompressed model it was made from; method: how it was measured)",
+        )
         self.tracer_provider = TracerProvider(resource=resource)
         if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
             try:
@@ -176,6 +195,21 @@ class Telemetry:
 
     def unwatch_queue(self, key: int) -> None:
         self._queue_sources.pop(key, None)
+
+    def watch(self, kind: str, key: int, source: Source) -> None:
+        """``source()`` (a bound method, held weakly so the metrics keep nothing alive) gives
+        (labels, value) per served revision for the ``kind`` gauge (traffic, validated) at each
+        collection."""
+        self._sources[kind][key] = weakref.WeakMethod(source)
+
+    def _observe(self, kind: str) -> Iterable[Observation]:
+        for key, ref in list(self._sources[kind].items()):
+            source = ref()
+            if source is None:
+                self._sources[kind].pop(key, None)
+                continue
+            for labels, value in source():
+                yield Observation(value, labels)
 
     def _observe_queues(self, _options: CallbackOptions) -> Iterable[Observation]:
         for labels, depth in list(self._queue_sources.values()):

@@ -9,6 +9,7 @@ from autoglm_operator.cli.agent import agent_command
 from autoglm_operator.cli.audit import audit_group
 from autoglm_operator.cli.crds import crds_command
 from autoglm_operator.cli.feedback import feedback_group
+from autoglm_operator.cli.fleet import fleet_group
 from autoglm_operator.cli.objects import objects_command
 from autoglm_operator.cli.operator import operator_command
 from autoglm_operator.cli.rollout import rollout_group
@@ -37,3 +38,4 @@ cli.add_command(objects_command)
 cli.add_command(agent_command)
 cli.add_command(operator_command)
 cli.add_command(feedback_group)
+cli.add_command(fleet_group)
