@@ -144,3 +144,10 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .venv-latest .autoglm .pytest_cache .mypy_cache .ruff_cache
+
+# The documentation site (MkDocs, Material), built strictly: a warning fails it. The reference pages
+# are generated from the code first (tools/docs_reference.py).
+.PHONY: docs
+docs: $(STAMP)
+	$(BIN)/python tools/docs_reference.py write
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
