@@ -132,6 +132,25 @@ class Audit(Strict):
     )
 
 
+class FeedbackApi(Strict):
+    enabled: bool = Field(
+        False,
+        description="Run `autoglm feedback serve`: POST /v1/feedback on its own Service, for clients that rate answers elsewhere than on the model servers (which serve the same route).",
+    )
+    replicas: int = Field(2, ge=1, description="Its replicas (stateless: the store is the database).")
+    port: int = Field(8081, ge=1, le=65535, description="Its port.")
+    token: SecretRef = Field(
+        default_factory=lambda: SecretRef(existingSecret="autoglm-feedback", key="token"),
+        description="The writers' bearer token, from a Secret.",
+    )
+    resources: Resources = Field(
+        default_factory=lambda: Resources(
+            requests=Requests(cpu="50m", memory="128Mi"), limits=Requests(cpu="500m", memory="512Mi")
+        ),
+        description="Its requests and limits.",
+    )
+
+
 class Feedback(Strict):
     enabled: bool = Field(
         False, description="Run the feedback loop (prompt policy, drift, canary retraining) in the operator."
@@ -148,8 +167,25 @@ class Feedback(Strict):
         "emptyDir",
         description="Where the Feast repository's registry and offline files live: an emptyDir (rebuilt from the feedback store when a pod restarts) or the claim named by feastClaim.",
     )
+    api: FeedbackApi = Field(default_factory=FeedbackApi, description="The feedback API on its own.")
     feastClaim: str = Field(
         "", description="The PersistentVolumeClaim for feastStorage: persistentVolumeClaim."
+    )
+
+
+class Pipeline(Strict):
+    serviceAccount: str = Field(
+        "autoglm-pipeline",
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        description="The ServiceAccount the pipeline's pods run as. Argo's executor reports each step's outputs "
+        "through it (workflowtaskresults: create, patch), and nothing else.",
+    )
+    namespaces: list[Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)]] = (
+        Field(
+            default_factory=list,
+            description="Namespaces to create that ServiceAccount and its Role in: those where AutoGLMModels live. "
+            "Empty: operator.watchNamespaces (watching every namespace, list them here).",
+        )
     )
 
 
@@ -224,6 +260,7 @@ class Values(Strict):
     )
     audit: Audit = Field(default_factory=Audit, description="The audit ledger every decision is written to.")
     feedback: Feedback = Field(default_factory=Feedback, description="The feedback loop.")
+    pipeline: Pipeline = Field(default_factory=Pipeline, description="The pipeline's pods (Argo Workflows).")
     runtimes: Runtimes = Field(
         default_factory=Runtimes,
         description="KServe ClusterServingRuntimes the InferenceServices the operator creates name.",

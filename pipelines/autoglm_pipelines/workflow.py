@@ -46,8 +46,12 @@ from hera.workflows import (
 from hera.workflows.models import (
     ArchiveStrategy,
     Backoff,
+    Capabilities,
     Metadata,
     NoneStrategy,
+    PodSecurityContext,
+    SeccompProfile,
+    SecurityContext,
     ValueFrom,
     WorkflowMetadata,
 )
@@ -61,6 +65,13 @@ from autoglm_pipelines.results import RESULT_FILE, VALIDATE_REPORT
 # The image built from this repository; clusters set their registry's reference with --image.
 DEFAULT_IMAGE = "autoglm:0.1.0"
 
+#: The image's user (the Dockerfile's ``USER``): a number, so ``runAsNonRoot`` can be checked.
+IMAGE_UID = 10001
+#: The ServiceAccount the steps' pods run as: Argo's executor reports each step's outputs through it
+#: (``workflowtaskresults``); the chart creates it, with only that, in each namespace it serves.
+DEFAULT_PIPELINE_SERVICE_ACCOUNT = "autoglm-pipeline"
+#: Scratch space of a read-only root filesystem (the image's $HOME and caches).
+TMP_VOLUME, TMP_PATH = "tmp", "/tmp"
 SPEC_PATH = "/autoglm/spec.yaml"
 WORKDIR = "/autoglm/work"
 ENTRYPOINT = "pipeline"
@@ -200,6 +211,15 @@ def _pvc_volumes(model: AutoGLMModel) -> list[ExistingVolume]:
     ]  # fmt: skip
 
 
+def _restricted() -> SecurityContext:
+    """The ``restricted`` Pod Security standard for a step's container, with a read-only root."""
+    return SecurityContext(
+        allow_privilege_escalation=False, read_only_root_filesystem=True, run_as_non_root=True,
+        run_as_user=IMAGE_UID, run_as_group=IMAGE_UID, capabilities=Capabilities(drop=["ALL"]),
+        seccomp_profile=SeccompProfile(type="RuntimeDefault"),
+    )  # fmt: skip
+
+
 def _container(
     step: Step, image: str, volume: EmptyDirVolume, claims: Sequence[ExistingVolume] = ()
 ) -> Container:
@@ -234,7 +254,8 @@ def _container(
         inputs=inputs,
         outputs=[output, *parameters],
         resources=_resources(step),
-        volumes=[volume, *claims],
+        volumes=[volume, EmptyDirVolume(name=TMP_VOLUME, mount_path=TMP_PATH), *claims],
+        security_context=_restricted(),
         retry_strategy=_retry_strategy(step),
         active_deadline_seconds=step.timeout_seconds,
         labels={STEP_LABEL: step.name},
@@ -254,9 +275,14 @@ def _task(step: Step) -> Task:
 
 
 def build_workflow_template(
-    model: AutoGLMModel, *, image: str = DEFAULT_IMAGE, revision: str | None = None
+    model: AutoGLMModel,
+    *,
+    image: str = DEFAULT_IMAGE,
+    revision: str | None = None,
+    service_account: str = DEFAULT_PIPELINE_SERVICE_ACCOUNT,
 ) -> WorkflowTemplate:
-    """The model's pipeline as a Hera ``WorkflowTemplate``; ``revision`` defaults to :func:`artifact_revision`."""
+    """The model's pipeline as a Hera ``WorkflowTemplate``; ``revision`` defaults to :func:`artifact_revision`.
+    Its pods run as ``service_account``, non-root, with read-only root filesystems."""
     name = template_name(model)
     revision = revision or artifact_revision(model.spec)
     steps = pipeline_steps(model.spec)
@@ -276,6 +302,10 @@ def build_workflow_template(
         labels=labels,
         annotations={DESCRIPTION_ANNOTATION: description},
         entrypoint=ENTRYPOINT,
+        service_account_name=service_account,
+        security_context=PodSecurityContext(
+            run_as_non_root=True, fs_group=IMAGE_UID, seccomp_profile=SeccompProfile(type="RuntimeDefault")
+        ),
         active_deadline_seconds=workflow_deadline_seconds(steps),
         arguments=[
             Parameter(

@@ -60,7 +60,9 @@ def _commands() -> set[tuple[str, ...]]:
 
     documents = [
         doc
-        for text in helm.Chart.load(str(REPO / "charts" / "autoglm")).render({}, name="autoglm").values()
+        for text in helm.Chart.load(str(REPO / "charts" / "autoglm"))
+        .render({"feedback": {"enabled": True, "api": {"enabled": True}}}, name="autoglm")
+        .values()
         for doc in yaml.safe_load_all(text)
         if doc
     ]
@@ -138,6 +140,7 @@ def test_every_command_our_containers_start_runs_from_the_wheel(installed: Path)
     assert ("autoglm", "operator") in commands
     assert ("autoglm", "serve") in commands
     assert ("autoglm", "agent") in commands
+    assert ("autoglm", "feedback", "serve") in commands
     assert ("autoglm", "pipeline", "validate") in commands
     for command in sorted(commands):
         done = _run(installed, *command, "--help")

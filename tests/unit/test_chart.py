@@ -31,7 +31,12 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     "defaults": {},
     "namespaced": {"operator": {"watchNamespaces": ["ml", "team-a"], "replicas": 3}},
     "feedback on a claim": {
-        "feedback": {"enabled": True, "feastStorage": "persistentVolumeClaim", "feastClaim": "feast"},
+        "feedback": {
+            "enabled": True,
+            "feastStorage": "persistentVolumeClaim",
+            "feastClaim": "feast",
+            "api": {"enabled": True},
+        },
         "operator": {
             "retrainingDatasets": "pvc://datasets/retraining",
             "prometheusUrl": "http://prometheus:9090",
@@ -159,7 +164,7 @@ def restricted_violations(pod: dict[str, Any], containers: list[dict[str, Any]])
             found.append(f"volume {volume['name']}: {sorted(kinds - RESTRICTED_VOLUMES)}")
     pod_context = pod.get("securityContext") or {}
     for c in containers:
-        context, name = c.get("securityContext") or {}, c["name"]
+        context, name = c.get("securityContext") or {}, c.get("name", "main")
         if context.get("runAsNonRoot", pod_context.get("runAsNonRoot")) is not True:
             found.append(f"{name}: runAsNonRoot")
         if context.get("runAsUser", pod_context.get("runAsUser")) == 0:
@@ -197,6 +202,44 @@ def pods(objects: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any], list[
         elif obj["kind"] == "ClusterServingRuntime":
             found.append((obj["metadata"]["name"], obj["spec"], obj["spec"]["containers"]))
     return found
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "examples" / "rendered").glob("*.workflowtemplate.yaml")),
+                         ids=lambda p: p.name)  # fmt: skip
+def test_every_pipeline_pod_meets_the_restricted_standard_as_the_pipelines_account(path: Path) -> None:
+    """The pods Argo makes of the WorkflowTemplates the operator writes (the examples', rendered)."""
+    template = yaml.safe_load(path.read_text())
+    spec = template["spec"]
+    assert spec["serviceAccountName"] == "autoglm-pipeline"  # the chart's values.pipeline.serviceAccount
+    for step in spec["templates"]:
+        if "container" in step:
+            pod = {"securityContext": spec["securityContext"], "volumes": step.get("volumes", [])}
+            assert not restricted_violations(pod, [step["container"]]), (
+                step["name"],
+                restricted_violations(pod, [step["container"]]),
+            )
+
+
+def test_the_pipelines_account_may_only_report_step_outputs() -> None:
+    objects = render(APP, {"operator": {"watchNamespaces": ["ml"]}})
+    (role,) = [o for o in objects if o["kind"] == "Role" and o["metadata"]["name"] == "autoglm-pipeline"]
+    assert role["metadata"]["namespace"] == "ml"
+    assert role["rules"] == [
+        {"apiGroups": ["argoproj.io"], "resources": ["workflowtaskresults"], "verbs": ["create", "patch"]}
+    ]
+    (binding,) = [
+        o for o in objects if o["kind"] == "RoleBinding" and o["metadata"]["name"] == "autoglm-pipeline"
+    ]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "autoglm-pipeline", "namespace": "ml"}]
+    assert any(o["kind"] == "ServiceAccount" and o["metadata"]["name"] == "autoglm-pipeline" for o in objects)
+    deployment = next(o for o in objects if o["kind"] == "Deployment")
+    assert (
+        "--pipeline-service-account=autoglm-pipeline"
+        in deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    )
+    listed = render(APP, {"pipeline": {"namespaces": ["a", "b"]}})
+    assert sorted(o["metadata"]["namespace"] for o in listed if o["kind"] == "Role") == ["a", "b"]
+    assert not [o for o in render(APP) if o["kind"] == "Role"]  # every namespace watched, none listed
 
 
 @pytest.mark.parametrize("values", list(VALUE_SETS.values()), ids=list(VALUE_SETS))
@@ -246,6 +289,20 @@ def test_the_operator_runs_as_the_chart_says() -> None:
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     assert monitor["spec"]["endpoints"][0]["port"] == service["spec"]["ports"][0]["name"] == "metrics"
     assert objects[("ClusterKopfPeering", "autoglm")]
+
+
+def test_the_feedback_api_runs_alone_with_its_token_from_a_secret() -> None:
+    objects = render(APP, VALUE_SETS["feedback on a claim"])
+    (api,) = [o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"].endswith("-feedback")]
+    (container,) = api["spec"]["template"]["spec"]["containers"]
+    assert container["command"] == ["autoglm", "feedback", "serve"]
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"] if "valueFrom" in e}
+    assert env["AUTOGLM_FEEDBACK_TOKEN"] == {"name": "autoglm-feedback", "key": "token"}
+    (service,) = [
+        o for o in objects if o["kind"] == "Service" and o["metadata"]["name"].endswith("-feedback")
+    ]
+    assert service["spec"]["selector"].items() <= api["spec"]["template"]["metadata"]["labels"].items()
+    assert not [o for o in render(APP) if o["metadata"]["name"].endswith("-feedback")]  # off by default
 
 
 def test_named_namespaces_get_a_role_each_and_a_peering_each() -> None:

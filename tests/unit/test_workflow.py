@@ -426,11 +426,11 @@ def test_a_fine_tune_runs_after_fetch_and_its_pvc_dataset_is_mounted_where_it_re
     }
     assert claims == {"pvc-corpora": {"claimName": "corpora", "readOnly": True},
                       "pvc-feedback-data": {"claimName": "feedback-data", "readOnly": True}}  # fmt: skip
-    # a spec without pvc:// URIs mounts nothing more than its work folder
+    # a spec without pvc:// URIs mounts nothing more than its work folder and its scratch /tmp
     minimal["spec"].pop("training")
     minimal["spec"].pop("validation")
     plain = _render(_model(minimal))
     assert all(
-        [m["name"] for m in t["container"]["volumeMounts"]] == ["work"]
+        [m["name"] for m in t["container"]["volumeMounts"]] == ["work", "tmp"]
         for t in _templates(plain).values() if "container" in t
     )  # fmt: skip

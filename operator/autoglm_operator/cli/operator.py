@@ -50,6 +50,8 @@ def _datasets(value: str | None) -> str | None:
               help="Where retraining datasets are written (through this pod's mount of the claim at "
                    "$AUTOGLM_PVC_ROOT/CLAIM, default /mnt/pvc) and read by the pipeline's steps, which mount the "
                    "claim read-only. Without it, spec.feedback.retraining triggers nothing.")  # fmt: skip
+@click.option("--pipeline-service-account", default="autoglm-pipeline", show_default=True,
+              help="The ServiceAccount the pipeline's pods run as in each model's namespace (the chart creates it).")  # fmt: skip
 @click.option("--interval", type=click.FloatRange(0.5), default=5.0, show_default=True,
               help="Seconds between reconciles of each model besides those its events trigger.")  # fmt: skip
 @click.option("--standalone", is_flag=True, default=False,
@@ -79,6 +81,7 @@ def operator_command(
     feast_dir: Path,
     online_store: str,
     retraining_datasets: str | None,
+    pipeline_service_account: str,
     interval: float,
     standalone: bool,
     peering_name: str,
@@ -111,7 +114,8 @@ def operator_command(
     options = ClusterOptions(image=image or DEFAULT_IMAGE, artifact_repository=artifact_repository, audit_url=audit_url,
                              prometheus_url=prometheus_url, target_selector=target_selector,
                              feedback_url=feedback_url, feast_dir=feast_dir, online_store=online_store,
-                             retraining_datasets=retraining_datasets)  # fmt: skip
+                             retraining_datasets=retraining_datasets,
+                             pipeline_service_account=pipeline_service_account)  # fmt: skip
     reconciler = ClusterReconciler(Gateway(), options)
     peering = PeeringOptions(standalone=standalone, name=peering_name, priority=priority)
     registry = build_registry(

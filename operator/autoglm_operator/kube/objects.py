@@ -69,6 +69,7 @@ from autoglm_inference.options import ADMIN_TOKEN_ENV
 from autoglm_operator.agent.desired import Desired
 from autoglm_operator.feedback_loop import VARIANTS_KEY, variants_document
 from autoglm_pipelines.workflow import (
+    IMAGE_UID,
     MANAGED_BY_LABEL,
     MANIFEST_PARAMETER,
     MODEL_LABEL,
@@ -122,8 +123,6 @@ CACHE_PATH = "/var/cache/autoglm"
 #: caches under $HOME, which the image sets to /tmp) is an emptyDir.
 TMP_VOLUME = "tmp"
 TMP_PATH = "/tmp"
-#: The image's user (the Dockerfile's ``USER``): a number, so ``runAsNonRoot`` can be checked.
-IMAGE_UID = 10001
 ADMIN_TOKEN_SECRET = "autoglm-admin-token"
 #: The Secret holding the feedback store's URL (key ``url``); optional: without it, no feedback.
 FEEDBACK_SECRET = "autoglm-feedback"

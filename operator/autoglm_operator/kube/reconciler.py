@@ -75,6 +75,7 @@ from autoglm_operator.promql import PrometheusSource
 from autoglm_operator.retraining import effective
 from autoglm_pipelines.workflow import (
     DEFAULT_IMAGE,
+    DEFAULT_PIPELINE_SERVICE_ACCOUNT,
     MANIFEST_PARAMETER,
     MODEL_LABEL,
     REVISION_LABEL,
@@ -107,6 +108,8 @@ class ClusterOptions:
     #: Where retraining datasets go (``pvc://CLAIM/PATH``: written through the operator's mount of the
     #: claim, read by the pipeline's steps, which mount it). None: no retraining revisions.
     retraining_datasets: str | None = None
+    #: The ServiceAccount the pipeline's pods run as (in the model's namespace).
+    pipeline_service_account: str = DEFAULT_PIPELINE_SERVICE_ACCOUNT
 
 
 def merge_diff(old: Any, new: Any) -> Any:
@@ -448,7 +451,9 @@ class ClusterReconciler:
 
     def _submit(self, model: AutoGLMModel, action: Action) -> None:
         namespace = model.metadata.namespace or "default"
-        template = build_workflow_template(model, image=self.options.image).to_dict()
+        template = build_workflow_template(
+            model, image=self.options.image, service_account=self.options.pipeline_service_account
+        ).to_dict()
         owners = owner_references(model)
         if owners:
             template["metadata"]["ownerReferences"] = [to_dict(o) for o in owners]
