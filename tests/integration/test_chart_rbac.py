@@ -50,7 +50,8 @@ TOKEN = "system-serviceaccount-autoglm-operator"
 
 
 def granted(values: dict[str, Any] | None = None) -> set[tuple[str, str, str]]:
-    """Every (verb, group, resource) the chart's ClusterRole allows."""
+    """Every (verb, group, resource) the chart grants the operator: its ClusterRole, and its Role in
+    each watched namespace (the pipeline's own Role is not the operator's)."""
     import yaml
 
     manifests = helm.Chart.load(str(CHART)).render(values or {}, name="autoglm", namespace="autoglm-system")
@@ -58,7 +59,7 @@ def granted(values: dict[str, Any] | None = None) -> set[tuple[str, str, str]]:
         doc
         for text in manifests.values()
         for doc in yaml.safe_load_all(text)
-        if doc and doc["kind"] == "ClusterRole"
+        if doc and doc["kind"] in ("ClusterRole", "Role") and doc["metadata"]["name"] == "autoglm-operator"
     ]
     return {
         (verb, group, resource)
@@ -75,23 +76,30 @@ def cluster(tmp_path: Path) -> Iterator[EmulatedCluster]:
     with emulated_cluster(tmp_path / "cluster") as running:
         for document in (
             "apiVersion: v1\nkind: Namespace\nmetadata: {name: ml}\n",
-            # What the chart creates beside the operator: the peering object its replicas elect one through.
+            # What the chart creates beside the operator: the peering object its replicas elect one
+            # through (cluster-wide, or one in each watched namespace).
             "apiVersion: kopf.dev/v1\nkind: ClusterKopfPeering\nmetadata: {name: autoglm}\n",
+            "apiVersion: kopf.dev/v1\nkind: KopfPeering\nmetadata: {name: autoglm, namespace: ml}\n",
         ):
             done = running.kubectl("apply", "-f", "-", stdin=document)
             assert done.returncode == 0, done.stderr
         yield running
 
 
-def test_the_cluster_role_allows_every_call_the_operator_makes_and_nothing_else(
-    cluster: EmulatedCluster, tmp_path: Path
+@pytest.mark.parametrize(
+    ("scope", "values"),
+    [(["--all-namespaces"], {}), (["--namespace=ml"], {"operator": {"watchNamespaces": ["ml"]}})],
+    ids=["every namespace: a ClusterRole", "one namespace: a Role there"],
+)
+def test_the_chart_grants_every_call_the_operator_makes_and_nothing_else(
+    cluster: EmulatedCluster, tmp_path: Path, scope: list[str], values: dict[str, Any]
 ) -> None:
     audit = f"sqlite:///{tmp_path / 'audit.db'}"
     kubeconfig = cluster.kubeconfig_for(TOKEN)
     log = tmp_path / "operator.log"
     # The chart's Deployment's command, less what has no API call (liveness, metrics, the image).
     command = [sys.executable, "-m", "autoglm_operator", "operator", "--kubeconfig", str(kubeconfig),
-               "--all-namespaces", "--peering=autoglm", "--priority=100", "--interval=1",
+               *scope, "--peering=autoglm", "--priority=100", "--interval=1",
                "--audit-url", audit]  # fmt: skip
     with log.open("wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
@@ -137,6 +145,6 @@ def test_the_cluster_role_allows_every_call_the_operator_makes_and_nothing_else(
     made = cluster.emulator.calls[TOKEN]
     assert made, f"no call recorded for the operator:\n{log.read_text()[-3000:]}"
     called = {(verb, group, resource) for verb, group, resource, _ in made}
-    allowed = granted()
+    allowed = granted(values)
     assert not called - allowed, f"calls no rule allows: {sorted(called - allowed)}"
     assert not allowed - called, f"rules no call used: {sorted(allowed - called)}"
