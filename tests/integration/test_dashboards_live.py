@@ -135,6 +135,30 @@ def _panel(dashboard: Any, title: str) -> str:
     return next(p for p in dashboard.panels if p.title == title).queries[0].expr
 
 
+def test_the_dashboards_variables_list_the_fleet(fleet: Prometheus) -> None:
+    """Grafana fills $model, $target and $pool with label_values(METRIC, LABEL): Prometheus' label
+    values API on the same series."""
+    import json as _json
+
+    from tools.dashboards import build
+
+    for dashboard in (FLEET_LATENCY, FLEET_ENERGY):
+        for variable in build(dashboard)["templating"]["list"]:
+            if variable["type"] != "query":
+                continue
+            match = re.fullmatch(r"label_values\((\w+), (\w+)\)", variable["query"])
+            assert match, variable["query"]
+            metric, label = match.groups()
+            answer = httpx.get(
+                f"{fleet.url}/api/v1/label/{label}/values", params={"match[]": metric}, timeout=30
+            )
+            values = set(_json.loads(answer.text)["data"])
+            expected = {"model": {MODEL}, "target": {"cloud", "edge"}, "pool": {"cloud-gpu", "kubeedge"}}[
+                label
+            ]
+            assert values == expected, (variable["name"], values)
+
+
 def test_the_panels_tell_pools_roles_and_savings_apart(fleet: Prometheus) -> None:
     pools = _finite(
         _query(
@@ -173,9 +197,14 @@ def test_the_decisions_sql_runs_on_the_ledgers_postgresql() -> None:
             ledger.append(
                 "ml", model, decision, f"{decision} of {revision}", revision=revision, actor="operator"
             )
+    from tools.dashboards import build
+
+    (models,) = [v for v in build(DECISIONS)["templating"]["list"] if v["name"] == "model"]
     engine = create_engine(str(url))
     try:
         with engine.connect() as connection:
+            listed = [r[0] for r in connection.execute(text(models["query"]))]
+            assert model in listed  # the $model variable lists the ledger's models
             rows = {
                 panel.title: connection.execute(
                     text(expand(panel.queries[0].expr, model=model).replace(":", r"\:"))

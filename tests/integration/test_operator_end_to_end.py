@@ -283,7 +283,14 @@ def _canary(
         return Outcome(json.loads(_audit(audit, model)), prom.url, stable, candidate, served)
 
 
-@pytest.mark.parametrize("example", sorted(EXAMPLE_MODELS))
+@pytest.mark.parametrize(
+    "example",
+    # Both examples in make test-e2e; the two-target one (a minute on 2 cores) there only.
+    [
+        pytest.param(e, marks=pytest.mark.e2e) if len(EXAMPLE_MODELS[e][1]) > 1 else e
+        for e in sorted(EXAMPLE_MODELS)
+    ],
+)
 def test_a_canary_promoted_on_prometheus_figures_through_real_agents(
     cluster: EmulatedCluster, tmp_path: Path, example: str
 ) -> None:
