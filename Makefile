@@ -117,11 +117,11 @@ crds: $(STAMP)
 # tools/chart.py) and the ClusterServingRuntimes (from autoglm_operator.kube.objects).
 .PHONY: chart dashboards
 chart: $(STAMP)
-	$(BIN)/python tools/chart.py write
+	$(BIN)/python -m tools.chart write
 
 # The Grafana dashboards (charts/autoglm/dashboards/*.json) from autoglm_operator.dashboards.
 dashboards: $(STAMP)
-	$(BIN)/python tools/dashboards.py write
+	$(BIN)/python -m tools.dashboards write
 
 # The Argo WorkflowTemplate of each example's pipeline, and every object the operator creates for it;
 # tests/unit/test_workflow.py and tests/unit/test_kube_objects.py compare them.
@@ -149,5 +149,5 @@ clean:
 # are generated from the code first (tools/docs_reference.py).
 .PHONY: docs
 docs: $(STAMP)
-	$(BIN)/python tools/docs_reference.py write
+	$(BIN)/python -m tools.docs_reference write
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict

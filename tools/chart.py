@@ -7,7 +7,7 @@ committed file drifts from it):
   them (``autoglm_operator.kube.objects.cluster_serving_runtime``); the chart's template sets the
   image, labels and the edge cache's hostPath on them, so chart and code cannot disagree.
 
-Usage: ``python tools/chart.py write`` | ``python tools/chart.py check``
+Usage: ``python -m tools.chart write`` | ``python -m tools.chart check``
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
+
+from tools import generated as generated_files
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "charts" / "autoglm"
@@ -344,19 +346,7 @@ def generated() -> dict[Path, str]:
 
 
 def main(argv: list[str]) -> int:
-    if argv[1:] == ["write"]:
-        for path, text in generated().items():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
-            print(f"wrote {path.relative_to(ROOT)}")
-        return 0
-    if argv[1:] == ["check"]:
-        stale = [p for p, text in generated().items() if not p.exists() or p.read_text() != text]
-        for path in stale:
-            print(f"{path.relative_to(ROOT)} is stale: run `make chart`", file=sys.stderr)
-        return 1 if stale else 0
-    print(__doc__, file=sys.stderr)
-    return 2
+    return generated_files.main(argv, generated, "chart", __doc__ or "", None)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ grafana-foundation-sdk from the panels in ``autoglm_operator.dashboards`` (the s
 ``autoglm fleet snapshot`` draws). ``make dashboards`` writes them; ``tests/unit/test_dashboards.py``
 fails when a committed file drifts from this code.
 
-Usage: ``python tools/dashboards.py write`` | ``python tools/dashboards.py check``
+Usage: ``python -m tools.dashboards write`` | ``python -m tools.dashboards check``
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import dashboard as gm
 
 from autoglm_operator.dashboards import DASHBOARDS, Dashboard, Panel
+from tools import generated as generated_files
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLDER = ROOT / "charts" / "autoglm" / "dashboards"
@@ -116,20 +117,7 @@ def generated() -> dict[Path, str]:
 
 
 def main(argv: list[str]) -> int:
-    if argv[1:] == ["write"]:
-        FOLDER.mkdir(parents=True, exist_ok=True)
-        for path, text in generated().items():
-            path.write_text(text)
-            print(f"wrote {path.relative_to(ROOT)}")
-        return 0
-    if argv[1:] == ["check"]:
-        stale = [p for p, text in generated().items() if not p.exists() or p.read_text() != text]
-        extra = sorted(set(FOLDER.glob("*.json")) - set(generated()))
-        for path in [*stale, *extra]:
-            print(f"{path.relative_to(ROOT)} is stale: run `make dashboards`", file=sys.stderr)
-        return 1 if stale or extra else 0
-    print(__doc__, file=sys.stderr)
-    return 2
+    return generated_files.main(argv, generated, "dashboards", __doc__ or "", FOLDER / "*.json")
 
 
 if __name__ == "__main__":

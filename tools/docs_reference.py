@@ -4,7 +4,7 @@ values and description) and ``docs/reference/dashboards.md`` (every dashboard pa
 queries, from ``autoglm_operator.dashboards``). ``make docs`` writes them before building;
 ``tests/unit/test_docs.py`` fails when a committed page drifts from the code.
 
-Usage: ``python tools/docs_reference.py write`` | ``python tools/docs_reference.py check``
+Usage: ``python -m tools.docs_reference write`` | ``python -m tools.docs_reference check``
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from tools import generated as generated_files
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = ROOT / "docs" / "reference"
@@ -133,19 +135,7 @@ def generated() -> dict[Path, str]:
 
 
 def main(argv: list[str]) -> int:
-    if argv[1:] == ["write"]:
-        PAGES.mkdir(parents=True, exist_ok=True)
-        for path, text in generated().items():
-            path.write_text(text)
-            print(f"wrote {path.relative_to(ROOT)}")
-        return 0
-    if argv[1:] == ["check"]:
-        stale = [p for p, text in generated().items() if not p.exists() or p.read_text() != text]
-        for path in stale:
-            print(f"{path.relative_to(ROOT)} is stale: run `make docs`", file=sys.stderr)
-        return 1 if stale else 0
-    print(__doc__, file=sys.stderr)
-    return 2
+    return generated_files.main(argv, generated, "docs", __doc__ or "", None)
 
 
 if __name__ == "__main__":
