@@ -163,7 +163,8 @@ class Feedback(Strict):
     )
     onlineStore: SecretRef = Field(
         default_factory=lambda: SecretRef(existingSecret="autoglm-feedback", key="onlineStore"),
-        description="Feast's online store (redis://HOST:PORT or postgresql://...), from a Secret.",
+        description="Feast's online store (redis://HOST:PORT or postgresql://...), from a Secret; without that key, "
+        "the SQLite store in the Feast folder (one replica's own: set it when replicas take over from each other).",
     )
     feastStorage: Literal["emptyDir", "persistentVolumeClaim"] = Field(
         "emptyDir",
