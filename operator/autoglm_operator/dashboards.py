@@ -145,7 +145,7 @@ FLEET_LATENCY = Dashboard(
             "percentunit",
             (
                 Query(
-                    'avg by (model, revision, role) (autoglm_revision_traffic{model=~"$model", target=~"$target", pool=~"$pool"})',
+                    f"avg by (model, revision, role) (autoglm_revision_traffic{{{SELECT}}})",
                     "{{model}} {{revision}} ({{role}})",
                 ),
             ),

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.integration.test_operator import (
     NAME,
@@ -35,7 +36,7 @@ from tests.integration.test_operator import (
     model_status,
     report,
 )
-from tests.support.k8s_emulator import EmulatedCluster, emulated_cluster, kubectl_binary
+from tests.support.k8s_emulator import EmulatedCluster, emulated_cluster_with, kubectl_binary, namespace
 
 helm = pytest.importorskip("helm_python")
 
@@ -52,8 +53,6 @@ TOKEN = "system-serviceaccount-autoglm-operator"
 def granted(values: dict[str, Any] | None = None) -> set[tuple[str, str, str]]:
     """Every (verb, group, resource) the chart grants the operator: its ClusterRole, and its Role in
     each watched namespace (the pipeline's own Role is not the operator's)."""
-    import yaml
-
     manifests = helm.Chart.load(str(CHART)).render(values or {}, name="autoglm", namespace="autoglm-system")
     roles = [
         doc
@@ -73,16 +72,13 @@ def granted(values: dict[str, Any] | None = None) -> set[tuple[str, str, str]]:
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[EmulatedCluster]:
-    with emulated_cluster(tmp_path / "cluster") as running:
-        for document in (
-            "apiVersion: v1\nkind: Namespace\nmetadata: {name: ml}\n",
-            # What the chart creates beside the operator: the peering object its replicas elect one
-            # through (cluster-wide, or one in each watched namespace).
-            "apiVersion: kopf.dev/v1\nkind: ClusterKopfPeering\nmetadata: {name: autoglm}\n",
-            "apiVersion: kopf.dev/v1\nkind: KopfPeering\nmetadata: {name: autoglm, namespace: ml}\n",
-        ):
-            done = running.kubectl("apply", "-f", "-", stdin=document)
-            assert done.returncode == 0, done.stderr
+    # What the chart creates beside the operator: the peering object its replicas elect one through
+    # (cluster-wide, or one in each watched namespace).
+    peerings = (
+        "apiVersion: kopf.dev/v1\nkind: ClusterKopfPeering\nmetadata: {name: autoglm}\n",
+        f"apiVersion: kopf.dev/v1\nkind: KopfPeering\nmetadata: {{name: autoglm, namespace: {NS}}}\n",
+    )
+    with emulated_cluster_with(tmp_path / "cluster", namespace(NS), *peerings) as running:
         yield running
 
 

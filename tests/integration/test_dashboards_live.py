@@ -138,8 +138,6 @@ def _panel(dashboard: Any, title: str) -> str:
 def test_the_dashboards_variables_list_the_fleet(fleet: Prometheus) -> None:
     """Grafana fills $model, $target and $pool with label_values(METRIC, LABEL): Prometheus' label
     values API on the same series."""
-    import json as _json
-
     from tools.dashboards import build
 
     for dashboard in (FLEET_LATENCY, FLEET_ENERGY):
@@ -152,7 +150,7 @@ def test_the_dashboards_variables_list_the_fleet(fleet: Prometheus) -> None:
             answer = httpx.get(
                 f"{fleet.url}/api/v1/label/{label}/values", params={"match[]": metric}, timeout=30
             )
-            values = set(_json.loads(answer.text)["data"])
+            values = set(json.loads(answer.text)["data"])
             expected = {"model": {MODEL}, "target": {"cloud", "edge"}, "pool": {"cloud-gpu", "kubeedge"}}[
                 label
             ]

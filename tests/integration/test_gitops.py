@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
+from autoglm_api.validation import prune_nulls
 from tests.integration.test_operator import (
     NAME,
     NS,
@@ -31,7 +32,7 @@ from tests.integration.test_operator import (
     succeed,
 )
 from tests.support import crd_schemas
-from tests.support.k8s_emulator import EmulatedCluster, emulated_cluster, kubectl_binary
+from tests.support.k8s_emulator import EmulatedCluster, emulated_cluster_with, kubectl_binary, namespace
 from tests.support.operator import RunningOperator, settings_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -62,15 +63,6 @@ def _build(folder: Path, cluster: EmulatedCluster) -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all(done.stdout) if d]
 
 
-def without_nulls(value: Any) -> Any:
-    """A field set to null is a field not set, to kubectl and the API server."""
-    if isinstance(value, dict):
-        return {k: without_nulls(v) for k, v in value.items() if v is not None}
-    if isinstance(value, list):
-        return [without_nulls(v) for v in value]
-    return value
-
-
 def drift(desired_obj: Any, live: Any, path: str = "") -> list[str]:
     """Every field git holds that the cluster holds differently (what Argo CD and Flux diff)."""
     if isinstance(desired_obj, dict) and isinstance(live, dict):
@@ -93,13 +85,7 @@ def test_drift_names_each_field_git_holds_differently() -> None:
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[EmulatedCluster]:
-    if kubectl_binary() is None:
-        pytest.skip("kubectl is not installed")
-    with emulated_cluster(tmp_path / "cluster") as running:
-        done = running.kubectl(
-            "apply", "-f", "-", stdin="apiVersion: v1\nkind: Namespace\nmetadata: {name: ml}\n"
-        )
-        assert done.returncode == 0, done.stderr
+    with emulated_cluster_with(tmp_path / "cluster", namespace(NS)) as running:
         yield running
 
 
@@ -114,7 +100,7 @@ def test_a_rollout_leaves_no_drift_from_git(cluster: EmulatedCluster, tmp_path: 
         return _build(repo, cluster)
 
     def in_sync(wanted: list[dict[str, Any]]) -> None:
-        for obj in map(without_nulls, wanted):
+        for obj in map(prune_nulls, wanted):  # a null field is an unset one, to kubectl and the API server
             live = kubectl_json(cluster, "agm", obj["metadata"]["name"], "-n", NS)
             assert live is not None
             assert drift(obj, live) == [], f"drift from git: {drift(obj, live)}"

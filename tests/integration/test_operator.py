@@ -24,7 +24,7 @@ from autoglm_core.audit import Ledger
 from autoglm_core.variants import rollout_revision, target_revisions, variants
 from tests.conftest import EXAMPLES
 from tests.support import playing
-from tests.support.k8s_emulator import EmulatedCluster, emulated_cluster, kubectl_binary
+from tests.support.k8s_emulator import EmulatedCluster, emulated_cluster_with, kubectl_binary, namespace
 from tests.support.operator import RunningOperator, settings_for
 
 pytestmark = [
@@ -40,11 +40,7 @@ T = TypeVar("T")
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[EmulatedCluster]:
-    with emulated_cluster(tmp_path) as running:
-        done = running.kubectl(
-            "apply", "-f", "-", stdin="apiVersion: v1\nkind: Namespace\nmetadata: {name: ml}\n"
-        )
-        assert done.returncode == 0, done.stderr
+    with emulated_cluster_with(tmp_path, namespace(NS)) as running:
         yield running
 
 

@@ -40,7 +40,7 @@ from autoglm_pipelines.workflow import published_artifact, result_parameter
 from tests.conftest import EXAMPLES
 from tests.integration.test_operator import eventually, items, kubectl_json
 from tests.support import playing
-from tests.support.k8s_emulator import EmulatedCluster, emulated_cluster, kubectl_binary
+from tests.support.k8s_emulator import EmulatedCluster, emulated_cluster_with, kubectl_binary, namespace
 from tests.support.operator import RunningOperator, settings_for
 from tests.support.prometheus import prometheus
 from tests.support.tiny_models import tiny_glm, with_model_card
@@ -190,11 +190,7 @@ def _succeed(cluster: EmulatedCluster, repository: Path, model: str, revision: s
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[EmulatedCluster]:
-    with emulated_cluster(tmp_path / "cluster") as running:
-        done = running.kubectl(
-            "apply", "-f", "-", stdin="apiVersion: v1\nkind: Namespace\nmetadata: {name: ml}\n"
-        )
-        assert done.returncode == 0, done.stderr
+    with emulated_cluster_with(tmp_path / "cluster", namespace(NS)) as running:
         yield running
 
 

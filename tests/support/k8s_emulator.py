@@ -581,3 +581,17 @@ def emulated_cluster(home: Path) -> Iterator[EmulatedCluster]:
         yield cluster
     finally:
         cluster.stop()
+
+
+def namespace(name: str) -> str:
+    return f"apiVersion: v1\nkind: Namespace\nmetadata: {{name: {name}}}\n"
+
+
+@contextmanager
+def emulated_cluster_with(home: Path, *documents: str) -> Iterator[EmulatedCluster]:
+    """The emulated cluster with ``documents`` (YAML: namespaces, peering objects) applied first."""
+    with emulated_cluster(home) as cluster:
+        for document in documents:
+            done = cluster.kubectl("apply", "-f", "-", stdin=document)
+            assert done.returncode == 0, done.stderr
+        yield cluster

@@ -39,11 +39,11 @@ log = logging.getLogger(__name__)
 def connection_info(configuration: Any) -> kopf.ConnectionInfo:
     """kopf's connection from a ``kubernetes.client.Configuration`` (the gateway's)."""
     # The kubernetes client keeps a kubeconfig's token under a key that changed between releases
-    # ("authorization", then "BearerToken"); its auth settings name the header either way.
+    # ("authorization", then "BearerToken"); its auth settings give the header either way.
     header = next(
         (s.get("value") for s in configuration.auth_settings().values() if s.get("key") == "authorization"),
-        None,
-    ) or (configuration.api_key or {}).get("authorization", "")
+        "",
+    )
     scheme, _, token = str(header or "").strip().partition(" ")  # "Bearer TOKEN", "Basic B64"
     return kopf.ConnectionInfo(
         server=configuration.host,

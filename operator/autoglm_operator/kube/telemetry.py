@@ -21,7 +21,8 @@ RECONCILE_SECONDS = Histogram(
 )
 DECISIONS = Counter(
     "autoglm_operator_decisions_total",
-    "Decisions recorded in the audit ledger, by kind (RolloutStarted, Promoted, RolledBack, ...).",
+    "Decisions this replica recorded in the audit ledger, by kind (RolloutStarted, Promoted, RolledBack, ...); "
+    "one replayed after a restart counts again here, while the ledger keeps it once.",
     ["decision"],
 )
 
