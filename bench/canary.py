@@ -9,9 +9,15 @@ Failed intervals. By default each interval is judged on the figures since the ca
 (``--window cumulative``, what ``increase(...[step])`` gives in PromQL), so later intervals judge
 more requests; ``--window interval`` judges each interval's requests alone.
 
+The k-th judgement of a step tests candidate against stable at ``ALPHA / (k (k + 1))``
+(``canary.look_alpha``: the significance is spent over the looks at the same growing window); the
+same canaries judged at a fixed significance (every look at ``ALPHA / 2``, what the first look
+gets) show what the spending buys.
+
 Printed, each over ``--trials`` seeded canaries:
 - equal revisions: the share of intervals judged Failed (target <= 5%), and of canaries rolled back
-  within ``--canary-intervals`` intervals;
+  within ``--canary-intervals`` intervals (target <= ALPHA), with spending and at a fixed
+  significance, and the ratio of the two;
 - a 30% latency regression and a 5-point error-rate increase: the share caught (rolled back)
   within ``failureLimit`` intervals (target >= 90%).
 
@@ -27,7 +33,7 @@ import numpy as np
 
 from autoglm_api.spec import Analysis
 from autoglm_inference.telemetry import LATENCY_BUCKETS
-from autoglm_operator.canary import FAILED, Figures, Histogram, judge
+from autoglm_operator.canary import ALPHA, FAILED, Figures, Histogram, judge
 
 BOUNDS_MS = (*(b * 1000 for b in LATENCY_BUCKETS), math.inf)
 
@@ -39,17 +45,24 @@ def interval(rng: np.random.Generator, n: int, median_ms: float, sigma: float, e
 
 
 def run(
-    args: argparse.Namespace, limits: Analysis, *, slower: float, extra_errors: float, intervals: int
+    args: argparse.Namespace,
+    limits: Analysis,
+    *,
+    slower: float,
+    extra_errors: float,
+    intervals: int,
+    spend: bool = True,
 ) -> tuple[float, float, float]:
     """Shares of intervals judged Failed, of canaries rolled back within ``intervals``, and of
-    canaries with at least one Failed interval within ``intervals``."""
+    canaries with at least one Failed interval within ``intervals``. ``spend`` False judges every
+    look as the first (a fixed significance)."""
     rng = np.random.default_rng(args.seed)
     failed_intervals = rolled_back = first_failed = 0
     for _ in range(args.trials):
         failures = 0
         stable: Figures | None = None
         candidate: Figures | None = None
-        for _ in range(intervals):
+        for look in range(1, intervals + 1):
             new_stable = interval(rng, args.requests, args.median_ms, args.sigma, args.error_rate)
             new_candidate = interval(
                 rng, args.requests, args.median_ms * (1 + slower), args.sigma, args.error_rate + extra_errors
@@ -58,7 +71,7 @@ def run(
                 stable, candidate = stable + new_stable, candidate + new_candidate
             else:
                 stable, candidate = new_stable, new_candidate
-            if judge(candidate, stable, limits).outcome == FAILED:
+            if judge(candidate, stable, limits, look=look if spend else 1).outcome == FAILED:
                 failures += 1
                 failed_intervals += 1
                 first_failed += failures == 1
@@ -99,6 +112,9 @@ def main() -> None:
     equal_intervals, equal_rollbacks, _ = run(
         args, limits, slower=0.0, extra_errors=0.0, intervals=args.canary_intervals
     )
+    _, fixed_rollbacks, _ = run(
+        args, limits, slower=0.0, extra_errors=0.0, intervals=args.canary_intervals, spend=False
+    )
     _, slow, slow_first = run(args, limits, slower=0.30, extra_errors=0.0, intervals=limits.failure_limit)
     _, errors, errors_first = run(args, limits, slower=0.0, extra_errors=0.05, intervals=limits.failure_limit)
     k = limits.failure_limit
@@ -107,9 +123,10 @@ def main() -> None:
         (
             f"equal revisions: canaries rolled back in {args.canary_intervals} intervals",
             equal_rollbacks,
-            "",
-            None,
+            f"<= {ALPHA:.0%}",
+            equal_rollbacks <= ALPHA,
         ),
+        (f"  the same at a fixed significance {ALPHA / 2:g}", fixed_rollbacks, "", None),
         (f"30% slower: rolled back within {k} intervals", slow, ">= 90%", slow >= 0.90),
         (f"30% slower: a Failed interval within {k} intervals", slow_first, "", None),
         (f"+5 points errors: rolled back within {k} intervals", errors, ">= 90%", errors >= 0.90),
@@ -118,6 +135,12 @@ def main() -> None:
     for label, value, target, met in rows:
         mark = "" if met is None else ("met" if met else "NOT met")
         print(f"{label:58} {value:7.1%}  {target:>7} {mark}")
+    if equal_rollbacks:
+        print(
+            f"false rollbacks at a fixed significance / with spending: {fixed_rollbacks / equal_rollbacks:.1f}x"
+        )
+    else:
+        print(f"false rollbacks: none with spending, {fixed_rollbacks:.1%} at a fixed significance")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,10 @@ Each call of :meth:`CanaryAnalyst.analyse` gives every live target's next verdic
 each on its own figures since the step began (its :class:`FiguresSource`: a server's ``/metrics``
 scraped in process, or PromQL against a Prometheus). A new step, or a change in the servers behind
 a target (a restart: new counters; a replica more or less), begins every target's window again, so
-all are judged over the same span. Nothing is judged at the call that begins a window.
+all are judged over the same span. Nothing is judged at the call that begins a window. The k-th
+judgement of a window is the k-th look at the same growing figures: the candidate-vs-stable tests
+spend their significance over the looks (``canary.look_alpha``), so a longer step does not make a
+good candidate likelier to fail.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ class _Window:
     servers: dict[str, str] = field(default_factory=dict)
     #: When the newest interval was judged: the next one is judged ``analysis.interval`` later.
     judged: datetime | None = None
+    #: How many times this window was judged: the relative tests' significance shrinks with each look.
+    looks: int = 0
 
 
 @dataclass
@@ -92,11 +97,12 @@ class CanaryAnalyst:
                 except MetricsUnavailableError as exc:
                     self.log(f"analysis of target {target}: {exc}")
         window.judged = now
+        window.looks += 1
         analyses, saved = {}, {}
         for target, (mine, theirs) in live.items():
             figures = got.get(target, {})
             ours, stable = figures.get(mine), figures.get(theirs) if theirs else None
-            result = judge(ours, stable, spec_analysis, weight=status.canary.weight or 0)
+            result = judge(ours, stable, spec_analysis, weight=status.canary.weight or 0, look=window.looks)
             source = window.sources[target]
             measured = {
                 "target": target, "stable": theirs,

@@ -36,9 +36,12 @@ SUCCESSFUL: Final = "Successful"
 FAILED: Final = "Failed"
 INCONCLUSIVE: Final = "Inconclusive"
 
-#: Significance of the candidate-vs-stable tests (one-sided). With the effect sizes below, two equal
-#: revisions fail an interval in under 1% of intervals (bench/canary.py).
-ALPHA: Final = 0.02
+#: Significance of each candidate-vs-stable test (one-sided) over a whole canary step, however many
+#: times it is looked at: the k-th judgement of a step's growing window tests at
+#: ``ALPHA / (k * (k + 1))`` (:func:`look_alpha`), and these sum to ALPHA, so a candidate no worse
+#: than stable fails any look of a step with probability at most ALPHA per check (a union bound),
+#: instead of a chance that grows with every look (bench/canary.py measures both).
+ALPHA: Final = 0.05
 #: Smallest latency regression worth failing for: candidate median at least 10% above stable's.
 MIN_LATENCY_RATIO: Final = 1.10
 #: Smallest error-rate increase worth failing for, in absolute terms (2 points).
@@ -223,13 +226,29 @@ def proportions_test(errors_a: int, n_a: int, errors_b: int, n_b: int) -> tuple[
     return z, _upper_tail(z)
 
 
+def look_alpha(look: int) -> float:
+    """The significance of the ``look``-th judgement (1, 2, ...) of one window: ALPHA/2, ALPHA/6,
+    ALPHA/12, ... (they sum to ALPHA). A real regression's p-value falls much faster than this as
+    the window grows (a 2x slower candidate: p below 1e-6 within a few dozen requests)."""
+    if look < 1:
+        raise ValueError(f"looks are counted from 1, got {look}")
+    return ALPHA / (look * (look + 1))
+
+
 def judge(
-    candidate: Figures | None, stable: Figures | None, limits: Analysis, *, weight: int = 100
+    candidate: Figures | None,
+    stable: Figures | None,
+    limits: Analysis,
+    *,
+    weight: int = 100,
+    look: int = 1,
 ) -> AnalysisResult:
     """The outcome of one analysis interval for ``candidate`` (``stable``: the same interval's figures
     of the serving revision, or None on a first rollout with nothing to compare with). ``weight``:
     the candidate's share of traffic; below 100 stable gets the rest, and a stable that served fewer
-    than ``minRequests`` is missing data (holding), not a reason to judge on absolute limits alone."""
+    than ``minRequests`` is missing data (holding), not a reason to judge on absolute limits alone.
+    ``look``: which judgement of the same growing window this is (the relative tests' significance,
+    :func:`look_alpha`)."""
     if candidate is None:
         return AnalysisResult(
             INCONCLUSIVE, "no figures for the candidate: the metrics source is down or empty"
@@ -246,7 +265,7 @@ def judge(
     checks = list(_absolute_checks(candidate, limits))
     if comparable:
         assert stable is not None
-        checks.extend(_relative_checks(candidate, stable))
+        checks.extend(_relative_checks(candidate, stable, look_alpha(look)))
     failed = [c for c in checks if c.passed is False]
     if failed:
         return AnalysisResult(FAILED, "; ".join(f"{c.metric}: {c.detail}" for c in failed), tuple(checks))
@@ -288,11 +307,11 @@ def _limit(metric: str, value: float | None, threshold: float, above_fails: bool
     return Check(metric, value, threshold, passed, f"{value:.4g} (must be {sign} {threshold:.4g})")
 
 
-def _relative_checks(c: Figures, s: Figures) -> list[Check]:
+def _relative_checks(c: Figures, s: Figures, alpha: float) -> list[Check]:
     checks = []
     z, p = proportions_test(c.errors, c.requests, s.errors, s.requests)
     increase = c.error_rate - s.error_rate
-    worse = p < ALPHA and increase >= MIN_ERROR_INCREASE
+    worse = p < alpha and increase >= MIN_ERROR_INCREASE
     checks.append(
         Check(
             "errorRateVsStable",
@@ -300,13 +319,13 @@ def _relative_checks(c: Figures, s: Figures) -> list[Check]:
             s.error_rate,
             not worse,
             f"{c.error_rate:.3f} against stable's {s.error_rate:.3f} (p={p:.2g})",
-            {"z": z, "p": p, "increase": increase},
+            {"z": z, "p": p, "alpha": alpha, "increase": increase},
         )
     )
     if c.latency is not None and s.latency is not None and c.latency.total and s.latency.total:
         z, p = rank_test(c.latency, s.latency)
         ratio = c.latency.quantile(0.5) / max(s.latency.quantile(0.5), 1e-9)
-        worse = p < ALPHA and ratio >= MIN_LATENCY_RATIO
+        worse = p < alpha and ratio >= MIN_LATENCY_RATIO
         checks.append(
             Check(
                 "latencyVsStable",
@@ -314,7 +333,7 @@ def _relative_checks(c: Figures, s: Figures) -> list[Check]:
                 s.latency.quantile(0.5),
                 not worse,
                 f"median {ratio:.2f}x stable's (Mann-Whitney p={p:.2g})",
-                {"z": z, "p": p, "medianRatio": ratio},
+                {"z": z, "p": p, "alpha": alpha, "medianRatio": ratio},
             )
         )
     return checks

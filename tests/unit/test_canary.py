@@ -11,7 +11,16 @@ from hypothesis import strategies as st
 from scipy import stats
 
 from autoglm_api.spec import Analysis
-from autoglm_operator.canary import Figures, Histogram, judge, proportions_test, rank_test
+from autoglm_inference.telemetry import LATENCY_BUCKETS
+from autoglm_operator.canary import (
+    ALPHA,
+    Figures,
+    Histogram,
+    judge,
+    look_alpha,
+    proportions_test,
+    rank_test,
+)
 
 BOUNDS = (25.0, 50.0, 100.0, 200.0, 400.0, 800.0, 1600.0, math.inf)
 LIMITS = Analysis(min_requests=50, max_error_rate=0.05, max_p95_latency_ms=800.0)
@@ -143,3 +152,52 @@ def test_figures_since_the_step_began_are_the_intervals_summed() -> None:
     assert both.latency.total == 200
     assert both.joules_per_token == pytest.approx((50 * 1.0 + 150 * 2.0) / 200)
     assert both.feedback_score == 0.8  # measured in one interval only: that one's
+
+
+def _rolled_back_share(canaries: int, looks: int, *, spend: bool) -> float:
+    """Canaries of a candidate equal to stable (same latency distribution, no errors), each step
+    judged ``looks`` times on its growing window at 4 requests per revision per interval (a short
+    analysis interval on a slow model), rolled back at two consecutive Failed looks."""
+    bounds = (*(b * 1000 for b in LATENCY_BUCKETS), math.inf)
+    limits = Analysis(min_requests=3, max_error_rate=0.05, max_p95_latency_ms=60_000, failure_limit=2)
+    rng = np.random.default_rng(7)
+    rolled_back = 0
+    for _ in range(canaries):
+        c, s, failures = np.empty(0), np.empty(0), 0
+        for look in range(1, looks + 1):
+            c = np.concatenate([c, rng.lognormal(math.log(0.035), 0.25, 4)])
+            s = np.concatenate([s, rng.lognormal(math.log(0.035), 0.25, 4)])
+            candidate = Figures(len(c), 0, Histogram.of(list(c * 1000), bounds))
+            stable = Figures(len(s), 0, Histogram.of(list(s * 1000), bounds))
+            failed = (
+                judge(candidate, stable, limits, weight=50, look=look if spend else 1).outcome == "Failed"
+            )
+            failures = failures + 1 if failed else 0
+            if failures == limits.failure_limit:
+                rolled_back += 1
+                break
+    return rolled_back / canaries
+
+
+def test_a_long_step_does_not_make_a_good_candidate_likelier_to_be_rolled_back() -> None:
+    """CI once rolled back a candidate as fast as stable: each look at the same growing window was a
+    new chance at p < 0.02, and a 30 s step judged every second had about 6% of them. The relative
+    tests now spend ALPHA over the looks (ALPHA / (k (k + 1)) at the k-th)."""
+    assert _rolled_back_share(400, 30, spend=True) <= ALPHA / 2
+    assert _rolled_back_share(400, 30, spend=False) > ALPHA  # what a fixed significance gave
+
+
+def test_the_significance_of_each_look_sums_to_alpha_and_a_clear_regression_still_fails_early() -> None:
+    assert sum(look_alpha(k) for k in range(1, 100_000)) == pytest.approx(ALPHA, rel=1e-4)
+    with pytest.raises(ValueError, match="counted from 1"):
+        look_alpha(0)
+    slow, stable = figures(50, 0, 200, 1), figures(50, 0, 100, 2)
+    for look in (1, 2, 10):  # twice the latency at 50 requests each: p far below any look's alpha
+        result = judge(slow, stable, LIMITS, look=look)
+        assert result.outcome == "Failed", result.reason
+        check = next(c for c in result.checks if c.metric == "latencyVsStable")
+        assert check.statistics["alpha"] == look_alpha(look)
+    # a modest regression that the first look fails is held at the hundredth (not yet significant)
+    modest, same = figures(50, 0, 125, 3), figures(50, 0, 100, 4)
+    assert judge(modest, same, LIMITS, look=1).outcome == "Failed"
+    assert judge(modest, same, LIMITS, look=100).outcome == "Successful"
