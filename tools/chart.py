@@ -170,6 +170,11 @@ class Feedback(Strict):
         "emptyDir",
         description="Where the Feast repository's registry and offline files live: an emptyDir (rebuilt from the feedback store when a pod restarts) or the claim named by feastClaim.",
     )
+    proposePrompts: bool = Field(
+        False,
+        description="OPRO: the operator asks each model's first target for new system prompts from the past (prompt, "
+        "score) pairs; each joins the bandit as a new arm and is recorded in the ledger (PromptProposed).",
+    )
     api: FeedbackApi = Field(default_factory=FeedbackApi, description="The feedback API on its own.")
     feastClaim: str = Field(
         "", description="The PersistentVolumeClaim for feastStorage: persistentVolumeClaim."

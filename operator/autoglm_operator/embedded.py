@@ -43,7 +43,7 @@ from autoglm_operator.analysis import CanaryAnalyst
 from autoglm_operator.backends.local_pipeline import LocalPipelines
 from autoglm_operator.backends.local_serving import LocalServing
 from autoglm_operator.backends.local_state import TARGET_LABEL, LocalState
-from autoglm_operator.feedback_loop import FeedbackLoop
+from autoglm_operator.feedback_loop import FeedbackLoop, chat_answer
 from autoglm_operator.metrics import FiguresSource, ScrapeSource
 from autoglm_operator.plan import Analysis, DecisionRecord, Observed, Plan, Serving, TargetObserved, plan
 from autoglm_operator.promql import PrometheusSource
@@ -322,18 +322,13 @@ class EmbeddedLoop:
                 body = {"model": name, "prompt": rng.choice(self.options.traffic_prompts), "max_tokens": 8}
                 httpx.post(f"{server.url}/openai/v1/completions", json=body, timeout=60)
 
-    def _ask(self, messages: list[dict[str, str]]) -> str:
+    def _ask(self, model: AutoGLMModel, messages: list[dict[str, str]]) -> str:
         """The served model's answer to ``messages`` (a proposal's meta-prompt), from the first
-        target's server, sampled (temperature 0.8) so a second ask can propose something else."""
+        target's server."""
         server = self.server
         if server is None:
             raise RuntimeError("no server runs to ask")
-        name = load_manifest(str(self.manifest)).metadata.name or ""
-        body = {"model": name, "messages": messages, "max_tokens": 64, "temperature": 0.8,
-                "prompt_variant": "none"}  # fmt: skip
-        answer = httpx.post(f"{server.url}/openai/v1/chat/completions", json=body, timeout=120)
-        answer.raise_for_status()
-        return str(answer.json()["choices"][0]["message"]["content"])
+        return chat_answer(server.url, model.metadata.name or "", messages, timeout=120)
 
     def _user(self, rng: random.Random, url: str, name: str) -> None:
         """One simulated user: a chat question, then a rating that prefers short answers."""

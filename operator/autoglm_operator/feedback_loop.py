@@ -23,6 +23,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 import yaml
 
 from autoglm_api.resource import AutoGLMModel
@@ -40,6 +41,20 @@ def enabled(model: AutoGLMModel) -> bool:
 
 #: The ConfigMap key (and file name) of the servers' prompt variants.
 VARIANTS_KEY = "prompt-variants.yaml"
+
+#: Asks the served model of an AutoGLMModel a chat (an OPRO meta-prompt) and returns its answer.
+Ask = Callable[[AutoGLMModel, list[dict[str, str]]], str]
+
+
+def chat_answer(url: str, served_as: str, messages: list[dict[str, str]], *, timeout: float) -> str:
+    """The answer of the model served as ``served_as`` by the server at ``url`` to ``messages``:
+    sampled (temperature 0.8, so a second ask can propose something else), without any of the
+    policy's system prompts (``prompt_variant: none``), at most 64 tokens."""
+    body = {"model": served_as, "messages": messages, "max_tokens": 64, "temperature": 0.8,
+            "prompt_variant": "none"}  # fmt: skip
+    answer = httpx.post(f"{url.rstrip('/')}/openai/v1/chat/completions", json=body, timeout=timeout)
+    answer.raise_for_status()
+    return str(answer.json()["choices"][0]["message"]["content"])
 
 
 def arms_of(model: AutoGLMModel, policy: PromptPolicy | None) -> list[PromptVariant]:
@@ -77,7 +92,7 @@ class FeedbackLoop:
         state_dir: Path,
         *,
         say: Callable[[str], None] = print,
-        ask: Callable[[list[dict[str, str]]], str] | None = None,
+        ask: Ask | None = None,
         url: str | None = None,
         feast_dir: Path | None = None,
         online_store: str = "sqlite",
@@ -90,7 +105,7 @@ class FeedbackLoop:
         self.feast_dir = feast_dir or state_dir / "feast"
         self.online_store = online_store
         self.say = say
-        #: Asks the served model a chat and returns its answer: OPRO proposals (None: none are made).
+        #: Asks a model's served model a chat and returns its answer: OPRO proposals (None: none are made).
         self.ask = ask
         self._pipeline: Any = None  # Feast is imported (about a second) only when feedback is on
         self._refreshed: datetime | None = None
@@ -223,7 +238,7 @@ class FeedbackLoop:
                 evidence={"revision": stable, **decision.evidence}, idempotency_key=decision.key(stable),
             ))  # fmt: skip
         if self.ask is not None:
-            policy, proposal = self._propose(arms, rated, policy, stable)
+            policy, proposal = self._propose(model, arms, rated, policy, stable)
             records += proposal
         return status.model_copy(update={"prompt_policy": policy}), records
 
@@ -333,6 +348,7 @@ class FeedbackLoop:
 
     def _propose(
         self,
+        model: AutoGLMModel,
         arms: Sequence[PromptVariant],
         rated: dict[str, tuple[float, float]],
         policy: PromptPolicy,
@@ -344,9 +360,15 @@ class FeedbackLoop:
         from autoglm_feedback.proposals import propose
 
         proposed = [p.name for p in policy.proposals]
-        assert self.ask is not None
+        ask = self.ask
+        assert ask is not None
         try:
-            proposal = propose(self._arms(arms, rated), proposed, self.ask, min_feedback=MIN_FEEDBACK)
+            proposal = propose(
+                self._arms(arms, rated),
+                proposed,
+                lambda messages: ask(model, messages),
+                min_feedback=MIN_FEEDBACK,
+            )
         except Exception as exc:  # the server is busy or down: try again at a later tick
             log.warning("no prompt proposal this time: %s", exc)
             return policy, []

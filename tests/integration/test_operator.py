@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+import httpx
 import pytest
 import yaml
 
@@ -560,3 +561,83 @@ def test_a_low_feedback_score_triggers_a_retraining_workflow_that_fine_tunes_on_
         current = kubectl_json(cluster, "agm", NAME, "-n", NS)
         assert "training" not in current["spec"]
         assert current["metadata"]["generation"] == generation
+
+
+def test_with_propose_prompts_the_served_model_proposes_a_prompt_that_joins_the_arms(
+    cluster: EmulatedCluster, tmp_path: Path
+) -> None:
+    """``autoglm operator --propose-prompts``: once every arm has its ratings, the operator asks the
+    first target's InferenceService, at the address KServe reports (here a real ``autoglm serve``
+    on a tiny GLM, serving under the InferenceService's name), for a better system prompt; the
+    answer joins the bandit as a new arm in the status, the targets' ConfigMaps (read back with the
+    server's own parser) and the ledger (``PromptProposed`` with the meta-prompt it was asked)."""
+    from autoglm_core.feedback.records import RequestRecord, parse_feedback
+    from autoglm_core.feedback.store import FeedbackStore
+    from autoglm_inference.process import ServerProcess
+    from autoglm_inference.prompts import Variants
+    from tests.support.tiny_models import tiny_glm, with_model_card
+
+    feedback_url = f"sqlite:///{tmp_path / 'feedback.db'}"
+    options = {"feedback_url": feedback_url, "feast_dir": tmp_path / "feast", "propose_prompts": True}
+    served_as = f"{NAME}-cloud"  # the InferenceService's name: the runtime's --model-name={{.Name}}
+    artifact = tiny_glm(tmp_path / "tiny", init_std=0.3, seed=3)
+    with_model_card(artifact, "rev-a")
+    server = ServerProcess(served_as, str(artifact), log=tmp_path / "server.log").wait_ready()
+    try:
+        with RunningOperator(cluster, settings_for(tmp_path), options=options) as running:
+            stable = _serving(cluster, running.audit_url)
+            patched = cluster.kubectl(
+                "patch", "inferenceservice", served_as, "-n", NS, "--type", "merge",
+                "-p", json.dumps({"status": {"address": {"url": server.url}}}),
+            )  # fmt: skip
+            assert patched.returncode == 0, patched.stderr
+            store = FeedbackStore(feedback_url)
+            now = time.time()
+            store.add_requests([
+                RequestRecord(f"q{i}", now + i * 1e-3, NAME, stable, ("concise", "detailed")[i % 2], "cloud", 0.3,
+                              10, 12, 0.5, "cpu-time-model", "ok")
+                for i in range(60)
+            ])  # fmt: skip
+            store.accept(parse_feedback({"feedback": [
+                {"request_id": f"q{i}", "score": "up" if i % 2 == 0 else "down"} for i in range(60)
+            ]}))  # fmt: skip
+            proposals = eventually(
+                lambda: (model_status(cluster).get("promptPolicy") or {}).get("proposals"),
+                "a proposal in the status",
+                timeout=90,
+            )
+            assert len(proposals) == 1
+            proposal = proposals[0]
+            assert proposal["name"].startswith("opro-")
+
+            def published(target: str) -> dict[str, str] | None:
+                found = kubectl_json(cluster, "configmap", f"{NAME}-{target}-autoglm", "-n", NS)
+                texts = Variants.parse(yaml.safe_load(found["data"]["prompt-variants.yaml"]), target).texts
+                return texts if proposal["name"] in texts else None
+
+            for target in ("cloud", "edge"):
+                assert (
+                    eventually(lambda t=target: published(t), f"the proposal in {target}'s ConfigMap")[
+                        proposal["name"]
+                    ]
+                    == proposal["system"]
+                )
+            with Ledger(running.audit_url) as ledger:
+                (record,) = [
+                    r for r in ledger.query(namespace=NS, model=NAME) if r.decision == "PromptProposed"
+                ]
+            assert record.revision == stable
+            assert record.evidence["text"] == proposal["system"]
+            assert (
+                "Prompt: Answer in one short sentence.\nRating: 1.00 (30 ratings)"
+                in record.evidence["metaPrompt"]
+            )
+        metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
+        asked = [
+            float(line.rsplit(" ", 1)[1])
+            for line in metrics.splitlines()
+            if line.startswith("autoglm_request_duration_seconds_count") and served_as in line
+        ]
+        assert sum(asked) >= 1, "the served model was not asked"
+    finally:
+        server.stop()

@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
 import yaml
 
@@ -36,6 +37,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             "feastStorage": "persistentVolumeClaim",
             "feastClaim": "feast",
             "api": {"enabled": True},
+            "proposePrompts": True,
         },
         "operator": {
             "retrainingDatasets": "pvc://datasets/retraining",
@@ -273,6 +275,13 @@ def test_the_operator_runs_as_the_chart_says() -> None:
     assert "--retraining-datasets=pvc://datasets/retraining" in args
     assert "--prometheus-url=http://prometheus:9090" in args
     assert "--verbose" in args
+    assert "--propose-prompts" in args
+    from autoglm_operator.cli.main import cli
+
+    command = cli.get_command(click.Context(cli), "operator")
+    assert command is not None
+    parsed = command.make_context("operator", list(args))  # every flag the chart passes is the CLI's
+    assert parsed.params["propose_prompts"] is True
     env = {e["name"]: e for e in container["env"]}
     assert env["AUTOGLM_AUDIT_URL"]["valueFrom"]["secretKeyRef"] == {"name": "autoglm-audit", "key": "url"}
     assert env["AUTOGLM_FEEDBACK_URL"]["valueFrom"]["secretKeyRef"] == {

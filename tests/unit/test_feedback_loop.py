@@ -67,7 +67,7 @@ def test_a_proposal_from_the_served_model_joins_the_arms_and_the_servers_file(
     model = load_manifest(str(repo_root / "examples" / "autoglm-model.yaml"))
     asked: list[str] = []
 
-    def ask(messages: list[dict[str, str]]) -> str:
+    def ask(_model: object, messages: list[dict[str, str]]) -> str:
         asked.append(messages[0]["content"])
         return 'Prompt: "Reply in five words or fewer."'
 

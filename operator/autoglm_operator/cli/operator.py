@@ -50,6 +50,10 @@ def _datasets(value: str | None) -> str | None:
               help="Where retraining datasets are written (through this pod's mount of the claim at "
                    "$AUTOGLM_PVC_ROOT/CLAIM, default /mnt/pvc) and read by the pipeline's steps, which mount the "
                    "claim read-only. Without it, spec.feedback.retraining triggers nothing.")  # fmt: skip
+@click.option("--propose-prompts", is_flag=True, default=False,
+              help="OPRO: ask each model's first target (its InferenceService) for new system prompts from past "
+                   "(prompt, score) pairs; each joins the bandit as a new arm (status.promptPolicy.proposals, a "
+                   "PromptProposed record). Needs --feedback-url.")  # fmt: skip
 @click.option("--pipeline-service-account", default="autoglm-pipeline", show_default=True,
               help="The ServiceAccount the pipeline's pods run as in each model's namespace (the chart creates it).")  # fmt: skip
 @click.option("--interval", type=click.FloatRange(0.5), default=5.0, show_default=True,
@@ -81,6 +85,7 @@ def operator_command(
     feast_dir: Path,
     online_store: str,
     retraining_datasets: str | None,
+    propose_prompts: bool,
     pipeline_service_account: str,
     interval: float,
     standalone: bool,
@@ -97,6 +102,10 @@ def operator_command(
     Event. Runs until interrupted."""
     if namespaces and clusterwide:
         raise click.UsageError("give --namespace or --all-namespaces, not both")
+    if propose_prompts and not feedback_url:
+        raise click.UsageError(
+            "--propose-prompts needs --feedback-url (the ratings the proposals learn from)"
+        )
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
     import kopf
@@ -114,7 +123,7 @@ def operator_command(
     options = ClusterOptions(image=image or DEFAULT_IMAGE, artifact_repository=artifact_repository, audit_url=audit_url,
                              prometheus_url=prometheus_url, target_selector=target_selector,
                              feedback_url=feedback_url, feast_dir=feast_dir, online_store=online_store,
-                             retraining_datasets=retraining_datasets,
+                             retraining_datasets=retraining_datasets, propose_prompts=propose_prompts,
                              pipeline_service_account=pipeline_service_account)  # fmt: skip
     reconciler = ClusterReconciler(Gateway(), options)
     peering = PeeringOptions(standalone=standalone, name=peering_name, priority=priority)

@@ -52,7 +52,7 @@ from autoglm_core.audit.ledger import resolve_url
 from autoglm_core.variants import rollout_revision, variants
 from autoglm_operator.agent.desired import Desired, DesiredStateError
 from autoglm_operator.analysis import CanaryAnalyst
-from autoglm_operator.feedback_loop import VARIANTS_KEY, FeedbackLoop, variants_document
+from autoglm_operator.feedback_loop import VARIANTS_KEY, FeedbackLoop, chat_answer, variants_document
 from autoglm_operator.kube import DEFAULT_ARTIFACT_REPOSITORY, DEFAULT_TARGET_SELECTOR, telemetry
 from autoglm_operator.kube.gateway import Gateway
 from autoglm_operator.kube.objects import (
@@ -86,6 +86,8 @@ log = logging.getLogger(__name__)
 
 #: Decisions that are told as Warning Events (the others are Normal).
 WARNINGS = {"GateFailed", "PipelineFailed", "RolledBack", "CanaryIntervalFailed"}
+#: How long a reconcile waits for the served model's OPRO proposal (it holds the model's lock).
+PROPOSAL_TIMEOUT_S = 60.0
 
 
 @dataclass
@@ -110,6 +112,9 @@ class ClusterOptions:
     retraining_datasets: str | None = None
     #: The ServiceAccount the pipeline's pods run as (in the model's namespace).
     pipeline_service_account: str = DEFAULT_PIPELINE_SERVICE_ACCOUNT
+    #: OPRO: ask each model's first target (its InferenceService's cluster-local address) for new
+    #: system prompts, which join the bandit as arms. Needs ``feedback_url``.
+    propose_prompts: bool = False
 
 
 def merge_diff(old: Any, new: Any) -> Any:
@@ -234,10 +239,24 @@ class ClusterReconciler:
             self.feedback = FeedbackLoop(
                 self.options.feast_dir, url=self.options.feedback_url, feast_dir=self.options.feast_dir,
                 online_store=self.options.online_store, say=log.info, datasets=self.options.retraining_datasets,
+                ask=self._ask if self.options.propose_prompts else None,
             )  # fmt: skip
 
     def close(self) -> None:
         self._ledger.close()
+
+    def _ask(self, model: AutoGLMModel, messages: list[dict[str, str]]) -> str:
+        """The answer of ``model``'s first target to ``messages`` (an OPRO meta-prompt), asked at its
+        InferenceService's cluster-local address (``status.address.url``, else ``status.url``, as
+        KServe reports them), by the name the server serves it as (the InferenceService's)."""
+        namespace, target = model.metadata.namespace or "default", model.spec.targets[0].name
+        name = inference_service_name(model, target)
+        found = self.gateway.get("InferenceService", namespace, name) or {}
+        status = found.get("status") or {}
+        url = (status.get("address") or {}).get("url") or status.get("url")
+        if not url:
+            raise RuntimeError(f"InferenceService {namespace}/{name} reports no address yet")
+        return chat_answer(url, name, messages, timeout=PROPOSAL_TIMEOUT_S)
 
     def _lock(self, key: tuple[str, str]) -> threading.Lock:
         with self._locks_lock:
