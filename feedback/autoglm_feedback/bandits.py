@@ -9,10 +9,12 @@ run the simulation in ``bench/feedback.py``. Every policy answers two questions:
 
 ``ThompsonSampling``: Beta(1 + sum, 1 + n - sum) posteriors (a score in [0, 1] is a fractional
 Bernoulli outcome); an arm's share is the posterior probability that it is the best, estimated by
-Monte Carlo with a fixed seed. ``UCB1``: the arm with the highest upper confidence bound gets the
-traffic, every untried arm first. ``Reinforce``: a softmax policy over preferences moved by the
-policy gradient with a running-mean baseline (Sutton & Barto, 2.8). ``EpsilonGreedy`` and
-``Uniform`` are the baselines the benchmark compares with.
+Monte Carlo with a fixed seed, except that the arm most likely to be the best gets at least
+``leader_floor`` of the traffic once that probability reaches ``floor_above`` and ``floor_lead``
+times the runner-up's (the others share the rest in proportion to theirs). ``UCB1``: the arm with
+the highest upper confidence bound gets the traffic, every untried arm first. ``Reinforce``: a
+softmax policy over preferences moved by the policy gradient with a running-mean baseline (Sutton &
+Barto, 2.8). ``EpsilonGreedy`` and ``Uniform`` are the baselines the benchmark compares with.
 """
 
 from __future__ import annotations
@@ -88,29 +90,86 @@ class Policy(ABC):
 
 @dataclass
 class ThompsonSampling(Policy):
+    """Probability matching with a floor for the likely best arm.
+
+    Pure probability matching splits traffic in proportion to P(best), so two variants a few points
+    apart share it for a long time, though the better-looking one is usually the best. Once one arm
+    is more likely than not the best, it gets at least ``leader_floor``; the others keep sampling in
+    proportion to their P(best), so a wrong leader's own ratings pull its mean down and the floor
+    moves to the arm that overtakes it. Measured by bench/feedback.py with thumbs (the noisiest
+    feedback), shares published every 10 events: the best held 80% at event 2,000 in 97 of seeds
+    0-99 (84 without the floor), on which the parameters were chosen, and 193 of seeds 100-299;
+    regret after 5,000 events 60.9 (61.0 without).
+    """
+
     algorithm: ClassVar[Algorithm] = "thompson"
     seed: int = 0
     draws: int = SHARE_DRAWS
+    #: The least share of the arm most likely to be the best, once that probability is ``floor_above``
+    #: or more (0: plain probability matching).
+    leader_floor: float = 0.8
+    floor_above: float = 0.5
+    #: ... and at least this many times the runner-up's (two arms: P(best) 0.6; a tie gets no floor).
+    floor_lead: float = 1.5
+    #: ``choose`` samples from shares recomputed after this many new events (the servers sample each
+    #: request from the shares the loop last published; Monte Carlo per request would be wasted).
+    refresh_every: float = 10.0
+    _cached: tuple[float, dict[str, float]] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.leader_floor < 1.0 or not 0.0 < self.floor_above <= 1.0 or self.floor_lead < 1.0:
+            raise ValueError(
+                "leader_floor must be in [0, 1), floor_above in (0, 1] and floor_lead at least 1, got "
+                f"{self.leader_floor}, {self.floor_above}, {self.floor_lead}"
+            )
 
     def _posterior(self, name: str) -> tuple[float, float]:
         arm = self.arms[name]
         return 1.0 + arm.total, 1.0 + arm.n - arm.total
 
-    def choose(self, rng: np.random.Generator) -> str:
-        samples = [rng.beta(*self._posterior(n)) for n in self.names]
-        return self.names[int(np.argmax(samples))]
+    def set_evidence(self, evidence: Mapping[str, tuple[float, float]]) -> None:
+        super().set_evidence(evidence)
+        self._cached = None
 
-    def shares(self) -> dict[str, float]:
+    def choose(self, rng: np.random.Generator) -> str:
+        seen = sum(arm.n for arm in self.arms.values())
+        if self._cached is None or seen - self._cached[0] >= self.refresh_every or seen < self._cached[0]:
+            self._cached = (seen, self.shares())
+        shares = self._cached[1]
+        return str(rng.choice(self.names, p=[shares[n] for n in self.names]))
+
+    def p_best(self) -> dict[str, float]:
+        """Each arm's posterior probability of being the best (Monte Carlo, a fixed seed)."""
         rng = np.random.default_rng(self.seed)
         samples = np.stack([rng.beta(*self._posterior(n), size=self.draws) for n in self.names])
         wins = np.bincount(np.argmax(samples, axis=0), minlength=len(self.names))
         return {n: float(w) / self.draws for n, w in zip(self.names, wins, strict=True)}
 
+    def shares(self) -> dict[str, float]:
+        p = self.p_best()
+        leader, runner_up = (
+            sorted(self.names, key=lambda n: -p[n])[:2] if len(self.names) > 1 else (self.names[0], None)
+        )
+        if (
+            p[leader] < self.floor_above
+            or p[leader] >= self.leader_floor
+            or (runner_up is not None and p[leader] < self.floor_lead * p[runner_up])
+        ):
+            return p
+        others = 1.0 - p[leader]  # > 0: p[leader] is below the floor, below 1
+        scale = (1.0 - self.leader_floor) / others
+        return {n: self.leader_floor if n == leader else p[n] * scale for n in self.names}
+
     def evidence(self) -> dict[str, Any]:
         out = super().evidence()
+        p = self.p_best()
         for name in self.names:
             a, b = self._posterior(name)
             out[name]["posterior"] = {"alpha": round(a, 6), "beta": round(b, 6)}
+            out[name]["pBest"] = round(p[name], 6)
         return out
 
 

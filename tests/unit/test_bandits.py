@@ -13,10 +13,10 @@ from autoglm_feedback.bandits import UCB1, Reinforce, ThompsonSampling, make_pol
 NAMES = ["a", "b", "c"]
 
 
-def test_thompson_shares_are_the_posterior_probability_of_being_best() -> None:
+def test_thompson_p_best_is_the_posterior_probability_of_being_best() -> None:
     policy = ThompsonSampling(NAMES, seed=1, draws=200_000)
     policy.set_evidence({"a": (40, 30), "b": (40, 20), "c": (0, 0)})
-    shares = policy.shares()
+    shares = policy.p_best()
     assert sum(shares.values()) == pytest.approx(1.0)
     # Oracle: P(max) by numerical integration over scipy's Beta densities.
     grid = np.linspace(0, 1, 20001)
@@ -25,6 +25,53 @@ def test_thompson_shares_are_the_posterior_probability_of_being_best() -> None:
         others = np.prod([d.cdf(grid) for n, d in dists.items() if n != name], axis=0)
         expected = np.trapezoid(dist.pdf(grid) * others, grid)
         assert shares[name] == pytest.approx(expected, abs=0.005)
+
+
+def test_thompson_gives_the_likely_best_arm_its_floor_and_the_rest_in_proportion() -> None:
+    policy = ThompsonSampling(NAMES, seed=1, draws=100_000)
+    policy.set_evidence({"a": (40, 30), "b": (40, 20), "c": (0, 0)})  # P(a best) about 0.74
+    p, shares = policy.p_best(), policy.shares()
+    assert 0.5 <= p["a"] < 0.8
+    assert shares["a"] == 0.8
+    assert shares["b"] / shares["c"] == pytest.approx(p["b"] / p["c"])
+    assert sum(shares.values()) == pytest.approx(1.0)
+    plain = ThompsonSampling(NAMES, seed=1, draws=100_000, leader_floor=0.0)
+    plain.set_evidence({"a": (40, 30), "b": (40, 20), "c": (0, 0)})
+    assert plain.shares() == p  # no floor: probability matching
+    policy.set_evidence({"a": (40, 22), "b": (40, 20), "c": (0, 0)})  # nobody likely best: no floor
+    assert max(policy.p_best().values()) < 0.5
+    assert policy.shares() == policy.p_best()
+    policy.set_evidence({"a": (400, 300), "b": (400, 200), "c": (100, 20)})  # past the floor already
+    assert policy.shares() == policy.p_best()
+    assert policy.shares()["a"] > 0.99
+    with pytest.raises(ValueError, match="leader_floor"):
+        ThompsonSampling(NAMES, leader_floor=1.0)
+    with pytest.raises(ValueError, match="floor_lead at least 1, got 0.8, 0.5, 0.5"):
+        ThompsonSampling(NAMES, floor_lead=0.5)
+
+
+def test_two_tied_arms_get_no_floor_and_a_clear_leader_of_two_does() -> None:
+    """Of two arms one is always at least 0.5 likely the best: a tie (0.503 by Monte Carlo noise)
+    moved 80% of traffic until the floor also asked for 1.5 times the runner-up's probability."""
+    policy = ThompsonSampling(["a", "b"], seed=1)
+    policy.set_evidence({"a": (100, 50), "b": (100, 50)})
+    assert policy.shares() == policy.p_best()
+    assert max(policy.shares().values()) < 0.6
+    policy.set_evidence({"a": (100, 54), "b": (100, 50)})  # about 0.72: the floor
+    assert 0.6 <= policy.p_best()["a"] < 0.8
+    assert policy.shares() == {"a": 0.8, "b": pytest.approx(0.2)}
+
+
+def test_thompson_choices_follow_the_shares_recomputed_every_ten_events() -> None:
+    policy = ThompsonSampling(NAMES, seed=1)
+    policy.set_evidence({"a": (40, 30), "b": (40, 20), "c": (0, 0)})
+    rng = np.random.default_rng(3)
+    picks = [policy.choose(rng) for _ in range(20_000)]
+    shares = policy.shares()
+    for name in NAMES:
+        assert picks.count(name) / len(picks) == pytest.approx(shares[name], abs=0.01)
+    policy.set_evidence({"a": (0, 0), "b": (400, 390), "c": (0, 0)})  # new evidence: new shares at once
+    assert [policy.choose(rng) for _ in range(2000)].count("b") / 2000 > 0.9  # b had about 10% before
 
 
 def test_ucb1_tries_every_arm_first_then_follows_the_bound() -> None:
