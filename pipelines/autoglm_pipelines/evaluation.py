@@ -145,17 +145,26 @@ def measure_gguf(
         with meter.measure() as energy:
             _, prefill_s, steps = model.greedy(prompt, new_tokens)
         assert energy.reading is not None
-        nll, count = 0.0, 0
-        for start in range(0, len(tokens) - 1, window):
-            chunk = tokens[start : start + window + 1]
-            if len(chunk) < 2:
-                break
-            scored, n = model.negative_log_likelihood(chunk)
-            nll, count = nll + scored, count + n
+        quality = _perplexity_llamacpp(model, tokens, window)
     decode = _decode_stats(len(prompt), prefill_s, steps, energy.reading.joules, energy.reading.method)
-    return ModelMeasurement(
-        quality=math.exp(nll / count), weight_bytes=gguf_weight_bytes(path), **dict(decode)
-    )
+    return ModelMeasurement(quality=quality, weight_bytes=gguf_weight_bytes(path), **dict(decode))
+
+
+def perplexity_gguf(path: Path, ids: torch.Tensor, *, window: int) -> float:
+    """``perplexity`` on llama.cpp over the same non-overlapping windows."""
+    with LlamaCppModel(path, max_rows=1, context=window + 1, threads=torch.get_num_threads()) as model:
+        return _perplexity_llamacpp(model, [int(t) for t in ids.view(-1).tolist()], window)
+
+
+def _perplexity_llamacpp(model: LlamaCppModel, tokens: list[int], window: int) -> float:
+    nll, count = 0.0, 0
+    for start in range(0, len(tokens) - 1, window):
+        chunk = tokens[start : start + window + 1]
+        if len(chunk) < 2:
+            break
+        scored, n = model.negative_log_likelihood(chunk)
+        nll, count = nll + scored, count + n
+    return math.exp(nll / count)
 
 
 def answer_nll_gguf(path: Path, rows: Sequence[tuple[list[int], int]]) -> float:

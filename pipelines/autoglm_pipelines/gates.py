@@ -42,18 +42,28 @@ def evaluate_gates(
     p95_token_latency_ms: float,
     size_reduction: float,
     held_out_nll_ratio: float | None = None,
+    quality_loss_vs_stable: float | None = None,
 ) -> list[GateResult]:
     """Every gate with its measured value, threshold and verdict. A fine-tuned candidate (``spec.training``)
     also has ``heldOutNllRatio``: the held-out examples' answers must be at least as likely under it as
     under the stable revision's artifact, or the source without one (the fine-tune learned what users
-    preferred, and compression kept it)."""
+    preferred, and compression kept it); and, with a stable artifact (``training.against``),
+    ``maxQualityLossVsStable``: its quality loss on the validation text against that artifact, within
+    the same ``maxQualityLoss`` (what it knew before must not be lost to what users taught it)."""
     held = (
         [GateResult(name="heldOutNllRatio", value=held_out_nll_ratio, threshold=HELD_OUT_RATIO,
                     passed=held_out_nll_ratio <= HELD_OUT_RATIO, comparison="<=")]
         if held_out_nll_ratio is not None else []
     )  # fmt: skip
+    versus_stable = (
+        [GateResult(name="maxQualityLossVsStable", value=quality_loss_vs_stable,
+                    threshold=gates.max_quality_loss,
+                    passed=quality_loss_vs_stable <= gates.max_quality_loss, comparison="<=")]
+        if quality_loss_vs_stable is not None else []
+    )  # fmt: skip
     return [
         *held,
+        *versus_stable,
         GateResult(
             name="maxQualityLoss",
             value=quality_loss,
@@ -101,6 +111,7 @@ def verdict_of(report: Mapping[str, Any]) -> Verdict:
         "sizeReduction": report["sizeReduction"],
         "decodeSpeedup": report.get("decodeSpeedup"),
         **({"heldOut": report["heldOut"]} if "heldOut" in report else {}),
+        **({"qualityLossVsStable": report["qualityLossVsStable"]} if "qualityLossVsStable" in report else {}),
     }
     if failed:
         return Verdict("GateFailed", "gate failed: " + ", ".join(failed), evidence)

@@ -49,7 +49,7 @@ from autoglm_modeling.quantization import (
 )
 from autoglm_pipelines.calibration import Statistics, collect_statistics
 from autoglm_pipelines.dag import PER_VARIANT, baseline_publisher, find_step, step_name
-from autoglm_pipelines.evaluation import answer_nll_gguf, measure, measure_gguf
+from autoglm_pipelines.evaluation import answer_nll_gguf, measure, measure_gguf, perplexity, perplexity_gguf
 from autoglm_pipelines.finetune import answer_nll, encode
 from autoglm_pipelines.formats import FormatChoice, choose_format
 from autoglm_pipelines.gates import evaluate_gates, quality_loss
@@ -392,12 +392,18 @@ def validate(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
         cand = measure_gguf(gguf, ids, window=spec.sequence_length, new_tokens=ctx.decode_tokens)
     held = _held_out(model, ctx)
     rows = [encode(tokenizer, e) for e in held]
-    against = _against(model, ctx) if held else None
+    # a fine-tuned candidate is judged against what serves now (the stable revision's artifact), on
+    # the validation text and on the held-out feedback, each side on the engine that serves it
+    against = _against(model, ctx)
+    stable_quality: float | None = None
     held_nll: dict[str, float] = {}
     if held and gguf.is_file():
         held_nll["candidate"] = answer_nll_gguf(gguf, rows)
     if against is not None and (against / GGUF_FILE).is_file():
-        held_nll["stable"] = answer_nll_gguf(against / GGUF_FILE, rows)
+        engines["stable"] = "llama.cpp"
+        stable_quality = perplexity_gguf(against / GGUF_FILE, ids, window=spec.sequence_length)
+        if held:
+            held_nll["stable"] = answer_nll_gguf(against / GGUF_FILE, rows)
     base = measure(baseline, ids, window=spec.sequence_length, new_tokens=ctx.decode_tokens)
     if held:
         held_nll["baseline"] = answer_nll(baseline, tokenizer, held)[0]
@@ -409,14 +415,20 @@ def validate(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
         if held:
             held_nll["candidate"] = answer_nll(candidate, tokenizer, held)[0]
         del candidate
-    if against is not None and "stable" not in held_nll:
+    if against is not None and stable_quality is None:
         stable, _, _ = load_model_folder(against)
         run_activations_in_fp32(stable)
-        held_nll["stable"] = answer_nll(stable, tokenizer, held)[0]
+        engines["stable"] = "torch"
+        stable_quality = perplexity(stable, ids, window=spec.sequence_length)
+        if held:
+            held_nll["stable"] = answer_nll(stable, tokenizer, held)[0]
         del stable
     # the fine-tune must beat what serves now (the stable revision's artifact), else the source
     versus = "stable" if "stable" in held_nll else "baseline"
     loss = quality_loss(spec.metric, base.quality, cand.quality)
+    loss_vs_stable = (
+        quality_loss(spec.metric, stable_quality, cand.quality) if stable_quality is not None else None
+    )
     reduction = base.weight_bytes / cand.weight_bytes
     gates = evaluate_gates(
         spec.gates,
@@ -424,6 +436,7 @@ def validate(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
         p95_token_latency_ms=cand.p95_token_latency_ms,
         size_reduction=reduction,
         held_out_nll_ratio=held_nll["candidate"] / held_nll[versus] if held else None,
+        quality_loss_vs_stable=loss_vs_stable,
     )
     report = {
         "metric": spec.metric,
@@ -432,6 +445,7 @@ def validate(model: AutoGLMModel, ctx: StepContext) -> StepOutcome:
         "baseline": base.to_json(),
         "candidate": cand.to_json(),
         "qualityLoss": loss,
+        **({"stable": {"quality": stable_quality}, "qualityLossVsStable": loss_vs_stable} if against else {}),
         "sizeReduction": reduction,
         "decodeSpeedup": cand.decode_tokens_per_second / base.decode_tokens_per_second,
         **({"heldOut": {"examples": len(held), "answerNll": held_nll, "against": versus}} if held else {}),

@@ -4,6 +4,7 @@ target gets torch and the card says why, while a target that asked for llama.cpp
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -149,6 +150,42 @@ def test_each_method_becomes_the_gguf_kind_llama_cpp_makes(
     types = tensor_types(work / "compress" / "model" / "model.gguf")
     assert types["blk.0.ffn_down.weight"] == kind
     assert types["blk.1.attn_q.weight"] == kind
+
+
+@needs_llama_cpp
+def test_a_retraining_revision_is_judged_on_llama_cpp_against_the_stable_gguf(
+    tmp_path: Path, llama: Path
+) -> None:
+    """A fine-tuned candidate for a llama.cpp target is compared with the stable GGUF artifact on the
+    engine that serves both: the validation text's perplexity and the held-out answers."""
+    from autoglm_pipelines.text import read_text, tokenize
+    from tests.support.tiny_models import hamlet_path, tiny_tokenizer
+    from tests.unit.test_finetune import write_dataset
+
+    (tmp_path / "stable").mkdir()
+    stable_work = tmp_path / "stable" / "work"
+    run_steps(manifest(tmp_path / "stable", llama), stable_work)
+    artifact = stable_work / "publish" / "model"
+    assert (artifact / "model.gguf").is_file()
+    data = write_dataset(tmp_path / "d.jsonl", 40)
+    digest = hashlib.sha256(data.read_bytes()).hexdigest()
+    training = {"dataset": f"file://{data}", "sha256": digest, "epochs": 2, "learningRate": 0.01}
+    spec = manifest(tmp_path, llama, training={**training, "against": artifact.as_uri()})
+    work = tmp_path / "work"
+    run_steps(spec, work, ("fetch", "finetune", "calibrate", "compress"))
+    code, out = step("validate", spec, work)  # the verdict may go either way: the figures are the point
+    report = json.loads((work / "validate" / "validate.json").read_text())
+    assert report["engines"] == {"baseline": "torch", "candidate": "llama.cpp", "stable": "llama.cpp"}
+    ids = [int(t) for t in tokenize(tiny_tokenizer(), read_text(hamlet_path()), max_tokens=512)]
+    stable_gguf = artifact / "model.gguf"
+    assert report["stable"]["quality"] == pytest.approx(oracle_perplexity(stable_gguf, ids, 128), rel=1e-6)
+    versus = next(g for g in report["gates"] if g["name"] == "maxQualityLossVsStable")
+    assert versus["value"] == pytest.approx(report["candidate"]["quality"] / report["stable"]["quality"] - 1)
+    held = report["heldOut"]
+    assert held["against"] == "stable"
+    assert set(held["answerNll"]) == {"baseline", "stable", "candidate"}
+    assert all(math.isfinite(v) and v > 0 for v in held["answerNll"].values())
+    assert (code == 0) == all(g["passed"] for g in report["gates"]), out
 
 
 @needs_llama_cpp

@@ -155,6 +155,9 @@ def test_injected_drift_triggers_a_retraining_revision_that_is_canaried_and_prom
     assert gates["heldOutNllRatio"]["passed"]
     assert gates["heldOutNllRatio"]["value"] < 1.0
     assert gate.evidence["heldOut"]["against"] == "stable"
+    # ... and the validation text against the stable artifact too, not only against the source
+    assert gates["maxQualityLossVsStable"]["passed"]
+    assert gate.evidence["qualityLossVsStable"] == gates["maxQualityLossVsStable"]["value"]
     assert any(r.revision == new for r in by_kind["CanaryStarted"])
     (promoted,) = [r for r in by_kind["Promoted"] if r.revision == new]
     assert promoted.evidence["previous"] == stable

@@ -46,7 +46,7 @@ def test_thompson_gives_the_likely_best_arm_its_floor_and_the_rest_in_proportion
     assert policy.shares()["a"] > 0.99
     with pytest.raises(ValueError, match="leader_floor"):
         ThompsonSampling(NAMES, leader_floor=1.0)
-    with pytest.raises(ValueError, match="floor_lead at least 1, got 0.8, 0.5, 0.5"):
+    with pytest.raises(ValueError, match=r"floor_lead at least 1, got 0\.8, 0\.5, 0\.5"):
         ThompsonSampling(NAMES, floor_lead=0.5)
 
 

@@ -259,6 +259,13 @@ def test_a_retraining_revision_is_judged_against_the_stable_artifact_on_the_held
     gate = next(g for g in report["gates"] if g["name"] == "heldOutNllRatio")
     assert gate["value"] == pytest.approx(held["answerNll"]["candidate"] / held["answerNll"]["stable"])
     assert gate["passed"]
+    # and on the validation text: the stable artifact's perplexity is what its own validation measured
+    # of it (the same text, another process), and the candidate's loss is counted against it
+    stable_report = json.loads((stable_work / "validate" / "validate.json").read_text())
+    assert report["stable"]["quality"] == pytest.approx(stable_report["candidate"]["quality"], rel=1e-4)
+    versus = next(g for g in report["gates"] if g["name"] == "maxQualityLossVsStable")
+    assert versus["value"] == pytest.approx(report["candidate"]["quality"] / report["stable"]["quality"] - 1)
+    assert report["engines"]["stable"] == "torch"
     # the oracle: the stable artifact loaded on its own scores the same held-out answers the same
     stable, tokenizer, _ = load_model_folder(artifact)
     from autoglm_modeling.quantization import run_activations_in_fp32

@@ -48,3 +48,16 @@ def test_a_figure_on_the_threshold_passes() -> None:
     assert verdict_of(
         report(quality_loss=limits.max_quality_loss, size_reduction=limits.min_size_reduction)
     ).passed
+
+
+def test_a_fine_tuned_candidate_is_also_held_to_the_quality_budget_against_the_stable_artifact() -> None:
+    limits = Gates()
+    # within the budget against the source, but it lost more than the budget against what serves now
+    verdict = verdict_of(
+        report(quality_loss=0.0, held_out_nll_ratio=0.8, quality_loss_vs_stable=limits.max_quality_loss * 1.5)
+    )
+    assert not verdict.passed
+    assert verdict.reason == "gate failed: maxQualityLossVsStable"
+    assert verdict_of(report(held_out_nll_ratio=0.8, quality_loss_vs_stable=-0.05)).passed
+    # a plain candidate has no stable artifact to be judged against: no such gate
+    assert "maxQualityLossVsStable" not in [g["name"] for g in verdict_of(report()).evidence["gates"]]
