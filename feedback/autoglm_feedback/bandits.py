@@ -136,7 +136,7 @@ class ThompsonSampling(Policy):
 
     def choose(self, rng: np.random.Generator) -> str:
         seen = sum(arm.n for arm in self.arms.values())
-        if self._cached is None or seen - self._cached[0] >= self.refresh_every or seen < self._cached[0]:
+        if self._cached is None or seen - self._cached[0] >= self.refresh_every:  # set_evidence resets it
             self._cached = (seen, self.shares())
         shares = self._cached[1]
         return str(rng.choice(self.names, p=[shares[n] for n in self.names]))
@@ -150,14 +150,9 @@ class ThompsonSampling(Policy):
 
     def shares(self) -> dict[str, float]:
         p = self.p_best()
-        leader, runner_up = (
-            sorted(self.names, key=lambda n: -p[n])[:2] if len(self.names) > 1 else (self.names[0], None)
-        )
-        if (
-            p[leader] < self.floor_above
-            or p[leader] >= self.leader_floor
-            or (runner_up is not None and p[leader] < self.floor_lead * p[runner_up])
-        ):
+        leader, *rest = sorted(self.names, key=lambda n: -p[n])
+        runner_up = p[rest[0]] if rest else 0.0
+        if not self.floor_above <= p[leader] < self.leader_floor or p[leader] < self.floor_lead * runner_up:
             return p
         others = 1.0 - p[leader]  # > 0: p[leader] is below the floor, below 1
         scale = (1.0 - self.leader_floor) / others
