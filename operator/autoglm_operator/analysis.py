@@ -6,9 +6,13 @@ each on its own figures since the step began (its :class:`FiguresSource`: a serv
 scraped in process, or PromQL against a Prometheus). A new step, or a change in the servers behind
 a target (a restart: new counters; a replica more or less), begins every target's window again, so
 all are judged over the same span. Nothing is judged at the call that begins a window. The k-th
-judgement of a window is the k-th look at the same growing figures: the candidate-vs-stable tests
-spend their significance over the looks (``canary.look_alpha``), so a longer step does not make a
-good candidate likelier to fail.
+time a target's candidate is tested against stable in a window is the k-th look at the same
+growing figures: the candidate-vs-stable tests spend their significance over the looks
+(``canary.look_alpha``), so a longer step does not make a good candidate likelier to fail. A
+judgement that ran no such test (fewer than ``minRequests`` on a side, a source that did not
+answer) spends nothing: counting it would leave the tests that follow with less power for no gain
+(a twice-as-slow candidate on a loaded machine was once promoted at p=0.0022 after looks that had
+too few requests to test).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from datetime import datetime
 from typing import Any
 
 from autoglm_api.status import AutoGLMModelStatus
-from autoglm_operator.canary import Figures, judge
+from autoglm_operator.canary import RELATIVE_METRICS, Figures, judge
 from autoglm_operator.metrics import FiguresSource, MetricsUnavailableError
 from autoglm_operator.plan import Analysis, duration
 
@@ -37,8 +41,9 @@ class _Window:
     servers: dict[str, str] = field(default_factory=dict)
     #: When the newest interval was judged: the next one is judged ``analysis.interval`` later.
     judged: datetime | None = None
-    #: How many times this window was judged: the relative tests' significance shrinks with each look.
-    looks: int = 0
+    #: Per target, how many judgements of this window tested the candidate against stable: the
+    #: relative tests' significance shrinks with each.
+    looks: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -97,12 +102,14 @@ class CanaryAnalyst:
                 except MetricsUnavailableError as exc:
                     self.log(f"analysis of target {target}: {exc}")
         window.judged = now
-        window.looks += 1
         analyses, saved = {}, {}
         for target, (mine, theirs) in live.items():
             figures = got.get(target, {})
             ours, stable = figures.get(mine), figures.get(theirs) if theirs else None
-            result = judge(ours, stable, spec_analysis, weight=status.canary.weight or 0, look=window.looks)
+            look = window.looks.get(target, 0) + 1
+            result = judge(ours, stable, spec_analysis, weight=status.canary.weight or 0, look=look)
+            if any(c.metric in RELATIVE_METRICS for c in result.checks):
+                window.looks[target] = look
             source = window.sources[target]
             measured = {
                 "target": target, "stable": theirs,

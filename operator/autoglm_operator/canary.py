@@ -226,6 +226,10 @@ def proportions_test(errors_a: int, n_a: int, errors_b: int, n_b: int) -> tuple[
     return z, _upper_tail(z)
 
 
+#: The checks that test the candidate against stable (those that spend significance).
+RELATIVE_METRICS: Final = frozenset({"errorRateVsStable", "latencyVsStable"})
+
+
 def look_alpha(look: int) -> float:
     """The significance of the ``look``-th judgement (1, 2, ...) of one window: ALPHA/2, ALPHA/6,
     ALPHA/12, ... (they sum to ALPHA). A real regression's p-value falls much faster than this as

@@ -41,6 +41,7 @@ from tests.conftest import EXAMPLES
 from tests.integration.test_operator import eventually, items, kubectl_json
 from tests.support import playing
 from tests.support.k8s_emulator import EmulatedCluster, emulated_cluster_with, kubectl_binary, namespace
+from tests.support.loop import promoted_kinds
 from tests.support.operator import RunningOperator, settings_for
 from tests.support.prometheus import prometheus
 from tests.support.tiny_models import tiny_glm, with_model_card
@@ -291,8 +292,8 @@ def test_a_canary_promoted_on_prometheus_figures_through_real_agents(
     cluster: EmulatedCluster, tmp_path: Path, example: str
 ) -> None:
     outcome = _canary(cluster, tmp_path, example)
-    kinds = [r["decision"] for r in outcome.records]
     failed = [r["reason"] for r in outcome.records if r["decision"] == "CanaryIntervalFailed"]
+    kinds = promoted_kinds([r["decision"] for r in outcome.records], ROLLOUT["analysis"]["failureLimit"])
     assert outcome.served == {t: Serving(stable=c) for t, c in outcome.candidate.items()}, (kinds, failed)
     assert kinds == [
         "PipelineStarted",
@@ -302,10 +303,9 @@ def test_a_canary_promoted_on_prometheus_figures_through_real_agents(
         "CanaryAdvanced",
         "Promoted",
     ], (kinds, failed)
-    evidence = outcome.records[4]["evidence"]
-    judged = evidence.get("analyses") or {
-        outcome.records[4]["evidence"]["analysis"]["target"]: evidence["analysis"]
-    }
+    advanced = next(r for r in outcome.records if r["decision"] == "CanaryAdvanced")
+    evidence = advanced["evidence"]
+    judged = evidence.get("analyses") or {evidence["analysis"]["target"]: evidence["analysis"]}
     assert set(judged) == set(outcome.candidate)  # every target judged, each on its own figures
     for target, analysis in judged.items():
         assert analysis["outcome"] == "Successful"
