@@ -107,6 +107,9 @@ def main() -> None:
         f"CPU: {cpu_name()}; SIMD: {' '.join(f for f in SIMD if f in cpu_flags()) or '?'}; threads {args.threads}"
     )
     have_llama = llama_cpp_available()
+    if have_llama:  # what llama.cpp was compiled for (an AVX2 build on an AVX-512 CPU says so here)
+        info = require_llama_cpp("the anchor").llama_print_system_info().decode().replace("CPU : ", "")
+        print(f"llama.cpp built with: {' '.join(f for f in info.split(' | ') if f.endswith('= 1'))}")
     if not have_llama:
         print(
             "llama-cpp-python is not installed (make install-llamacpp): the GGUF rows and the anchor are skipped"

@@ -9,6 +9,10 @@ Flags: no OpenMP (see ``COMMON``); the instruction sets this CPU reports (``/pro
 llama.cpp's AMX buffers (in 0.3.36) crashed every batched decode of Q8_0, Q4_0 and Q4_K weights.
 On other architectures (ARM) llama.cpp's native detection is used.
 
+``AUTOGLM_LLAMACPP_CPU_FLAGS`` (space-separated ``/proc/cpuinfo`` flags) builds for another x86 CPU
+than this one, e.g. ``"avx avx2 fma f16c bmi2"`` for an AVX2-only edge CPU (its own wheel in the cache):
+what ``bench/runtime.py`` measured AVX2 code with on an AVX-512 machine.
+
 Usage: ``python tools/llamacpp_build.py llama-cpp-python==0.3.36 diskcache==5.6.3``
 (the first requirement is built; the others are its pure-Python dependencies, installed as pinned).
 """
@@ -59,7 +63,13 @@ def cpu_flags() -> set[str]:
 def cmake_args() -> list[str]:
     if platform.machine() not in ("x86_64", "AMD64"):
         return ["-DGGML_NATIVE=ON", *COMMON]
-    flags = cpu_flags()
+    wanted = os.environ.get("AUTOGLM_LLAMACPP_CPU_FLAGS")
+    flags = set(wanted.split()) if wanted else cpu_flags()
+    unknown = flags - set(X86_FEATURES) - cpu_flags() if wanted else set()
+    if unknown:
+        raise SystemExit(
+            f"AUTOGLM_LLAMACPP_CPU_FLAGS: unknown flags {sorted(unknown)}; known: {sorted(X86_FEATURES)}"
+        )
     args = ["-DGGML_NATIVE=OFF"]
     args += [f"-D{option}={'ON' if flag in flags else 'OFF'}" for flag, option in X86_FEATURES.items()]
     args += ["-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"]
@@ -74,7 +84,8 @@ def main(requirement: str, *others: str) -> int:
     built = sorted(wheels.glob("*.whl"))
     if not built:
         print(
-            f"building {requirement} for this CPU (CMAKE_ARGS: {' '.join(args)}); this takes minutes",
+            f"building {requirement} for {'the flags in AUTOGLM_LLAMACPP_CPU_FLAGS' if os.environ.get('AUTOGLM_LLAMACPP_CPU_FLAGS') else 'this CPU'} "
+            f"(CMAKE_ARGS: {' '.join(args)}); this takes minutes",
             flush=True,
         )
         start = time.monotonic()
