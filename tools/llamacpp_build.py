@@ -104,7 +104,12 @@ def main(requirement: str, *others: str) -> int:
         print(f"built {built[0].name} in {time.monotonic() - start:.0f} s into {wheels}", flush=True)
     else:
         print(f"reusing {built[0]} (built for this CPU's features)", flush=True)
-    subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", str(built[0]), *others], check=True)
+    # --force-reinstall: a build for other flags has the same version, which pip would keep
+    subprocess.run(
+        [python, "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", str(built[0])], check=True
+    )
+    if others:
+        subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", *others], check=True)
     return 0
 
 
