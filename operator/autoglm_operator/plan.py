@@ -474,8 +474,8 @@ class _Planner:
         failed = [(t, a) for t, a in analyses.items() if a.result.outcome == "Failed"]
         newest = max(a.at for a in analyses.values())
         if failed:
-            target, deciding = failed[0]
-            reason = self._reason(target, deciding)
+            deciding = failed[0][1]
+            reason = "; ".join(self._reason(t, a) for t, a in failed)  # every target that failed
             failures = canary.failures + 1
             self.status.canary = canary.model_copy(update={"failures": failures})
             self.decide(

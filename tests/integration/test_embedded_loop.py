@@ -157,8 +157,9 @@ def test_two_targets_each_serve_their_precision_and_a_failure_on_one_rolls_back_
     assert rollback.decision == "RolledBack"
     assert "target edge: latencyVsStable" in rollback.reason
     assert set(rollback.evidence["analyses"]) == {"local", "edge"}
-    # local is judged too (Successful, or Inconclusive when a loaded CI machine sent it too few requests)
-    assert rollback.evidence["analyses"]["local"]["outcome"] in ("Successful", "Inconclusive")
+    # local is judged too (Successful; Inconclusive when a loaded CI machine sent it too few
+    # requests; or Failed, now and then, as a candidate as good as stable may be at 5% a step)
+    assert rollback.evidence["analyses"]["local"]["outcome"] in ("Successful", "Inconclusive", "Failed")
     assert {r.revision for r in records if r.decision == "GatePassed"} >= set(revisions.values()) | set(
         edited.values()
     )

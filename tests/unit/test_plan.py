@@ -669,3 +669,21 @@ def test_a_run_that_did_not_report_sizes_goes_on_offline_gates_and_says_so() -> 
     done = plan(model, Observed(pipeline=unsized), T0)
     assert [(a.kind, a.revision) for a in done.actions] == [("Promote", rev)]
     assert "did not report the weight bytes of the source and the candidate" in done.decisions[0].reason
+
+
+def test_when_both_targets_fail_an_interval_the_reason_names_both() -> None:
+    """The reason is what `autoglm rollout history` shows: naming only the first target that failed
+    once hid the other (a CI run's edge had failed, the reason said only local)."""
+    model, _old = first_two_target_rollout()
+    model = two_targets(samples=64).model_copy(update={"status": model.status})
+    new = target_revisions(model.spec)
+    model = applied(model, plan(model, Observed(), T0))
+    model = applied(model, plan(model, on_targets(model), T0))
+    t = T0 + timedelta(seconds=10)
+    observed = on_targets(model, new, 10, local=judged(new["local"], 0, "Failed", t),
+                          edge=judged(new["edge"], 0, "Failed", t))  # fmt: skip
+    result = plan(model, observed, t)
+    (failed,) = result.decisions
+    assert failed.kind == "CanaryIntervalFailed"
+    assert "target local: Failed at step 0" in failed.reason
+    assert "target edge: Failed at step 0" in failed.reason
