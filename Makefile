@@ -140,6 +140,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/hotswap.py
 	$(BIN)/python bench/canary.py
 	$(BIN)/python bench/runtime.py
+	$(BIN)/python bench/llamacpp_tokens_per_decode.py
 	$(BIN)/python bench/feedback.py
 
 clean:
