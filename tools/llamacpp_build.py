@@ -40,6 +40,8 @@ X86_FEATURES = {
     "avx512_bf16": "GGML_AVX512_BF16",
     "avx_vnni": "GGML_AVX_VNNI",
 }
+#: Space-separated /proc/cpuinfo flags to build for instead of this CPU's (e.g. an AVX2-only edge CPU).
+FLAGS_ENV = "AUTOGLM_LLAMACPP_CPU_FLAGS"
 #: ggml's own thread pool, not OpenMP: torch loads its own libgomp.so.1, which ggml would share.
 COMMON = [
     "-DGGML_OPENMP=OFF",
@@ -63,13 +65,10 @@ def cpu_flags() -> set[str]:
 def cmake_args() -> list[str]:
     if platform.machine() not in ("x86_64", "AMD64"):
         return ["-DGGML_NATIVE=ON", *COMMON]
-    wanted = os.environ.get("AUTOGLM_LLAMACPP_CPU_FLAGS")
+    wanted = os.environ.get(FLAGS_ENV)
     flags = set(wanted.split()) if wanted else cpu_flags()
-    unknown = flags - set(X86_FEATURES) - cpu_flags() if wanted else set()
-    if unknown:
-        raise SystemExit(
-            f"AUTOGLM_LLAMACPP_CPU_FLAGS: unknown flags {sorted(unknown)}; known: {sorted(X86_FEATURES)}"
-        )
+    if wanted and (unknown := flags - set(X86_FEATURES)):
+        raise SystemExit(f"{FLAGS_ENV}: unknown flags {sorted(unknown)}; known: {sorted(X86_FEATURES)}")
     args = ["-DGGML_NATIVE=OFF"]
     args += [f"-D{option}={'ON' if flag in flags else 'OFF'}" for flag, option in X86_FEATURES.items()]
     args += ["-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"]
@@ -84,8 +83,7 @@ def main(requirement: str, *others: str) -> int:
     built = sorted(wheels.glob("*.whl"))
     if not built:
         print(
-            f"building {requirement} for {'the flags in AUTOGLM_LLAMACPP_CPU_FLAGS' if os.environ.get('AUTOGLM_LLAMACPP_CPU_FLAGS') else 'this CPU'} "
-            f"(CMAKE_ARGS: {' '.join(args)}); this takes minutes",
+            f"building {requirement} (CMAKE_ARGS: {' '.join(args)}); this takes minutes",
             flush=True,
         )
         start = time.monotonic()
@@ -103,7 +101,7 @@ def main(requirement: str, *others: str) -> int:
         built = sorted(wheels.glob("*.whl"))
         print(f"built {built[0].name} in {time.monotonic() - start:.0f} s into {wheels}", flush=True)
     else:
-        print(f"reusing {built[0]} (built for this CPU's features)", flush=True)
+        print(f"reusing {built[0]} (built with these CMAKE_ARGS)", flush=True)
     # --force-reinstall: a build for other flags has the same version, which pip would keep
     subprocess.run(
         [python, "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", str(built[0])], check=True

@@ -227,7 +227,9 @@ def proportions_test(errors_a: int, n_a: int, errors_b: int, n_b: int) -> tuple[
 
 
 #: The checks that test the candidate against stable (those that spend significance).
-RELATIVE_METRICS: Final = frozenset({"errorRateVsStable", "latencyVsStable"})
+ERROR_RATE_VS_STABLE: Final = "errorRateVsStable"
+LATENCY_VS_STABLE: Final = "latencyVsStable"
+RELATIVE_METRICS: Final = frozenset({ERROR_RATE_VS_STABLE, LATENCY_VS_STABLE})
 
 
 def look_alpha(look: int) -> float:
@@ -251,8 +253,8 @@ def judge(
     of the serving revision, or None on a first rollout with nothing to compare with). ``weight``:
     the candidate's share of traffic; below 100 stable gets the rest, and a stable that served fewer
     than ``minRequests`` is missing data (holding), not a reason to judge on absolute limits alone.
-    ``look``: which judgement of the same growing window this is (the relative tests' significance,
-    :func:`look_alpha`)."""
+    ``look``: which test of the candidate against stable over the same growing window this is (the
+    relative tests' significance, :func:`look_alpha`)."""
     if candidate is None:
         return AnalysisResult(
             INCONCLUSIVE, "no figures for the candidate: the metrics source is down or empty"
@@ -318,7 +320,7 @@ def _relative_checks(c: Figures, s: Figures, alpha: float) -> list[Check]:
     worse = p < alpha and increase >= MIN_ERROR_INCREASE
     checks.append(
         Check(
-            "errorRateVsStable",
+            ERROR_RATE_VS_STABLE,
             c.error_rate,
             s.error_rate,
             not worse,
@@ -332,7 +334,7 @@ def _relative_checks(c: Figures, s: Figures, alpha: float) -> list[Check]:
         worse = p < alpha and ratio >= MIN_LATENCY_RATIO
         checks.append(
             Check(
-                "latencyVsStable",
+                LATENCY_VS_STABLE,
                 c.latency.quantile(0.5),
                 s.latency.quantile(0.5),
                 not worse,
