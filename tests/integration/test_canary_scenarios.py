@@ -298,6 +298,7 @@ def test_abort_retry_and_promote_by_hand_with_autoglm_rollout(world: World) -> N
     assert "holds the rollout of ml/tiny, not other" in wrong.output
 
 
+@pytest.mark.e2e  # slow (35-55 s): make test-e2e, keeping make test under 15 minutes
 def test_killing_autoglm_run_mid_canary_resumes_at_the_same_step(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -102,6 +102,7 @@ def test_first_rollout_then_a_canary_promoted_on_live_figures(
     assert advanced.evidence["analysis"]["stableFigures"]["requests"] >= 1  # the source served traffic
 
 
+@pytest.mark.e2e  # slow (35-55 s): make test-e2e, keeping make test under 15 minutes
 def test_two_targets_each_serve_their_precision_and_a_failure_on_one_rolls_back_both(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -149,6 +149,7 @@ def test_run_exits_1_naming_the_failed_gate(tmp_path: Path, cache: Path) -> None
     assert not (tmp_path / "work" / "publish").exists()
 
 
+@pytest.mark.e2e  # slow (35-55 s): make test-e2e, keeping make test under 15 minutes
 def test_smollm2_runs_through_every_step(tmp_path: Path, cache: Path) -> None:
     """The real pretrained model from its wheel: GGUF -> safetensors -> calibrated -> int8 (Q8_0 GGUF
     where llama.cpp is installed) -> validated on the engine that will serve it."""

@@ -75,6 +75,7 @@ class Users(threading.Thread):
                 continue
 
 
+@pytest.mark.e2e  # slow (35-55 s): make test-e2e, keeping make test under 15 minutes
 def test_injected_drift_triggers_a_retraining_revision_that_is_canaried_and_promoted(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
