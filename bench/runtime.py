@@ -238,14 +238,14 @@ class Worker:
 
 
 def measure_kind(
-    folder: Path | None, anchor_path: Path | None, engine: str, name: str, bits: str,
+    folder: Path, anchor_path: Path | None, engine: str, name: str, bits: str,
     ids: list[int], long_ids: list[int], args: argparse.Namespace, logs: Path, texts: tuple[str, str],
 ) -> tuple[Row, Row | None]:  # fmt: skip
     """Our server and engine on ``folder`` and, given ``anchor_path``, llama.cpp itself on it, their
     repetitions interleaved; returns (ours, anchor)."""
     common = {"ids": ids, "long_ids": long_ids, "threads": args.threads, "tokens": args.tokens,
               "cache_dir": str(args.cache_dir)}  # fmt: skip
-    row = Row(f"ours {name}", engine, bits, size_mb(folder) if folder else 0.0)
+    row = Row(f"ours {name}", engine, bits, size_mb(folder))
     anchor = (
         Row(f"llama.cpp {bits}", "anchor", bits, anchor_path.stat().st_size / 1e6) if anchor_path else None
     )
@@ -309,7 +309,7 @@ def measure_kind(
 
 def stream(url: str, prompt: str, n: int) -> dict[str, object]:
     """One streamed completion of ``prompt`` as a client sees it: time to first token, decode tokens/s
-    after the first, and the tokens.
+    after the first, and how many tokens it generated.
 
     The client only reads while the answer streams (each read timed as it returns) and parses the
     events afterwards: it shares the server's cores, and parsing every event as it came (httpx's
@@ -351,13 +351,15 @@ def stream(url: str, prompt: str, n: int) -> dict[str, object]:
 
 def worker(role: str, request: dict[str, object]) -> None:
     """``--worker anchor|direct``: load the runtime, warm it up, then answer one JSON line per command
-    (``decode``: one batch-1 greedy decode of ``tokens`` new tokens; ``prefill``: the long prompt)."""
+    (``decode``: one batch-1 greedy decode of ``tokens`` new tokens; ``prefill``, the anchor only:
+    the long prompt; the server's prefill is timed through its route)."""
     args = argparse.Namespace(**request)
     ids, long_ids = list(args.ids), list(args.long_ids)
+    prefill: Callable[[list[int]], float] | None = None
     if role == "anchor":
         decode, prefill = anchor_runtime(Path(args.path), args.threads)
     else:
-        decode, prefill = direct_runtime(Path(args.folder), args.engine, args.threads, Path(args.cache_dir))
+        decode = direct_runtime(Path(args.folder), args.engine, args.threads, Path(args.cache_dir))
     decode(ids, min(args.tokens, 16))
     for command in sys.stdin:
         command = command.strip()
@@ -365,16 +367,17 @@ def worker(role: str, request: dict[str, object]) -> None:
             answer: dict[str, object] = {}
         elif command == "decode":
             answer = decode(ids, args.tokens)
-        elif command == "prefill":
+        elif command == "prefill" and prefill is not None:
             answer = {"rate": len(long_ids) / prefill(long_ids)}
         else:
             raise SystemExit(f"unknown command {command!r}")
         print(json.dumps(answer), flush=True)
 
 
-def anchor_runtime(
-    path: Path, threads: int
-) -> tuple[Callable[..., dict[str, object]], Callable[[list[int]], float]]:
+Decode = Callable[[list[int], int], dict[str, object]]
+
+
+def anchor_runtime(path: Path, threads: int) -> tuple[Decode, Callable[[list[int]], float]]:
     """llama.cpp through llama-cpp-python's own ``Llama`` and its generate loop."""
     llm = require_llama_cpp("the llama.cpp anchor").Llama(
         str(path), n_ctx=2048, n_batch=512, n_threads=threads, n_threads_batch=threads,
@@ -407,9 +410,7 @@ def anchor_runtime(
     return decode, prefill
 
 
-def direct_runtime(
-    folder: Path, engine: str, threads: int, cache_dir: Path
-) -> tuple[Callable[..., dict[str, object]], Callable[[list[int]], float]]:
+def direct_runtime(folder: Path, engine: str, threads: int, cache_dir: Path) -> Decode:
     """The engine the server runs, called without HTTP, tokenizing or streaming (its own process:
     once torch has run a parallel op on a process's main thread, decode on every other thread of
     that process ran 2.5x slower here with llama.cpp; the cause is not found)."""
@@ -439,12 +440,7 @@ def direct_runtime(
         rate = (len(job.generated) - 1) / (job.finished_at - job.first_token_at)
         return {"rate": rate, "tokens": job.generated[:32]}
 
-    def prefill(ids: list[int]) -> float:
-        (job,) = run_jobs(engine_, [Job(list(ids), 1)])
-        assert job.first_token_at is not None
-        return job.first_token_at - job.submitted_at
-
-    return decode, prefill
+    return decode
 
 
 # -- the report -----------------------------------------------------------------------------------

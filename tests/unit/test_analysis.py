@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from autoglm_api.spec import Analysis
 from autoglm_api.status import AutoGLMModelStatus, CanaryStatus, Revisions
 from autoglm_operator.analysis import CanaryAnalyst
-from autoglm_operator.canary import Figures, Histogram, look_alpha
+from autoglm_operator.canary import LATENCY_VS_STABLE, Figures, Histogram, look_alpha
 
 CANDIDATE, STABLE = "c0ffee000001", "c0ffee000002"
 BOUNDS = (25.0, 50.0, 100.0, math.inf)
@@ -50,7 +50,7 @@ def _alphas(answers: list[tuple[int, int]]) -> list[float | None]:
     for second in range(1, len(answers) + 1):
         analyses, _ = analyst.analyse(*args, start + timedelta(seconds=second))
         checks = {c.metric: c for c in analyses["local"].result.checks}
-        latency = checks.get("latencyVsStable")
+        latency = checks.get(LATENCY_VS_STABLE)
         alphas.append(latency.statistics["alpha"] if latency else None)
     return alphas
 
