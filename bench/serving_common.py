@@ -73,13 +73,18 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
 
 
+#: Our OpenAI-compatible completions route (llama.cpp's own server has it at ``/v1/completions``).
+COMPLETIONS = "/openai/v1/completions"
+
+
 async def one_request(
-    client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int, load: Load
-) -> None:
+    client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int, load: Load,
+    path: str = COMPLETIONS,
+) -> None:  # fmt: skip
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
     start = time.perf_counter()
     try:
-        r = await client.post(f"{url}/openai/v1/completions", json=body)
+        r = await client.post(f"{url}{path}", json=body)
     except httpx.HTTPError as exc:
         load.errors.append(f"{type(exc).__name__}: {exc}")
         return
@@ -92,7 +97,7 @@ async def one_request(
 
 async def closed_loop(
     url: str, model: str, texts: list[str], *, clients: int, max_tokens: int, seconds: float | None = None,
-    requests_per_client: int | None = None,
+    requests_per_client: int | None = None, path: str = COMPLETIONS,
 ) -> Load:  # fmt: skip
     """``clients`` concurrent clients, each sending its next request when the last one is answered."""
     load = Load()
@@ -107,7 +112,7 @@ async def closed_loop(
                 if seconds is not None and time.perf_counter() - start >= seconds:
                     return
                 await one_request(
-                    client, url, model, texts[(index + n * clients) % len(texts)], max_tokens, load
+                    client, url, model, texts[(index + n * clients) % len(texts)], max_tokens, load, path
                 )
                 n += 1
 

@@ -15,6 +15,11 @@ what ``bench/runtime.py`` measured AVX2 code with on an AVX-512 machine.
 
 Usage: ``python tools/llamacpp_build.py llama-cpp-python==0.3.36 diskcache==5.6.3``
 (the first requirement is built; the others are its pure-Python dependencies, installed as pinned).
+
+``--server`` (``make install-llama-server``) builds llama.cpp's own HTTP server, ``llama-server``, from
+the llama.cpp that the same llama-cpp-python release vendors, with the same flags, and puts it beside
+the venv's Python: ``bench/runtime.py``'s anchor as a client sees llama.cpp (streamed over HTTP too).
+Cached in ``~/.cache/autoglm/llama-server`` by the same key. Only the benchmark uses it.
 """
 
 from __future__ import annotations
@@ -22,8 +27,11 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import shutil
 import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -75,11 +83,31 @@ def cmake_args() -> list[str]:
     return args + COMMON
 
 
+#: What ``--server`` changes: the server and its tools on, no TLS (it serves loopback), one static binary.
+SERVER = {
+    "-DLLAMA_BUILD_SERVER=OFF": "-DLLAMA_BUILD_SERVER=ON",
+}
+SERVER_EXTRA = ["-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_OPENSSL=OFF", "-DBUILD_SHARED_LIBS=OFF",
+                "-DCMAKE_BUILD_TYPE=Release"]  # fmt: skip
+
+
+def server_cmake_args() -> list[str]:
+    """The wheel's options (same instruction sets, no OpenMP, no AMX) with the server built."""
+    return [SERVER.get(a, a) for a in cmake_args()] + SERVER_EXTRA
+
+
+def cache_root() -> Path:
+    wheels = os.environ.get("AUTOGLM_WHEEL_CACHE")
+    return Path(wheels).parent if wheels else Path.home() / ".cache" / "autoglm"
+
+
 def main(requirement: str, *others: str) -> int:
+    if requirement == "--server":
+        return build_server(others[0])
     python = sys.executable
     args = cmake_args()
     key = hashlib.sha256(f"{requirement} {sys.version_info[:2]} {' '.join(args)}".encode()).hexdigest()[:16]
-    wheels = Path(os.environ.get("AUTOGLM_WHEEL_CACHE", Path.home() / ".cache" / "autoglm" / "wheels")) / key
+    wheels = Path(os.environ.get("AUTOGLM_WHEEL_CACHE", cache_root() / "wheels")) / key
     built = sorted(wheels.glob("*.whl"))
     if not built:
         print(
@@ -108,6 +136,45 @@ def main(requirement: str, *others: str) -> int:
     )
     if others:
         subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", *others], check=True)
+    return 0
+
+
+def build_server(requirement: str) -> int:
+    """``llama-server`` from the llama.cpp that ``requirement``'s source release vendors, with the same
+    flags as the wheel; installed beside this Python (the venv's ``bin``)."""
+    args = server_cmake_args()
+    key = hashlib.sha256(f"{requirement} {' '.join(args)}".encode()).hexdigest()[:16]
+    binary = cache_root() / "llama-server" / key / "llama-server"
+    if not binary.is_file():
+        print(f"building llama-server from {requirement}'s llama.cpp ({' '.join(args)}); this takes minutes",
+              flush=True)  # fmt: skip
+        start = time.monotonic()
+        with tempfile.TemporaryDirectory() as tmp:
+            work = Path(tmp)
+            subprocess.run(
+                [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+                 "-d", str(work), requirement],
+                check=True,
+            )  # fmt: skip
+            (sdist,) = work.glob("*.tar.gz")
+            with tarfile.open(sdist) as archive:
+                members = [m for m in archive.getmembers() if "/vendor/llama.cpp/" in m.name]
+                archive.extractall(work, members=members, filter="data")
+            (source,) = work.glob("*/vendor/llama.cpp")
+            build = work / "build"
+            jobs = str(os.cpu_count() or 2)
+            subprocess.run(["cmake", "-S", str(source), "-B", str(build), *args], check=True,
+                           stdout=subprocess.DEVNULL)  # fmt: skip
+            subprocess.run(["cmake", "--build", str(build), "--target", "llama-server", "-j", jobs], check=True,
+                           stdout=subprocess.DEVNULL)  # fmt: skip
+            binary.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(build / "bin" / "llama-server", binary)
+        print(f"built llama-server in {time.monotonic() - start:.0f} s into {binary.parent}", flush=True)
+    else:
+        print(f"reusing {binary} (built with these flags)", flush=True)
+    target = Path(sys.executable).parent / "llama-server"
+    shutil.copy2(binary, target)
+    print(f"installed {target}", flush=True)
     return 0
 
 

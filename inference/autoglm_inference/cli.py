@@ -44,6 +44,10 @@ _LIMITS = Limits()
               help="How long an idle server waits for more requests before it starts a batch.")  # fmt: skip
 @click.option("--continuous/--no-continuous", default=_SERVER.continuous_batching, show_default=True,
               help="Let new requests join a running batch between decode steps.")  # fmt: skip
+@click.option("--stream-interval-ms", type=click.FloatRange(0, 1_000), default=_SERVER.stream_interval_ms,
+              show_default=True, help="Hand streamed tokens to the HTTP side at most this often, several per event "
+                                      "(the first token and the end at once). 0: an event per token. On a CPU whose "
+                                      "every core decodes, each event costs decode time.")  # fmt: skip
 @click.option("--max-queue", type=click.IntRange(1), default=_LIMITS.max_queue, show_default=True,
               help="Requests that may wait for a batch slot; more get 429 with Retry-After.")  # fmt: skip
 @click.option(
@@ -104,6 +108,7 @@ def serve_command(
     max_batch_size: int,
     max_batch_delay_ms: float,
     continuous: bool,
+    stream_interval_ms: float,
     max_queue: int,
     max_prompt_tokens: int,
     max_new_tokens: int,
@@ -140,6 +145,7 @@ def serve_command(
             max_batch_size=max_batch_size,
             max_batch_delay_ms=max_batch_delay_ms,
             continuous_batching=continuous,
+            stream_interval_ms=stream_interval_ms,
             threads=threads,
             target=target,
             cache_dir=cache_dir,

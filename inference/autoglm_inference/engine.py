@@ -5,7 +5,9 @@ waits up to ``max_batch_delay_ms`` for more (up to ``max_batch_size``) and prefi
 While a batch is decoding, requests that arrive join it between decode steps (continuous
 batching), and finished rows leave it, so a short request never waits for a long one.
 
-Tokens are handed to the asyncio side as they are produced (streaming); each job also carries
+Tokens are handed to the asyncio side as they are produced (streaming): at once, or, with a
+``stream_interval_ms``, gathered and handed over at most that often (the first token and the end
+always at once), so a CPU whose every core decodes wakes the event loop less. Each job also carries
 its timings and its share of the energy the steps it took part in used.
 """
 
@@ -66,10 +68,14 @@ class Job:
     joules: float = 0.0
     energy_method: Method = "cpu-time-model"
     _loop: asyncio.AbstractEventLoop | None = None
-    _events: asyncio.Queue[Event] | None = None
+    _events: asyncio.Queue[list[Event]] | None = None
     _cancelled: threading.Event = field(default_factory=threading.Event)
     _done: threading.Event = field(default_factory=threading.Event)
     _engine: Engine | None = None
+    #: Seconds between hand-overs of tokens to the event loop (0: every token at once).
+    _interval: float = 0.0
+    _held: list[Token] = field(default_factory=list)  # the engine thread's, not yet handed over
+    _handed_at: float = float("-inf")
 
     def cancel(self) -> None:
         """Stop generating for this job (client gone, stop sequence seen): a queued job leaves the
@@ -84,11 +90,21 @@ class Job:
 
     async def events(self) -> AsyncIterator[Event]:
         """Tokens as they are produced, then one ``Finished``."""
-        assert self._events is not None, "submit the job from a running event loop first"
+        async for batch in self.batches():
+            for event in batch:
+                yield event
+
+    async def batches(self) -> AsyncIterator[list[Event]]:
+        """The events handed over since the last batch (at least one; a ``Finished`` comes last), so
+        a reader that fell behind, or a job with a stream interval, handles several tokens at once."""
+        queue = self._events
+        assert queue is not None, "submit the job from a running event loop first"
         while True:
-            event = await self._events.get()
-            yield event
-            if isinstance(event, Finished):
+            batch = list(await queue.get())
+            while not queue.empty():
+                batch += queue.get_nowait()
+            yield batch
+            if isinstance(batch[-1], Finished):
                 return
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -100,9 +116,31 @@ class Job:
             self.finish_reason = event.reason
             self.finished_at = time.perf_counter()
             self._done.set()
+            batch: list[Event] = [*self._held, event]
+            self._held = []
+        elif self._interval > 0:
+            self._held.append(event)
+            now = time.perf_counter()
+            if now - self._handed_at < self._interval:
+                return
+            self._handed_at = now
+            batch, self._held = list(self._held), []
+        else:
+            batch = [event]
+        self._hand_over(batch)
+
+    def _flush(self) -> None:
+        """Hand over the tokens held back by the interval now (before a step that may take long)."""
+        if self._held:
+            self._handed_at = time.perf_counter()
+            batch: list[Event] = list(self._held)
+            self._held = []
+            self._hand_over(batch)
+
+    def _hand_over(self, batch: list[Event]) -> None:
         if self._loop is not None and self._events is not None:
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening any more
-                self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+                self._loop.call_soon_threadsafe(self._events.put_nowait, batch)
 
 
 class EngineObserver(Protocol):
@@ -127,9 +165,14 @@ class Engine:
         observer: EngineObserver | None = None,
         name: str = "",
         step_lock: threading.Lock | None = None,
+        stream_interval_ms: float = 0.0,
     ) -> None:
-        if max_batch_size < 1 or max_queue < 1 or max_batch_delay_ms < 0:
-            raise ValueError("max_batch_size >= 1, max_queue >= 1 and max_batch_delay_ms >= 0 are required")
+        if max_batch_size < 1 or max_queue < 1 or max_batch_delay_ms < 0 or stream_interval_ms < 0:
+            raise ValueError(
+                "max_batch_size >= 1, max_queue >= 1, max_batch_delay_ms >= 0 and stream_interval_ms >= 0"
+                " are required"
+            )
+        self.stream_interval = stream_interval_ms / 1000
         self.runtime: Runtime | None = TorchRuntime(model) if isinstance(model, nn.Module) else model
         self.max_batch_size = max_batch_size
         self.max_batch_delay = max_batch_delay_ms / 1000
@@ -210,6 +253,7 @@ class Engine:
             if len(self._waiting) >= self.max_queue:
                 raise QueueFullError(self.max_queue, retry_after=self.retry_after())
             job._engine = self
+            job._interval = self.stream_interval
             self._waiting.append(job)
             self._cond.notify_all()
         return job
@@ -310,6 +354,8 @@ class Engine:
 
     def _join(self, batch: Batch, joining: list[Job]) -> bool:
         """Prefill ``joining`` and merge it into ``batch``; a failure fails only the joiners."""
+        for job in self._running:  # a long prompt's prefill must not hold back the others' tokens
+            job._flush()
         try:
             batch.merge(self._prefill(joining))
         except Exception as exc:

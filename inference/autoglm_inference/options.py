@@ -33,6 +33,8 @@ class ServerOptions:
     max_batch_size: int = 8
     max_batch_delay_ms: float = 10.0
     continuous_batching: bool = True
+    #: Streamed tokens are handed to the HTTP side at most this often (ms); 0: each token at once.
+    stream_interval_ms: float = 0.0
     threads: int | None = None
     target: str = "local"
     cache_dir: Path = DEFAULT_CACHE_DIR

@@ -127,6 +127,7 @@ class Registry:
                 observer=_EngineObserver(labels),
                 name=f"{name}@{loaded.artifact.revision}",
                 step_lock=self.step_lock,
+                stream_interval_ms=self.options.stream_interval_ms,
             )
             key = id(engine)
             telemetry().watch_queue(key, labels, lambda: engine.queue_depth)

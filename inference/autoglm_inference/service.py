@@ -451,40 +451,45 @@ class Generation:
         }
 
     async def deltas(self) -> AsyncIterator[str]:
-        """Text as it is generated; stop sequences are cut and never shown."""
+        """Text as it is generated, one piece per batch of tokens the engine handed over (one token
+        each, unless the reader fell behind or the engine gathers them by its stream interval); stop
+        sequences are cut and never shown."""
         stops = self.request.stop
         hold = max((len(s) for s in stops), default=1) - 1
         tokenizer = self.revision.loaded.tokenizer
         detokenizer = Detokenizer(tokenizer)
+        ids: list[int] = []
         shown = 0
         try:
-            async for event in self.job.events():
-                if isinstance(event, Token):
-                    full = detokenizer.add(self.job.generated)
-                    if len(full) == len(self.text):
-                        continue  # half of a multi-byte character, or a special token: wait
-                    self.text = full
-                    if self._cut_at_stop(full):
+            async for batch in self.job.batches():
+                for event in batch:
+                    if isinstance(event, Token):
+                        ids.append(event.id)
+                        full = detokenizer.add(ids)
+                        if len(full) == len(self.text):
+                            continue  # half of a multi-byte character, or a special token: wait
+                        self.text = full
+                        if stops and self._cut_at_stop(full, len(ids)):
+                            if len(self.text) > shown:
+                                yield self.text[shown:]
+                            return
+                    elif isinstance(event, Finished):
+                        await self._injected_delay()
+                        if event.reason in ("error", "unavailable"):
+                            self._failed = True
+                        if event.reason == "error":
+                            raise GenerationError(f"generation failed: {event.error}")
+                        if event.reason == "unavailable":
+                            raise UnavailableError(event.error or "the model revision is unavailable")
+                        self.finish_reason = self.finish_reason or event.reason
+                        self.text = str(tokenizer.decode(self.job.generated, skip_special_tokens=True))
+                        self._cut_at_stop(self.text, len(self.job.generated))
                         if len(self.text) > shown:
                             yield self.text[shown:]
                         return
-                    if len(full) - hold > shown:
-                        yield full[shown : len(full) - hold]
-                        shown = len(full) - hold
-                elif isinstance(event, Finished):
-                    await self._injected_delay()
-                    if event.reason in ("error", "unavailable"):
-                        self._failed = True
-                    if event.reason == "error":
-                        raise GenerationError(f"generation failed: {event.error}")
-                    if event.reason == "unavailable":
-                        raise UnavailableError(event.error or "the model revision is unavailable")
-                    self.finish_reason = self.finish_reason or event.reason
-                    self.text = str(tokenizer.decode(self.job.generated, skip_special_tokens=True))
-                    self._cut_at_stop(self.text)
-                    if len(self.text) > shown:
-                        yield self.text[shown:]
-                    return
+                if len(self.text) - hold > shown:
+                    yield self.text[shown : len(self.text) - hold]
+                    shown = len(self.text) - hold
         finally:
             self.close()
 
@@ -494,13 +499,14 @@ class Generation:
             took = time.perf_counter() - self.job.submitted_at
             await asyncio.sleep(took * (self.fault.latency_factor - 1))
 
-    def _cut_at_stop(self, text: str) -> bool:
+    def _cut_at_stop(self, text: str, tokens: int) -> bool:
+        """Cut ``text`` (the first ``tokens`` tokens' text) at the first stop sequence, if any."""
         cut = _first_stop(text, self.request.stop)
         if cut is None:
             return False
         self.text = text[:cut]
         self.finish_reason = "stop"
-        self._tokens_at_stop = len(self.job.generated)
+        self._tokens_at_stop = tokens
         self.job.cancel()
         return True
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
@@ -10,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from autoglm_core.energy import EnergyMeter, EnergyReading
-from autoglm_inference.engine import Engine, Job, run_jobs
+from autoglm_inference.engine import Engine, Finished, Job, Token, run_jobs
 from autoglm_inference.generation import DecodeBatch, Sampling
 from autoglm_inference.limits import QueueFullError
 from tests.support.tiny_models import tiny_glm
@@ -228,3 +229,67 @@ def test_prefill_energy_is_split_by_prompt_tokens_and_decode_energy_equally(mode
     # Prefill: 1 J over 2 + 8 prompt tokens; each decode step: 1 J over 2 rows.
     assert short.joules == pytest.approx(0.2 + 2 * 0.5)
     assert long.joules == pytest.approx(0.8 + 2 * 0.5)
+
+
+async def _batches(engine: Engine, job: Job) -> list[list[object]]:
+    engine.submit(job)
+    return [batch async for batch in job.batches()]
+
+
+@pytest.mark.parametrize("interval_ms", [0, 60_000])
+def test_a_stream_interval_gathers_tokens_but_hands_over_the_first_at_once(
+    model: torch.nn.Module, interval_ms: float
+) -> None:
+    """``--stream-interval-ms``: the first token alone (time to first token is not held back), the
+    rest at most that often; the tokens are those of greedy decoding alone, whatever the gathering."""
+    expected = alone(model, PROMPTS[0], 12)
+    engine = Engine(model, max_batch_delay_ms=0, stream_interval_ms=interval_ms).start()
+    try:
+        job = Job(PROMPTS[0], 12)
+        batches = asyncio.run(_batches(engine, job))
+    finally:
+        engine.stop()
+    tokens = [e.id for batch in batches for e in batch if isinstance(e, Token)]
+    assert tokens == expected == job.generated
+    last = batches[-1][-1]
+    assert isinstance(last, Finished)
+    assert last.reason == "length"
+    assert len(batches[0]) == 1
+    assert isinstance(batches[0][0], Token)
+    if interval_ms:  # an interval longer than the whole job: everything after the first comes with the end
+        assert len(batches) == 2
+        assert len(batches[1]) == 12
+    else:  # every token its own hand-over; a reader that keeps up sees each alone
+        assert sum(len(b) for b in batches) == 13
+
+
+def test_held_tokens_are_handed_over_before_a_joining_prefill(model: torch.nn.Module) -> None:
+    """Tokens gathered by the interval go out before new requests' prefill, which may take long."""
+    engine = Engine(model, max_batch_size=4, max_batch_delay_ms=0, stream_interval_ms=60_000).start()
+
+    async def scenario() -> tuple[list[list[object]], list[list[object]]]:
+        first = Job(PROMPTS[4], 100)
+        engine.submit(first)
+        seen: list[list[object]] = []
+        late = Job(PROMPTS[1], 3)
+        async for batch in first.batches():
+            seen.append(batch)
+            if len(seen) == 1:  # the first token is out, the next ones are held: now a request joins
+                while len(first.generated) < 3:
+                    await asyncio.sleep(0.0005)
+                engine.submit(late)
+        return seen, [b async for b in late.batches()]
+
+    try:
+        seen, late_batches = asyncio.run(scenario())
+    finally:
+        engine.stop()
+    assert isinstance(seen[-1][-1], Finished)
+    # without the flush before the join, the first job's tokens would all wait for its end
+    assert len(seen) >= 3, [len(b) for b in seen]
+    assert [e.id for b in late_batches for e in b if isinstance(e, Token)] == alone(model, PROMPTS[1], 3)
+
+
+def test_a_negative_stream_interval_is_refused(model: torch.nn.Module) -> None:
+    with pytest.raises(ValueError, match="stream_interval_ms >= 0"):
+        Engine(model, stream_interval_ms=-1)

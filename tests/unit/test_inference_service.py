@@ -82,6 +82,38 @@ async def test_streamed_deltas_join_to_the_whole_text(service: LMService) -> Non
     assert generation.summary().completion_tokens == whole.completion_tokens
 
 
+@pytest.fixture
+def gathered(folder: Path, tmp_path: Path) -> Iterator[LMService]:
+    """A service whose engine hands tokens over at most once a minute: after the first, all at the end."""
+
+    def make(loaded: LoadedArtifact) -> Engine:
+        return Engine(loaded.model, max_batch_delay_ms=0, stream_interval_ms=60_000)
+
+    router = Router.load_first("m", str(folder), sha256=None, make_engine=make, cache_dir=tmp_path)
+    variants = PromptVariants(variants=Variants("short", {"short": "Be brief.", "long": "Be thorough."}))
+    yield LMService("m", router, prompts=variants, limits=Limits(max_prompt_tokens=40, max_new_tokens=30))
+    for revision in router.revisions():
+        revision.engine.stop()
+
+
+@pytest.mark.asyncio
+async def test_gathered_tokens_stream_the_same_text_and_stop_at_the_same_token(
+    service: LMService, gathered: LMService
+) -> None:
+    whole = await service.start(GenerateRequest(prompt=PROMPT, max_tokens=25)).result()
+    generation = gathered.start(GenerateRequest(prompt=PROMPT, max_tokens=25))
+    deltas = [d async for d in generation.deltas()]
+    assert "".join(deltas) == whole.text
+    assert 1 <= len(deltas) <= 2  # the first token's text, then the rest with the end
+    stop = whole.text[len(whole.text) // 2 : len(whole.text) // 2 + 2]
+    one = await service.start(GenerateRequest(prompt=PROMPT, max_tokens=25, stop=[stop])).result()
+    held = await gathered.start(GenerateRequest(prompt=PROMPT, max_tokens=25, stop=[stop])).result()
+    assert held.text == one.text == whole.text[: whole.text.index(stop)]
+    assert held.finish_reason == one.finish_reason == "stop"
+    # the tokens up to the one that completed the stop, not every token handed over with it
+    assert held.completion_tokens == one.completion_tokens < whole.completion_tokens
+
+
 @pytest.mark.asyncio
 async def test_a_stop_sequence_cuts_the_text_and_is_never_shown(service: LMService) -> None:
     whole = (await service.start(GenerateRequest(prompt=PROMPT, max_tokens=25)).result()).text

@@ -39,3 +39,15 @@ def test_a_misspelt_flag_is_refused_naming_the_known_ones(monkeypatch: pytest.Mo
     monkeypatch.setenv("AUTOGLM_LLAMACPP_CPU_FLAGS", "avx2 avx-512")
     with pytest.raises(SystemExit, match=r"unknown flags \['avx-512'\].*avx512f"):
         llamacpp_build.cmake_args()
+
+
+def test_llama_server_is_built_with_the_wheels_instruction_sets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The benchmark's llama-server anchor runs the same kernels as the wheel our engine loads."""
+    monkeypatch.setenv("AUTOGLM_LLAMACPP_CPU_FLAGS", "avx avx2 fma f16c bmi2")
+    wheel, server = _options(llamacpp_build.cmake_args()), _options(llamacpp_build.server_cmake_args())
+    assert wheel["LLAMA_BUILD_SERVER"] == "OFF"
+    assert server["LLAMA_BUILD_SERVER"] == "ON"
+    assert server["BUILD_SHARED_LIBS"] == "OFF"  # one binary, nothing to find at run time
+    assert {k: v for k, v in server.items() if k.startswith("GGML_")} == {
+        k: v for k, v in wheel.items() if k.startswith("GGML_")
+    }

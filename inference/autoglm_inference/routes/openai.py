@@ -25,6 +25,8 @@ from autoglm_inference.service import (
 )
 
 router = APIRouter(prefix="/openai/v1", tags=["openai"])
+#: Stands for a streamed chunk's text while its event is rendered once (see ``openai_reply``).
+_MARK = "\u0000autoglm-text\u0000"
 
 
 def openai_service(registry: Registry, body: Any) -> LMService:
@@ -105,10 +107,10 @@ async def openai_reply(generation: Generation, body: dict[str, Any], *, chat: bo
     options = body.get("stream_options")
     include_usage = isinstance(options, dict) and options.get("include_usage") is True
 
-    def event(data: dict[str, Any]) -> str:
-        return f"data: {json.dumps(data)}\n\n"
+    def event(data: dict[str, Any]) -> bytes:
+        return b"data: " + json.dumps(data).encode() + b"\n\n"
 
-    def chunk(delta: str | None, finish: str | None) -> str:
+    def chunk(delta: str | None, finish: str | None) -> bytes:
         if chat:
             choice = {
                 "index": 0,
@@ -118,6 +120,14 @@ async def openai_reply(generation: Generation, body: dict[str, Any], *, chat: bo
         else:
             choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
         return event({**base, "object": obj, "choices": [choice]})
+
+    # A text chunk is the same event but for its text: render it once around a marker, then each
+    # chunk is the two halves and its text as a JSON string (a dict and json.dumps per token cost
+    # more, on the thread that shares the cores with decode).
+    before, _, after = chunk(_MARK, None).partition(json.dumps(_MARK).encode())
+
+    def text_chunk(delta: str) -> bytes:
+        return before + json.dumps(delta).encode() + after
 
     # Wait for the first text before the status line goes out, so a request that fails before it
     # produced anything (unloaded while queued, a failed prefill) gets its real status code.
@@ -130,15 +140,15 @@ async def openai_reply(generation: Generation, body: dict[str, Any], *, chat: bo
         generation.close()
         raise
 
-    async def events() -> AsyncIterator[str]:
+    async def events() -> AsyncIterator[bytes]:
         try:
             if chat:
                 first = {"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}
                 yield event({**base, "object": obj, "choices": [first]})
             if first_delta is not None:
-                yield chunk(first_delta, None)
+                yield text_chunk(first_delta)
                 async for delta in deltas:
-                    yield chunk(delta, None)
+                    yield text_chunk(delta)
             yield chunk(None, generation.finish_reason or "stop")
             if include_usage:  # OpenAI's stream_options.include_usage: one last chunk, no choices
                 prompt_tokens, completion_tokens = (
@@ -148,7 +158,7 @@ async def openai_reply(generation: Generation, body: dict[str, Any], *, chat: bo
                 usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                          "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
                 yield event({**base, "object": obj, "choices": [], "usage": usage})
-            yield "data: [DONE]\n\n"
+            yield b"data: [DONE]\n\n"
         except (GenerationError, UnavailableError) as exc:  # the status line is gone: say it in-band
             count_stream_error(generation.labels.attrs(), exc.status)
             yield event({"error": {"message": str(exc), "code": exc.status}})
