@@ -314,10 +314,12 @@ def measure_kind(
         if llama_server is not None:
             runs["llama-server"] = lambda: llama_server.stream(ids, args.tokens)  # type: ignore[union-attr]
         order = list(runs)
-        for server in servers.values():  # warm-up; the workers warmed up when they loaded
-            stream(server.url, texts[0], 8)
+        # Warm-up: one whole decode each (the workers did theirs when they loaded). A process's first
+        # decodes here ran at a third of its later rate for seconds, whichever runtime it was.
+        for server in servers.values():
+            stream(server.url, texts[0], args.tokens)
         if llama_server is not None:
-            llama_server.stream(ids, 8)
+            llama_server.stream(ids, args.tokens)
         for round_ in range(args.reps):
             turned = order[round_ % len(order) :] + order[: round_ % len(order)]
             rates: dict[str, float] = {}
@@ -512,7 +514,7 @@ def worker(role: str, request: dict[str, object]) -> None:
         decode, prefill = anchor_runtime(Path(args.path), args.threads)
     else:
         decode = direct_runtime(Path(args.folder), args.engine, args.threads, Path(args.cache_dir))
-    decode(ids, min(args.tokens, 16))
+    decode(ids, args.tokens)
     for command in sys.stdin:
         command = command.strip()
         if command == "ready":
