@@ -347,7 +347,9 @@ def measure_kind(
             if http_anchor is not None and llama_server is not None:
                 http_anchor.decode.append(rates["llama-server"])
                 http_anchor.prefill.append(len(long_ids) / float(llama_server.stream(long_ids, 1)["ttft"]))  # type: ignore[arg-type]
-            for key, ours in (("server", row), ("gathered", gathered)):
+            # Both servers' prefill in turns too: timed in a fixed order, the second read 3-8% faster.
+            pair = [("server", row), ("gathered", gathered)]
+            for key, ours in pair[round_ % 2 :] + pair[: round_ % 2]:
                 if ours is not None:
                     ours.prefill.append(len(long_ids) / float(stream(servers[key].url, texts[1], 1)["ttft"]))  # type: ignore[arg-type]
         for worker in workers.values():  # nothing else runs while a server is loaded by 16 clients
@@ -377,8 +379,6 @@ def measure_kind(
     if anchor is not None:
         anchor.direct = anchor.decode
         anchor.clients = statistics.median(anchor.decode)  # one sequence at a time
-    if gathered is not None:
-        gathered.tokens = row.tokens
     return Measured([row] + ([gathered] if gathered is not None else []), anchor, http_anchor)
 
 
@@ -410,13 +410,15 @@ class LlamaServer:
                 raise SystemExit(
                     f"llama-server exited with {self.process.returncode}: {log.read_text()[-2000:]}"
                 )
+            connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
             try:
-                connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
                 connection.request("GET", "/health")
                 if connection.getresponse().status == 200:
                     return
             except OSError:
                 pass
+            finally:
+                connection.close()
             time.sleep(0.2)
         self.stop()
         raise SystemExit(f"llama-server was not ready in 300 s: {log.read_text()[-2000:]}")
@@ -434,8 +436,8 @@ class LlamaServer:
                 tokens += event["tokens"]
                 last = at
                 first = first or at
-        rate = (len(tokens) - 1) / (last - first) if len(tokens) > 1 and last > first else float("nan")
-        return {"ttft": first - reads.start, "rate": rate, "completion": len(tokens), "tokens": tokens[:32]}
+        return {"ttft": first - reads.start, "rate": decode_rate(len(tokens), first, last),
+                "completion": len(tokens), "tokens": tokens[:32]}  # fmt: skip
 
     def stop(self) -> None:
         terminate(self.process)
@@ -456,8 +458,16 @@ def stream(url: str, prompt: str, n: int) -> dict[str, object]:
         elif event["choices"] and event["choices"][0].get("text"):
             last = at
             first = first or at
-    rate = (completion - 1) / (last - first) if completion > 1 and last > first else float("nan")
-    return {"ttft": first - reads.start, "rate": rate, "completion": completion}
+    return {
+        "ttft": first - reads.start,
+        "rate": decode_rate(completion, first, last),
+        "completion": completion,
+    }
+
+
+def decode_rate(tokens: int, first: float, last: float) -> float:
+    """Tokens after the first over the time after the first (the first token's time is prefill's)."""
+    return (tokens - 1) / (last - first) if tokens > 1 and last > first else float("nan")
 
 
 @dataclass

@@ -84,16 +84,13 @@ def cmake_args() -> list[str]:
 
 
 #: What ``--server`` changes: the server and its tools on, no TLS (it serves loopback), one static binary.
-SERVER = {
-    "-DLLAMA_BUILD_SERVER=OFF": "-DLLAMA_BUILD_SERVER=ON",
-}
-SERVER_EXTRA = ["-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_OPENSSL=OFF", "-DBUILD_SHARED_LIBS=OFF",
-                "-DCMAKE_BUILD_TYPE=Release"]  # fmt: skip
+SERVER = ["-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_OPENSSL=OFF", "-DBUILD_SHARED_LIBS=OFF",
+          "-DCMAKE_BUILD_TYPE=Release"]  # fmt: skip
 
 
 def server_cmake_args() -> list[str]:
     """The wheel's options (same instruction sets, no OpenMP, no AMX) with the server built."""
-    return [SERVER.get(a, a) for a in cmake_args()] + SERVER_EXTRA
+    return [a for a in cmake_args() if not a.startswith("-DLLAMA_BUILD_SERVER=")] + SERVER
 
 
 def cache_root() -> Path:

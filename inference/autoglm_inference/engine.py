@@ -74,7 +74,7 @@ class Job:
     _engine: Engine | None = None
     #: Seconds between hand-overs of tokens to the event loop (0: every token at once).
     _interval: float = 0.0
-    _held: list[Token] = field(default_factory=list)  # the engine thread's, not yet handed over
+    _held: list[Event] = field(default_factory=list)  # the engine thread's, not yet handed over
     _handed_at: float = float("-inf")
 
     def cancel(self) -> None:
@@ -87,12 +87,6 @@ class Job:
     @property
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
-
-    async def events(self) -> AsyncIterator[Event]:
-        """Tokens as they are produced, then one ``Finished``."""
-        async for batch in self.batches():
-            for event in batch:
-                yield event
 
     async def batches(self) -> AsyncIterator[list[Event]]:
         """The events handed over since the last batch (at least one; a ``Finished`` comes last), so
@@ -116,28 +110,17 @@ class Job:
             self.finish_reason = event.reason
             self.finished_at = time.perf_counter()
             self._done.set()
-            batch: list[Event] = [*self._held, event]
-            self._held = []
-        elif self._interval > 0:
-            self._held.append(event)
-            now = time.perf_counter()
-            if now - self._handed_at < self._interval:
-                return
-            self._handed_at = now
-            batch, self._held = list(self._held), []
-        else:
-            batch = [event]
-        self._hand_over(batch)
+        self._held.append(event)
+        if isinstance(event, Finished) or time.perf_counter() - self._handed_at >= self._interval:
+            self._flush()
 
     def _flush(self) -> None:
-        """Hand over the tokens held back by the interval now (before a step that may take long)."""
-        if self._held:
-            self._handed_at = time.perf_counter()
-            batch: list[Event] = list(self._held)
-            self._held = []
-            self._hand_over(batch)
-
-    def _hand_over(self, batch: list[Event]) -> None:
+        """Hand over the events held back by the interval now (the end, or before a step that may take
+        long)."""
+        if not self._held:
+            return
+        self._handed_at = time.perf_counter()
+        batch, self._held = self._held, []
         if self._loop is not None and self._events is not None:
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening any more
                 self._loop.call_soon_threadsafe(self._events.put_nowait, batch)
