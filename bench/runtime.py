@@ -25,7 +25,7 @@ its own process, and they take turns in rounds; a decode ratio is the median of 
 llama.cpp's ``Llama`` decodes one sequence at a time, so its 16-client figure is its batch-1 rate.
 
     python bench/runtime.py [--threads 2] [--tokens 128] [--clients 16] [--reps 5] [--interval-ms 50]
-                            [--only gguf|torch]
+                            [--only gguf|torch] [--kinds Q8_0,Q4_0]
 
 Without llama-cpp-python (``make install-llamacpp``) only the torch rows are measured, and without
 ``llama-server`` its rows; it says so.
@@ -113,8 +113,12 @@ def main() -> None:
     parser.add_argument("--interval-ms", type=float, default=50.0,
                         help="--stream-interval-ms of the second server of each GGUF kind (0: none)")  # fmt: skip
     parser.add_argument("--only", choices=["gguf", "torch"], default=None)
+    parser.add_argument("--kinds", type=lambda v: v.split(","), default=list(GGUF_KINDS),
+                        help=f"GGUF kinds to measure, comma-separated (default: all, {','.join(GGUF_KINDS)})")  # fmt: skip
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
     args = parser.parse_args()
+    if unknown := sorted(set(args.kinds) - set(GGUF_KINDS)):
+        parser.error(f"--kinds: {', '.join(unknown)} not published; choose from {', '.join(GGUF_KINDS)}")
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
 
@@ -146,7 +150,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         logs = Path(tmp)
         if have_llama and args.only != "torch":
-            for kind in GGUF_KINDS:
+            for kind in (k for k in GGUF_KINDS if k in args.kinds):
                 folder = gguf_artifact(args.cache_dir, source, kind)
                 measured = measure_kind(
                     folder, folder / "model.gguf", "llama.cpp", kind, kind, ids, long_ids, args, logs, texts

@@ -127,8 +127,13 @@ class Job:
 
 
 class EngineObserver(Protocol):
+    """Told of each prefill and decode step on the engine's thread. ``on_step`` may hold what it
+    records back (the step loop is the hot path); ``flush`` records it, and the engine calls it before
+    a job's end goes out, so a client that saw its answer end finds its steps in the metrics."""
+
     def on_prefill(self, size: int) -> None: ...
     def on_step(self, rows: int, seconds: float) -> None: ...
+    def flush(self) -> None: ...
 
 
 class Engine:
@@ -309,6 +314,9 @@ class Engine:
                 if batch is None or batch.size == 0:
                     if self._stopping and not self._waiting:
                         return
+                    if batch is not None and not self._waiting and self.runtime is not None:
+                        self.runtime.idle()  # the last rows just left and nothing waits
+                    batch = None
                     jobs = self._take(self.max_batch_size, wait=True)
                     if not jobs:
                         continue
@@ -326,6 +334,8 @@ class Engine:
                 self._finish_rows(batch, rows, first_new=0)
             except Exception as exc:  # a failed forward fails its batch, never the worker
                 log.exception("%s: decode step failed", self.name)
+                if self.observer:
+                    self.observer.flush()
                 with self._cond:
                     failed, self._running = self._running, []
                 for job in failed:
@@ -397,6 +407,8 @@ class Engine:
             if reason is None:
                 keep.append(index)
             else:
+                if self.observer and len(keep) == index:  # the first row to end in this step
+                    self.observer.flush()
                 job._emit(Finished(reason))
         if len(keep) < len(rows):
             batch.keep(keep)

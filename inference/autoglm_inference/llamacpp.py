@@ -32,6 +32,12 @@ log = logging.getLogger(__name__)
 
 _CPU = torch.device("cpu")
 
+#: The llama.cpp runtimes of this process that have rows decoding. Where two decode in turns (a canary
+#: beside its stable, the overlap of a hot-swap; the server runs one step at a time), each lets its
+#: thread pool sleep after every decode: a polling pool's workers would spin on the cores the other
+#: computes on (about 85 ms after each graph).
+_decoding: set[int] = set()
+
 
 class LlamaCppRuntime(LlamaCppModel):
     """The server's runtime over one GGUF model and its llama.cpp context (``LlamaCppModel``)."""
@@ -50,13 +56,29 @@ class LlamaCppRuntime(LlamaCppModel):
                 raise ValueError(f"a prompt of {len(prompt)} tokens does not fit a context of {self.context}")
         seqs = [self._free.pop(0) for _ in prompts]
         batch = LlamaCppBatch(self, seqs, [len(p) for p in prompts], list(sampling))
+        _decoding.add(id(self))
         try:
             batch.tokens = self._decode_prompts(prompts, batch)
         except BaseException:
             for seq in seqs:
                 self._release_seq(seq)
             raise
+        finally:
+            self._yield_cores()
         return batch
+
+    def idle(self) -> None:
+        _decoding.discard(id(self))
+        if self._pool is not None:
+            self._pool.pause()
+
+    def release(self) -> None:
+        _decoding.discard(id(self))
+        super().release()
+
+    def _yield_cores(self) -> None:
+        if self._pool is not None and len(_decoding) > 1:
+            self._pool.pause()
 
     def _decode_prompts(self, prompts: Sequence[Sequence[int]], batch: LlamaCppBatch) -> list[int]:
         """Decode every prompt, all rows' tokens in order, ``n_batch`` tokens per ``llama_decode``, with
@@ -76,9 +98,6 @@ class LlamaCppRuntime(LlamaCppModel):
                     first[row] = batch._pick(row, self._logits(index))
         return first
 
-    def _step(self, seqs: Sequence[int], positions: Sequence[int], tokens: Sequence[int]) -> None:
-        self._run([(s, p, t, True) for s, p, t in zip(seqs, positions, tokens, strict=True)])
-
 
 class LlamaCppBatch:
     """Rows decoding together in one llama.cpp context; ``tokens`` is each row's next input."""
@@ -92,6 +111,7 @@ class LlamaCppBatch:
         self.sampling = sampling
         self.generators = [row_generator(s, _CPU) for s in sampling]
         self.tokens: list[int] = []
+        self._greedy = all(s.temperature <= 0 for s in sampling)
 
     @property
     def size(self) -> int:
@@ -101,12 +121,16 @@ class LlamaCppBatch:
         return list(self.tokens)
 
     def step(self) -> None:
-        for row, position in enumerate(self.positions):
-            if position >= self.runtime.context:
-                raise LlamaCppError(f"row {row} reached the context of {self.runtime.context} tokens")
-        self.runtime._step(self.seqs, self.positions, self.tokens)
+        if max(self.positions) >= self.runtime.context:
+            row = next(r for r, p in enumerate(self.positions) if p >= self.runtime.context)
+            raise LlamaCppError(f"row {row} reached the context of {self.runtime.context} tokens")
+        logits = self.runtime._run_step(self.seqs, self.positions, self.tokens)
+        self.runtime._yield_cores()
         self.positions = [p + 1 for p in self.positions]
-        self.tokens = [self._pick(row, self.runtime._logits(row)) for row in range(self.size)]
+        if self._greedy:  # every row's arg-max in one call
+            self.tokens = logits.argmax(axis=1).tolist()
+        else:
+            self.tokens = [self._pick(row, logits[row]) for row in range(self.size)]
 
     def keep(self, rows: Sequence[int]) -> None:
         kept = set(rows)
@@ -118,6 +142,7 @@ class LlamaCppBatch:
         self.tokens = [self.tokens[i] for i in rows]
         self.sampling = [self.sampling[i] for i in rows]
         self.generators = [self.generators[i] for i in rows]
+        self._greedy = all(s.temperature <= 0 for s in self.sampling)
 
     def merge(self, other: object) -> None:
         assert isinstance(other, LlamaCppBatch)
@@ -127,6 +152,7 @@ class LlamaCppBatch:
         self.tokens += other.tokens
         self.sampling += other.sampling
         self.generators += other.generators
+        self._greedy = self._greedy and other._greedy
 
     def _pick(self, row: int, logits: np.ndarray) -> int:
         sampling = self.sampling[row]

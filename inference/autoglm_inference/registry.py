@@ -56,18 +56,31 @@ def resolve_device(name: str) -> torch.device:
 
 
 class _EngineObserver:
-    """Records each decode step on the engine's thread, between two steps: the attributes are built
-    once (a fresh dict per step cost the step loop time; nobody mutates this one)."""
+    """Records each decode step's batch size, on the engine's thread. The attributes are built once (a
+    fresh dict per step cost the step loop time), and the steps are recorded in bursts of up to
+    ``burst`` (or when a job ends, ``flush``): one record right after a decode, with the interpreter's
+    caches cold, cost about 35 us of a 4.5 ms step; a burst's records run warm."""
+
+    burst = 64
 
     def __init__(self, labels: Labels) -> None:
         self.labels = labels
         self._attrs = labels.attrs()
+        self._steps: list[int] = []
 
     def on_prefill(self, size: int) -> None:
         telemetry().prefill_size.record(size, self._attrs)
 
     def on_step(self, rows: int, seconds: float) -> None:
-        telemetry().batch_size.record(rows, self._attrs)
+        self._steps.append(rows)
+        if len(self._steps) >= self.burst:
+            self.flush()
+
+    def flush(self) -> None:
+        steps, self._steps = self._steps, []
+        record, attrs = telemetry().batch_size.record, self._attrs
+        for rows in steps:
+            record(rows, attrs)
 
 
 class Registry:

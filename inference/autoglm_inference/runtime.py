@@ -39,6 +39,9 @@ class Runtime(Protocol):
 
     def prefill(self, prompts: Sequence[Sequence[int]], sampling: Sequence[Sampling]) -> Batch: ...
 
+    def idle(self) -> None:
+        """No rows left and none waiting: the engine is about to wait for work."""
+
     def release(self) -> None: ...
 
 
@@ -53,6 +56,9 @@ class TorchRuntime:
     def prefill(self, prompts: Sequence[Sequence[int]], sampling: Sequence[Sampling]) -> DecodeBatch:
         assert self.model is not None, "the runtime was released"
         return DecodeBatch.prefill(self.model, prompts, sampling)
+
+    def idle(self) -> None:
+        pass
 
     def release(self) -> None:
         self.model = None

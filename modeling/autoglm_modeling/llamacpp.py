@@ -13,6 +13,7 @@ its ``Llama`` class: that class decodes one sequence at a time, and batching is 
 
 from __future__ import annotations
 
+import ctypes
 import os
 import time
 from collections.abc import Sequence
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from autoglm_core.card import ArtifactError
+from autoglm_modeling.ggml_threads import DEFAULT_POLL, attach_threadpool
 from autoglm_modeling.gguf_export import require_llama_cpp
 
 
@@ -41,6 +43,7 @@ class LlamaCppModel:
         n_batch: int = 512,
         extra_buffers: bool = True,
         kv_cells: int | None = None,
+        poll: int | None = DEFAULT_POLL,
     ) -> None:
         self._llama = llama = require_llama_cpp("the llama.cpp engine")
         self.path = path
@@ -75,10 +78,27 @@ class LlamaCppModel:
             raise ArtifactError(
                 f"{path}: llama.cpp could not create a context of {cparams.n_ctx} cells (memory?)"
             )
+        # A persistent thread pool (as llama-server attaches), unless ``poll`` is None: then every
+        # decode starts and joins its own threads, llama-cpp-python's default.
+        self._pool = None if poll is None else attach_threadpool(llama, self._ctx, self.threads, poll=poll)
         self.n_batch = n_batch
         self._memory = llama.llama_get_memory(self._ctx)
         self.vocab_size = int(llama.llama_vocab_n_tokens(llama.llama_model_get_vocab(self._model)))
-        self._batch = llama.llama_batch_init(max(n_batch, self.max_rows), 0, 1)
+        capacity = max(n_batch, self.max_rows)
+        self._batch = llama.llama_batch_init(capacity, 0, 1)
+        # numpy views of the batch's arrays, so a step fills them with a slice assignment, not one
+        # ctypes call per field and row (the step loop's Python runs with cold caches after a decode)
+        self._tokens_in = np.ctypeslib.as_array(self._batch.token, shape=(capacity,))
+        self._positions_in = np.ctypeslib.as_array(self._batch.pos, shape=(capacity,))
+        self._wants_logits = np.ctypeslib.as_array(self._batch.logits, shape=(capacity,))
+        np.ctypeslib.as_array(self._batch.n_seq_id, shape=(capacity,))[:] = 1  # one sequence per token
+        self._seq_ids = [self._batch.seq_id[i] for i in range(capacity)]
+        # ``llama_get_logits`` as a bare address (llama-cpp-python's binding returns a ctypes pointer,
+        # which costs a cast per call), and the views made of it, by address and rows
+        self._get_logits = llama.llama_cpp._lib["llama_get_logits"]  # a new function object, ours
+        self._get_logits.restype = ctypes.c_void_p
+        self._get_logits.argtypes = [ctypes.c_void_p]
+        self._views: dict[tuple[int, int], np.ndarray] = {}
         self._free = list(range(self.max_rows))
         self._closed = False
 
@@ -126,8 +146,7 @@ class LlamaCppModel:
             steps = []
             for pos in range(len(prompt), len(prompt) + new_tokens - 1):
                 start = time.perf_counter()
-                self._run([(seq, pos, tokens[-1], True)])
-                tokens.append(int(self._logits(0).argmax()))
+                tokens.append(int(self._run_step([seq], [pos], [tokens[-1]])[0].argmax()))
                 steps.append(time.perf_counter() - start)
         finally:
             self._release_seq(seq)
@@ -140,6 +159,8 @@ class LlamaCppModel:
         self._closed = True
         llama = self._llama
         llama.llama_batch_free(self._batch)
+        if self._pool is not None:
+            self._pool.detach()
         llama.llama_free(self._ctx)
         llama.llama_model_free(self._model)
 
@@ -150,13 +171,42 @@ class LlamaCppModel:
         for i, (seq, pos, token, logits) in enumerate(tokens):
             batch.token[i] = token
             batch.pos[i] = pos
-            batch.n_seq_id[i] = 1
             batch.seq_id[i][0] = seq
             batch.logits[i] = logits
         batch.n_tokens = len(tokens)
-        rc = self._llama.llama_decode(self._ctx, batch)
+        self._decode(len(tokens))
+
+    def _run_step(self, seqs: Sequence[int], positions: Sequence[int], tokens: Sequence[int]) -> np.ndarray:
+        """One decode step: token ``tokens[i]`` at ``positions[i]`` of sequence ``seqs[i]``, logits
+        for every row; returns them, ``(rows, vocab)`` (valid until the next decode)."""
+        rows = len(seqs)
+        self._tokens_in[:rows] = tokens
+        self._positions_in[:rows] = positions
+        self._wants_logits[:rows] = 1
+        seq_ids = self._seq_ids
+        for i, seq in enumerate(seqs):
+            seq_ids[i][0] = seq
+        self._batch.n_tokens = rows
+        self._decode(rows)
+        return self._rows_logits(rows)
+
+    def _decode(self, count: int) -> None:
+        rc = self._llama.llama_decode(self._ctx, self._batch)
         if rc != 0:
-            raise LlamaCppError(f"llama_decode returned {rc} for {len(tokens)} tokens (1: no KV cache space)")
+            raise LlamaCppError(f"llama_decode returned {rc} for {count} tokens (1: no KV cache space)")
+
+    def _rows_logits(self, rows: int) -> np.ndarray:
+        """The logits of the last decode's ``rows`` outputs, in batch order: every row asked for them."""
+        address = self._get_logits(self._ctx)
+        if not address:
+            raise LlamaCppError("llama_get_logits returned no logits")
+        view = self._views.get((address, rows))
+        if view is None:
+            if len(self._views) > 64:  # addresses of buffers llama.cpp has since replaced
+                self._views.clear()
+            floats = (ctypes.c_float * (rows * self.vocab_size)).from_address(address)
+            view = self._views[address, rows] = np.ctypeslib.as_array(floats).reshape(rows, -1)
+        return view
 
     def _logits(self, index: int) -> np.ndarray:
         pointer = self._llama.llama_get_logits_ith(self._ctx, index)

@@ -293,3 +293,37 @@ def test_held_tokens_are_handed_over_before_a_joining_prefill(model: torch.nn.Mo
 def test_a_negative_stream_interval_is_refused(model: torch.nn.Module) -> None:
     with pytest.raises(ValueError, match="stream_interval_ms >= 0"):
         Engine(model, stream_interval_ms=-1)
+
+
+class _HoldingObserver:
+    """Holds every step back until ``flush``, as the server's observer does in bursts."""
+
+    def __init__(self) -> None:
+        self.held: list[int] = []
+        self.recorded: list[int] = []
+
+    def on_prefill(self, size: int) -> None:
+        pass
+
+    def on_step(self, rows: int, seconds: float) -> None:
+        self.held.append(rows)
+
+    def flush(self) -> None:
+        self.recorded += self.held
+        self.held = []
+
+
+def test_a_jobs_steps_are_recorded_before_its_end_goes_out(model: torch.nn.Module) -> None:
+    observer = _HoldingObserver()
+    engine = Engine(model, max_batch_size=2, max_batch_delay_ms=50, observer=observer).start()
+    try:
+        short, long = Job(PROMPTS[0], 4), Job(PROMPTS[1], 9)
+        engine.submit(short)
+        engine.submit(long)
+        assert short.wait(60)
+        # 4 tokens: the prefill gave the first, 3 steps of 2 rows the rest; recorded before "done"
+        assert observer.recorded == [2, 2, 2]
+        assert long.wait(60)
+        assert observer.recorded == [2, 2, 2] + [1] * 5
+    finally:
+        engine.stop()

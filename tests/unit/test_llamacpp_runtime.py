@@ -178,6 +178,108 @@ def test_llama_cpp_quantized_gguf_serves_and_is_smaller(
         engine.stop()
 
 
+@pytest.mark.parametrize("kind", ["F32", "Q4_0"])
+def test_the_persistent_thread_pool_decodes_what_fresh_threads_decode(
+    source: Path, f32: Path, tmp_path: Path, kind: str
+) -> None:
+    """llama.cpp's workers kept between decodes (as llama-server keeps them) change no token. A pool
+    made by another copy of ggml's libraries than the one decoding gave NaN logits with Q4_0's
+    repacked weights (arg-max 0 every step)."""
+    from autoglm_inference.llamacpp import LlamaCppRuntime
+
+    path = f32 if kind == "F32" else gguf_folder(source, tmp_path / kind, kind=kind) / "model.gguf"
+    generated = {}
+    for poll in (50, None):
+        llama = LlamaCppRuntime(path, max_rows=2, context=256, threads=2, poll=poll)
+        assert (llama._pool is not None) == (poll is not None)
+        engine = Engine(llama, max_batch_size=2).start()
+        try:
+            jobs = run_jobs(engine, [Job(ids, 24) for ids in prompt_ids(source)[:2]])
+            generated[poll] = [j.generated for j in jobs]
+        finally:
+            engine.stop()
+            engine.release()
+    assert generated[50] == generated[None]
+    assert all(len(set(tokens)) > 3 for tokens in generated[50]), generated  # not one token (NaN) again
+
+
+def test_pools_sleep_when_their_engine_idles_or_another_decodes_in_turn(
+    source: Path, f32: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A polling pool's workers spin for about 85 ms after each decode: an idle engine's pool is paused,
+    and while two runtimes decode in turns (canary and stable) each pauses after every step."""
+    from autoglm_modeling.ggml_threads import ThreadPool
+
+    paused: list[int] = []
+    real_pause = ThreadPool.pause
+    monkeypatch.setattr(ThreadPool, "pause", lambda pool: (paused.append(id(pool)), real_pause(pool))[1])
+    stable, canary = runtime(f32, rows=1), runtime(f32, rows=1)
+    pools = {id(stable._pool): "stable", id(canary._pool): "canary"}  # type: ignore[attr-defined]
+    engines = [Engine(r, max_batch_size=1).start() for r in (stable, canary)]  # type: ignore[arg-type]
+    try:
+        ids = prompt_ids(source)[0]
+        run_jobs(engines[0], [Job(ids, 6)])
+        deadline = time.monotonic() + 30  # the engine goes idle just after the job's end went out
+        while not paused and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert [pools[p] for p in paused] == ["stable"]  # alone: the pool polls between steps, then sleeps
+        paused.clear()
+        step = threading.Barrier(2)
+        for engine in engines:  # in lockstep: from the second step on, the other is decoding too
+            engine.observer = _Lockstep(step)
+        jobs = [Job(ids, 6) for _ in engines]
+        for engine, job in zip(engines, jobs, strict=True):
+            engine.submit(job)
+        assert all(job.wait(60) for job in jobs)
+        # steps 2 to 5 of each (at step 1 the other may not have begun), then idle
+        assert [pools[p] for p in paused].count("stable") >= 5
+        assert [pools[p] for p in paused].count("canary") >= 5
+    finally:
+        for engine in engines:
+            engine.stop()
+            engine.release()
+
+
+class _Lockstep:
+    """Holds each engine after every step until the other has made the same step."""
+
+    def __init__(self, barrier: threading.Barrier) -> None:
+        self.barrier = barrier
+
+    def on_prefill(self, size: int) -> None:
+        pass
+
+    def on_step(self, rows: int, seconds: float) -> None:
+        self.barrier.wait(30)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_without_a_thread_pool_the_runtime_says_why_and_decodes(
+    source: Path, f32: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import ctypes
+
+    from autoglm_inference.llamacpp import LlamaCppRuntime
+
+    def missing(name: str) -> None:
+        raise OSError(f"{name}: cannot open shared object file")
+
+    monkeypatch.setattr(ctypes, "CDLL", missing)  # another platform's names, another build
+    with caplog.at_level("INFO", logger="autoglm_modeling.ggml_threads"):
+        llama = LlamaCppRuntime(f32, max_rows=1, context=256, threads=2)
+    assert llama._pool is None
+    assert "no persistent thread pool (libggml.so.0: cannot open" in caplog.text
+    engine = Engine(llama, max_batch_size=1).start()
+    try:
+        (job,) = run_jobs(engine, [Job(prompt_ids(source)[0], 8)])
+        assert len(job.generated) == 8
+    finally:
+        engine.stop()
+        engine.release()
+
+
 def test_releasing_the_engine_frees_the_llama_cpp_context_once(source: Path, f32: Path) -> None:
     llama = runtime(f32)
     engine = Engine(llama, max_batch_size=1).start()  # type: ignore[arg-type]
