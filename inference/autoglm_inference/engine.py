@@ -309,17 +309,20 @@ class Engine:
 
     def _work(self) -> None:
         batch: Batch | None = None
+        busy = False  # rows decoded since the runtime was last told it is idle
         while True:
             try:
                 if batch is None or batch.size == 0:
+                    if busy and not self._waiting and self.runtime is not None:
+                        self.runtime.idle()  # the last rows left (or failed) and nothing waits
+                        busy = False
                     if self._stopping and not self._waiting:
                         return
-                    if batch is not None and not self._waiting and self.runtime is not None:
-                        self.runtime.idle()  # the last rows just left and nothing waits
                     batch = None
                     jobs = self._take(self.max_batch_size, wait=True)
                     if not jobs:
                         continue
+                    busy = True
                     batch = self._prefill(jobs)
                     rows = jobs
                 else:

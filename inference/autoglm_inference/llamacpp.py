@@ -18,6 +18,7 @@ its ``Llama`` class: that class decodes one sequence at a time, and batching is 
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Sequence
 
 import numpy as np
@@ -36,7 +37,7 @@ _CPU = torch.device("cpu")
 #: beside its stable, the overlap of a hot-swap; the server runs one step at a time), each lets its
 #: thread pool sleep after every decode: a polling pool's workers would spin on the cores the other
 #: computes on (about 85 ms after each graph).
-_decoding: set[int] = set()
+_decoding: weakref.WeakSet[LlamaCppRuntime] = weakref.WeakSet()
 
 
 class LlamaCppRuntime(LlamaCppModel):
@@ -56,7 +57,7 @@ class LlamaCppRuntime(LlamaCppModel):
                 raise ValueError(f"a prompt of {len(prompt)} tokens does not fit a context of {self.context}")
         seqs = [self._free.pop(0) for _ in prompts]
         batch = LlamaCppBatch(self, seqs, [len(p) for p in prompts], list(sampling))
-        _decoding.add(id(self))
+        _decoding.add(self)
         try:
             batch.tokens = self._decode_prompts(prompts, batch)
         except BaseException:
@@ -68,12 +69,12 @@ class LlamaCppRuntime(LlamaCppModel):
         return batch
 
     def idle(self) -> None:
-        _decoding.discard(id(self))
+        _decoding.discard(self)
         if self._pool is not None:
             self._pool.pause()
 
     def release(self) -> None:
-        _decoding.discard(id(self))
+        _decoding.discard(self)
         super().release()
 
     def _yield_cores(self) -> None:
