@@ -324,11 +324,13 @@ def measure_kind(
             stream(server.url, texts[0], args.tokens)
         if llama_server is not None:
             llama_server.stream(ids, args.tokens)
+        settle()
         for round_ in range(args.reps):
             turned = order[round_ % len(order) :] + order[: round_ % len(order)]
             rates: dict[str, float] = {}
             for runtime in turned:
                 answer = runs[runtime]()
+                settle()
                 rates[runtime] = float(answer["rate"])  # type: ignore[arg-type]
                 if runtime == "direct":  # the server's route gives text, not token ids
                     row.tokens = list(answer["tokens"])  # type: ignore[call-overload]
@@ -348,14 +350,17 @@ def measure_kind(
             if anchor is not None:
                 anchor.decode.append(rates["anchor"])
                 anchor.prefill.append(float(workers["anchor"].ask("prefill")["rate"]))  # type: ignore[arg-type]
+                settle()
             if http_anchor is not None and llama_server is not None:
                 http_anchor.decode.append(rates["llama-server"])
                 http_anchor.prefill.append(len(long_ids) / float(llama_server.stream(long_ids, 1)["ttft"]))  # type: ignore[arg-type]
+                settle()
             # Both servers' prefill in turns too: timed in a fixed order, the second read 3-8% faster.
             pair = [("server", row), ("gathered", gathered)]
             for key, ours in pair[round_ % 2 :] + pair[: round_ % 2]:
                 if ours is not None:
                     ours.prefill.append(len(long_ids) / float(stream(servers[key].url, texts[1], 1)["ttft"]))  # type: ignore[arg-type]
+                    settle()
         for worker in workers.values():  # nothing else runs while a server is loaded by 16 clients
             worker.close()
         loads = [(row, servers["server"].url, COMPLETIONS)]
@@ -364,6 +369,7 @@ def measure_kind(
         if http_anchor is not None and llama_server is not None:
             loads.append((http_anchor, llama_server.url, "/v1/completions"))
         for target, url, path in loads:
+            settle()
             load = asyncio.run(
                 closed_loop(url, "smol", prompts(args.cache_dir, 64), clients=args.clients, max_tokens=64,
                             requests_per_client=2, path=path)
@@ -384,6 +390,15 @@ def measure_kind(
         anchor.direct = anchor.decode
         anchor.clients = statistics.median(anchor.decode)  # one sequence at a time
     return Measured([row] + ([gathered] if gathered is not None else []), anchor, http_anchor)
+
+
+def settle(seconds: float = 0.3) -> None:
+    """Wait before the next runtime's turn: a polling ggml thread pool spins for about 85 ms after its
+    last graph here (llama-server's; ours pauses when its engine idles), and the runtime timed next
+    would share the two cores with it. Before this wait, our server's prefill, timed right after
+    llama-server's, read 0.93-0.97x of it; timed alone its time to first token equalled the engine's
+    own prefill (977 against 983 ms, 660 tokens, Q8_0)."""
+    time.sleep(seconds)
 
 
 def llama_server_binary() -> Path | None:
