@@ -410,7 +410,7 @@ class Engine:
             if reason is None:
                 keep.append(index)
             else:
-                if self.observer and len(keep) == index:  # the first row to end in this step
+                if self.observer:  # nothing held back after the first row to end here
                     self.observer.flush()
                 job._emit(Finished(reason))
         if len(keep) < len(rows):

@@ -2,8 +2,8 @@
 
 Without one, every ``llama_decode`` starts its worker threads and joins them at the end (ggml's
 "disposable" pool); with one, the workers stay and poll for the next graph (``poll``: llama.cpp's
-``--poll``, default 50), which is what llama-server does. Measured on SmolLM2-135M Q4_0, 2 threads,
-batch 1: about 15% more tokens/s (see the README's runtime section).
+``--poll``, default 50), which is what llama-server does. Measured on SmolLM2-135M, 2 threads, batch
+1, in-process, 8 alternations: 1.055x the tokens/s at Q4_0, 1.023x at Q8_0, 1.018x at F16 (README).
 
 llama-cpp-python binds neither ``ggml_threadpool_new`` nor ``llama_attach_threadpool``, so this
 calls them through ctypes. Its wheel ships each library three times (``libggml-cpu.so``, ``.so.0``,
@@ -45,11 +45,12 @@ class _Params(ctypes.Structure):
 
 
 class ThreadPool:
-    """``threads`` ggml workers attached to one llama.cpp context until ``free``."""
+    """``threads`` ggml workers attached to one llama.cpp context until ``detach``."""
 
     def __init__(self, llama: Any, ctx: Any, threads: int, *, poll: int = DEFAULT_POLL) -> None:
         if not 0 <= poll <= 100:
             raise ValueError(f"poll is 0 to 100, got {poll}")
+        self._lib = llama.llama_cpp._lib  # the libllama the context was made by
         ggml = ctypes.CDLL("libggml.so.0")  # the copy libllama links (loaded already: its soname)
         base = ctypes.CDLL("libggml-base.so.0")
         ggml.ggml_backend_dev_by_type.restype = ctypes.c_void_p
@@ -90,15 +91,12 @@ class ThreadPool:
         self._pool = new(ctypes.byref(params))
         if not self._pool:
             raise OSError(f"ggml_threadpool_new failed for {threads} threads")
-        self._lib = llama.llama_cpp._lib  # the libllama the context was made by
         self._lib.llama_attach_threadpool.restype = None
         self._lib.llama_attach_threadpool.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
         self._lib.llama_detach_threadpool.restype = None
         self._lib.llama_detach_threadpool.argtypes = [ctypes.c_void_p]
         self._ctx = ctx
         self._lib.llama_attach_threadpool(ctx, self._pool, self._pool)  # decode and prompt batches
-        self.threads = threads
-        self.poll = poll
 
     def pause(self) -> None:
         """Let the workers sleep instead of polling (about 85 ms after each graph at poll 50 here):
