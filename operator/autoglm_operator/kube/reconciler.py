@@ -531,11 +531,14 @@ class ClusterReconciler:
         references does it too where it runs). Returns what was deleted, as ``Kind/name``."""
         deleted = []
         labels = {MODEL_LABEL: name}
-        for kind in ("InferenceService", "ConfigMap", "Workflow", "WorkflowTemplate"):
-            for obj in self.gateway.list(kind, namespace, labels):
-                self.gateway.delete(kind, namespace, obj["metadata"]["name"])
-                deleted.append(f"{kind}/{obj['metadata']['name']}")
-        self._analysts.pop((namespace, name), None)
+        # After a reconcile in progress (an owned object's event starts one at any time): one that read
+        # the model before its deletion would create or patch what is deleted here, after it.
+        with self._lock((namespace, name)):
+            for kind in ("InferenceService", "ConfigMap", "Workflow", "WorkflowTemplate"):
+                for obj in self.gateway.list(kind, namespace, labels):
+                    self.gateway.delete(kind, namespace, obj["metadata"]["name"])
+                    deleted.append(f"{kind}/{obj['metadata']['name']}")
+            self._analysts.pop((namespace, name), None)
         return deleted
 
 
