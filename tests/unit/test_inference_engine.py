@@ -315,7 +315,7 @@ class _HoldingObserver:
 
 def test_a_jobs_steps_are_recorded_before_its_end_goes_out(model: torch.nn.Module) -> None:
     observer = _HoldingObserver()
-    engine = Engine(model, max_batch_size=2, max_batch_delay_ms=50, observer=observer).start()
+    engine = Engine(model, max_batch_size=2, max_batch_delay_ms=1000, observer=observer).start()
     try:
         short, long = Job(PROMPTS[0], 4), Job(PROMPTS[1], 9)
         engine.submit(short)

@@ -231,6 +231,7 @@ def test_pools_sleep_when_their_engine_idles_or_another_decodes_in_turn(
         for engine, job in zip(engines, jobs, strict=True):
             engine.submit(job)
         assert all(job.wait(60) for job in jobs)
+        assert all(engine.stop(30) for engine in engines)  # each tells its runtime it is idle first
         # steps 2 to 5 of each (at step 1 the other may not have begun), then idle
         assert [pools[p] for p in paused].count("stable") >= 5
         assert [pools[p] for p in paused].count("canary") >= 5
