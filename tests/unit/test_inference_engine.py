@@ -315,15 +315,18 @@ class _HoldingObserver:
 
 def test_a_jobs_steps_are_recorded_before_its_end_goes_out(model: torch.nn.Module) -> None:
     observer = _HoldingObserver()
+    at_end: dict[int, list[int]] = {}
+
+    class Watched(Job):
+        def _emit(self, event: Token | Finished) -> None:
+            if isinstance(event, Finished):  # what the metrics held when this end went out
+                at_end[self.max_new_tokens] = list(observer.recorded)
+            super()._emit(event)
+
     engine = Engine(model, max_batch_size=2, max_batch_delay_ms=1000, observer=observer).start()
     try:
-        short, long = Job(PROMPTS[0], 4), Job(PROMPTS[1], 9)
-        engine.submit(short)
-        engine.submit(long)
-        assert short.wait(60)
-        # 4 tokens: the prefill gave the first, 3 steps of 2 rows the rest; recorded before "done"
-        assert observer.recorded == [2, 2, 2]
-        assert long.wait(60)
-        assert observer.recorded == [2, 2, 2] + [1] * 5
+        run_jobs(engine, [Watched(PROMPTS[0], 4), Watched(PROMPTS[1], 9)])
+        # 4 tokens: the prefill gave the first, 3 steps of 2 rows the rest; 9: then 5 steps alone
+        assert at_end == {4: [2, 2, 2], 9: [2, 2, 2] + [1] * 5}
     finally:
         engine.stop()
