@@ -323,13 +323,16 @@ def test_a_failing_candidate_is_rolled_back_and_stable_keeps_serving(
         t: Serving(stable=s) for t, s in outcome.stable.items()
     }  # the candidate unloaded
     kinds = [r["decision"] for r in outcome.records]
-    assert kinds[2:] == [
+    # An interval of a few requests may see none of the candidate's errors (3 requests at a 50% error
+    # rate: one time in eight), so a step may advance before the failures that roll it back (a full
+    # run once did); it is never promoted.
+    assert [k for k in kinds[2:] if k != "CanaryAdvanced"] == [
         "PipelineStarted",
         "CanaryStarted",
         "CanaryIntervalFailed",
         "CanaryIntervalFailed",
         "RolledBack",
-    ]
+    ], kinds
     rollback = outcome.records[-1]["evidence"]["analysis"]
     assert rollback["outcome"] == "Failed"
     errors = next(c for c in rollback["checks"] if c["metric"] == "errorRate")
