@@ -199,6 +199,12 @@ class Pipeline(Strict):
 
 class Runtime(Strict):
     enabled: bool = Field(True, description="Install this ClusterServingRuntime.")
+    streamIntervalMs: int = Field(
+        0,
+        ge=0,
+        le=1000,
+        description="Its servers gather streamed tokens and send an event at most this often (autoglm serve --stream-interval-ms; the first token and the end at once). 0: an event per token. On CPU nodes whose every core decodes, each event costs decode time.",
+    )
 
 
 class EdgeRuntime(Runtime):

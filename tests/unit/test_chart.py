@@ -15,6 +15,7 @@ import click
 import pytest
 import yaml
 
+from autoglm_inference.cli import serve_command
 from autoglm_operator.kube.objects import cluster_serving_runtime
 from tests.support import crd_schemas
 from tools import chart as chart_tool
@@ -148,6 +149,31 @@ def test_the_runtimes_are_the_operators_own_with_the_release_image() -> None:
     assert (
         edge["spec"]["volumes"] == kept_by_code["spec"]["volumes"]
     )  # the node's directory, as the code has it
+
+
+def test_a_runtimes_stream_interval_reaches_its_servers_as_the_code_has_it() -> None:
+    objects = render(APP, {"runtimes": {"edge": {"streamIntervalMs": 50}}})
+    runtimes = {o["metadata"]["name"]: o for o in objects if o["kind"] == "ClusterServingRuntime"}
+    for name, edge, interval in (("autoglm-server", False, 0), ("autoglm-server-edge", True, 50)):
+        rendered = next(c for c in runtimes[name]["spec"]["containers"] if c["name"] == "kserve-container")
+        expected = next(
+            c
+            for c in cluster_serving_runtime(image="i", edge=edge, stream_interval_ms=interval)["spec"][
+                "containers"
+            ]
+            if c["name"] == "kserve-container"
+        )
+        assert rendered["args"] == expected["args"]
+        # The server's own parser reads the flag the pod will run with (the oracle for its spelling and
+        # range; the other arguments name the pod's files, which are not here).
+        flag = [a for a in rendered["args"] if a.startswith("--stream-interval-ms")]
+        context = serve_command.make_context("serve", ["--model-name=m", "--model-uri=u", *flag])
+        assert context.params["stream_interval_ms"] == interval
+
+
+def test_a_stream_interval_outside_the_servers_range_is_refused_by_the_code() -> None:
+    with pytest.raises(ValueError, match="stream_interval_ms must be 0 to 1000"):
+        cluster_serving_runtime(image="i", edge=True, stream_interval_ms=1500)
 
 
 # -- the restricted Pod Security standard (kubernetes.io/docs/concepts/security/pod-security-standards)
@@ -352,6 +378,7 @@ def test_no_rule_has_a_wildcard() -> None:
         ({"image": {"pullPolicy": "Sometimes"}}, "pullPolicy"),
         ({"monitoring": {"podMonitor": {"interval": "often"}}}, "interval"),
         ({"operator": {"interval": 0.1}}, "interval"),
+        ({"runtimes": {"edge": {"streamIntervalMs": 5000}}}, "streamIntervalMs"),
     ],
     ids=[
         "zero replicas",
@@ -361,6 +388,7 @@ def test_no_rule_has_a_wildcard() -> None:
         "unknown pull policy",
         "a bad interval",
         "too short an interval",
+        "a stream interval over the server's limit",
     ],
 )
 def test_bad_values_fail_at_install_naming_the_value(values: dict[str, Any], named: str) -> None:

@@ -372,16 +372,29 @@ def pod_security() -> V1PodSecurityContext:
     )
 
 
+#: The most ``autoglm serve --stream-interval-ms`` accepts.
+MAX_STREAM_INTERVAL_MS = 1000
+
+
 def cluster_serving_runtime(
-    *, image: str, edge: bool, edge_cache_host_path: str | None = None
+    *, image: str, edge: bool, edge_cache_host_path: str | None = None, stream_interval_ms: float = 0
 ) -> dict[str, Any]:
     """``autoglm-server`` (cloud pools) or ``autoglm-server-edge`` (kubeedge): ``autoglm serve`` as
     KServe's model container and ``autoglm agent`` as its sidecar, sharing the model cache.
+
+    ``stream_interval_ms`` (the chart's ``runtimes.<cloud|edge>.streamIntervalMs``): the servers gather
+    streamed tokens and send an event at most that often (``autoglm serve --stream-interval-ms``); 0,
+    the default, sends an event per token. On a CPU node whose every core decodes, each event costs
+    decode time (README: CPU runtimes).
 
     The cache is an emptyDir (a pod that restarts fetches its artifacts again). On an edge node
     ``edge_cache_host_path`` keeps them on the node across pods instead; a hostPath volume is outside
     the ``restricted`` and ``baseline`` Pod Security standards, so it is the platform team's choice
     (the chart's ``runtimes.edge.cacheHostPath``), never the default."""
+    if not 0 <= stream_interval_ms <= MAX_STREAM_INTERVAL_MS:
+        raise ValueError(
+            f"stream_interval_ms must be 0 to {MAX_STREAM_INTERVAL_MS} (0: an event per token), got {stream_interval_ms}"
+        )
     cache = (
         V1Volume(
             name=CACHE_VOLUME,
@@ -414,6 +427,7 @@ def cluster_serving_runtime(
             f"--target=$({TARGET_ENV})",  # the metrics' target label: the AutoGLMModel's target name
             # The prompt policy, from the target's ConfigMap; re-read when the kubelet swaps it in.
             f"--prompt-variants={AGENT_CONFIG_PATH}/{VARIANTS_KEY}",
+            *([f"--stream-interval-ms={stream_interval_ms:g}"] if stream_interval_ms > 0 else []),
         ],
         env=[
             token_env,
