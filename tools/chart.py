@@ -20,6 +20,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from autoglm_inference.options import MAX_STREAM_INTERVAL_MS
 from tools import generated as generated_files
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -202,7 +203,7 @@ class Runtime(Strict):
     streamIntervalMs: int = Field(
         0,
         ge=0,
-        le=1000,
+        le=MAX_STREAM_INTERVAL_MS,
         description="Its servers gather streamed tokens and send an event at most this often (autoglm serve --stream-interval-ms; the first token and the end at once). 0: an event per token. On CPU nodes whose every core decodes, each event costs decode time.",
     )
 

@@ -16,6 +16,7 @@ from autoglm_inference.limits import Limits
 from autoglm_inference.options import (
     ADMIN_TOKEN_ENV,
     FEEDBACK_TOKEN_ENV,
+    MAX_STREAM_INTERVAL_MS,
     EngineChoice,
     EventLoopChoice,
     ServerOptions,
@@ -44,7 +45,7 @@ _LIMITS = Limits()
               help="How long an idle server waits for more requests before it starts a batch.")  # fmt: skip
 @click.option("--continuous/--no-continuous", default=_SERVER.continuous_batching, show_default=True,
               help="Let new requests join a running batch between decode steps.")  # fmt: skip
-@click.option("--stream-interval-ms", type=click.FloatRange(0, 1_000), default=_SERVER.stream_interval_ms,
+@click.option("--stream-interval-ms", type=click.FloatRange(0, MAX_STREAM_INTERVAL_MS), default=_SERVER.stream_interval_ms,
               show_default=True, help="Hand streamed tokens to the HTTP side at most this often, several per event "
                                       "(the first token and the end at once). 0: an event per token. On a CPU whose "
                                       "every core decodes, each event costs decode time.")  # fmt: skip

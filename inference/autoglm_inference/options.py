@@ -24,6 +24,8 @@ EventLoopChoice = Literal["auto", "asyncio", "uvloop"]
 ADMIN_TOKEN_ENV: Final = "AUTOGLM_ADMIN_TOKEN"
 #: The environment variable holding the feedback writers' bearer token.
 FEEDBACK_TOKEN_ENV: Final = "AUTOGLM_FEEDBACK_TOKEN"
+#: The longest ``--stream-interval-ms`` (the chart's ``runtimes.*.streamIntervalMs`` too).
+MAX_STREAM_INTERVAL_MS: Final = 1000
 
 
 @dataclass(frozen=True)

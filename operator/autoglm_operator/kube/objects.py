@@ -65,7 +65,7 @@ from autoglm_api.resource import AutoGLMModel
 from autoglm_api.spec import Target
 from autoglm_api.status import PromptPolicy
 from autoglm_core.feedback.store import URL_ENV as FEEDBACK_URL_ENV
-from autoglm_inference.options import ADMIN_TOKEN_ENV
+from autoglm_inference.options import ADMIN_TOKEN_ENV, MAX_STREAM_INTERVAL_MS
 from autoglm_operator.agent.desired import Desired
 from autoglm_operator.feedback_loop import VARIANTS_KEY, variants_document
 from autoglm_pipelines.workflow import (
@@ -370,10 +370,6 @@ def pod_security() -> V1PodSecurityContext:
         fs_group=IMAGE_UID,
         seccomp_profile=V1SeccompProfile(type="RuntimeDefault"),
     )
-
-
-#: The most ``autoglm serve --stream-interval-ms`` accepts.
-MAX_STREAM_INTERVAL_MS = 1000
 
 
 def cluster_serving_runtime(
