@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from serving_common import COMPLETIONS, MODEL, TEXT, closed_loop, int8_artifact, prompts
+from stats import describe_ratios
 
 from autoglm_core.card import MODEL_CARD, write_model_card
 from autoglm_core.paths import DEFAULT_CACHE_DIR
@@ -666,17 +667,14 @@ def report(
         print(f"decode through autoglm serve against {name}, at the same bits:")
         for row in measured:
             each = " ".join(f"{r:.2f}" for r in getattr(row, ratios))
-            print(f"  {row.name}: each round {each} (median {med(getattr(row, ratios)):.2f}x)")
+            print(f"  {row.name}: each round {each}; {describe_ratios(getattr(row, ratios))}")
         worst = min(measured, key=lambda r: med(getattr(r, ratios)))
         print(f"  worst: {worst.name} {med(getattr(worst, ratios)):.2f}x")
         for label, chosen in (("an event per token", [r for r in measured if not r.gathered]),
                               (f"{args.interval_ms:g} ms events", [r for r in measured if r.gathered])):  # fmt: skip
             every = [x for r in chosen for x in getattr(r, ratios)]
             if every:
-                above = sum(x >= 1.0 for x in every)
-                print(
-                    f"  all kinds' rounds, {label}: median {med(every):.2f}x, {above} of {len(every)} at or above 1.00"
-                )
+                print(f"  all kinds' rounds, {label}: {describe_ratios(every)}")
     torch_rows = [r for r in rows if r.engine == "torch" and r.bits in anchors]
     if torch_rows:
         best = max(med(r.decode) / med(anchors[r.bits].decode) for r in torch_rows)
