@@ -36,8 +36,9 @@ def median_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[
 
 
 def describe_ratios(values: Sequence[float], confidence: float = 0.95) -> str:
-    """``median 0.99x (95% interval 0.97-1.01x), 6 of 25 at or above 1.00``, and what that says: below,
-    level with, or above the anchor at that confidence."""
+    """``median 0.99x (95% interval 0.970-1.010x: ...), 6 of 25 at or above 1.00``: the bounds to three
+    places (1.003 is above the anchor, 0.998 is not), and what the interval says: below, level with, or
+    above the anchor at that confidence."""
     if not values:
         return "no rounds"
     low, high = median_interval(values, confidence)
@@ -52,4 +53,4 @@ def describe_ratios(values: Sequence[float], confidence: float = 0.95) -> str:
     else:
         verdict = "level with the anchor: the interval holds 1.00"
     percent = f"{confidence * 100:g}%"
-    return f"{text} ({percent} interval {low:.2f}-{high:.2f}x: {verdict}), {above} of {len(values)} at or above 1.00"
+    return f"{text} ({percent} interval {low:.3f}-{high:.3f}x: {verdict}), {above} of {len(values)} at or above 1.00"

@@ -11,6 +11,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from autoglm_inference.options import MAX_STREAM_INTERVAL_MS
 from autoglm_operator.retraining import stage
 
 if TYPE_CHECKING:
@@ -117,6 +118,10 @@ def _http_url(value: str | None) -> str | None:
                    "Default: scrape the server's /metrics in process.")  # fmt: skip
 @click.option("--decode-tokens", type=click.IntRange(2, 4096), default=32, show_default=True,
               help="New tokens per decode measurement in validate.")  # fmt: skip
+@click.option("--stream-interval-ms", type=click.FloatRange(0, MAX_STREAM_INTERVAL_MS), default=0.0, show_default=True,
+              help="Each target's server hands streamed tokens over at most this often, several per event "
+                   "(autoglm serve --stream-interval-ms; the first token and the end at once). 0: an event per "
+                   "token. On a CPU whose every core decodes, each event costs decode time.")  # fmt: skip
 def run_command(
     manifest: Path,
     state_dir: Path,
@@ -130,6 +135,7 @@ def run_command(
     timeout_seconds: float,
     prometheus_url: str | None,
     decode_tokens: int,
+    stream_interval_ms: float,
 ) -> None:
     """Run MANIFEST's rollout here: build the revision, validate it, serve it, canary it against stable
     and promote or roll back, recording every decision in the audit ledger (STATE_DIR/audit.db).
@@ -158,6 +164,7 @@ def run_command(
         timeout_seconds=timeout_seconds,
         prometheus_url=prometheus_url,
         pipeline_args=("--decode-tokens", str(decode_tokens)),
+        server_args=("--stream-interval-ms", f"{stream_interval_ms:g}") if stream_interval_ms > 0 else (),
         log=lambda line: live.console.print(Text(line), soft_wrap=True),
         on_tick=on_tick,
     )
