@@ -46,6 +46,7 @@ def describe_ratios(values: Sequence[float], confidence: float = 0.95) -> str:
     text = f"median {statistics.median(values):.2f}x"
     if math.isnan(low):
         return f"{text}, {above} of {len(values)} at or above 1.00 (too few rounds for an interval)"
+    low, high = round(low, 3), round(high, 3)  # judged as printed: 0.9996 reads 1.000, level
     if low > 1.0:
         verdict = "above the anchor"
     elif high < 1.0:

@@ -53,3 +53,11 @@ def test_describe_ratios_says_where_the_interval_lies(values: list[float], verdi
     text = bench_stats.describe_ratios(values)
     assert verdict in text
     assert f"of {len(values)} at or above 1.00" in text
+
+
+def test_the_verdict_is_what_the_printed_bounds_say() -> None:
+    # the upper bound 0.9996 prints as 1.000: the interval as printed holds 1.00
+    values = [0.97, 0.98, 0.9996, 0.96, 0.99, 0.98, 0.97, 0.99, 0.98, 0.9996]
+    assert bench_stats.median_interval(values)[1] == 0.9996
+    text = bench_stats.describe_ratios(values)
+    assert "-1.000x: level with the anchor" in text
