@@ -28,6 +28,17 @@ FEEDBACK_TOKEN_ENV: Final = "AUTOGLM_FEEDBACK_TOKEN"
 MAX_STREAM_INTERVAL_MS: Final = 1000
 
 
+def stream_interval_args(interval_ms: float) -> tuple[str, ...]:
+    """The ``autoglm serve`` arguments for a stream interval, as the operator's runtimes and
+    ``autoglm run`` pass them: none for 0 (an event per token, the server's default); a value outside
+    0 to ``MAX_STREAM_INTERVAL_MS`` is refused here, before any server is started with it."""
+    if not 0 <= interval_ms <= MAX_STREAM_INTERVAL_MS:
+        raise ValueError(
+            f"stream_interval_ms must be 0 to {MAX_STREAM_INTERVAL_MS} (0: an event per token), got {interval_ms}"
+        )
+    return (f"--stream-interval-ms={interval_ms:g}",) if interval_ms > 0 else ()
+
+
 @dataclass(frozen=True)
 class ServerOptions:
     host: str = "127.0.0.1"  # a container or chart sets 0.0.0.0 explicitly

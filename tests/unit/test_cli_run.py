@@ -14,19 +14,23 @@ from autoglm_operator.cli.main import cli
 from autoglm_operator.embedded import EmbeddedLoop, LoopOptions
 
 
-def test_a_prometheus_url_that_is_not_http_is_refused_by_name(tmp_path: Path) -> None:
-    manifest = tmp_path / "m.yaml"
-    manifest.write_text("kind: AutoGLMModel\n")
+@pytest.fixture
+def manifest(tmp_path: Path) -> Path:
+    """A file that exists: the options below are refused or passed on before it is read."""
+    path = tmp_path / "m.yaml"
+    path.write_text("kind: AutoGLMModel\n")
+    return path
+
+
+def test_a_prometheus_url_that_is_not_http_is_refused_by_name(manifest: Path) -> None:
     result = CliRunner().invoke(cli, ["run", str(manifest), "--prometheus-url", "localhost:9090"])
     assert result.exit_code == 2
     assert "'localhost:9090' is not an http:// or https:// URL of a Prometheus HTTP API" in result.output
 
 
 def test_a_stream_interval_reaches_every_targets_server_as_it_reads_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    manifest: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    manifest = tmp_path / "m.yaml"
-    manifest.write_text("kind: AutoGLMModel\n")
     seen: list[LoopOptions] = []
 
     class Stop(EmbeddedLoop):
@@ -49,9 +53,7 @@ def test_a_stream_interval_reaches_every_targets_server_as_it_reads_it(
     assert context.params["stream_interval_ms"] == 50
 
 
-def test_a_stream_interval_over_the_servers_limit_is_refused_by_name(tmp_path: Path) -> None:
-    manifest = tmp_path / "m.yaml"
-    manifest.write_text("kind: AutoGLMModel\n")
+def test_a_stream_interval_over_the_servers_limit_is_refused_by_name(manifest: Path) -> None:
     result = CliRunner().invoke(cli, ["run", str(manifest), "--stream-interval-ms", "5000"])
     assert result.exit_code == 2
     assert "--stream-interval-ms" in result.output

@@ -11,7 +11,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from autoglm_inference.options import MAX_STREAM_INTERVAL_MS
+from autoglm_inference.options import MAX_STREAM_INTERVAL_MS, stream_interval_args
 from autoglm_operator.retraining import stage
 
 if TYPE_CHECKING:
@@ -164,7 +164,7 @@ def run_command(
         timeout_seconds=timeout_seconds,
         prometheus_url=prometheus_url,
         pipeline_args=("--decode-tokens", str(decode_tokens)),
-        server_args=("--stream-interval-ms", f"{stream_interval_ms:g}") if stream_interval_ms > 0 else (),
+        server_args=stream_interval_args(stream_interval_ms),
         log=lambda line: live.console.print(Text(line), soft_wrap=True),
         on_tick=on_tick,
     )

@@ -65,7 +65,7 @@ from autoglm_api.resource import AutoGLMModel
 from autoglm_api.spec import Target
 from autoglm_api.status import PromptPolicy
 from autoglm_core.feedback.store import URL_ENV as FEEDBACK_URL_ENV
-from autoglm_inference.options import ADMIN_TOKEN_ENV, MAX_STREAM_INTERVAL_MS
+from autoglm_inference.options import ADMIN_TOKEN_ENV, stream_interval_args
 from autoglm_operator.agent.desired import Desired
 from autoglm_operator.feedback_loop import VARIANTS_KEY, variants_document
 from autoglm_pipelines.workflow import (
@@ -387,10 +387,7 @@ def cluster_serving_runtime(
     ``edge_cache_host_path`` keeps them on the node across pods instead; a hostPath volume is outside
     the ``restricted`` and ``baseline`` Pod Security standards, so it is the platform team's choice
     (the chart's ``runtimes.edge.cacheHostPath``), never the default."""
-    if not 0 <= stream_interval_ms <= MAX_STREAM_INTERVAL_MS:
-        raise ValueError(
-            f"stream_interval_ms must be 0 to {MAX_STREAM_INTERVAL_MS} (0: an event per token), got {stream_interval_ms}"
-        )
+    interval_args = stream_interval_args(stream_interval_ms)
     cache = (
         V1Volume(
             name=CACHE_VOLUME,
@@ -423,7 +420,7 @@ def cluster_serving_runtime(
             f"--target=$({TARGET_ENV})",  # the metrics' target label: the AutoGLMModel's target name
             # The prompt policy, from the target's ConfigMap; re-read when the kubelet swaps it in.
             f"--prompt-variants={AGENT_CONFIG_PATH}/{VARIANTS_KEY}",
-            *([f"--stream-interval-ms={stream_interval_ms:g}"] if stream_interval_ms > 0 else []),
+            *interval_args,
         ],
         env=[
             token_env,
