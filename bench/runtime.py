@@ -24,8 +24,15 @@ throughput (closed loop, 64 new tokens each). Every runtime of one kind is loade
 its own process, and they take turns in rounds; a decode ratio is the median of the rounds' ratios.
 llama.cpp's ``Llama`` decodes one sequence at a time, so its 16-client figure is its batch-1 rate.
 
-    python bench/runtime.py [--threads 2] [--tokens 128] [--clients 16] [--reps 5] [--interval-ms 50]
-                            [--only gguf|torch] [--kinds Q8_0,Q4_0]
+Each kind's runtimes are loaded ``--loads`` times afresh, in new processes, ``--reps`` rounds each: a
+process keeps its own luck for its lifetime (two loads of the very same server, 14 alternating rounds,
+read 0.953x of each other, 95% interval 0.928-0.993, where another pair read 1.018x). So the interval
+that counts is the one over the loads' medians, all kinds pooled; the one over rounds is printed
+beside it. ``--control`` adds a second llama-server, measured against the first as ours is: what
+"below" or "above" the same runtime reads in that run.
+
+    python bench/runtime.py [--threads 2] [--tokens 128] [--clients 16] [--reps 5] [--loads 2]
+                            [--interval-ms 50] [--control] [--only gguf|torch] [--kinds Q8_0,Q4_0]
 
 Without llama-cpp-python (``make install-llamacpp``) only the torch rows are measured, and without
 ``llama-server`` its rows; it says so.
@@ -38,6 +45,7 @@ import asyncio
 import http.client
 import json
 import logging
+import math
 import platform
 import shutil
 import statistics
@@ -52,7 +60,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from serving_common import COMPLETIONS, MODEL, TEXT, closed_loop, int8_artifact, prompts
-from stats import describe_ratios
+from stats import describe_ratios, group_medians
 
 from autoglm_core.card import MODEL_CARD, write_model_card
 from autoglm_core.paths import DEFAULT_CACHE_DIR
@@ -102,6 +110,7 @@ class Row:
     clients: float = float("nan")
     tokens: list[int] = field(default_factory=list)  # the first greedy tokens, for the same-output check
     gathered: bool = False  # our server with --stream-interval-ms (several tokens an event)
+    loads: list[int] = field(default_factory=list)  # which load each round of ``paired`` ran in
 
 
 def main() -> None:
@@ -111,7 +120,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=128, help="new tokens per batch-1 decode run")
     parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--reps", type=int, default=5, help="rounds (each runtime once per round)")
+    parser.add_argument("--reps", type=int, default=5, help="rounds per load (each runtime once per round)")
+    parser.add_argument("--loads", type=int, default=2,
+                        help="times each kind's runtimes are loaded afresh, in new processes (--reps rounds each)")  # fmt: skip
+    parser.add_argument("--control", action="store_true",
+                        help="also a second llama-server, measured against the first as ours is (an A/A check)")  # fmt: skip
     parser.add_argument("--interval-ms", type=float, default=50.0,
                         help="--stream-interval-ms of the second server of each GGUF kind (0: none)")  # fmt: skip
     parser.add_argument("--only", choices=["gguf", "torch"], default=None)
@@ -119,6 +132,8 @@ def main() -> None:
                         help=f"GGUF kinds to measure, comma-separated (default: all, {','.join(GGUF_KINDS)})")  # fmt: skip
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
     args = parser.parse_args()
+    if args.loads < 1 or args.reps < 1:
+        parser.error("--loads and --reps are at least 1")
     if unknown := sorted(set(args.kinds) - set(GGUF_KINDS)):
         parser.error(f"--kinds: {', '.join(unknown)} not published; choose from {', '.join(GGUF_KINDS)}")
     warnings.filterwarnings("ignore")
@@ -149,6 +164,7 @@ def main() -> None:
     rows: list[Row] = []
     anchors: dict[str, Row] = {}
     http_anchors: dict[str, Row] = {}
+    controls: list[Row] = []
     with tempfile.TemporaryDirectory() as tmp:
         logs = Path(tmp)
         if have_llama and args.only != "torch":
@@ -162,13 +178,15 @@ def main() -> None:
                 anchors[kind] = measured.anchor
                 if measured.http_anchor is not None:
                     http_anchors[kind] = measured.http_anchor
+                if measured.control is not None:
+                    controls.append(measured.control)
         if args.only != "gguf":
             for variant, bits in TORCH_VARIANTS.items():
                 folder = torch_artifact(args.cache_dir, source, variant)
                 rows += measure_kind(
                     folder, None, "torch", variant, bits, ids, long_ids, args, logs, texts
                 ).ours
-    report(rows, anchors, http_anchors, args)
+    report(rows, anchors, http_anchors, controls, args)
 
 
 # -- artifacts ------------------------------------------------------------------------------------
@@ -263,6 +281,7 @@ class Measured:
     ours: list[Row]  # the server (and, for GGUF, the server gathering events)
     anchor: Row | None  # llama.cpp in-process
     http_anchor: Row | None  # llama-server
+    control: Row | None = None  # a second llama-server against the first (--control)
 
 
 def measure_kind(
@@ -270,9 +289,8 @@ def measure_kind(
     ids: list[int], long_ids: list[int], args: argparse.Namespace, logs: Path, texts: tuple[str, str],
 ) -> Measured:  # fmt: skip
     """Our server and engine on ``folder`` and, given ``anchor_path``, llama.cpp itself on it (in-process
-    and, where installed, its own server), their repetitions interleaved."""
-    common = {"ids": ids, "long_ids": long_ids, "threads": args.threads, "tokens": args.tokens,
-              "cache_dir": str(args.cache_dir)}  # fmt: skip
+    and, where installed, its own server), their repetitions interleaved; every runtime is loaded
+    ``--loads`` times afresh, ``--reps`` rounds each."""
     row = Row(f"ours {name}", engine, bits, size_mb(folder))
     gathered = (
         Row(f"ours {name}, {args.interval_ms:g} ms", engine, bits, row.size_mb, gathered=True)
@@ -288,9 +306,35 @@ def measure_kind(
     http_anchor = (
         Row(f"llama-server {bits}", "llama-server", bits, anchor.size_mb) if binary and anchor else None
     )
+    control = (
+        Row(f"llama-server {bits} (2)", "llama-server", bits, anchor.size_mb)
+        if http_anchor is not None and args.control
+        else None
+    )
+    rows = Measured([row] + ([gathered] if gathered is not None else []), anchor, http_anchor, control)
+    for load in range(args.loads):
+        measure_load(rows, folder, anchor_path, binary, engine, name, ids, long_ids, args, logs, texts,
+                     load=load, clients=load == args.loads - 1)  # fmt: skip
+    if anchor is not None:
+        anchor.direct = anchor.decode
+        anchor.clients = statistics.median(anchor.decode)  # one sequence at a time
+    return rows
+
+
+def measure_load(
+    rows: Measured, folder: Path, anchor_path: Path | None, binary: Path | None, engine: str, name: str,
+    ids: list[int], long_ids: list[int], args: argparse.Namespace, logs: Path, texts: tuple[str, str],
+    *, load: int, clients: bool,
+) -> None:  # fmt: skip
+    """One load: every runtime started in its own process, ``--reps`` rounds, and (``clients``) the
+    16-client throughput; then every process stops."""
+    common = {"ids": ids, "long_ids": long_ids, "threads": args.threads, "tokens": args.tokens,
+              "cache_dir": str(args.cache_dir)}  # fmt: skip
+    row, gathered = rows.ours[0], (rows.ours[1] if len(rows.ours) > 1 else None)
+    anchor, http_anchor, control = rows.anchor, rows.http_anchor, rows.control
     workers: dict[str, Worker] = {}
     servers: dict[str, ServerProcess] = {}
-    llama_server: LlamaServer | None = None
+    llama_servers: dict[str, LlamaServer] = {}
     serve_args = ["--engine", engine, "--max-batch-size", str(args.clients), "--max-prompt-tokens", "4096"]
     try:
         if anchor_path is not None:
@@ -304,27 +348,27 @@ def measure_kind(
                 "smol", str(folder), *serve_args, "--stream-interval-ms", f"{args.interval_ms:g}",
                 log=logs / f"{engine}-{name}-gathered.log", threads=args.threads,
             ).wait_ready(300)  # fmt: skip
-        if binary is not None and anchor_path is not None:
-            llama_server = LlamaServer(
-                binary, anchor_path, args.threads, args.clients, logs / f"llama-server-{name}.log"
-            )
+        if binary is not None and anchor_path is not None and http_anchor is not None:
+            for key in ("llama-server", "control") if control is not None else ("llama-server",):
+                llama_servers[key] = LlamaServer(
+                    binary, anchor_path, args.threads, args.clients, logs / f"{key}-{name}.log"
+                )
         runs: dict[str, Callable[[], dict[str, object]]] = {
             "direct": lambda: workers["direct"].ask("decode"),
             **{
                 key: (lambda s=server: stream(s.url, texts[0], args.tokens))
                 for key, server in servers.items()
             },
+            **{key: (lambda s=server: s.stream(ids, args.tokens)) for key, server in llama_servers.items()},
         }
         if anchor is not None:
             runs["anchor"] = lambda: workers["anchor"].ask("decode")
-        if llama_server is not None:
-            runs["llama-server"] = lambda: llama_server.stream(ids, args.tokens)  # type: ignore[union-attr]
         order = list(runs)
         # Warm-up: one whole decode each (the workers did theirs when they loaded). A process's first
         # decodes here ran at a third of its later rate for seconds, whichever runtime it was.
         for server in servers.values():
             stream(server.url, texts[0], args.tokens)
-        if llama_server is not None:
+        for llama_server in llama_servers.values():
             llama_server.stream(ids, args.tokens)
         settle()
         for round_ in range(args.reps):
@@ -341,10 +385,11 @@ def measure_kind(
                 elif runtime == "llama-server" and http_anchor is not None:
                     http_anchor.tokens = list(answer["tokens"])  # type: ignore[call-overload]
             row.direct.append(rates["direct"])
-            for key, ours in (("server", row), ("gathered", gathered)):
+            for key, ours in (("server", row), ("gathered", gathered), ("control", control)):
                 if ours is None:
                     continue
                 ours.decode.append(rates[key])
+                ours.loads.append(load)
                 if anchor is not None:
                     ours.in_process.append(rates[key] / rates["anchor"])
                 if http_anchor is not None:
@@ -353,9 +398,10 @@ def measure_kind(
                 anchor.decode.append(rates["anchor"])
                 anchor.prefill.append(float(workers["anchor"].ask("prefill")["rate"]))  # type: ignore[arg-type]
                 settle()
-            if http_anchor is not None and llama_server is not None:
+            if http_anchor is not None and "llama-server" in llama_servers:
                 http_anchor.decode.append(rates["llama-server"])
-                http_anchor.prefill.append(len(long_ids) / float(llama_server.stream(long_ids, 1)["ttft"]))  # type: ignore[arg-type]
+                ttft = llama_servers["llama-server"].stream(long_ids, 1)["ttft"]
+                http_anchor.prefill.append(len(long_ids) / float(ttft))  # type: ignore[arg-type]
                 settle()
             # Both servers' prefill in turns too: timed in a fixed order, the second read 3-8% faster.
             pair = [("server", row), ("gathered", gathered)]
@@ -365,33 +411,32 @@ def measure_kind(
                     settle()
         for worker in workers.values():  # nothing else runs while a server is loaded by 16 clients
             worker.close()
+        if not clients:
+            return
         loads = [(row, servers["server"].url, COMPLETIONS)]
         if gathered is not None:
             loads.append((gathered, servers["gathered"].url, COMPLETIONS))
-        if http_anchor is not None and llama_server is not None:
-            loads.append((http_anchor, llama_server.url, "/v1/completions"))
+        if http_anchor is not None and "llama-server" in llama_servers:
+            loads.append((http_anchor, llama_servers["llama-server"].url, "/v1/completions"))
         for target, url, path in loads:
             settle()
-            load = asyncio.run(
+            load_test = asyncio.run(
                 closed_loop(url, "smol", prompts(args.cache_dir, 64), clients=args.clients, max_tokens=64,
                             requests_per_client=2, path=path)
             )  # fmt: skip
-            if load.failed:
+            if load_test.failed:
                 raise SystemExit(
-                    f"{target.name}: {load.failed} of {load.ok + load.failed} requests failed: {load.errors[:2]}"
+                    f"{target.name}: {load_test.failed} of {load_test.ok + load_test.failed} requests failed: "
+                    f"{load_test.errors[:2]}"
                 )
-            target.clients = load.tokens / load.seconds
+            target.clients = load_test.tokens / load_test.seconds
     finally:
         for worker in workers.values():
             worker.close()
         for server in servers.values():
             server.stop()
-        if llama_server is not None:
+        for llama_server in llama_servers.values():
             llama_server.stop()
-    if anchor is not None:
-        anchor.direct = anchor.decode
-        anchor.clients = statistics.median(anchor.decode)  # one sequence at a time
-    return Measured([row] + ([gathered] if gathered is not None else []), anchor, http_anchor)
 
 
 def settle(seconds: float = 0.3) -> None:
@@ -636,7 +681,11 @@ def med(values: list[float]) -> float:
 
 
 def report(
-    rows: list[Row], anchors: dict[str, Row], http_anchors: dict[str, Row], args: argparse.Namespace
+    rows: list[Row],
+    anchors: dict[str, Row],
+    http_anchors: dict[str, Row],
+    controls: list[Row],
+    args: argparse.Namespace,
 ) -> None:
     print()
     header = (
@@ -651,6 +700,9 @@ def report(
         http_anchor = http_anchors.get(kind)
         if http_anchor is not None:
             print(line(http_anchor, None, anchor))
+        for control in controls:
+            if control.bits == kind:
+                print(line(control, http_anchor, anchor))
         for row in rows:
             if row.engine == "llama.cpp" and row.bits == kind:
                 print(line(row, http_anchor, anchor))
@@ -667,14 +719,23 @@ def report(
         print(f"decode through autoglm serve against {name}, at the same bits:")
         for row in measured:
             each = " ".join(f"{r:.2f}" for r in getattr(row, ratios))
-            print(f"  {row.name}: each round {each}; {describe_ratios(getattr(row, ratios))}")
+            per_load = " ".join(f"{r:.3f}" for r in group_medians(getattr(row, ratios), row.loads))
+            print(
+                f"  {row.name}: each round {each}; each load's median {per_load}; {describe_ratios(getattr(row, ratios))}"
+            )
         worst = min(measured, key=lambda r: med(getattr(r, ratios)))
         print(f"  worst: {worst.name} {med(getattr(worst, ratios)):.2f}x")
-        for label, chosen in (("an event per token", [r for r in measured if not r.gathered]),
-                              (f"{args.interval_ms:g} ms events", [r for r in measured if r.gathered])):  # fmt: skip
+        groups = [(label, chosen) for label, chosen in (
+            ("an event per token", [r for r in measured if not r.gathered]),
+            (f"{args.interval_ms:g} ms events", [r for r in measured if r.gathered]),
+            ("llama-server against itself (--control)", [r for r in controls if getattr(r, ratios)] if ratios == "paired" else []),
+        ) if chosen]  # fmt: skip
+        for label, chosen in groups:
             every = [x for r in chosen for x in getattr(r, ratios)]
-            if every:
-                print(f"  all kinds' rounds, {label}: {describe_ratios(every)}")
+            loads = [m for r in chosen for m in group_medians(getattr(r, ratios), r.loads)]
+            print(f"  {label}, all kinds' rounds: {describe_ratios(every)}")
+            print(f"  {label}, all kinds' loads ({len(loads)} load medians; the spread between processes counts): "
+                  f"{describe_ratios(loads)}")  # fmt: skip
     torch_rows = [r for r in rows if r.engine == "torch" and r.bits in anchors]
     if torch_rows:
         best = max(med(r.decode) / med(anchors[r.bits].decode) for r in torch_rows)
@@ -693,7 +754,7 @@ def line(row: Row, http_anchor: Row | None, anchor: Row | None) -> str:
     server = in_process = same = ""
     if http_anchor is not None and row is not http_anchor:
         decode = med(row.paired) if row.paired else med(row.decode) / med(http_anchor.decode)
-        server = f"{decode:.2f}x  {med(row.prefill) / med(http_anchor.prefill):.2f}x  {row.clients / http_anchor.clients:.2f}x"
+        server = f"{decode:.2f}x  {ratio(med(row.prefill), med(http_anchor.prefill))}  {ratio(row.clients, http_anchor.clients)}"
     if anchor is not None and row is not anchor:
         in_process = f"{med(row.in_process) if row.in_process else med(row.decode) / med(anchor.decode):.2f}x"
         if row.tokens:
@@ -705,6 +766,11 @@ def line(row: Row, http_anchor: Row | None, anchor: Row | None) -> str:
         f"{row.name:<24}{row.engine:<13}{row.size_mb:>6.0f}{med(row.decode):>14.1f}{med(row.direct):>9.1f}"
         f"{med(row.prefill):>15.0f}{row.clients:>12.1f}{server:>45}{in_process:>24}{same:>16}"
     )
+
+
+def ratio(value: float, anchor: float) -> str:
+    """``1.02x``, or ``-`` where either was not measured."""
+    return "-" if math.isnan(value) or math.isnan(anchor) else f"{value / anchor:.2f}x"
 
 
 def cpu_flags() -> set[str]:

@@ -68,7 +68,9 @@ class Job:
     joules: float = 0.0
     energy_method: Method = "cpu-time-model"
     _loop: asyncio.AbstractEventLoop | None = None
-    _events: asyncio.Queue[list[Event]] | None = None
+    #: Events handed over and not read yet: the engine thread appends, the reader pops.
+    _events: deque[Event] | None = None
+    _reader: asyncio.Future[None] | None = None  # the reader waits on it while ``_events`` is empty
     _cancelled: threading.Event = field(default_factory=threading.Event)
     _done: threading.Event = field(default_factory=threading.Event)
     _engine: Engine | None = None
@@ -88,15 +90,26 @@ class Job:
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
 
+    async def next_batch(self) -> list[Event]:
+        """The events handed over since the last call (at least one; a ``Finished`` comes last, and
+        nothing after it), so a reader that fell behind, or a job with a stream interval, handles
+        several tokens at once. A coroutine, not an async generator: the streaming path runs it once
+        per token on the thread that shares the cores with decode."""
+        events, loop = self._events, self._loop
+        assert events is not None, "submit the job from a running event loop first"
+        assert loop is not None
+        while not events:
+            self._reader = loop.create_future()
+            try:
+                await self._reader
+            finally:
+                self._reader = None
+        return [events.popleft() for _ in range(len(events))]
+
     async def batches(self) -> AsyncIterator[list[Event]]:
-        """The events handed over since the last batch (at least one; a ``Finished`` comes last), so
-        a reader that fell behind, or a job with a stream interval, handles several tokens at once."""
-        queue = self._events
-        assert queue is not None, "submit the job from a running event loop first"
+        """``next_batch`` until the ``Finished`` event."""
         while True:
-            batch = list(await queue.get())
-            while not queue.empty():
-                batch += queue.get_nowait()
+            batch = await self.next_batch()
             yield batch
             if isinstance(batch[-1], Finished):
                 return
@@ -122,8 +135,15 @@ class Job:
         self._handed_at = time.perf_counter()
         batch, self._held = self._held, []
         if self._loop is not None and self._events is not None:
+            self._events.extend(batch)
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening any more
-                self._loop.call_soon_threadsafe(self._events.put_nowait, batch)
+                self._loop.call_soon_threadsafe(self._wake_reader)
+
+    def _wake_reader(self) -> None:
+        """On the event loop: the reader, if it waits, has events to read."""
+        reader = self._reader
+        if reader is not None and not reader.done():
+            reader.set_result(None)
 
 
 class EngineObserver(Protocol):
@@ -234,7 +254,7 @@ class Engine:
         """Queue ``job``; raises ``QueueFullError`` when ``max_queue`` jobs already wait."""
         with contextlib.suppress(RuntimeError):
             job._loop = asyncio.get_running_loop()
-            job._events = asyncio.Queue()
+            job._events = deque()
         with self._cond:
             if self._stopping:
                 raise QueueFullError(self.max_queue, retry_after=1.0, reason="the revision is being unloaded")

@@ -87,14 +87,15 @@ class RequestGuard:
         counted = scope.get("method") == "POST" and scope.get("path", "").startswith(INFERENCE_PREFIXES)
         status: list[int] = []
 
-        async def send_with_id(message: Message) -> None:
+        def send_with_id(message: Message) -> Awaitable[None]:
+            # Not a coroutine of its own: a streamed answer passes each event through here.
             if message["type"] == "http.response.start":
                 status.append(int(message["status"]))
                 raw = list(message.get("headers", []))
                 if not any(k.lower() == REQUEST_ID_HEADER.encode() for k, _ in raw):
                     raw.append((REQUEST_ID_HEADER.encode(), request_id.encode()))
                 message["headers"] = raw
-            await send(message)
+            return send(message)
 
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_body_bytes:

@@ -13,11 +13,10 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Self
 
-import tokenizers
 from jinja2 import TemplateError
 from pydantic import (
     BaseModel,
@@ -31,10 +30,10 @@ from pydantic import (
     model_validator,
 )
 from pydantic_core import PydanticCustomError
-from tokenizers.decoders import DecodeStream
 
 from autoglm_core.errors import AutoGLMError
 from autoglm_core.feedback.records import RequestRecord
+from autoglm_inference.detokenize import Detokenizer
 from autoglm_inference.engine import Finished, Job, Token
 from autoglm_inference.faults import NONE as NO_FAULT
 from autoglm_inference.faults import Fault, Faults
@@ -340,44 +339,6 @@ class LMService:
         return (variant if applied else NONE), [int(i) for i in ids]
 
 
-class Detokenizer:
-    """The text of a growing list of token ids, decoding only its end (as TGI and vLLM do).
-
-    With a fast tokenizer it is ``tokenizers``' own incremental decoder (``DecodeStream``: one Rust
-    call per token, which keeps the piece before the new tokens and holds back half characters).
-    Otherwise: the tokens since the last complete piece and the piece before them, which byte-level
-    BPE and SentencePiece need to place spaces. Decoding the whole list for every token cost time
-    that grows with the answer, on the thread the engine shares the interpreter with."""
-
-    def __init__(self, tokenizer: Any, *, incremental: bool = True) -> None:
-        self.tokenizer = tokenizer
-        self.text = ""
-        self._prefix = 0  # the window starts here
-        self._read = 0  # tokens up to here are in ``text``
-        backend = getattr(tokenizer, "_tokenizer", None)
-        self._backend = backend if isinstance(backend, tokenizers.Tokenizer) else None
-        use = incremental and self._backend is not None
-        self._stream = DecodeStream(skip_special_tokens=True) if use else None
-
-    def add(self, ids: Sequence[int]) -> str:
-        """The text of ``ids`` so far (``ids`` extends what was given before); a trailing half
-        character is held back until the token that completes it."""
-        if self._stream is not None and self._backend is not None:
-            for token in ids[self._read :]:
-                piece = self._stream.step(self._backend, token)
-                if piece:
-                    self.text += piece
-            self._read = len(ids)
-            return self.text
-        decode = self.tokenizer.decode
-        before = str(decode(ids[self._prefix : self._read], skip_special_tokens=True))
-        window = str(decode(ids[self._prefix :], skip_special_tokens=True))
-        if len(window) > len(before) and not window.endswith("\ufffd"):
-            self.text += window[len(before) :]
-            self._prefix, self._read = self._read, len(ids)
-        return self.text
-
-
 def _prompt_chars(request: GenerateRequest) -> int:
     return len(request.prompt or "") + sum(len(m.content) for m in request.messages or [])
 
@@ -461,7 +422,8 @@ class Generation:
         ids: list[int] = []
         shown = 0
         try:
-            async for batch in self.job.batches():
+            while True:
+                batch = await self.job.next_batch()
                 for event in batch:
                     if isinstance(event, Token):
                         ids.append(event.id)

@@ -7,6 +7,7 @@ import math
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
@@ -61,3 +62,18 @@ def test_the_verdict_is_what_the_printed_bounds_say() -> None:
     assert bench_stats.median_interval(values)[1] == 0.9996
     text = bench_stats.describe_ratios(values)
     assert "-1.000x: level with the anchor" in text
+
+
+def test_group_medians_take_each_loads_rounds_apart() -> None:
+    """Rounds measured in the same processes are summarised per load, in the loads' order, each the
+    median numpy gives for its own rounds."""
+    rng = random.Random(3)
+    loads = [0, 1, 2, 0, 1, 2, 0, 1, 2, 0]
+    values = [rng.lognormvariate(0, 0.05) for _ in loads]
+    expected = [
+        float(np.median([v for v, g in zip(values, loads, strict=True) if g == group])) for group in (0, 1, 2)
+    ]
+    assert bench_stats.group_medians(values, loads) == pytest.approx(expected)
+    assert bench_stats.group_medians([1.0, 2.0], [5, 4]) == [1.0, 2.0]  # first seen, first out
+    with pytest.raises(ValueError, match="2 values but 1 group"):
+        bench_stats.group_medians([1.0, 2.0], [0])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 import time
 
@@ -330,3 +331,59 @@ def test_a_jobs_steps_are_recorded_before_its_end_goes_out(model: torch.nn.Modul
         assert at_end == {4: [2, 2, 2], 9: [2, 2, 2] + [1] * 5}
     finally:
         engine.stop()
+
+
+@pytest.mark.parametrize("pace", ["lock-step", "flood"])
+def test_every_event_handed_over_from_the_engine_thread_reaches_the_reader_in_order(
+    model: torch.nn.Module, pace: str
+) -> None:
+    """The hand-over between the engine's thread and the event loop (a deque and a future, no
+    asyncio.Queue) loses no event and no wake-up. Lock-step: each event is emitted as the reader goes
+    back to wait for the next, with the threads switching as often as the interpreter can; a reader
+    left asleep times the emitter out. Flood: thousands emitted as fast as a thread can to a reader
+    that dawdles: all arrive, in order, several at a time."""
+    engine = Engine(model, max_batch_delay_ms=0)  # not started: this test's thread plays its worker
+    count = 2000 if pace == "lock-step" else 5000
+    seen = threading.Event()
+    stuck: list[int] = []
+
+    async def scenario() -> list[list[object]]:
+        job = engine.submit(Job(PROMPTS[0], count))
+
+        def emit() -> None:
+            for i in range(count):
+                job._emit(Token(i))
+                if pace == "lock-step":
+                    if not seen.wait(10):
+                        stuck.append(i)
+                        break
+                    seen.clear()
+            job._emit(Finished("length"))
+
+        thread = threading.Thread(target=emit)
+        thread.start()
+        batches: list[list[object]] = []
+        try:
+            async with asyncio.timeout(60):
+                async for batch in job.batches():
+                    batches.append(batch)
+                    seen.set()
+                    if pace == "flood" and len(batches) % 7 == 0:
+                        await asyncio.sleep(0.002)
+        finally:
+            thread.join()
+        return batches
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # the threads interleave between almost any two bytecodes: races show
+    try:
+        batches = asyncio.run(scenario())
+    finally:
+        sys.setswitchinterval(switch)
+    assert not stuck, f"event {stuck[0]} was handed over but the reader never woke for it"
+    events = [e for batch in batches for e in batch]
+    assert [e.id for e in events[:-1] if isinstance(e, Token)] == list(range(count))
+    assert events[-1] == Finished("length")
+    assert all(batch for batch in batches)  # never an empty hand-over
+    if pace == "flood":
+        assert len(batches) < count  # a reader that fell behind took several events at once

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator
+from json.encoder import encode_basestring_ascii  # json.dumps(str), in C
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
@@ -127,7 +128,7 @@ async def openai_reply(generation: Generation, body: dict[str, Any], *, chat: bo
     before, _, after = chunk(_MARK, None).partition(json.dumps(_MARK).encode())
 
     def text_chunk(delta: str) -> bytes:
-        return before + json.dumps(delta).encode() + after
+        return before + encode_basestring_ascii(delta).encode() + after
 
     # Wait for the first text before the status line goes out, so a request that fails before it
     # produced anything (unloaded while queued, a failed prefill) gets its real status code.
