@@ -33,7 +33,8 @@ _REPLACEMENT = "\ufffd"
 
 def byte_pieces(tokenizer: Any) -> list[bytes] | None:
     """Each token id's bytes (``b""`` for special tokens), where ``tokenizer`` is a fast tokenizer
-    whose decoder is byte-level alone; else ``None``. Built once and kept on the tokenizer."""
+    whose decoder is byte-level alone; else ``None``. Built once and kept on the tokenizer: 85 ms
+    for SmolLM2's 49152 tokens here, so a revision builds it as it loads, not on the event loop."""
     cached = tokenizer.__dict__.get("_autoglm_byte_pieces", False)
     if cached is not False:
         return cached  # type: ignore[no-any-return]

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from autoglm_core.errors import AutoGLMError
 from autoglm_inference.artifact import ArtifactError, LoadedArtifact, load
+from autoglm_inference.detokenize import byte_pieces
 from autoglm_inference.engine import Engine, Job
 from autoglm_inference.options import EngineChoice
 
@@ -303,6 +304,7 @@ class _How:
 def _build(uri: str, sha256: str | None, make_engine: EngineFactory, cache_dir: Path, how: _How) -> Revision:
     loaded = load(uri, cache_dir=cache_dir, expected_sha256=sha256, engine=how.engine, device=how.device)
     _return_freed_memory()  # loading builds and drops a float model first
+    byte_pieces(loaded.tokenizer)  # the streaming detokenizer's table: here, not on the first stream's loop
     return Revision(loaded=loaded, engine=make_engine(loaded).start())
 
 

@@ -204,3 +204,18 @@ def test_an_unlisted_file_is_refused_even_with_the_right_digest(
     with pytest.raises(ArtifactError, match=r"chat_template\.jinja not listed") as refused:
         verify("a", copy, digest)
     assert refused.value.status == 422
+
+
+@pytest.mark.asyncio
+async def test_the_streaming_detokenizers_table_is_built_with_the_revision_not_on_its_first_stream(
+    folders: dict[str, Path], tmp_path: Path
+) -> None:
+    """The byte table (tens of ms for a real vocabulary) is built where the revision loads: at start
+    and in a swap's thread, never on the event loop by the first request that streams."""
+    r = router(folders["a"], tmp_path)
+    try:
+        assert r.table.stable.loaded.tokenizer.__dict__.get("_autoglm_byte_pieces")
+        new = await r.swap(str(folders["b"]), sha256=None)
+        assert new.loaded.tokenizer.__dict__.get("_autoglm_byte_pieces")
+    finally:
+        await r.close()
