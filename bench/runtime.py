@@ -110,7 +110,7 @@ class Row:
     clients: float = float("nan")
     tokens: list[int] = field(default_factory=list)  # the first greedy tokens, for the same-output check
     gathered: bool = False  # our server with --stream-interval-ms (several tokens an event)
-    loads: list[int] = field(default_factory=list)  # which load each round of ``paired`` ran in
+    loads: list[int] = field(default_factory=list)  # the load each round of the ratios ran in
 
 
 def main() -> None:
