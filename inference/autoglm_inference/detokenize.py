@@ -16,19 +16,69 @@ Three ways, the fastest the tokenizer allows:
 
 Decoding the whole list for every token would cost time that grows with the answer, on the thread
 that shares the cores with decode (as TGI and vLLM, only the end is decoded).
+
+Where the tokenizer's ``decode`` cleans up tokenization spaces (transformers'
+``clean_up_tokenization``: ``" ."`` to ``"."``, ``" n't"`` to ``"n't"``, ...; on for WordPiece and
+SentencePiece tokenizers that ask for it, off for BPE ones unless forced), the streamed text is
+cleaned the same way: the raw text is cleaned up to its last point that no replacement can straddle,
+and a tail that could begin one (``" "``, ``" n"``, ``" '"``, ...) waits for the next token. Without
+this the streamed text differed from the answer's whole decode, and the end of an answer whose
+last tokens came with its end could be cut short.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 import tokenizers
 from tokenizers.decoders import DecodeStream
 
-__all__ = ["Detokenizer", "byte_pieces"]
+__all__ = ["Detokenizer", "byte_pieces", "cleans_up_spaces"]
+
+log = logging.getLogger(__name__)
 
 _REPLACEMENT = "\ufffd"
+
+#: What transformers' ``clean_up_tokenization`` replaces, in its order (each by itself less its
+#: leading space, and ``" ' "`` by ``"'"``).
+_CLEANED = (" .", " ?", " !", " ,", " ' ", " n't", " 'm", " 's", " 've", " 're")
+_CLEANED_CHARS = frozenset("".join(_CLEANED))
+#: How far before a cut a space may be and still begin a replacement that reaches past the cut:
+#: no replacement reads more than three characters after a space without meeting another one
+#: (``" n't"``, ``" 've"``; ``" n ' t"`` becomes ``" n't"`` once ``" ' "`` is replaced, then
+#: ``"n't"``), so chaining back from space to space finds where none straddles.
+_REACH = 3
+_FORCE_BPE_CLEAN_UP = "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output"
+
+
+def cleans_up_spaces(tokenizer: Any) -> bool:
+    """Whether ``tokenizer.decode`` applies ``clean_up_tokenization`` by default, as transformers
+    decides it: the tokenizer asks for it, and it is not a fast BPE tokenizer (skipped there unless
+    ``clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output`` forces it)."""
+    if not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return False
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if isinstance(backend, tokenizers.Tokenizer) and type(backend.model).__name__ == "BPE":
+        return bool(getattr(tokenizer, _FORCE_BPE_CLEAN_UP, False))
+    return True
+
+
+def _settled(raw: str, floor: int) -> int:
+    """Where ``raw`` can be cut (at ``floor`` or after) so that no replacement straddles the cut,
+    whatever text comes next: moved back before a space at most ``_REACH`` characters before it from
+    which on every character is one the clean-up reads, as long as there is one. Text that ends in
+    any other character (a letter outside ``n't've're``, a digit, a newline) is cut at its end."""
+    cut = len(raw)
+    while cut > floor and raw[cut - 1] in _CLEANED_CHARS:
+        for start in range(max(floor, cut - _REACH), cut):
+            if raw[start] == " " and _CLEANED_CHARS.issuperset(raw[start:cut]):
+                cut = start
+                break
+        else:
+            break
+    return cut
 
 
 def byte_pieces(tokenizer: Any) -> list[bytes] | None:
@@ -62,7 +112,8 @@ def byte_pieces(tokenizer: Any) -> list[bytes] | None:
 
 class Detokenizer:
     """``add(ids)`` with ``ids`` extending what was given before returns the text so far; a trailing
-    half character is held back until the token that completes it."""
+    half character (or the start of a space the tokenizer's clean-up may remove) is held back until
+    the token that completes it. ``finish(ids)`` gives the whole text, what ``decode`` gives."""
 
     def __init__(self, tokenizer: Any, *, incremental: bool = True, pieces: bool = True) -> None:
         self.tokenizer = tokenizer
@@ -75,6 +126,10 @@ class Detokenizer:
         self._pending = b""  # bytes of a character not complete yet
         use = incremental and self._pieces is None and self._backend is not None
         self._stream = DecodeStream(skip_special_tokens=True) if use else None
+        self._cleans = cleans_up_spaces(tokenizer)
+        # With ``_cleans``: the text before clean-up; ``text`` is it cleaned, up to ``_cleaned``.
+        self._raw = ""
+        self._cleaned = 0
 
     @property
     def mode(self) -> str:
@@ -92,20 +147,52 @@ class Detokenizer:
                 if text.endswith(_REPLACEMENT):
                     self._pending = pending
                 else:
-                    self.text += text
                     self._pending = b""
+                    self._append(text)
             return self.text
         if self._stream is not None and self._backend is not None:
             for token in ids[self._read :]:
                 piece = self._stream.step(self._backend, token)
                 if piece:
-                    self.text += piece
+                    self._append(piece)
             self._read = len(ids)
             return self.text
-        decode = self.tokenizer.decode
-        before = str(decode(ids[self._prefix : self._read], skip_special_tokens=True))
-        window = str(decode(ids[self._prefix :], skip_special_tokens=True))
+        before = self._decode(ids[self._prefix : self._read])
+        window = self._decode(ids[self._prefix :])
         if len(window) > len(before) and not window.endswith(_REPLACEMENT):
-            self.text += window[len(before) :]
+            self._append(window[len(before) :])
             self._prefix, self._read = self._read, len(ids)
         return self.text
+
+    def finish(self, ids: Sequence[int]) -> str:
+        """The whole text of ``ids``, what ``decode`` gives (with what was held back: a half character
+        decodes to U+FFFD there), streamed text first. Decodes the whole list once."""
+        whole = self._decode(ids)
+        raw = self._raw if self._cleans else self.text
+        if not whole.startswith(raw):
+            # Not seen with any tokenizer tested; the text already streamed stands, so the answer
+            # a client assembles from its stream and the one it is told at the end agree.
+            log.warning("the tokenizer's whole decode does not extend the text streamed; its end is dropped")
+            whole = raw
+        if self._cleans:
+            self._raw = whole
+            self.text += self.tokenizer.clean_up_tokenization(whole[self._cleaned :])
+            self._cleaned = len(whole)
+        else:
+            self.text = whole
+        self._read = len(ids)
+        return self.text
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        """``ids``' text before any clean-up of spaces."""
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False))
+
+    def _append(self, piece: str) -> None:
+        if not self._cleans:
+            self.text += piece
+            return
+        raw = self._raw = self._raw + piece
+        cut = _settled(raw, self._cleaned)
+        if cut > self._cleaned:  # no replacement straddles ``cut``: the text before it is final
+            self.text += self.tokenizer.clean_up_tokenization(raw[self._cleaned : cut])
+            self._cleaned = cut

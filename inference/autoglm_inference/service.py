@@ -417,8 +417,7 @@ class Generation:
         sequences are cut and never shown."""
         stops = self.request.stop
         hold = max((len(s) for s in stops), default=1) - 1
-        tokenizer = self.revision.loaded.tokenizer
-        detokenizer = Detokenizer(tokenizer)
+        detokenizer = Detokenizer(self.revision.loaded.tokenizer)
         ids: list[int] = []
         shown = 0
         try:
@@ -444,7 +443,7 @@ class Generation:
                         if event.reason == "unavailable":
                             raise UnavailableError(event.error or "the model revision is unavailable")
                         self.finish_reason = self.finish_reason or event.reason
-                        self.text = str(tokenizer.decode(self.job.generated, skip_special_tokens=True))
+                        self.text = detokenizer.finish(self.job.generated)
                         self._cut_at_stop(self.text, len(self.job.generated))
                         if len(self.text) > shown:
                             yield self.text[shown:]

@@ -7,16 +7,18 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from transformers import AutoTokenizer
 
 import autoglm_inference.service as service_module
 from autoglm_inference.artifact import LoadedArtifact
 from autoglm_inference.engine import Engine
+from autoglm_inference.generation import Sampling
 from autoglm_inference.limits import ContextTooLongError, Limits, PromptTooLongError, TooManyNewTokensError
 from autoglm_inference.prompts import PromptVariants, UnknownVariantError, Variants, with_system_prompt
 from autoglm_inference.revisions import Router
@@ -112,6 +114,75 @@ async def test_gathered_tokens_stream_the_same_text_and_stop_at_the_same_token(
     assert held.finish_reason == one.finish_reason == "stop"
     # the tokens up to the one that completed the stop, not every token handed over with it
     assert held.completion_tokens == one.completion_tokens < whole.completion_tokens
+
+
+class ScriptedRuntime:
+    """Answers every prompt with ``script``, a token a step: a model whose answer the test chooses."""
+
+    name = "scripted"
+
+    def __init__(self, script: list[int]) -> None:
+        self.script = script
+
+    def prefill(self, prompts: Sequence[Sequence[int]], sampling: Sequence[Sampling]) -> ScriptedBatch:
+        return ScriptedBatch(self.script, [0] * len(prompts))
+
+    def idle(self) -> None:
+        pass
+
+    def release(self) -> None:
+        pass
+
+
+class ScriptedBatch:
+    def __init__(self, script: list[int], at: list[int]) -> None:
+        self.script, self.at = script, at
+
+    @property
+    def size(self) -> int:
+        return len(self.at)
+
+    def next_tokens(self) -> list[int]:
+        return [self.script[at % len(self.script)] for at in self.at]
+
+    def step(self) -> None:
+        time.sleep(0.002)  # a model takes its time: the reader keeps up and gets a token at a time
+        self.at = [at + 1 for at in self.at]
+
+    def keep(self, rows: Sequence[int]) -> None:
+        self.at = [self.at[row] for row in rows]
+
+    def merge(self, other: ScriptedBatch) -> None:
+        self.at += other.at
+
+
+@pytest.mark.asyncio
+async def test_an_answer_whose_spaces_the_tokenizer_cleans_up_streams_as_it_is_given_whole(
+    folder: Path, tmp_path: Path
+) -> None:
+    """Before, the stream showed the text before transformers' clean-up (" ." for "."), and the
+    answer's end, decoded whole and cleaned, was shorter than what had been shown, so its last
+    characters were never sent where a stop sequence had held them back."""
+    script = AutoTokenizer.from_pretrained(folder).encode(
+        "Yes , I 'm sure it 's done . Bye !", add_special_tokens=False
+    )
+    router = Router.load_first(
+        "m", str(folder), sha256=None, cache_dir=tmp_path,
+        make_engine=lambda loaded: Engine(ScriptedRuntime(script), max_batch_delay_ms=0),
+    )  # fmt: skip
+    tokenizer = router.table.stable.loaded.tokenizer
+    tokenizer.clean_up_tokenization_spaces = True
+    tokenizer.clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output = True  # a BPE one
+    whole = tokenizer.decode(script, skip_special_tokens=True)
+    assert whole == "Yes, I'm sure it's done. Bye!"
+    service = LMService("m", router, prompts=PromptVariants(), limits=Limits())
+    try:
+        for stop in ([], ["zz"]):  # a stop sequence holds the last character back until the end
+            generation = service.start(GenerateRequest(prompt=PROMPT, max_tokens=len(script), stop=stop))
+            streamed = [d async for d in generation.deltas()]
+            assert "".join(streamed) == generation.text == whole
+    finally:
+        router.table.stable.engine.stop()
 
 
 @pytest.mark.asyncio
