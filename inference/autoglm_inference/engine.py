@@ -27,9 +27,9 @@ from typing import Literal, Protocol
 from torch import nn
 
 from autoglm_core.energy import EnergyMeter, EnergyReading, Method
-from autoglm_inference.generation import Sampling
 from autoglm_inference.limits import QueueFullError
 from autoglm_inference.runtime import Batch, Runtime, TorchRuntime
+from autoglm_inference.sampling import Sampling
 
 log = logging.getLogger(__name__)
 

@@ -12,24 +12,16 @@ Synchronous and single-threaded: the engine (``engine.py``) owns the thread that
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from autoglm_inference.sampling import Sampling, row_generator, sample_row
 from autoglm_modeling.loading import cache_kwargs
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """Greedy when ``temperature`` is 0; otherwise temperature and nucleus (``top_p``) sampling."""
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
 
 
 class DecodeBatch:
@@ -42,7 +34,7 @@ class DecodeBatch:
         positions: torch.Tensor,
         tokens: torch.Tensor,
         sampling: list[Sampling],
-        generators: list[torch.Generator | None],
+        generators: list[np.random.Generator | None],
     ) -> None:
         self.cache = cache
         self.mask = mask  # [rows, cache length] 1 for real tokens
@@ -84,7 +76,7 @@ class DecodeBatch:
             **cache_kwargs(model, cache),
             logits_to_keep=1,  # only the last position: [rows, prompt, vocab] logits would be GBs
         )
-        generators = [row_generator(s, device) for s in sampling]
+        generators = [row_generator(s) for s in sampling]
         batch = cls(
             cache=cache,
             mask=mask,
@@ -162,7 +154,7 @@ class DecodeBatch:
         tokens = logits.argmax(-1)
         for row, (sampling, generator) in enumerate(zip(self.sampling, self.generators, strict=True)):
             if sampling.temperature > 0:
-                tokens[row] = sample_row(logits[row].float(), sampling, generator)
+                tokens[row] = sample_row(logits[row].float().cpu().numpy(), sampling, generator)
         return tokens
 
 
@@ -181,26 +173,3 @@ def model_device(model: nn.Module) -> torch.device:
     for tensor in (*model.parameters(), *model.buffers()):
         return tensor.device
     return torch.device("cpu")
-
-
-def row_generator(sampling: Sampling, device: torch.device) -> torch.Generator | None:
-    """A row's random generator: None when greedy, seeded when the request gives a seed."""
-    if sampling.temperature <= 0:
-        return None
-    generator = torch.Generator(device=device)
-    if sampling.seed is not None:
-        generator.manual_seed(sampling.seed)
-    else:
-        generator.seed()
-    return generator
-
-
-def sample_row(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> torch.Tensor:
-    """One token from a row's fp32 logits: temperature, then the smallest nucleus within ``top_p``."""
-    probs = torch.softmax(logits / sampling.temperature, dim=-1)
-    if sampling.top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        outside = sorted_probs.cumsum(-1) - sorted_probs > sampling.top_p  # keep the smallest nucleus
-        sorted_probs[outside] = 0.0
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator)[0]

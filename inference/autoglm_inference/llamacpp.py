@@ -9,7 +9,7 @@ their cache cells). The engine above owns the thread; nothing here is thread-saf
 
 Token ids come from the artifact's Hugging Face tokenizer, the same ids as the torch runtime sees;
 llama.cpp's own tokenizer is never used. Greedy picks the arg-max of the logits llama.cpp returns;
-temperature and nucleus sampling are the torch runtime's own (``sample_row``), on these logits.
+temperature and nucleus sampling are the torch runtime's own (``sampling.sample_row``), on these logits.
 
 Low-level ``llama_cpp`` calls (``llama-cpp-python``, the optional ``llamacpp`` extra) rather than
 its ``Llama`` class: that class decodes one sequence at a time, and batching is what a server needs.
@@ -22,16 +22,13 @@ import weakref
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 
-from autoglm_inference.generation import Sampling, row_generator, sample_row
+from autoglm_inference.sampling import Sampling, row_generator, sample_row
 from autoglm_modeling.llamacpp import LlamaCppError, LlamaCppModel, default_threads
 
 __all__ = ["LlamaCppBatch", "LlamaCppError", "LlamaCppRuntime", "default_threads"]
 
 log = logging.getLogger(__name__)
-
-_CPU = torch.device("cpu")
 
 #: The llama.cpp runtimes of this process that have rows decoding. Where two decode in turns (a canary
 #: beside its stable, the overlap of a hot-swap; the server runs one step at a time), each lets its
@@ -110,7 +107,7 @@ class LlamaCppBatch:
         self.seqs = seqs
         self.positions = positions  # the position of the token fed next, per row
         self.sampling = sampling
-        self.generators = [row_generator(s, _CPU) for s in sampling]
+        self.generators = [row_generator(s) for s in sampling]
         self.tokens: list[int] = []
         self._greedy = all(s.temperature <= 0 for s in sampling)
 
@@ -160,4 +157,4 @@ class LlamaCppBatch:
         if sampling.temperature <= 0:
             return int(logits.argmax())
         # The torch runtime's sampler on llama.cpp's logits: one rule, one seeded generator kind.
-        return int(sample_row(torch.from_numpy(logits.astype(np.float32)), sampling, self.generators[row]))
+        return sample_row(logits, sampling, self.generators[row])

@@ -13,7 +13,8 @@ from typing import Any, Literal, Protocol
 
 from torch import nn
 
-from autoglm_inference.generation import DecodeBatch, Sampling
+from autoglm_inference.generation import DecodeBatch
+from autoglm_inference.sampling import Sampling
 
 #: The runtimes ``autoglm serve --engine`` names.
 EngineKind = Literal["torch", "llama.cpp"]

@@ -37,7 +37,6 @@ from autoglm_inference.detokenize import Detokenizer
 from autoglm_inference.engine import Finished, Job, Token
 from autoglm_inference.faults import NONE as NO_FAULT
 from autoglm_inference.faults import Fault, Faults
-from autoglm_inference.generation import Sampling
 from autoglm_inference.limits import (
     ContextTooLongError,
     Limits,
@@ -48,6 +47,7 @@ from autoglm_inference.limits import (
 from autoglm_inference.middleware import REQUEST_ID_HEADER
 from autoglm_inference.prompts import NONE, PromptVariants, with_system_prompt
 from autoglm_inference.revisions import Revision, Router
+from autoglm_inference.sampling import Sampling
 from autoglm_inference.telemetry import Labels, request_labels, telemetry
 
 #: Prompts shorter than this are tokenized on the event loop (a thread hop costs more than they do).

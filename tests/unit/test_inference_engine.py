@@ -13,8 +13,9 @@ from transformers import AutoModelForCausalLM
 
 from autoglm_core.energy import EnergyMeter, EnergyReading
 from autoglm_inference.engine import Engine, Finished, Job, Token, run_jobs
-from autoglm_inference.generation import DecodeBatch, Sampling
+from autoglm_inference.generation import DecodeBatch
 from autoglm_inference.limits import QueueFullError
+from autoglm_inference.sampling import Sampling
 from tests.support.tiny_models import tiny_glm
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [12, 13, 14, 15], [40, 41, 42, 43, 44, 45, 46, 47, 48, 49], [7]]

@@ -18,10 +18,10 @@ from transformers import AutoTokenizer
 import autoglm_inference.service as service_module
 from autoglm_inference.artifact import LoadedArtifact
 from autoglm_inference.engine import Engine
-from autoglm_inference.generation import Sampling
 from autoglm_inference.limits import ContextTooLongError, Limits, PromptTooLongError, TooManyNewTokensError
 from autoglm_inference.prompts import PromptVariants, UnknownVariantError, Variants, with_system_prompt
 from autoglm_inference.revisions import Router
+from autoglm_inference.sampling import Sampling
 from autoglm_inference.service import BadRequestError, GenerateRequest, LMService, UnavailableError
 from autoglm_inference.telemetry import telemetry
 from tests.support.tiny_models import tiny_glm

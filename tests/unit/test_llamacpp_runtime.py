@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from autoglm_inference.engine import Engine, Job, run_jobs
-from autoglm_inference.generation import Sampling
+from autoglm_inference.sampling import Sampling
 from autoglm_modeling.gguf_export import gguf_kind
 from autoglm_modeling.loading import TRANSFORMERS_LOCK
 from tests.support.llamacpp import needs_llama_cpp
