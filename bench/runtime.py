@@ -16,6 +16,10 @@ variant the pipeline publishes for a CPU target:
   both with flash attention on, as llama.cpp's own tools default to on a CPU (and as our engine runs).
 - **ours, with events gathered**: the same server with ``--stream-interval-ms`` (``--interval-ms``,
   default 50): a streamed event at most that often, several tokens each.
+- **sampled**: in every round, our server and llama-server also stream one sampled completion
+  (``--sample``, default temperature 0.7 and top-p 0.9, the round's seed; llama-server told to apply
+  only those two, in that order, as ours does: ``samplers: [temperature, top_p]``, no top-k, min-p or
+  typical-p), and its ratio to llama-server's is printed as greedy decode's is.
 
 Measured for each: batch-1 decode tokens/s streamed as a client sees it (median of ``--reps``
 rounds; tokens after the first over the time after the first), the same engine called without HTTP,
@@ -32,7 +36,8 @@ beside it. ``--control`` adds a second llama-server, measured against the first 
 "below" or "above" the same runtime reads in that run.
 
     python bench/runtime.py [--threads 2] [--tokens 128] [--clients 16] [--reps 5] [--loads 2]
-                            [--interval-ms 50] [--control] [--only gguf|torch] [--kinds Q8_0,Q4_0]
+                            [--interval-ms 50] [--control] [--sample 0.7,0.9|none]
+                            [--only gguf|torch] [--kinds Q8_0,Q4_0]
 
 Without llama-cpp-python (``make install-llamacpp``) only the torch rows are measured, and without
 ``llama-server`` its rows; it says so.
@@ -42,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import http.client
 import json
 import logging
@@ -111,6 +117,9 @@ class Row:
     tokens: list[int] = field(default_factory=list)  # the first greedy tokens, for the same-output check
     gathered: bool = False  # our server with --stream-interval-ms (several tokens an event)
     loads: list[int] = field(default_factory=list)  # the load each round of the ratios ran in
+    sampled: list[float] = field(default_factory=list)  # sampled decode through the server (--sample)
+    sampled_paired: list[float] = field(default_factory=list)  # each round's sampled rate / llama-server's
+    sampled_tokens: list[int] = field(default_factory=list)  # tokens each sampled answer had
 
 
 def main() -> None:
@@ -127,6 +136,8 @@ def main() -> None:
                         help="also a second llama-server, measured against the first as ours is (an A/A check)")  # fmt: skip
     parser.add_argument("--interval-ms", type=float, default=50.0,
                         help="--stream-interval-ms of the second server of each GGUF kind (0: none)")  # fmt: skip
+    parser.add_argument("--sample", type=sampling_arg, default=(0.7, 0.9),
+                        help="temperature,top_p of a sampled decode per round against llama-server (none: skip)")  # fmt: skip
     parser.add_argument("--only", choices=["gguf", "torch"], default=None)
     parser.add_argument("--kinds", type=lambda v: v.split(","), default=list(GGUF_KINDS),
                         help=f"GGUF kinds to measure, comma-separated (default: all, {','.join(GGUF_KINDS)})")  # fmt: skip
@@ -409,6 +420,20 @@ def measure_load(
                 if ours is not None:
                     ours.prefill.append(len(long_ids) / float(stream(servers[key].url, texts[1], 1)["ttft"]))  # type: ignore[arg-type]
                     settle()
+            if args.sample is not None and "llama-server" in llama_servers:
+                temperature, top_p = args.sample
+                seed = 1000 * load + round_
+                sampled = {
+                    "server": functools.partial(stream, servers["server"].url, texts[0]),
+                    "llama-server": functools.partial(llama_servers["llama-server"].stream, ids),
+                }
+                answers: dict[str, dict[str, object]] = {}
+                for key in list(sampled)[round_ % 2 :] + list(sampled)[: round_ % 2]:
+                    answers[key] = sampled[key](args.tokens, temperature, top_p, seed)
+                    settle()
+                row.sampled.append(float(answers["server"]["rate"]))  # type: ignore[arg-type]
+                row.sampled_tokens.append(int(answers["server"]["completion"]))  # type: ignore[call-overload]
+                row.sampled_paired.append(row.sampled[-1] / float(answers["llama-server"]["rate"]))  # type: ignore[arg-type]
         for worker in workers.values():  # nothing else runs while a server is loaded by 16 clients
             worker.close()
         if not clients:
@@ -489,11 +514,18 @@ class LlamaServer:
         self.stop()
         raise SystemExit(f"llama-server was not ready in 300 s: {log.read_text()[-2000:]}")
 
-    def stream(self, ids: list[int], n: int) -> dict[str, object]:
-        """One streamed greedy completion of the token ids ``ids`` (its native route, which takes ids
-        and returns them), timed as ``stream`` times ours."""
-        body = json.dumps({"prompt": ids, "n_predict": n, "temperature": 0, "stream": True, "return_tokens": True,
-                           "cache_prompt": False})  # fmt: skip
+    def stream(
+        self, ids: list[int], n: int, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0
+    ) -> dict[str, object]:
+        """One streamed completion of the token ids ``ids`` (its native route, which takes ids and
+        returns them), timed as ``stream`` times ours: greedy, or sampled as ours samples (temperature,
+        then top-p; every other sampler off) for ``n`` tokens."""
+        request: dict[str, object] = {"prompt": ids, "n_predict": n, "temperature": temperature, "stream": True,
+                                      "return_tokens": True, "cache_prompt": False}  # fmt: skip
+        if temperature > 0:
+            request |= {"top_p": top_p, "top_k": 0, "min_p": 0.0, "typical_p": 1.0, "seed": seed,
+                        "samplers": ["temperature", "top_p"], "ignore_eos": True}  # fmt: skip
+        body = json.dumps(request)
         reads = read_stream(self.url, "/completion", body)
         first = last = 0.0
         tokens: list[int] = []
@@ -510,11 +542,16 @@ class LlamaServer:
         self._log.close()
 
 
-def stream(url: str, prompt: str, n: int) -> dict[str, object]:
-    """One streamed completion of ``prompt`` as a client sees it: time to first token, decode tokens/s
-    after the first, and how many tokens it generated."""
-    body = json.dumps({"model": "smol", "prompt": prompt, "max_tokens": n, "temperature": 0, "stream": True,
-                       "stream_options": {"include_usage": True}})  # fmt: skip
+def stream(
+    url: str, prompt: str, n: int, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0
+) -> dict[str, object]:
+    """One streamed completion of ``prompt`` as a client sees it (greedy, or sampled with ``seed``):
+    time to first token, decode tokens/s after the first, and how many tokens it generated."""
+    request = {"model": "smol", "prompt": prompt, "max_tokens": n, "temperature": temperature, "stream": True,
+               "stream_options": {"include_usage": True}}  # fmt: skip
+    if temperature > 0:
+        request |= {"top_p": top_p, "seed": seed}
+    body = json.dumps(request)
     reads = read_stream(url, COMPLETIONS, body)
     first = last = 0.0
     completion = 0
@@ -676,6 +713,21 @@ def direct_runtime(folder: Path, engine: str, threads: int, cache_dir: Path) -> 
 # -- the report -----------------------------------------------------------------------------------
 
 
+def sampling_arg(value: str) -> tuple[float, float] | None:
+    """``--sample``: ``temperature,top_p``, or ``none``."""
+    if value == "none":
+        return None
+    try:
+        temperature, top_p = (float(part) for part in value.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: give temperature,top_p (e.g. 0.7,0.9) or none"
+        ) from None
+    if not (temperature > 0 and 0 < top_p <= 1):
+        raise argparse.ArgumentTypeError(f"{value!r}: temperature above 0 and top-p in (0, 1]")
+    return temperature, top_p
+
+
 def med(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
@@ -736,6 +788,19 @@ def report(
             print(f"  {label}, all kinds' rounds: {describe_ratios(every)}")
             print(f"  {label}, all kinds' loads ({len(loads)} load medians; the spread between processes counts): "
                   f"{describe_ratios(loads)}")  # fmt: skip
+    sampled = [r for r in ours if r.sampled_paired]
+    if sampled:
+        temperature, top_p = args.sample
+        print(f"sampled decode (temperature {temperature:g}, top-p {top_p:g}) through autoglm serve against "
+              f"llama-server sampling the same way, at the same bits:")  # fmt: skip
+        for row in sampled:
+            each = " ".join(f"{r:.2f}" for r in row.sampled_paired)
+            print(f"  {row.name}: {med(row.sampled):.1f} tok/s ({min(row.sampled_tokens)}-{max(row.sampled_tokens)} "
+                  f"tokens an answer); each round {each}; {describe_ratios(row.sampled_paired)}")  # fmt: skip
+        every = [x for r in sampled for x in r.sampled_paired]
+        loads = [m for r in sampled for m in group_medians(r.sampled_paired, r.loads)]
+        print(f"  all kinds' rounds: {describe_ratios(every)}")
+        print(f"  all kinds' loads ({len(loads)} load medians): {describe_ratios(loads)}")
     torch_rows = [r for r in rows if r.engine == "torch" and r.bits in anchors]
     if torch_rows:
         best = max(med(r.decode) / med(anchors[r.bits].decode) for r in torch_rows)
