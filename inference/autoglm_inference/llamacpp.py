@@ -9,7 +9,7 @@ their cache cells). The engine above owns the thread; nothing here is thread-saf
 
 Token ids come from the artifact's Hugging Face tokenizer, the same ids as the torch runtime sees;
 llama.cpp's own tokenizer is never used. Greedy picks the arg-max of the logits llama.cpp returns;
-temperature and nucleus sampling are the torch runtime's own (``sampling.sample_row``), on these logits.
+temperature and nucleus sampling are ``sampling.sample_row``, as on the torch runtime, on these logits.
 
 Low-level ``llama_cpp`` calls (``llama-cpp-python``, the optional ``llamacpp`` extra) rather than
 its ``Llama`` class: that class decodes one sequence at a time, and batching is what a server needs.
@@ -156,5 +156,5 @@ class LlamaCppBatch:
         sampling = self.sampling[row]
         if sampling.temperature <= 0:
             return int(logits.argmax())
-        # The torch runtime's sampler on llama.cpp's logits: one rule, one seeded generator kind.
+        # The torch runtime's sampler too, on llama.cpp's logits: one rule, one seeded generator kind.
         return sample_row(logits, sampling, self.generators[row])

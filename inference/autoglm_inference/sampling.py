@@ -23,6 +23,7 @@ streamed at 0.30x of llama-server's rate (0.51x with the draw above, still in to
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,9 +54,13 @@ def sample_row(logits: np.ndarray, sampling: Sampling, generator: np.random.Gene
     if generator is None:
         raise ValueError("a sampled row needs its generator (row_generator)")
     probs = np.multiply(logits, np.float32(1.0 / sampling.temperature), dtype=np.float32)
-    probs -= probs.max()
+    top = float(probs.max())
+    if not math.isfinite(top):  # NaN or +inf among the logits, or every one -inf
+        raise ValueError(f"cannot sample from these logits: not finite (their max is {top})")
+    probs -= top
     np.exp(probs, out=probs)
-    probs *= np.float32(1.0 / probs.sum(dtype=np.float64))  # by a float64 scalar: 72 us, not 6
+    total = float(probs.sum(dtype=np.float64))
+    probs *= np.float32(1.0 / total)  # dividing by a float64 scalar took 72 us, this 6
     if sampling.top_p >= 1.0:
         return _draw(probs, generator)
     weights = probs

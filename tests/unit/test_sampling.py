@@ -114,3 +114,14 @@ def test_a_draw_lands_on_a_weight_in_proportion_never_on_a_zero(size: int) -> No
         shares = weights[positive].astype(np.float64)
         observed = [counts.get(int(i), 0) for i in positive]
         assert stats.chisquare(observed, shares / shares.sum() * DRAWS).pvalue > 1e-4
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_logits_that_are_not_finite_fail_the_draw_not_give_a_token(bad: float) -> None:
+    """As ``torch.multinomial`` refused them: the engine fails that request with the reason."""
+    logits = np.zeros(300, dtype=np.float32)
+    logits[7] = bad
+    with pytest.raises(ValueError, match="not finite"):
+        sample_row(logits, Sampling(0.8, 0.9, seed=1), row_generator(Sampling(0.8, 0.9, seed=1)))
+    with pytest.raises(ValueError, match="not finite"):
+        sample_row(np.full(300, -np.inf, dtype=np.float32), Sampling(1.0), row_generator(Sampling(1.0)))
