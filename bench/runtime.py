@@ -120,6 +120,8 @@ class Row:
     sampled: list[float] = field(default_factory=list)  # sampled decode through the server (--sample)
     sampled_paired: list[float] = field(default_factory=list)  # each round's sampled rate / llama-server's
     sampled_tokens: list[int] = field(default_factory=list)  # tokens each sampled answer had
+    sampled_loads: list[int] = field(default_factory=list)  # the load of each paired sampled round
+    sampled_unpaired: int = 0  # sampled rounds left out: our answer ended (EOS) before --tokens
 
 
 def main() -> None:
@@ -431,9 +433,15 @@ def measure_load(
                 for key in list(sampled)[round_ % 2 :] + list(sampled)[: round_ % 2]:
                     answers[key] = sampled[key](args.tokens, temperature, top_p, seed)
                     settle()
-                row.sampled.append(float(answers["server"]["rate"]))  # type: ignore[arg-type]
                 row.sampled_tokens.append(int(answers["server"]["completion"]))  # type: ignore[call-overload]
+                # Only rounds where both ran all their tokens are paired (llama-server is told to ignore
+                # its end-of-text token, ours cannot be): a shorter answer decodes over a shorter context.
+                if {answers[key]["completion"] for key in answers} != {args.tokens}:
+                    row.sampled_unpaired += 1
+                    continue
+                row.sampled.append(float(answers["server"]["rate"]))  # type: ignore[arg-type]
                 row.sampled_paired.append(row.sampled[-1] / float(answers["llama-server"]["rate"]))  # type: ignore[arg-type]
+                row.sampled_loads.append(load)
         for worker in workers.values():  # nothing else runs while a server is loaded by 16 clients
             worker.close()
         if not clients:
@@ -796,9 +804,10 @@ def report(
         for row in sampled:
             each = " ".join(f"{r:.2f}" for r in row.sampled_paired)
             print(f"  {row.name}: {med(row.sampled):.1f} tok/s ({min(row.sampled_tokens)}-{max(row.sampled_tokens)} "
-                  f"tokens an answer); each round {each}; {describe_ratios(row.sampled_paired)}")  # fmt: skip
+                  f"tokens an answer; {row.sampled_unpaired} rounds left out, ended early); each round {each}; "
+                  f"{describe_ratios(row.sampled_paired)}")  # fmt: skip
         every = [x for r in sampled for x in r.sampled_paired]
-        loads = [m for r in sampled for m in group_medians(r.sampled_paired, r.loads)]
+        loads = [m for r in sampled for m in group_medians(r.sampled_paired, r.sampled_loads)]
         print(f"  all kinds' rounds: {describe_ratios(every)}")
         print(f"  all kinds' loads ({len(loads)} load medians): {describe_ratios(loads)}")
     torch_rows = [r for r in rows if r.engine == "torch" and r.bits in anchors]

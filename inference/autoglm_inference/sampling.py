@@ -31,6 +31,7 @@ import numpy as np
 __all__ = ["Sampling", "row_generator", "sample_row"]
 
 _BLOCK = 256
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass(frozen=True)
@@ -53,11 +54,15 @@ def sample_row(logits: np.ndarray, sampling: Sampling, generator: np.random.Gene
     """One token id from a row's logits (1-D): temperature, then the nucleus within ``top_p``."""
     if generator is None:
         raise ValueError("a sampled row needs its generator (row_generator)")
-    probs = np.multiply(logits, np.float32(1.0 / sampling.temperature), dtype=np.float32)
-    top = float(probs.max())
+    top = float(np.max(logits))
     if not math.isfinite(top):  # NaN or +inf among the logits, or every one -inf
         raise ValueError(f"cannot sample from these logits: not finite (their max is {top})")
-    probs -= top
+    scale = 1.0 / sampling.temperature
+    if scale > _FLOAT32_MAX:  # a temperature this close to 0 is greedy: its limit, not NaN
+        return int(np.argmax(logits))
+    probs = np.subtract(logits, np.float32(top), dtype=np.float32)  # the max first: no overflow
+    with np.errstate(over="ignore"):  # far below the max: -inf, a probability of 0
+        probs *= np.float32(scale)
     np.exp(probs, out=probs)
     total = float(probs.sum(dtype=np.float64))
     probs *= np.float32(1.0 / total)  # dividing by a float64 scalar took 72 us, this 6

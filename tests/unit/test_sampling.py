@@ -125,3 +125,13 @@ def test_logits_that_are_not_finite_fail_the_draw_not_give_a_token(bad: float) -
         sample_row(logits, Sampling(0.8, 0.9, seed=1), row_generator(Sampling(0.8, 0.9, seed=1)))
     with pytest.raises(ValueError, match="not finite"):
         sample_row(np.full(300, -np.inf, dtype=np.float32), Sampling(1.0), row_generator(Sampling(1.0)))
+
+
+@pytest.mark.parametrize("temperature", [1e-30, 1e-39, 1e-300])
+def test_a_temperature_near_zero_draws_the_most_probable_token(temperature: float) -> None:
+    """The limit of the rule, as the request's schema allows any temperature above 0 (1e-39 made
+    the scaled logits overflow to NaN and failed the batch)."""
+    logits = np.linspace(-50.0, 60.0, 1000, dtype=np.float32)[::-1].copy()
+    sampling = Sampling(temperature, 0.9, seed=2)
+    generator = row_generator(sampling)
+    assert {sample_row(logits, sampling, generator) for _ in range(20)} == {0}
