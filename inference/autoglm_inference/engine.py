@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -105,14 +105,6 @@ class Job:
             finally:
                 self._reader = None
         return [events.popleft() for _ in range(len(events))]
-
-    async def batches(self) -> AsyncIterator[list[Event]]:
-        """``next_batch`` until the ``Finished`` event."""
-        while True:
-            batch = await self.next_batch()
-            yield batch
-            if isinstance(batch[-1], Finished):
-                return
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until finished (for callers without an event loop)."""

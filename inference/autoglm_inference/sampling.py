@@ -18,7 +18,7 @@ Tokens tied in probability with one at the edge of the nucleus are all kept or a
 In numpy, on the thread that calls it, for both runtimes (the torch one hands its row's logits
 over, from the GPU too). Run with torch's operators on the llama.cpp runtime's thread, the draw
 woke torch's thread pool, whose workers then spun on the cores llama.cpp decodes on: sampled decode
-streamed at 0.30x of llama-server's rate (0.51x with the draw above, still in torch).
+streamed at 0.28x of llama-server's rate (0.51x with the draw above, still in torch).
 """
 
 from __future__ import annotations

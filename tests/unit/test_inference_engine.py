@@ -6,13 +6,14 @@ import asyncio
 import sys
 import threading
 import time
+from collections.abc import AsyncIterator
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from autoglm_core.energy import EnergyMeter, EnergyReading
-from autoglm_inference.engine import Engine, Finished, Job, Token, run_jobs
+from autoglm_inference.engine import Engine, Event, Finished, Job, Token, run_jobs
 from autoglm_inference.generation import DecodeBatch
 from autoglm_inference.limits import QueueFullError
 from autoglm_inference.sampling import Sampling
@@ -233,9 +234,18 @@ def test_prefill_energy_is_split_by_prompt_tokens_and_decode_energy_equally(mode
     assert long.joules == pytest.approx(0.8 + 2 * 0.5)
 
 
+async def read_batches(job: Job) -> AsyncIterator[list[Event]]:
+    """``Job.next_batch`` until the ``Finished`` event, as the server's reader reads."""
+    while True:
+        batch = await job.next_batch()
+        yield batch
+        if isinstance(batch[-1], Finished):
+            return
+
+
 async def _batches(engine: Engine, job: Job) -> list[list[object]]:
     engine.submit(job)
-    return [batch async for batch in job.batches()]
+    return [batch async for batch in read_batches(job)]
 
 
 @pytest.mark.parametrize("interval_ms", [0, 60_000])
@@ -274,13 +284,13 @@ def test_held_tokens_are_handed_over_before_a_joining_prefill(model: torch.nn.Mo
         engine.submit(first)
         seen: list[list[object]] = []
         late = Job(PROMPTS[1], 3)
-        async for batch in first.batches():
+        async for batch in read_batches(first):
             seen.append(batch)
             if len(seen) == 1:  # the first token is out, the next ones are held: now a request joins
                 while len(first.generated) < 3:
                     await asyncio.sleep(0.0005)
                 engine.submit(late)
-        return seen, [b async for b in late.batches()]
+        return seen, [b async for b in read_batches(late)]
 
     try:
         seen, late_batches = asyncio.run(scenario())
@@ -366,7 +376,7 @@ def test_every_event_handed_over_from_the_engine_thread_reaches_the_reader_in_or
         batches: list[list[object]] = []
         try:
             async with asyncio.timeout(60):
-                async for batch in job.batches():
+                async for batch in read_batches(job):
                     batches.append(batch)
                     seen.set()
                     if pace == "flood" and len(batches) % 7 == 0:
